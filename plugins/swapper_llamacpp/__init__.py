@@ -1,0 +1,68 @@
+"""The llama.cpp backend: one ``llama-server`` process per resident model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+
+from swapper.backend import Backend, BackendHandle, SubprocessBackend
+from swapper.config import ModelEntry
+from swapper.hookspecs import hookimpl
+
+__all__ = ["LlamaCppBackend", "LlamaCppModel", "register_backends"]
+
+
+class LlamaCppModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """A model entry with ``backend: llamacpp``."""
+
+    model_path: str
+    ctx_size: int | None = None
+    #: Default: $SWAPPER_LLAMA_SERVER, else ``llama-server`` on PATH.
+    binary: str | None = None
+    args: list[str] = []
+
+    def __post_init__(self) -> None:
+        if self.ctx_size is not None and self.ctx_size < 0:
+            raise ValueError("ctx_size: must be >= 0 (0 = the model's own)")
+
+
+class LlamaCppBackend(SubprocessBackend):
+    """Runs ``llama-server`` on a loopback port; ready when ``GET /health`` answers 200."""
+
+    name = "llamacpp"
+    entry_type = LlamaCppModel
+
+    def binary(self) -> str:
+        """The llama-server executable to run."""
+        assert isinstance(self.entry, LlamaCppModel)
+        binary = self.entry.binary or os.environ.get("SWAPPER_LLAMA_SERVER") or "llama-server"
+        return shutil.which(binary) or binary
+
+    def accelerator_args(self) -> list[str]:
+        """``-ngl 999`` offloads every layer to the GPU; ``-ngl 0`` keeps the model on the CPU.
+
+        Metal needs no flag: llama.cpp builds with Metal use it whenever layers are offloaded.
+        """
+        return ["-ngl", "999" if self.settings.gpu_enabled else "0"]
+
+    def command(self, port: int) -> list[str]:
+        """``llama-server -m PATH --host 127.0.0.1 --port N [-c CTX] -ngl K --alias ID [args]``."""
+        entry = self.entry
+        assert isinstance(entry, LlamaCppModel)
+        argv = [self.binary(), "-m", entry.model_path, "--host", self.host, "--port", str(port)]
+        if entry.ctx_size is not None:
+            argv += ["-c", str(entry.ctx_size)]
+        argv += self.accelerator_args()
+        argv += ["--alias", self.model_id, *entry.args]
+        return argv
+
+    async def ready(self, handle: BackendHandle) -> bool:
+        """``/health`` is 503 while the model loads and 200 once it can serve."""
+        return await self.http_status(f"{handle.base_url}/health") == 200
+
+
+@hookimpl
+def register_backends(register: Callable[[type[Backend]], None]) -> None:
+    """Provide the ``llamacpp`` backend."""
+    register(LlamaCppBackend)

@@ -1,0 +1,291 @@
+"""The HTTP layer: OpenAI-compatible endpoints and the admin API, on Litestar.
+
+Handlers stay thin: they find the model named in the body, ask the coordinator for a lease and
+relay the backend's answer byte for byte. Every error becomes OpenAI error JSON in one place,
+:func:`_render_error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from litestar import Litestar, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.response import Stream
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from swapper.config import Config
+from swapper.coordinator import Lease, SwapCoordinator
+from swapper.errors import InvalidRequest, SwapperError
+from swapper.plugins import BackendRegistry
+from swapper.upstream import UpstreamClient, UpstreamResponse, error_event, normalise_error
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger("swapper")
+
+_ENCODE = msgspec.json.Encoder()
+_JSON = "application/json"
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class _Routing(msgspec.Struct):
+    """The only part of a request body swapper reads; everything else passes through untouched."""
+
+    model: str
+
+
+_ROUTING = msgspec.json.Decoder(_Routing)
+
+
+def _model_name(body: bytes) -> str:
+    try:
+        name = _ROUTING.decode(body).model
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if "missing required field `model`" in text:
+            raise InvalidRequest("You must provide a model parameter", param="model") from None
+        if "at `$.model`" in text:
+            raise InvalidRequest("`model` must be a string", param="model") from None
+        raise InvalidRequest("The request body must be a JSON object") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    if not name:
+        raise InvalidRequest("`model` must not be empty", param="model")
+    return name
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(_ENCODE.encode(data), status_code=status, media_type=_JSON, headers=headers)
+
+
+# -- forwarding -------------------------------------------------------------------------------
+
+
+async def _relay(lease: Lease, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
+    """Stream the backend's bytes as they arrive; a broken backend ends with an error event."""
+    try:
+        async for chunk in upstream.iter_bytes():
+            yield chunk
+    except SwapperError as exc:
+        logger.warning("stream from %s ended early: %s", lease.model_id, exc.message)
+        yield error_event(exc.message)
+    finally:
+        lease.release()
+        await upstream.aclose()
+
+
+class _RelayStream(Stream):
+    """An SSE relay whose lease is released however the response ends.
+
+    Litestar may cancel a stream before its iterator first runs (the client left at once); the
+    generator's own ``finally`` would then never run, so the ASGI call is guarded as well.
+    """
+
+    def __init__(self, lease: Lease, upstream: UpstreamResponse) -> None:
+        super().__init__(_relay(lease, upstream), status_code=upstream.status,
+                         media_type=upstream.content_type, headers=_SSE_HEADERS)
+        self.lease = lease
+        self.upstream = upstream
+
+    def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIApp:
+        inner = super().to_asgi_response(*args, **kwargs)
+        lease, upstream = self.lease, self.upstream
+
+        async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+            try:
+                await inner(scope, receive, send)
+            finally:
+                lease.release()
+                await upstream.aclose()
+
+        return guarded
+
+
+async def _exchange(request: Request[Any, Any, State], path: str, body: bytes,
+                    model_id: str) -> tuple[Lease, UpstreamResponse, bytes | None]:
+    """Get a lease and the backend's answer: headers only for a stream, the body otherwise."""
+    state = request.app.state
+    lease = await state.coordinator.acquire(model_id)
+    try:
+        upstream = await state.upstream.send(model_id, lease.base_url, path, body)
+        if upstream.is_stream and upstream.status == 200:
+            return lease, upstream, None  # the relay releases the lease when the stream ends
+        content = await upstream.read()
+    except BaseException:
+        lease.release()
+        raise
+    lease.release()
+    return lease, upstream, content
+
+
+async def _until_disconnect(request: Request[Any, Any, State]) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _forward(request: Request[Any, Any, State], path: str) -> Response[Any]:
+    body = await request.body()
+    model_id = request.app.state.coordinator.resolve(_model_name(body))
+    # A client that goes away while its model loads or its answer is generated cancels the
+    # upstream work: race the exchange against the ASGI disconnect message.
+    exchange = asyncio.ensure_future(_exchange(request, path, body, model_id))
+    disconnect = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait((exchange, disconnect), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect.cancel()
+        if not exchange.done():
+            exchange.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await exchange
+    if exchange.cancelled():
+        logger.info("client went away; request for %s cancelled", model_id)
+        return Response(b"", status_code=499)
+    lease, upstream, content = exchange.result()
+    if content is None:
+        return _RelayStream(lease, upstream)
+    if upstream.status >= 400:
+        content = normalise_error(upstream.status, content)
+        return Response(content, status_code=upstream.status, media_type=_JSON)
+    return Response(content, status_code=upstream.status, media_type=upstream.content_type or _JSON)
+
+
+# -- OpenAI endpoints ---------------------------------------------------------------------------
+
+
+@post("/v1/chat/completions")
+async def chat_completions(request: Request[Any, Any, State]) -> Response[Any]:
+    """OpenAI chat completions, routed by the body's ``model``; streams pass through as SSE."""
+    return await _forward(request, "/v1/chat/completions")
+
+
+@post("/v1/completions")
+async def completions(request: Request[Any, Any, State]) -> Response[Any]:
+    """OpenAI legacy completions, routed by the body's ``model``."""
+    return await _forward(request, "/v1/completions")
+
+
+@post("/v1/embeddings")
+async def embeddings(request: Request[Any, Any, State]) -> Response[Any]:
+    """OpenAI embeddings, routed by the body's ``model``."""
+    return await _forward(request, "/v1/embeddings")
+
+
+@get("/v1/models")
+async def list_models(state: State) -> Response[bytes]:
+    """Every configured model, loaded or not; never triggers a load."""
+    return Response(state.models_document, media_type=_JSON)
+
+
+# -- admin endpoints ------------------------------------------------------------------------------
+
+
+@get("/health")
+async def health() -> Response[bytes]:
+    """200 while the service is up."""
+    return _json({"status": "ok"})
+
+
+@get("/status")
+async def status(state: State) -> Response[bytes]:
+    """Every model's status, backend, pid, port, load time and last error."""
+    return _json(state.coordinator.status())
+
+
+@post("/models/{model:str}/load")
+async def load_model(state: State, model: str) -> Response[bytes]:
+    """Make a model resident (swapping out the active one) and wait until it is."""
+    coordinator: SwapCoordinator = state.coordinator
+    model_id = coordinator.resolve(model)
+    await coordinator.load(model_id)
+    return _json({"model": model_id, **coordinator.status()["models"][model_id]})
+
+
+@post("/models/{model:str}/unload")
+async def unload_model(state: State, model: str) -> Response[bytes]:
+    """Unload a model once its in-flight requests finish."""
+    coordinator: SwapCoordinator = state.coordinator
+    model_id = coordinator.resolve(model)
+    await coordinator.unload(model_id)
+    return _json({"model": model_id, **coordinator.status()["models"][model_id]})
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def _render_error(request: Request[Any, Any, State], exc: Exception) -> Response[bytes]:
+    """Every error, ours or the framework's, as OpenAI error JSON; never a traceback."""
+    if isinstance(exc, SwapperError):
+        return _json(exc.to_openai(), exc.status_code, exc.headers())
+    if isinstance(exc, HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        error = {"message": exc.detail, "type": "invalid_request_error" if exc.status_code < 500
+                 else "server_error", "param": None, "code": code}
+        return _json({"error": error}, exc.status_code, dict(exc.headers or {}))
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    error = {"message": "Internal server error", "type": "server_error", "param": None,
+             "code": "internal_error"}
+    return _json({"error": error}, HTTP_500_INTERNAL_SERVER_ERROR)
+
+
+# -- application -----------------------------------------------------------------------------------
+
+
+def _models_document(config: Config) -> bytes:
+    created = int(time.time())
+    data = [{"id": model_id, "object": "model", "created": created, "owned_by": "swapper"}
+            for model_id in config.models]
+    return _ENCODE.encode({"object": "list", "data": data})
+
+
+def create_app(config: Config, registry: BackendRegistry) -> Litestar:
+    """Build the Litestar app; the lifespan owns the coordinator and the upstream client."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        coordinator = SwapCoordinator(config, registry)
+        upstream = UpstreamClient()
+        app.state.coordinator = coordinator
+        app.state.upstream = upstream
+        app.state.models_document = _models_document(config)
+        logger.info("Swapper Service initialized with %d models", len(config.models))
+        warmup = None
+        if config.swapper.default_model:
+            warmup = asyncio.create_task(_warm(coordinator, config.swapper.default_model))
+        try:
+            yield
+        finally:
+            if warmup is not None:
+                warmup.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await warmup
+            await coordinator.close()
+            await upstream.aclose()
+            logger.info("Swapper Service stopped; every backend is down")
+
+    return Litestar(
+        route_handlers=[chat_completions, completions, embeddings, list_models, health, status,
+                        load_model, unload_model],
+        lifespan=[lifespan],
+        exception_handlers={Exception: _render_error},
+        request_max_body_size=None,
+    )
+
+
+async def _warm(coordinator: SwapCoordinator, model_id: str) -> None:
+    logger.info("Loading default model: %s", model_id)
+    try:
+        await coordinator.load(model_id)
+    except SwapperError as exc:
+        logger.error("Default model %s failed to load: %s", model_id, exc.message)
+        return
+    logger.info("Default model loaded: %s", model_id)

@@ -1,0 +1,151 @@
+"""The backend contract: what a plugin's backend object must do.
+
+A plugin registers a :class:`Backend` subclass (see :mod:`swapper.hookspecs`). The class names
+its backend kind and the schema of its model entries; one instance serves one configured model,
+and the coordinator drives it through ``start`` → ``ready``... → ``stop``, asking ``alive`` /
+``wait_exit`` to notice a crash. Backends that run a command line extend
+:class:`SubprocessBackend`, which owns the process and leaves them only ``command`` and ``ready``.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import httpcore
+
+from swapper.config import ModelEntry
+from swapper.process import ManagedProcess, free_port
+
+__all__ = [
+    "Backend",
+    "BackendHandle",
+    "BackendSettings",
+    "SubprocessBackend",
+]
+
+logger = logging.getLogger("swapper.backend")
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """Service-wide settings a backend maps onto its own command line."""
+
+    gpu_enabled: bool = True
+    metal_acceleration: bool = False
+    stop_timeout: float = 10.0
+
+
+@dataclass
+class BackendHandle:
+    """A started backend: where to send requests and which process serves them."""
+
+    base_url: str
+    pid: int | None = None
+    port: int | None = None
+    process: ManagedProcess | None = field(default=None, repr=False)
+
+
+class Backend(abc.ABC):
+    """One model served by one backend kind. Subclass it and register the class in a plugin."""
+
+    #: The ``backend:`` value configs use to select this kind.
+    name: ClassVar[str]
+    #: The schema of this kind's model entries (extends :class:`ModelEntry`).
+    entry_type: ClassVar[type[ModelEntry]]
+
+    def __init__(self, model_id: str, entry: ModelEntry, settings: BackendSettings) -> None:
+        self.model_id = model_id
+        self.entry = entry
+        self.settings = settings
+        self._probe_pool: httpcore.AsyncConnectionPool | None = None
+
+    async def http_status(self, url: str, timeout: float = 1.0) -> int | None:
+        """GET ``url`` and return the HTTP status, or None when nothing answers (for ``ready``)."""
+        if self._probe_pool is None:
+            # Probes are tiny and frequent during a load; a pool of their own keeps them off
+            # the request path and reuses one connection.
+            self._probe_pool = httpcore.AsyncConnectionPool(max_connections=2, keepalive_expiry=5)
+        limits = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
+        try:
+            response = await self._probe_pool.request("GET", url, extensions={"timeout": limits})
+        except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError):
+            return None
+        return response.status
+
+    async def aclose(self) -> None:
+        """Release what the backend object holds (not the model: that is ``stop``)."""
+        if self._probe_pool is not None:
+            await self._probe_pool.aclose()
+            self._probe_pool = None
+
+    def accelerator_args(self) -> list[str]:
+        """Command-line arguments for ``gpu_enabled`` / ``metal_acceleration``; none by default."""
+        return []
+
+    @abc.abstractmethod
+    async def start(self) -> BackendHandle:
+        """Start serving the model; return as soon as it is starting (readiness is polled)."""
+
+    @abc.abstractmethod
+    async def ready(self, handle: BackendHandle) -> bool:
+        """One quick readiness probe: True once the model can answer requests."""
+
+    @abc.abstractmethod
+    async def stop(self, handle: BackendHandle) -> None:
+        """Stop serving; return only when the model's resources are released."""
+
+    @abc.abstractmethod
+    async def alive(self, handle: BackendHandle) -> bool:
+        """False once the backend has died."""
+
+    async def wait_exit(self, handle: BackendHandle) -> str:
+        """Return (with a reason) when the backend dies. The default polls :meth:`alive`."""
+        while await self.alive(handle):
+            await asyncio.sleep(1.0)
+        return "backend stopped answering"
+
+
+class SubprocessBackend(Backend):
+    """A backend that runs one command line listening on a loopback port swapper picks."""
+
+    host: ClassVar[str] = "127.0.0.1"
+
+    @abc.abstractmethod
+    def command(self, port: int) -> list[str]:
+        """The argv that serves the model on ``127.0.0.1:port``."""
+
+    def environment(self) -> Mapping[str, str] | None:
+        """The child's environment; None inherits swapper's."""
+        return None
+
+    async def start(self) -> BackendHandle:
+        """Pick a free loopback port and start the command."""
+        port = free_port(self.host)
+        argv = self.command(port)
+        logger.info("Starting %s: %s", self.model_id, " ".join(argv))
+        process = await ManagedProcess.spawn(argv, name=self.model_id, env=self.environment())
+        return BackendHandle(
+            base_url=f"http://{self.host}:{port}", pid=process.pid, port=port, process=process
+        )
+
+    async def stop(self, handle: BackendHandle) -> None:
+        """SIGTERM the process group, wait ``stop_timeout``, SIGKILL; return once reaped."""
+        if handle.process is not None:
+            await handle.process.stop(self.settings.stop_timeout)
+
+    async def alive(self, handle: BackendHandle) -> bool:
+        """True while the process runs."""
+        return handle.process is not None and handle.process.returncode is None
+
+    async def wait_exit(self, handle: BackendHandle) -> str:
+        """Return when the process exits, with its status and last output lines."""
+        assert handle.process is not None
+        code = await handle.process.wait()
+        reason = f"exited with status {code}" if code >= 0 else f"killed by signal {-code}"
+        tail = handle.process.output_tail(5)
+        return f"backend process {reason}" + (f"; last output:\n{tail}" if tail else "")

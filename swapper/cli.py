@@ -1,0 +1,104 @@
+"""The ``swapper`` command line: ``serve`` and ``check-config``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from swapper.config import Config, load_config
+from swapper.errors import SwapperError
+from swapper.plugins import BackendRegistry, load_backends
+
+__all__ = ["main"]
+
+DEFAULT_CONFIG = "config/swapper_config.yaml"
+EXIT_CONFIG_ERROR = 2
+
+logger = logging.getLogger("swapper")
+
+
+def _default_config() -> str:
+    return os.environ.get("SWAPPER_CONFIG") or DEFAULT_CONFIG
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("SWAPPER_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load(path: str) -> tuple[Config, BackendRegistry]:
+    registry = load_backends()
+    return load_config(path, registry.schemas()), registry
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from swapper.app import create_app
+
+    _setup_logging()
+    logger.info("Initializing Swapper Service...")
+    config, registry = _load(args.config)
+    logger.info("Loaded %d models into Swapper", len(config.models))
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config, registry),
+            host=host,
+            port=port,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=int(config.swapper.shutdown_timeout),
+        )
+    )
+    server.run()
+    return 0 if server.started else 1
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config, _ = _load(args.path)
+    print(f"{args.path}: ok ({len(config.models)} models)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``swapper`` command."""
+    parser = argparse.ArgumentParser(prog="swapper", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", default=_default_config(),
+                       help="config file (default: $SWAPPER_CONFIG, else %(default)s)")
+    serve.add_argument("--host", help="listen address (default: server.host)")
+    serve.add_argument("--port", type=int, help="listen port (default: server.port)")
+    serve.set_defaults(run=_serve)
+
+    check = commands.add_parser("check-config", help="validate a config file")
+    check.add_argument("path")
+    check.set_defaults(run=_check_config)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "serve")  # plain `swapper` / `python -m swapper` serves
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except SwapperError as exc:
+        print(exc.message, file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Configuration: typed msgspec Structs decoded from YAML.
+
+Unknown keys and wrong types fail with one line that names the file and the key path, e.g.
+``config/x.yaml: $.models.qwen3-8b.ctx_size: expected int, got str``. Each model entry is
+decoded with the schema of the backend it names, so a plugin's own keys are checked too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+from swapper.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "ModelEntry",
+    "ServerSettings",
+    "SwapperSettings",
+    "load_config",
+    "parse_config",
+]
+
+
+class SwapperSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The ``swapper:`` section: how models share the GPU."""
+
+    mode: Literal["single-active", "multi-active"] = "single-active"
+    max_concurrent_models: int = 1
+    #: Seconds a load may take before the model is FAILED and its process killed.
+    model_swap_timeout: float = 300.0
+    #: False: backends start with no GPU offload.
+    gpu_enabled: bool = True
+    metal_acceleration: bool = False
+    #: Loaded at startup, with no request needed.
+    default_model: str | None = None
+    #: Anti-thrash fairness bound: how many later requests for the resident model may overtake
+    #: a request waiting for another model before the resident one drains and the swap happens.
+    max_overtake: int = 8
+    #: Seconds between SIGTERM and SIGKILL when a backend is stopped.
+    stop_timeout: float = 10.0
+    #: Seconds in-flight requests get to finish when swapper itself is told to stop.
+    shutdown_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.mode == "multi-active":
+            raise ValueError("mode: multi-active is not supported yet; use single-active")
+        if self.max_concurrent_models != 1:
+            raise ValueError("max_concurrent_models: single-active mode needs exactly 1")
+        for name in ("model_swap_timeout", "stop_timeout", "shutdown_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0")
+        if self.max_overtake < 0:
+            raise ValueError("max_overtake: must be >= 0")
+
+
+class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The ``server:`` section: where swapper listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 8890
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError("port: must be between 1 and 65535")
+
+
+class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Keys every model entry has; each backend extends this with its own keys."""
+
+    backend: str
+    #: Other names clients may use for this model.
+    aliases: list[str] = []
+
+
+class _RawModelEntry(msgspec.Struct, frozen=True):
+    backend: str
+
+
+class _RawConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    swapper: SwapperSettings = SwapperSettings()
+    server: ServerSettings = ServerSettings()
+    models: dict[str, dict[str, Any]] = {}
+
+
+class Config(msgspec.Struct, frozen=True):
+    """A validated configuration."""
+
+    path: str
+    swapper: SwapperSettings
+    server: ServerSettings
+    models: dict[str, ModelEntry]
+
+    def resolve(self, name: str) -> str | None:
+        """The model id that ``name`` (an id or an alias) refers to, or None."""
+        if name in self.models:
+            return name
+        for model_id, entry in self.models.items():
+            if name in entry.aliases:
+                return model_id
+        return None
+
+
+_MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.DOTALL)
+
+
+def _describe(error: msgspec.ValidationError, prefix: str) -> str:
+    """Turn msgspec's message into ``$.key.path: what is wrong``."""
+    match = _MSGSPEC_PATH.match(str(error))
+    assert match is not None  # the pattern matches any string
+    message, path = match["msg"], match["path"] or "$"
+    path = prefix + path[1:]
+    unknown = re.match(r"Object contains unknown field `(.*)`", message)
+    if unknown:
+        return f"{path}.{unknown[1]}: unknown key"
+    missing = re.match(r"Object missing required field `(.*)`", message)
+    if missing:
+        return f"{path}.{missing[1]}: required key is missing"
+    # Cross-field checks in __post_init__ say "key: problem"; move the key into the path.
+    keyed = re.match(r"(?P<key>[a-z_]+): (?P<problem>.*)", message, re.DOTALL)
+    if keyed:
+        return f"{path}.{keyed['key']}: {keyed['problem']}"
+    message = message.replace("`", "").replace(" | null", "")
+    message = message.replace("Expected object", "expected a mapping")
+    return f"{path}: {message[:1].lower()}{message[1:]}"
+
+
+def parse_config(
+    data: Any, source: str, backends: Mapping[str, type[ModelEntry]]
+) -> Config:
+    """Validate an already-parsed YAML tree. ``backends`` maps backend names to their schemas."""
+    if data is None:
+        raise ConfigError(f"{source}: the file is empty")
+    try:
+        raw = msgspec.convert(data, _RawConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc, '$')}") from None
+
+    models: dict[str, ModelEntry] = {}
+    names: dict[str, str] = {}
+    for model_id, entry in raw.models.items():
+        where = f"$.models.{model_id}"
+        if not model_id.strip() or "/" in model_id:
+            raise ConfigError(f"{source}: {where}: a model id must be non-empty and have no '/'")
+        try:
+            backend = msgspec.convert(entry, _RawModelEntry).backend
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{source}: {_describe(exc, where)}") from None
+        schema = backends.get(backend)
+        if schema is None:
+            known = ", ".join(sorted(backends)) or "none installed"
+            raise ConfigError(
+                f"{source}: {where}.backend: unknown backend {backend!r} (available: {known})"
+            )
+        try:
+            models[model_id] = msgspec.convert(entry, schema)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{source}: {_describe(exc, where)}") from None
+        for name in (model_id, *models[model_id].aliases):
+            owner = names.get(name, model_id if name == model_id or name not in raw.models else name)
+            if owner != model_id:
+                raise ConfigError(
+                    f"{source}: {where}.aliases: {name!r} is already the name of model {owner!r}"
+                )
+            names[name] = model_id
+
+    default = raw.swapper.default_model
+    if default is not None and default not in names:
+        raise ConfigError(
+            f"{source}: $.swapper.default_model: {default!r} is not a configured model"
+        )
+    settings = raw.swapper
+    if default is not None and names[default] != default:
+        settings = msgspec.structs.replace(settings, default_model=names[default])
+    return Config(path=source, swapper=settings, server=raw.server, models=models)
+
+
+def load_config(path: str | Path, backends: Mapping[str, type[ModelEntry]]) -> Config:
+    """Read and validate a YAML config file; every problem is a one-line ConfigError."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read: {exc}") from None
+    try:
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{source}: invalid YAML: {where}{problem}") from None
+    return parse_config(data, source, backends)

@@ -1,0 +1,143 @@
+"""Backend child processes: spawn, log, watch and stop them without leaving strays.
+
+Every child runs in its own session (so a signal to its process group reaches everything it
+started) and, on Linux, with ``PR_SET_PDEATHSIG`` = SIGKILL, so it dies with swapper even when
+swapper is SIGKILLed and gets no chance to clean up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+
+__all__ = ["ManagedProcess", "free_port"]
+
+_PR_SET_PDEATHSIG = 1
+_TAIL_LINES = 40
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _load_prctl() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return libc.prctl  # type: ignore[no-any-return]
+
+
+_prctl = _load_prctl()
+
+
+def _child_setup(parent_pid: int) -> None:
+    """Runs in the child between fork and exec: die with the parent."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # The parent may have died before prctl took effect; then nobody would ever kill us.
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+class ManagedProcess:
+    """One backend process: its output goes to the log, line by line, prefixed with the model id."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, name: str, logger: logging.Logger) -> None:
+        self._proc = proc
+        self.name = name
+        self._logger = logger
+        self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+        #: Set whenever the child prints a line; readiness polls use it to probe at once.
+        self.output_seen = asyncio.Event()
+        self._pump = asyncio.create_task(self._read_output(), name=f"output:{name}")
+
+    @classmethod
+    async def spawn(
+        cls,
+        argv: Sequence[str],
+        *,
+        name: str,
+        env: Mapping[str, str] | None = None,
+        logger: logging.Logger | None = None,
+    ) -> ManagedProcess:
+        """Start ``argv`` in a new session with stdout and stderr captured."""
+        parent = os.getpid()
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=None if env is None else dict(env),
+            start_new_session=True,
+            preexec_fn=lambda: _child_setup(parent),
+        )
+        return cls(proc, name, logger or logging.getLogger("swapper.backend"))
+
+    @property
+    def pid(self) -> int:
+        """The child's pid (also its process-group id)."""
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status, or None while it runs."""
+        return self._proc.returncode
+
+    def output_tail(self, lines: int = 10) -> str:
+        """The last lines the child printed, for error messages."""
+        return "\n".join(list(self.tail)[-lines:])
+
+    async def _read_output(self) -> None:
+        stream = self._proc.stdout
+        assert stream is not None
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line longer than the stream limit: take what is buffered
+                raw = await stream.read(65536)
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self.tail.append(line)
+                self._logger.info("[%s] %s", self.name, line)
+            self.output_seen.set()
+
+    async def wait(self) -> int:
+        """Wait for the child to exit and its output to be drained; return its exit status."""
+        code = await self._proc.wait()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(self._pump), timeout=1.0)
+        return code
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)
+
+    async def stop(self, grace: float) -> int:
+        """SIGTERM the process group, wait ``grace`` seconds, then SIGKILL; return once reaped."""
+        if self._proc.returncode is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._proc.wait()), timeout=grace)
+            except TimeoutError:
+                self._logger.warning("[%s] did not stop in %.1fs; killing it", self.name, grace)
+        # Kill what is left of the group too: helpers the backend started may outlive it.
+        self._signal_group(signal.SIGKILL)
+        return await self.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group now (used when the event loop is going away)."""
+        self._signal_group(signal.SIGKILL)

@@ -1,0 +1,127 @@
+"""A fake backend with a queue of behaviours, for coordinator and HTTP tests.
+
+It records every start and stop and how many fakes are alive at once, so tests can check that
+an old backend is gone before a new one starts. Each fake serves ``http://<model>.fake.test``,
+which respx can stand in for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+from collections.abc import Callable
+
+from swapper.backend import Backend, BackendHandle
+from swapper.config import ModelEntry
+from swapper.hookspecs import hookimpl
+
+
+class Behaviour(enum.Enum):
+    """What the next start of a fake does."""
+
+    READY = "ready at once"
+    GATED = "ready when the test opens the model's gate"
+    NEVER_READY = "never ready"
+    FAIL_START = "start raises"
+    EXIT_DURING_LOAD = "process exits while loading"
+
+
+class FakeModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """A model entry with ``backend: fake``."""
+
+    note: str = ""
+
+
+class FakeWorld:
+    """The shared state of every fake backend in one test."""
+
+    def __init__(self) -> None:
+        self.behaviours: dict[str, collections.deque[Behaviour]] = collections.defaultdict(
+            collections.deque
+        )
+        self.gates: dict[str, asyncio.Event] = collections.defaultdict(asyncio.Event)
+        self.events: list[tuple[str, str]] = []
+        self.alive: set[str] = set()
+        self.max_alive = 0
+        self.exits: dict[str, asyncio.Future[str]] = {}
+        self._next_pid = 1000
+
+    def queue(self, model_id: str, *behaviours: Behaviour) -> None:
+        """Behaviours for the next starts of ``model_id`` (READY once they run out)."""
+        self.behaviours[model_id].extend(behaviours)
+
+    def starts(self, model_id: str) -> int:
+        """How many times ``model_id`` was started."""
+        return self.events.count(("start", model_id))
+
+    def crash(self, model_id: str) -> None:
+        """Make the running fake of ``model_id`` die."""
+        self.alive.discard(model_id)
+        self.events.append(("crash", model_id))
+        self.exits[model_id].set_result("fake backend crashed")
+
+    def pid(self) -> int:
+        self._next_pid += 1
+        return self._next_pid
+
+
+def fake_backend_class(world: FakeWorld) -> type[Backend]:
+    """A Backend subclass bound to ``world``."""
+
+    class FakeBackend(Backend):
+        """Pretends to run a model; its behaviour comes from the world's queue."""
+
+        name = "fake"
+        entry_type = FakeModel
+
+        async def start(self) -> BackendHandle:
+            """Start, or fail to, as the queued behaviour says."""
+            queue = world.behaviours[self.model_id]
+            self.behaviour = queue.popleft() if queue else Behaviour.READY
+            world.events.append(("start", self.model_id))
+            if self.behaviour is Behaviour.FAIL_START:
+                raise RuntimeError("fake start failed")
+            assert self.model_id not in world.alive
+            world.alive.add(self.model_id)
+            world.max_alive = max(world.max_alive, len(world.alive))
+            world.exits[self.model_id] = asyncio.get_running_loop().create_future()
+            if self.behaviour is Behaviour.EXIT_DURING_LOAD:
+                world.crash(self.model_id)
+            return BackendHandle(base_url=f"http://{self.model_id}.fake.test", pid=world.pid())
+
+        async def ready(self, handle: BackendHandle) -> bool:
+            """Ready per behaviour."""
+            if self.behaviour is Behaviour.GATED:
+                return world.gates[self.model_id].is_set()
+            return self.behaviour is Behaviour.READY
+
+        async def stop(self, handle: BackendHandle) -> None:
+            """Stop and record it."""
+            world.events.append(("stop", self.model_id))
+            world.alive.discard(self.model_id)
+            exit_ = world.exits.get(self.model_id)
+            if exit_ is not None and not exit_.done():
+                exit_.set_result("stopped")
+
+        async def alive(self, handle: BackendHandle) -> bool:
+            """Alive until stopped or crashed."""
+            return self.model_id in world.alive
+
+        async def wait_exit(self, handle: BackendHandle) -> str:
+            """Wait for a crash or a stop."""
+            return await asyncio.shield(world.exits[self.model_id])
+
+    return FakeBackend
+
+
+class FakePlugin:
+    """A pluggy plugin registering the fake backend, as a third-party package would."""
+
+    def __init__(self, world: FakeWorld) -> None:
+        self.backend = fake_backend_class(world)
+
+    @hookimpl
+    def register_backends(self, register: Callable[[type[Backend]], None]) -> None:
+        """Provide the ``fake`` backend."""
+        register(self.backend)
