@@ -18,6 +18,7 @@ import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
+from litestar.params import FromPath
 from litestar.response import Stream
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ASGIApp, Receive, Scope, Send
@@ -202,7 +203,7 @@ async def status(state: State) -> Response[bytes]:
 
 
 @post("/models/{model:str}/load")
-async def load_model(state: State, model: str) -> Response[bytes]:
+async def load_model(state: State, model: FromPath[str]) -> Response[bytes]:
     """Make a model resident (swapping out the active one) and wait until it is."""
     coordinator: SwapCoordinator = state.coordinator
     model_id = coordinator.resolve(model)
@@ -211,7 +212,7 @@ async def load_model(state: State, model: str) -> Response[bytes]:
 
 
 @post("/models/{model:str}/unload")
-async def unload_model(state: State, model: str) -> Response[bytes]:
+async def unload_model(state: State, model: FromPath[str]) -> Response[bytes]:
     """Unload a model once its in-flight requests finish."""
     coordinator: SwapCoordinator = state.coordinator
     model_id = coordinator.resolve(model)
