@@ -279,6 +279,7 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
         lifespan=[lifespan],
         exception_handlers={Exception: _render_error},
         request_max_body_size=None,
+        logging_config=None,  # swapper configures logging itself (cli)
     )
 
 
