@@ -1,0 +1,123 @@
+"""The plugin contract: discovery through entry points, contract checks, the llama.cpp command."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from swapper import hookspecs
+from swapper.backend import Backend, BackendHandle, BackendSettings
+from swapper.config import ModelEntry
+from swapper.errors import PluginError
+from swapper.plugins import load_backends
+from swapper_llamacpp import LlamaCppBackend, LlamaCppModel
+
+
+def test_every_hook_has_a_test() -> None:
+    """Guard: a new hookspec must come with a test that names it here."""
+    hooks = {name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "swapper_spec")}
+    tested = {"register_backends"}
+    assert hooks == tested
+
+
+def test_builtin_backend_comes_through_the_entry_point_group() -> None:
+    points = importlib.metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP)
+    assert {(p.name, p.value) for p in points} >= {("llamacpp", "swapper_llamacpp")}
+    registry = load_backends()
+    assert registry.backends["llamacpp"] is LlamaCppBackend
+    assert registry.sources["llamacpp"] == "swapper"
+    assert registry.schemas()["llamacpp"] is LlamaCppModel
+
+
+def test_nothing_called_plugins_is_installed(tmp_path: Path) -> None:
+    # Outside the repository, the installed environment has swapper_llamacpp but no `plugins`.
+    probe = "import importlib.util as u; print(u.find_spec('plugins'), bool(u.find_spec('swapper_llamacpp')))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["None", "True"]
+
+
+class _Entry(ModelEntry, frozen=True, kw_only=True):
+    pass
+
+
+def _plugin(cls: object) -> object:
+    class Plugin:
+        @hookspecs.hookimpl
+        def register_backends(self, register: Callable[[Any], None]) -> None:
+            register(cls)
+
+    return Plugin()
+
+
+class _Complete(Backend):
+    name = "complete"
+    entry_type = _Entry
+
+    async def start(self) -> BackendHandle:
+        return BackendHandle(base_url="http://127.0.0.1:1")
+
+    async def ready(self, handle: BackendHandle) -> bool:
+        return True
+
+    async def stop(self, handle: BackendHandle) -> None:
+        return None
+
+    async def alive(self, handle: BackendHandle) -> bool:
+        return True
+
+
+class _NoStop(Backend):
+    name = "nostop"
+    entry_type = _Entry
+
+
+class _NoName(_Complete):
+    name = ""
+
+
+@pytest.mark.parametrize(
+    ("cls", "message"),
+    [
+        (object, "not a Backend subclass"),
+        (_NoName, "has no `name`"),
+        (_NoStop, "does not implement alive, ready, start, stop"),
+        (type("_Llama2", (_Complete,), {"name": "llamacpp"}), "already registered by 'swapper'"),
+    ],
+)
+def test_contract_violations_name_the_plugin(cls: object, message: str) -> None:
+    with pytest.raises(PluginError, match=message) as info:
+        load_backends(_plugin(cls))
+    assert "plugin '" in info.value.message
+
+
+def test_a_complete_backend_registers() -> None:
+    assert load_backends(_plugin(_Complete)).backends["complete"] is _Complete
+
+
+def _llama(gpu: bool, **entry: Any) -> LlamaCppBackend:
+    model = LlamaCppModel(backend="llamacpp", model_path="/m/x.gguf", **entry)
+    return LlamaCppBackend("qwen", model, BackendSettings(gpu_enabled=gpu))
+
+
+def test_llamacpp_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SWAPPER_LLAMA_SERVER", raising=False)
+    backend = _llama(True, ctx_size=8192, binary="/opt/llama-server", args=["--jinja", "-np", "2"])
+    assert backend.command(4242) == [
+        "/opt/llama-server", "-m", "/m/x.gguf", "--host", "127.0.0.1", "--port", "4242",
+        "-c", "8192", "-ngl", "999", "--alias", "qwen", "--jinja", "-np", "2",
+    ]
+
+
+def test_llamacpp_cpu_only_and_binary_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWAPPER_LLAMA_SERVER", "/env/llama-server")
+    argv = _llama(False).command(1)
+    assert argv[0] == "/env/llama-server"
+    assert argv[argv.index("-ngl") + 1] == "0"
+    assert "-c" not in argv

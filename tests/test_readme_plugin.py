@@ -1,0 +1,79 @@
+"""The README's "Write your own backend" example, run as written against a real llama-server."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from swapper.app import create_app
+from swapper.config import parse_config
+from swapper.errors import ConfigError
+from swapper.plugins import load_backends
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def readme_plugin(tmp_path: Path) -> ModuleType:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Write your own backend", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert code is not None, "the README lost its plugin example"
+    path = tmp_path / "swapper_command.py"
+    path.write_text(code.group(1))
+    spec = importlib.util.spec_from_file_location("swapper_command", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+async def client(readme_plugin: ModuleType, llama_server: str,
+                 tiny_models: dict[str, Path]) -> AsyncIterator[AsyncTestClient[Any]]:
+    registry = load_backends(readme_plugin)
+    config = parse_config(
+        {
+            "swapper": {"gpu_enabled": False, "model_swap_timeout": 30, "stop_timeout": 5},
+            "models": {"my-model": {
+                "backend": "command",
+                "command": [llama_server, "-m", str(tiny_models["a"]), "--host", "127.0.0.1",
+                            "--port", "{port}", "-c", "512", "-ngl", "0"],
+            }},
+        },
+        "readme.yaml",
+        registry.schemas(),
+    )
+    async with AsyncTestClient(create_app(config, registry), timeout=30) as test_client:
+        yield test_client
+
+
+def test_readme_plugin_registers_its_backend(readme_plugin: ModuleType) -> None:
+    registry = load_backends(readme_plugin)
+    assert set(registry.backends) == {"llamacpp", "command"}
+    with pytest.raises(ConfigError, match=r"\$\.models\.m\.command: required key is missing"):
+        parse_config({"models": {"m": {"backend": "command"}}}, "x.yaml", registry.schemas())
+
+
+async def test_readme_plugin_serves_a_chat(client: AsyncTestClient[Any]) -> None:
+    response = await client.post("/v1/chat/completions", json={
+        "model": "my-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["role"] == "assistant"
+    status = (await client.get("/status")).json()["models"]["my-model"]
+    assert status["status"] == "LOADED" and status["backend"] == "command"
+    assert status["pid"] is not None
