@@ -4,7 +4,7 @@
 The models are meant for tests: a real llama-server loads one in milliseconds and serves
 chat (with and without streaming), completions and, with ``--embeddings``, embeddings.
 The output is random printable ASCII and newlines.  The model never emits EOS, so every
-request stops at max_tokens (finish_reason "length"), or at the 2048-token context.
+request stops at max_tokens (finish_reason "length"), or at the context size.
 
 Usage as a script::
 
@@ -34,7 +34,7 @@ N_LAYER = 2
 N_HEAD = 4
 N_HEAD_KV = 4
 N_FF = 128
-N_CTX = 2048
+N_CTX = 32768
 
 # ChatML: llama-server's non-jinja path also recognises it (it looks for "<|im_start|>").
 CHAT_TEMPLATE = (

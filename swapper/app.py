@@ -42,14 +42,16 @@ class _Routing(msgspec.Struct):
     """The only part of a request body swapper reads; everything else passes through untouched."""
 
     model: str
+    stream: Any = None
 
 
 _ROUTING = msgspec.json.Decoder(_Routing)
 
 
-def _model_name(body: bytes) -> str:
+def _route(body: bytes) -> _Routing:
+    """The ``model`` (and whether a stream is asked for) of a request body, or InvalidRequest."""
     try:
-        name = _ROUTING.decode(body).model
+        routing = _ROUTING.decode(body)
     except msgspec.ValidationError as exc:
         text = str(exc)
         if "missing required field `model`" in text:
@@ -59,9 +61,9 @@ def _model_name(body: bytes) -> str:
         raise InvalidRequest("The request body must be a JSON object") from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
-    if not name:
+    if not routing.model:
         raise InvalidRequest("`model` must not be empty", param="model")
-    return name
+    return routing
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
@@ -112,12 +114,13 @@ class _RelayStream(Stream):
 
 
 async def _exchange(request: Request[Any, Any, State], path: str, body: bytes,
-                    model_id: str) -> tuple[Lease, UpstreamResponse, bytes | None]:
+                    model_id: str, stream: bool) -> tuple[Lease, UpstreamResponse, bytes | None]:
     """Get a lease and the backend's answer: headers only for a stream, the body otherwise."""
     state = request.app.state
     lease = await state.coordinator.acquire(model_id)
     try:
-        upstream = await state.upstream.send(model_id, lease.base_url, path, body)
+        upstream = await state.upstream.send(model_id, lease.base_url, path, body,
+                                             keep_alive=not stream)
         if upstream.is_stream and upstream.status == 200:
             return lease, upstream, None  # the relay releases the lease when the stream ends
         content = await upstream.read()
@@ -135,10 +138,12 @@ async def _until_disconnect(request: Request[Any, Any, State]) -> None:
 
 async def _forward(request: Request[Any, Any, State], path: str) -> Response[Any]:
     body = await request.body()
-    model_id = request.app.state.coordinator.resolve(_model_name(body))
+    routing = _route(body)
+    model_id = request.app.state.coordinator.resolve(routing.model)
     # A client that goes away while its model loads or its answer is generated cancels the
     # upstream work: race the exchange against the ASGI disconnect message.
-    exchange = asyncio.ensure_future(_exchange(request, path, body, model_id))
+    exchange = asyncio.ensure_future(
+        _exchange(request, path, body, model_id, stream=routing.stream is True))
     disconnect = asyncio.ensure_future(_until_disconnect(request))
     try:
         await asyncio.wait((exchange, disconnect), return_when=asyncio.FIRST_COMPLETED)

@@ -113,24 +113,34 @@ class UpstreamClient:
         self._timeouts = {"connect": connect_timeout, "read": read_timeout,
                           "write": connect_timeout, "pool": connect_timeout}
 
-    async def send(self, model_id: str, base_url: str, path: str, body: bytes,
-                   content_type: bytes = b"application/json") -> UpstreamResponse:
-        """POST ``body`` to ``base_url + path`` and return once the response headers arrive."""
+    async def send(self, model_id: str, base_url: str, path: str, body: bytes, *,
+                   keep_alive: bool = True) -> UpstreamResponse:
+        """POST ``body`` to ``base_url + path`` and return once the response headers arrive.
+
+        ``keep_alive=False`` asks the backend to close the connection after the response:
+        llama-server sometimes drops a kept-alive connection after a stream, and the next
+        request sent on it would fail.
+        """
         url = base_url + path
-        request = httpcore.Request(
-            b"POST",
-            url,
-            headers=[
-                (b"Host", url.split("/", 3)[2].encode()),
-                (b"Content-Type", content_type),
-                (b"Content-Length", str(len(body)).encode()),
-                (b"Accept", b"*/*"),
-            ],
-            content=body,
-            extensions={"timeout": self._timeouts},
-        )
+        headers = [
+            (b"Host", url.split("/", 3)[2].encode()),
+            (b"Content-Type", b"application/json"),
+            (b"Content-Length", str(len(body)).encode()),
+            (b"Accept", b"*/*"),
+        ]
+        if not keep_alive:
+            headers.append((b"Connection", b"close"))
+        request = httpcore.Request(b"POST", url, headers=headers, content=body,
+                                   extensions={"timeout": self._timeouts})
         with _map_transport_errors(model_id):
-            response = await self._pool.handle_async_request(request)
+            try:
+                response = await self._pool.handle_async_request(request)
+            except httpcore.RemoteProtocolError as exc:
+                if "without sending a response" not in str(exc):
+                    raise
+                # A pooled connection the backend had already closed: it never saw the request,
+                # so sending it once more, on a new connection, is safe.
+                response = await self._pool.handle_async_request(request)
         content_type = b""
         for name, value in response.headers:
             if name.lower() == b"content-type":

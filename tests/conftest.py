@@ -188,6 +188,7 @@ def swapper_factory(tmp_path: Path, llama_server: str,
         started.append(process)
         return process
 
+    start.workdir = workdir  # type: ignore[attr-defined]
     yield start
     for process in started:
         process.stop()

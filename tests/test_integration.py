@@ -133,10 +133,19 @@ def test_kill_9_of_a_backend_then_a_successful_request(swapper_factory: Any) -> 
     assert restarted["status"] == "LOADED" and restarted["pid"] != pid
 
 
+def long_stream_swapper(swapper_factory: Any) -> SwapperProcess:
+    """One slot with a long context: a 16000-token stream runs for many seconds here."""
+    return swapper_factory(models={"tiny-a": {
+        "backend": "llamacpp", "model_path": str(swapper_factory.workdir / "tiny-a.gguf"),
+        "ctx_size": 16384, "args": ["-np", "1"]}})
+
+
+LONG_STREAM = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 16000, "stream": True}
+
+
 def test_backend_killed_mid_stream_ends_with_error_event(swapper_factory: Any) -> None:
-    swapper = swapper_factory(ctx_size=8192)
-    body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 8000, "stream": True,
-            "ignore_eos": True}
+    swapper = long_stream_swapper(swapper_factory)
+    body = LONG_STREAM
     events: list[str] = []
     with swapper.http.stream("POST", "/v1/chat/completions", json=body) as response:
         lines = response.iter_lines()
@@ -153,16 +162,17 @@ def test_backend_killed_mid_stream_ends_with_error_event(swapper_factory: Any) -
     assert "backend died" in failed["last_error"]
 
 
-def test_client_disconnect_releases_the_request(swapper_factory: Any) -> None:
-    swapper = swapper_factory(ctx_size=8192)
-    body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 8000, "stream": True,
-            "ignore_eos": True}
+def test_client_disconnect_cancels_the_upstream_request(swapper_factory: Any) -> None:
+    swapper = long_stream_swapper(swapper_factory)
     with httpx.Client(base_url=swapper.url, timeout=30) as client:
-        with client.stream("POST", "/v1/chat/completions", json=body) as response:
-            next(response.iter_lines())
+        with client.stream("POST", "/v1/chat/completions", json=LONG_STREAM) as response:
+            lines = response.iter_lines()  # keep a reference: a dropped iterator hangs up
+            assert next(lines).startswith("data: ")
             assert swapper.model("tiny-a")["in_flight"] == 1
-    # the client hung up mid-stream: swapper closes the upstream request and frees the slot
+    # The client hung up seconds before the 16000 tokens could be done: swapper frees the
+    # request and closes its upstream connection, and llama-server cancels the generation.
     wait_until(lambda: swapper.model("tiny-a")["in_flight"] == 0, 10, "in_flight to drop")
+    wait_until(lambda: "cancel task" in swapper.output(), 10, "llama-server to cancel the task")
     assert swapper.model("tiny-a")["status"] == "LOADED"
 
 
@@ -188,15 +198,15 @@ def test_sigkill_of_swapper_takes_its_backends_down(swapper_factory: Any) -> Non
 
 
 def test_in_flight_stream_finishes_on_sigterm(swapper_factory: Any) -> None:
-    swapper = swapper_factory(ctx_size=2048)
-    body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 1500, "stream": True,
-            "ignore_eos": True}
+    swapper = swapper_factory(swapper={"shutdown_timeout": 20})
+    body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 480, "stream": True}
     with swapper.http.stream("POST", "/v1/chat/completions", json=body) as response:
         lines = response.iter_lines()
         next(lines)
         swapper.signal(signal.SIGTERM)
         rest = [line for line in lines if line.startswith("data: ")]
     assert rest[-1] == "data: [DONE]"
+    assert '"finish_reason":"length"' in rest[-2]  # it ran to its natural end after the signal
     assert swapper.proc.wait(timeout=30) == -signal.SIGTERM
     assert swapper.backends() == []
 
