@@ -36,6 +36,8 @@ logger = logging.getLogger("swapper")
 _ENCODE = msgspec.json.Encoder()
 _JSON = "application/json"
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+#: Large enough for long contexts and batched embeddings inputs; bigger bodies get a 413.
+_MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 class _Routing(msgspec.Struct):
@@ -283,7 +285,7 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
                         load_model, unload_model],
         lifespan=[lifespan],
         exception_handlers={Exception: _render_error},
-        request_max_body_size=None,
+        request_max_body_size=_MAX_BODY_BYTES,
         logging_config=None,  # swapper configures logging itself (cli)
     )
 

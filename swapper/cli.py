@@ -58,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
             lifespan="on",
             access_log=False,
             log_config=None,
-            timeout_graceful_shutdown=int(config.swapper.shutdown_timeout),
+            timeout_graceful_shutdown=config.swapper.shutdown_timeout,  # type: ignore[arg-type]
         )
     )
     server.run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 from typing import Any
 
 import httpx
@@ -224,3 +225,16 @@ def test_load_failure_is_503_with_the_backends_words(swapper_factory: Any, tmp_p
     assert failed["status"] == "FAILED"
     assert "exited with status" in failed["last_error"]
     assert swapper.backends() == []
+
+
+def test_client_disconnect_during_a_non_stream_request_cancels_it(swapper_factory: Any) -> None:
+    swapper = long_stream_swapper(swapper_factory)
+    body = json.dumps({**LONG_STREAM, "stream": False}).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", swapper.port)) as sock:
+        sock.sendall(request + body)
+        wait_until(lambda: swapper.model("tiny-a")["in_flight"] == 1, 30, "the request to start")
+    # Hung up long before 16000 tokens: the generation is cancelled and the slot freed.
+    wait_until(lambda: swapper.model("tiny-a")["in_flight"] == 0, 10, "in_flight to drop")
+    wait_until(lambda: "cancel task" in swapper.output(), 10, "llama-server to cancel the task")
