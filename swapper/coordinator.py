@@ -89,7 +89,7 @@ class _Model:
 class _Waiter:
     model: _Model
     seq: int
-    future: asyncio.Future[None]
+    future: asyncio.Future[str]  # resolves to the backend's base URL on admission
 
 
 class Lease:
@@ -162,7 +162,7 @@ class SwapCoordinator:
         model.queued += 1
         self._schedule()
         try:
-            await waiter.future
+            base_url = await waiter.future
         except asyncio.CancelledError:
             future = waiter.future
             if future.done() and not future.cancelled() and future.exception() is None:
@@ -171,8 +171,7 @@ class SwapCoordinator:
                 self._drop_waiter(waiter)
                 self._schedule()
             raise
-        assert model.handle is not None
-        return Lease(self, model, model.handle.base_url)
+        return Lease(self, model, base_url)
 
     async def load(self, model_id: str) -> None:
         """Make ``model_id`` resident (swapping as a request would) and return once it is."""
@@ -225,10 +224,6 @@ class SwapCoordinator:
             }
         return {"mode": self.config.swapper.mode, "active_model": self.active_model,
                 "models": models}
-
-    def model_ids(self) -> list[str]:
-        """Every configured model id, in config order."""
-        return list(self._models)
 
     def model_status(self, model_id: str) -> ModelStatus:
         """The current status of one model."""
@@ -323,7 +318,8 @@ class SwapCoordinator:
             self._waiters.remove(waiter)
             active.queued -= 1
             active.in_flight += 1
-            waiter.future.set_result(None)
+            assert active.handle is not None
+            waiter.future.set_result(active.handle.base_url)
         if first_other is not None and self._overtaken >= bound:
             self._draining = True
 
