@@ -16,7 +16,21 @@ import httpx
 import pytest
 import yaml
 
+from tests.fakes import FakeWorld
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests (``pytest.mark.anyio``) run on asyncio, as swapper does."""
+    return "asyncio"
+
+
+@pytest.fixture
+def world() -> FakeWorld:
+    """The shared state of this test's fake backends."""
+    return FakeWorld()
 
 
 @pytest.fixture(scope="session")

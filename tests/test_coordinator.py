@@ -17,16 +17,6 @@ from tests.fakes import Behaviour, FakePlugin, FakeWorld
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def world() -> FakeWorld:
-    return FakeWorld()
-
-
 def make_config(world: FakeWorld, **swapper: Any) -> tuple[Config, Any]:
     registry = load_backends(FakePlugin(world))
     data = {

@@ -28,16 +28,6 @@ COMPLETION = {
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def world() -> FakeWorld:
-    return FakeWorld()
-
-
-@pytest.fixture
 async def client(world: FakeWorld) -> AsyncIterator[AsyncTestClient[Any]]:
     registry = load_backends(FakePlugin(world))
     config = parse_config(

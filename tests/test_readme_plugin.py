@@ -23,11 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def readme_plugin(tmp_path: Path) -> ModuleType:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Write your own backend", 1)[1]
