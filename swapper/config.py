@@ -7,6 +7,7 @@ decoded with the schema of the backend it names, so a plugin's own keys are chec
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +23,7 @@ __all__ = [
     "ModelEntry",
     "ServerSettings",
     "SwapperSettings",
+    "TimeoutSettings",
     "load_config",
     "parse_config",
 ]
@@ -46,28 +48,76 @@ class SwapperSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     stop_timeout: float = 10.0
     #: Seconds in-flight requests get to finish when swapper itself is told to stop.
     shutdown_timeout: float = 30.0
+    #: Requests that may wait for a model (all models together); beyond it, 429 + Retry-After.
+    max_queue: int = 512
+    #: Consecutive failed starts after which a model backs off instead of retrying at once.
+    max_start_failures: int = 3
+    #: First back-off in seconds; it doubles with each further failure, up to the maximum.
+    retry_backoff: float = 5.0
+    retry_backoff_max: float = 300.0
 
     def __post_init__(self) -> None:
         if self.mode == "multi-active":
             raise ValueError("mode: multi-active is not supported yet; use single-active")
         if self.max_concurrent_models != 1:
             raise ValueError("max_concurrent_models: single-active mode needs exactly 1")
-        for name in ("model_swap_timeout", "stop_timeout", "shutdown_timeout"):
+        for name in ("model_swap_timeout", "stop_timeout", "shutdown_timeout", "retry_backoff",
+                     "retry_backoff_max"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0")
         if self.max_overtake < 0:
             raise ValueError("max_overtake: must be >= 0")
+        if self.max_queue < 0:
+            raise ValueError("max_queue: must be >= 0")
+        if self.max_start_failures < 1:
+            raise ValueError("max_start_failures: must be >= 1")
 
 
 class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """The ``server:`` section: where swapper listens."""
+    """The ``server:`` section: where swapper listens and who may use it."""
 
     host: str = "127.0.0.1"
     port: int = 8890
+    #: Keys accepted as ``Authorization: Bearer K`` or ``x-api-key: K``; empty = no auth.
+    api_keys: list[str] = []
+    #: Keys for load, unload and reload; a plain API key cannot use those endpoints.
+    admin_api_keys: list[str] = []
+    #: Origins allowed by CORS; empty = CORS off.
+    cors_origins: list[str] = []
+    #: Request bodies larger than this get a 413.
+    max_request_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError("port: must be between 1 and 65535")
+        if self.max_request_bytes < 1:
+            raise ValueError("max_request_bytes: must be >= 1")
+        for name in ("api_keys", "admin_api_keys"):
+            if any(not key for key in getattr(self, name)):
+                raise ValueError(f"{name}: a key must not be empty")
+
+    def __repr__(self) -> str:
+        # Never print the keys, wherever a config ends up being logged.
+        return (f"ServerSettings(host={self.host!r}, port={self.port}, "
+                f"api_keys=<{len(self.api_keys)} hidden>, "
+                f"admin_api_keys=<{len(self.admin_api_keys)} hidden>, "
+                f"cors_origins={self.cors_origins!r}, max_request_bytes={self.max_request_bytes})")
+
+
+class TimeoutSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The ``timeouts:`` section: how long swapper waits on a backend, in seconds."""
+
+    #: Opening a connection to a backend.
+    connect: float = 5.0
+    #: Silence from a backend mid-request; then the request fails and the backend is checked.
+    read: float = 600.0
+    #: One health probe; a backend that misses it after a read timeout is killed as frozen.
+    health: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("connect", "read", "health"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0")
 
 
 class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -85,6 +135,7 @@ class _RawModelEntry(msgspec.Struct, frozen=True):
 class _RawConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     swapper: SwapperSettings = SwapperSettings()
     server: ServerSettings = ServerSettings()
+    timeouts: TimeoutSettings = TimeoutSettings()
     models: dict[str, dict[str, Any]] = {}
 
 
@@ -94,6 +145,7 @@ class Config(msgspec.Struct, frozen=True):
     path: str
     swapper: SwapperSettings
     server: ServerSettings
+    timeouts: TimeoutSettings
     models: dict[str, ModelEntry]
 
     def resolve(self, name: str) -> str | None:
@@ -130,12 +182,33 @@ def _describe(error: msgspec.ValidationError, prefix: str) -> str:
     return f"{path}: {message[:1].lower()}{message[1:]}"
 
 
+_ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(node: Any, path: str, source: str) -> Any:
+    """Replace ``${env:NAME}`` in every string with the variable's value (secrets stay out of files)."""
+    if isinstance(node, str):
+        def value(match: re.Match[str]) -> str:
+            name = match[1]
+            if name not in os.environ:
+                raise ConfigError(f"{source}: {path}: environment variable {name} is not set")
+            return os.environ[name]
+
+        return _ENV_REF.sub(value, node)
+    if isinstance(node, dict):
+        return {key: _expand_env(item, f"{path}.{key}", source) for key, item in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(item, f"{path}[{i}]", source) for i, item in enumerate(node)]
+    return node
+
+
 def parse_config(
     data: Any, source: str, backends: Mapping[str, type[ModelEntry]]
 ) -> Config:
     """Validate an already-parsed YAML tree. ``backends`` maps backend names to their schemas."""
     if data is None:
         raise ConfigError(f"{source}: the file is empty")
+    data = _expand_env(data, "$", source)
     try:
         raw = msgspec.convert(data, _RawConfig)
     except msgspec.ValidationError as exc:
@@ -177,7 +250,8 @@ def parse_config(
     settings = raw.swapper
     if default is not None and names[default] != default:
         settings = msgspec.structs.replace(settings, default_model=names[default])
-    return Config(path=source, swapper=settings, server=raw.server, models=models)
+    return Config(path=source, swapper=settings, server=raw.server, timeouts=raw.timeouts,
+                  models=models)
 
 
 def load_config(path: str | Path, backends: Mapping[str, type[ModelEntry]]) -> Config:
