@@ -9,23 +9,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
+from litestar.config.cors import CORSConfig
+from litestar.connection import ASGIConnection
 from litestar.datastructures import State
+from litestar.handlers.base import BaseRouteHandler
 from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 from litestar.response import Stream
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from swapper.config import Config
+from swapper.config import Config, load_config
 from swapper.coordinator import Lease, SwapCoordinator
-from swapper.errors import InvalidRequest, SwapperError
+from swapper.errors import (
+    BackendTimeout,
+    Forbidden,
+    InvalidRequest,
+    SwapperError,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from swapper.plugins import BackendRegistry
 from swapper.upstream import UpstreamClient, UpstreamResponse, error_event, normalise_error
 
@@ -36,8 +48,54 @@ logger = logging.getLogger("swapper")
 _ENCODE = msgspec.json.Encoder()
 _JSON = "application/json"
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-#: Large enough for long contexts and batched embeddings inputs; bigger bodies get a 413.
-_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+# -- access ----------------------------------------------------------------------------------------
+
+
+def _presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> bytes | None:
+    auth = connection.headers.get("authorization")
+    if auth is not None:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip().encode()
+    key = connection.headers.get("x-api-key")
+    return key.encode() if key else None
+
+
+def _matches(candidate: bytes, keys: list[str]) -> bool:
+    # Compare with every key, each in constant time, so timing reveals neither key nor position.
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(candidate, key.encode())
+    return found
+
+
+def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: any configured API key (or an admin key) when keys are configured."""
+    server = connection.app.state.config.server
+    if not server.api_keys and not server.admin_api_keys:
+        return
+    key = _presented_key(connection)
+    if key is None:
+        raise Unauthorized("Missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'")
+    if not (_matches(key, server.api_keys) | _matches(key, server.admin_api_keys)):
+        raise Unauthorized("Invalid API key")
+
+
+def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: an admin key for load, unload and reload whenever any keys are configured."""
+    server = connection.app.state.config.server
+    if not server.api_keys and not server.admin_api_keys:
+        return
+    key = _presented_key(connection)
+    if key is None:
+        raise Unauthorized("Missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'")
+    if _matches(key, server.admin_api_keys):
+        return
+    if _matches(key, server.api_keys):
+        raise Forbidden("This endpoint needs a key from server.admin_api_keys")
+    raise Unauthorized("Invalid API key")
 
 
 class _Routing(msgspec.Struct):
@@ -52,6 +110,11 @@ _ROUTING = msgspec.json.Decoder(_Routing)
 
 def _route(body: bytes) -> _Routing:
     """The ``model`` (and whether a stream is asked for) of a request body, or InvalidRequest."""
+    try:
+        # Backends choke on invalid UTF-8 anywhere in the body, not only in the fields we read.
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid UTF-8 (byte {exc.start})") from None
     try:
         routing = _ROUTING.decode(body)
     except msgspec.ValidationError as exc:
@@ -82,7 +145,9 @@ async def _relay(lease: Lease, upstream: UpstreamResponse) -> AsyncIterator[byte
             yield chunk
     except SwapperError as exc:
         logger.warning("stream from %s ended early: %s", lease.model_id, exc.message)
-        yield error_event(exc.message)
+        if isinstance(exc, BackendTimeout):
+            lease.backend_silent()
+        yield error_event(exc.message, code=exc.code or "backend_error")
     finally:
         lease.release()
         await upstream.aclose()
@@ -126,6 +191,10 @@ async def _exchange(request: Request[Any, Any, State], path: str, body: bytes,
         if upstream.is_stream and upstream.status == 200:
             return lease, upstream, None  # the relay releases the lease when the stream ends
         content = await upstream.read()
+    except BackendTimeout:
+        lease.backend_silent()
+        lease.release()
+        raise
     except BaseException:
         lease.release()
         raise
@@ -138,7 +207,18 @@ async def _until_disconnect(request: Request[Any, Any, State]) -> None:
         pass
 
 
+def _check_content_type(request: Request[Any, Any, State]) -> None:
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return  # curl -d without -H, and other lax clients: the body is parsed as JSON anyway
+    media = content_type.partition(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaType(f"Content-Type must be application/json, not {media!r}",
+                                   code="unsupported_media_type")
+
+
 async def _forward(request: Request[Any, Any, State], path: str) -> Response[Any]:
+    _check_content_type(request)
     body = await request.body()
     routing = _route(body)
     model_id = request.app.state.coordinator.resolve(routing.model)
@@ -170,25 +250,25 @@ async def _forward(request: Request[Any, Any, State], path: str) -> Response[Any
 # -- OpenAI endpoints ---------------------------------------------------------------------------
 
 
-@post("/v1/chat/completions")
+@post("/v1/chat/completions", guards=[require_key])
 async def chat_completions(request: Request[Any, Any, State]) -> Response[Any]:
     """OpenAI chat completions, routed by the body's ``model``; streams pass through as SSE."""
     return await _forward(request, "/v1/chat/completions")
 
 
-@post("/v1/completions")
+@post("/v1/completions", guards=[require_key])
 async def completions(request: Request[Any, Any, State]) -> Response[Any]:
     """OpenAI legacy completions, routed by the body's ``model``."""
     return await _forward(request, "/v1/completions")
 
 
-@post("/v1/embeddings")
+@post("/v1/embeddings", guards=[require_key])
 async def embeddings(request: Request[Any, Any, State]) -> Response[Any]:
     """OpenAI embeddings, routed by the body's ``model``."""
     return await _forward(request, "/v1/embeddings")
 
 
-@get("/v1/models")
+@get("/v1/models", guards=[require_key])
 async def list_models(state: State) -> Response[bytes]:
     """Every configured model, loaded or not; never triggers a load."""
     return Response(state.models_document, media_type=_JSON)
@@ -203,13 +283,13 @@ async def health() -> Response[bytes]:
     return _json({"status": "ok"})
 
 
-@get("/status")
+@get("/status", guards=[require_key])
 async def status(state: State) -> Response[bytes]:
     """Every model's status, backend, pid, port, load time and last error."""
     return _json(state.coordinator.status())
 
 
-@post("/models/{model:str}/load")
+@post("/models/{model:str}/load", guards=[require_admin])
 async def load_model(state: State, model: FromPath[str]) -> Response[bytes]:
     """Make a model resident (swapping out the active one) and wait until it is."""
     coordinator: SwapCoordinator = state.coordinator
@@ -218,13 +298,19 @@ async def load_model(state: State, model: FromPath[str]) -> Response[bytes]:
     return _json({"model": model_id, **coordinator.status()["models"][model_id]})
 
 
-@post("/models/{model:str}/unload")
+@post("/models/{model:str}/unload", guards=[require_admin])
 async def unload_model(state: State, model: FromPath[str]) -> Response[bytes]:
     """Unload a model once its in-flight requests finish."""
     coordinator: SwapCoordinator = state.coordinator
     model_id = coordinator.resolve(model)
     await coordinator.unload(model_id)
     return _json({"model": model_id, **coordinator.status()["models"][model_id]})
+
+
+@post("/admin/reload", guards=[require_admin])
+async def reload_config(state: State) -> Response[bytes]:
+    """Re-read the config file; unchanged models keep running. A bad file changes nothing."""
+    return _json(await state.reload())
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -261,17 +347,25 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         coordinator = SwapCoordinator(config, registry)
-        upstream = UpstreamClient()
+        upstream = UpstreamClient(connect_timeout=config.timeouts.connect,
+                                  read_timeout=config.timeouts.read)
+        app.state.config = config
         app.state.coordinator = coordinator
         app.state.upstream = upstream
         app.state.models_document = _models_document(config)
+        app.state.reload = lambda: _reload(app, registry)
         logger.info("Swapper Service initialized with %d models", len(config.models))
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload_logged(app)))
         warmup = None
         if config.swapper.default_model:
             warmup = asyncio.create_task(_warm(coordinator, config.swapper.default_model))
         try:
             yield
         finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGHUP)
             if warmup is not None:
                 warmup.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -280,14 +374,48 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
             await upstream.aclose()
             logger.info("Swapper Service stopped; every backend is down")
 
+    cors = config.server.cors_origins
     return Litestar(
         route_handlers=[chat_completions, completions, embeddings, list_models, health, status,
-                        load_model, unload_model],
+                        load_model, unload_model, reload_config],
         lifespan=[lifespan],
         exception_handlers={Exception: _render_error},
-        request_max_body_size=_MAX_BODY_BYTES,
+        request_max_body_size=config.server.max_request_bytes,
+        cors_config=CORSConfig(allow_origins=cors, allow_headers=["*"]) if cors else None,
         logging_config=None,  # swapper configures logging itself (cli)
     )
+
+
+async def _reload(app: Litestar, registry: BackendRegistry) -> dict[str, Any]:
+    """Apply the config file again; an invalid file raises ConfigError and changes nothing."""
+    old: Config = app.state.config
+    new = load_config(old.path, registry.schemas())
+    # What is fixed at startup (listening socket, CORS, body limit, timeouts of the pool) needs
+    # a restart; say so rather than pretend.
+    fixed = [name for name in ("server.host", "server.port", "server.cors_origins",
+                               "server.max_request_bytes", "timeouts")
+             if _pick(old, name) != _pick(new, name)]
+    if fixed:
+        logger.warning("config reload: %s changed; restart swapper to apply", ", ".join(fixed))
+    summary = app.state.coordinator.reload(new)
+    app.state.config = new
+    app.state.models_document = _models_document(new)
+    return {"reloaded": new.path, **summary, "needs_restart": fixed}
+
+
+def _pick(config: Config, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+async def _reload_logged(app: Litestar) -> None:
+    """SIGHUP: reload, and on a bad file log the one-line error and keep serving."""
+    try:
+        await app.state.reload()
+    except SwapperError as exc:
+        logger.error("config reload rejected; still serving the previous config: %s", exc.message)
 
 
 async def _warm(coordinator: SwapCoordinator, model_id: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -26,6 +27,7 @@ __all__ = [
     "BackendHandle",
     "BackendSettings",
     "SubprocessBackend",
+    "redact_argv",
 ]
 
 logger = logging.getLogger("swapper.backend")
@@ -103,11 +105,38 @@ class Backend(abc.ABC):
     async def alive(self, handle: BackendHandle) -> bool:
         """False once the backend has died."""
 
+    async def kill(self, handle: BackendHandle) -> None:
+        """Stop a backend that no longer answers, without a grace period. Default: :meth:`stop`."""
+        await self.stop(handle)
+
+    def port_taken(self, handle: BackendHandle) -> bool:
+        """After an exit during load: did another process take the backend's port? Default no."""
+        return False
+
     async def wait_exit(self, handle: BackendHandle) -> str:
         """Return (with a reason) when the backend dies. The default polls :meth:`alive`."""
         while await self.alive(handle):
             await asyncio.sleep(1.0)
         return "backend stopped answering"
+
+
+_SECRET_FLAGS = ("--api-key", "--api-key-file", "--hf-token", "--token")
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """The command line with secret values hidden, for logs."""
+    shown: list[str] = []
+    hide_next = False
+    for arg in argv:
+        flag, eq, _ = arg.partition("=")
+        if hide_next:
+            shown.append("***")
+        elif eq and flag in _SECRET_FLAGS:
+            shown.append(f"{flag}=***")
+        else:
+            shown.append(arg)
+        hide_next = arg in _SECRET_FLAGS
+    return shown
 
 
 class SubprocessBackend(Backend):
@@ -127,7 +156,7 @@ class SubprocessBackend(Backend):
         """Pick a free loopback port and start the command."""
         port = free_port(self.host)
         argv = self.command(port)
-        logger.info("Starting %s: %s", self.model_id, " ".join(argv))
+        logger.info("Starting %s: %s", self.model_id, " ".join(redact_argv(argv)))
         process = await ManagedProcess.spawn(argv, name=self.model_id, env=self.environment())
         return BackendHandle(
             base_url=f"http://{self.host}:{port}", pid=process.pid, port=port, process=process
@@ -137,6 +166,24 @@ class SubprocessBackend(Backend):
         """SIGTERM the process group, wait ``stop_timeout``, SIGKILL; return once reaped."""
         if handle.process is not None:
             await handle.process.stop(self.settings.stop_timeout)
+
+    async def kill(self, handle: BackendHandle) -> None:
+        """SIGKILL the process group at once (a frozen process may never handle SIGTERM)."""
+        if handle.process is not None:
+            await handle.process.stop(0)
+
+    def port_taken(self, handle: BackendHandle) -> bool:
+        """True when something else now listens on the port the backend was given."""
+        if handle.port is None:
+            return False
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # SO_REUSEADDR: a port in TIME_WAIT is free to use; only a live listener is a clash.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((self.host, handle.port))
+            except OSError:
+                return True
+        return False
 
     async def alive(self, handle: BackendHandle) -> bool:
         """True while the process runs."""

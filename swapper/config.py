@@ -7,6 +7,7 @@ decoded with the schema of the backend it names, so a plugin's own keys are chec
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -27,6 +28,10 @@ __all__ = [
     "load_config",
     "parse_config",
 ]
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
 
 
 class SwapperSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -63,8 +68,8 @@ class SwapperSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError("max_concurrent_models: single-active mode needs exactly 1")
         for name in ("model_swap_timeout", "stop_timeout", "shutdown_timeout", "retry_backoff",
                      "retry_backoff_max"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be > 0")
+            if not _positive(getattr(self, name)):
+                raise ValueError(f"{name}: must be a number > 0")
         if self.max_overtake < 0:
             raise ValueError("max_overtake: must be >= 0")
         if self.max_queue < 0:
@@ -116,8 +121,8 @@ class TimeoutSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     def __post_init__(self) -> None:
         for name in ("connect", "read", "health"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be > 0")
+            if not _positive(getattr(self, name)):
+                raise ValueError(f"{name}: must be a number > 0")
 
 
 class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -167,10 +172,13 @@ def _describe(error: msgspec.ValidationError, prefix: str) -> str:
     assert match is not None  # the pattern matches any string
     message, path = match["msg"], match["path"] or "$"
     path = prefix + path[1:]
-    unknown = re.match(r"Object contains unknown field `(.*)`", message)
+    non_string_key = re.match(r"Expected `str`, got `(\w+)` - at `key` in `(\$[^`]*)`", str(error))
+    if non_string_key:
+        return f"{prefix}{non_string_key[2][1:]}: keys must be strings, got {non_string_key[1]}"
+    unknown = re.match(r"Object contains unknown field `(.*)`", message, re.DOTALL)
     if unknown:
         return f"{path}.{unknown[1]}: unknown key"
-    missing = re.match(r"Object missing required field `(.*)`", message)
+    missing = re.match(r"Object missing required field `(.*)`", message, re.DOTALL)
     if missing:
         return f"{path}.{missing[1]}: required key is missing"
     # Cross-field checks in __post_init__ say "key: problem"; move the key into the path.
@@ -183,10 +191,21 @@ def _describe(error: msgspec.ValidationError, prefix: str) -> str:
 
 
 _ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+#: A config is small; these bounds turn self-referencing or exploding YAML aliases into errors.
+_MAX_DEPTH = 64
+_MAX_NODES = 100_000
 
 
-def _expand_env(node: Any, path: str, source: str) -> Any:
+def _expand_env(node: Any, path: str, source: str, budget: list[int] | None = None,
+                depth: int = 0) -> Any:
     """Replace ``${env:NAME}`` in every string with the variable's value (secrets stay out of files)."""
+    budget = [_MAX_NODES] if budget is None else budget
+    budget[0] -= 1
+    if depth > _MAX_DEPTH:
+        raise ConfigError(f"{source}: {path}: nested deeper than {_MAX_DEPTH} levels "
+                          "(a YAML alias that refers to itself?)")
+    if budget[0] < 0:
+        raise ConfigError(f"{source}: more than {_MAX_NODES} values (YAML aliases expanding?)")
     if isinstance(node, str):
         def value(match: re.Match[str]) -> str:
             name = match[1]
@@ -196,9 +215,11 @@ def _expand_env(node: Any, path: str, source: str) -> Any:
 
         return _ENV_REF.sub(value, node)
     if isinstance(node, dict):
-        return {key: _expand_env(item, f"{path}.{key}", source) for key, item in node.items()}
+        return {key: _expand_env(item, f"{path}.{key}", source, budget, depth + 1)
+                for key, item in node.items()}
     if isinstance(node, list):
-        return [_expand_env(item, f"{path}[{i}]", source) for i, item in enumerate(node)]
+        return [_expand_env(item, f"{path}[{i}]", source, budget, depth + 1)
+                for i, item in enumerate(node)]
     return node
 
 
@@ -218,8 +239,9 @@ def parse_config(
     names: dict[str, str] = {}
     for model_id, entry in raw.models.items():
         where = f"$.models.{model_id}"
-        if not model_id.strip() or "/" in model_id:
-            raise ConfigError(f"{source}: {where}: a model id must be non-empty and have no '/'")
+        if not model_id or not model_id.isprintable() or any(c.isspace() or c == "/" for c in model_id):
+            raise ConfigError(f"{source}: {where}: a model id must be non-empty, printable, "
+                              "without spaces or '/'")
         try:
             backend = msgspec.convert(entry, _RawModelEntry).backend
         except msgspec.ValidationError as exc:

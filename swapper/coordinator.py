@@ -25,13 +25,14 @@ import datetime as dt
 import enum
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from swapper.backend import Backend, BackendHandle, BackendSettings
 from swapper.config import Config
-from swapper.errors import ModelNotFound, ModelUnavailable, ServiceUnavailable
+from swapper.errors import ModelNotFound, ModelUnavailable, QueueFull, ServiceUnavailable
 from swapper.plugins import BackendRegistry
 
 __all__ = ["Lease", "ModelStatus", "SwapCoordinator"]
@@ -42,6 +43,12 @@ logger = logging.getLogger("swapper.coordinator")
 _POLL_FIRST = 0.01
 _POLL_CAP = 0.1
 _POLL_FACTOR = 1.5
+#: Starts tried when a backend loses its port to another process between pick and bind.
+_PORT_ATTEMPTS = 3
+
+
+class _BackendExited(Exception):
+    """The backend process ended while it was loading."""
 
 
 class ModelStatus(enum.StrEnum):
@@ -83,6 +90,14 @@ class _Model:
     last_used: float | None = None
     watcher: asyncio.Task[None] | None = None
     unloaded: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Consecutive failed starts, and when (monotonic) a backed-off model may be tried again.
+    failures: int = 0
+    retry_at: float | None = None
+    #: A backend built from a reloaded config, swapped in when the running one stops.
+    pending: Backend | None = None
+    #: Removed from the config by a reload; it unloads once idle and is then forgotten.
+    removed: bool = False
+    probing: bool = False
 
 
 @dataclass(eq=False)
@@ -114,24 +129,23 @@ class Lease:
             self.released = True
             self._coordinator._release(self._model)
 
+    def backend_silent(self) -> None:
+        """The backend missed ``timeouts.read``: have the coordinator check whether it froze."""
+        self._coordinator._check_frozen(self._model, self.base_url)
+
 
 class SwapCoordinator:
     """Owns every model's state and decides what is resident."""
 
     def __init__(self, config: Config, registry: BackendRegistry) -> None:
         self.config = config
-        settings = BackendSettings(
-            gpu_enabled=config.swapper.gpu_enabled,
-            metal_acceleration=config.swapper.metal_acceleration,
-            stop_timeout=config.swapper.stop_timeout,
-        )
+        self._registry = registry
         self._models: dict[str, _Model] = {}
-        for model_id, entry in config.models.items():
-            backend = registry.backends[entry.backend](model_id, entry, settings)
-            model = _Model(id=model_id, backend=backend)
-            model.unloaded.set()
-            self._models[model_id] = model
-        self._names = {name: mid for mid, e in config.models.items() for name in (mid, *e.aliases)}
+        #: Models removed by a reload that still hold a process until they unload.
+        self._retired: set[_Model] = set()
+        for model_id in config.models:
+            self._models[model_id] = self._new_model(model_id, config)
+        self._names = self._name_index(config)
         self._active: _Model | None = None
         self._draining = False
         self._overtaken = 0
@@ -140,6 +154,24 @@ class SwapCoordinator:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._status_waiters: list[tuple[_Model, frozenset[ModelStatus], asyncio.Future[None]]] = []
         self._closing = False
+
+    def _make_backend(self, model_id: str, config: Config) -> Backend:
+        entry = config.models[model_id]
+        settings = BackendSettings(
+            gpu_enabled=config.swapper.gpu_enabled,
+            metal_acceleration=config.swapper.metal_acceleration,
+            stop_timeout=config.swapper.stop_timeout,
+        )
+        return self._registry.backends[entry.backend](model_id, entry, settings)
+
+    def _new_model(self, model_id: str, config: Config) -> _Model:
+        model = _Model(id=model_id, backend=self._make_backend(model_id, config))
+        model.unloaded.set()
+        return model
+
+    @staticmethod
+    def _name_index(config: Config) -> dict[str, str]:
+        return {name: mid for mid, e in config.models.items() for name in (mid, *e.aliases)}
 
     # -- public API -------------------------------------------------------------------------
 
@@ -154,9 +186,24 @@ class SwapCoordinator:
         """Wait until ``model_id`` is resident and admitted; the caller must release the lease."""
         if self._closing:
             raise ServiceUnavailable("swapper is shutting down")
-        model = self._models[model_id]
+        model = self._models.get(model_id)
+        if model is None:
+            raise ModelNotFound(f"The model {model_id!r} does not exist")
         if self._may_admit(model):
             return self._admit(model)
+        if model.retry_at is not None:
+            remaining = model.retry_at - time.monotonic()
+            if remaining > 0:
+                raise ModelUnavailable(
+                    f"Model {model_id!r} is backing off after {model.failures} failed starts "
+                    f"({model.last_error}); next try in {remaining:.0f}s",
+                    retry_after=math.ceil(remaining),
+                )
+        if len(self._waiters) >= self.config.swapper.max_queue:
+            raise QueueFull(
+                f"{len(self._waiters)} requests are already waiting for models "
+                f"(swapper.max_queue); retry shortly"
+            )
         waiter = _Waiter(model, next(self._seq), asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
         model.queued += 1
@@ -174,7 +221,11 @@ class SwapCoordinator:
         return Lease(self, model, base_url)
 
     async def load(self, model_id: str) -> None:
-        """Make ``model_id`` resident (swapping as a request would) and return once it is."""
+        """Make ``model_id`` resident (swapping as a request would) and return once it is.
+
+        An operator's load retries at once, even while the model backs off after failures.
+        """
+        self._models[model_id].retry_at = None
         lease = await self.acquire(model_id)
         lease.release()
 
@@ -187,6 +238,48 @@ class SwapCoordinator:
             self._draining = True
             self._schedule()
         await model.unloaded.wait()
+
+    def reload(self, config: Config) -> dict[str, list[str]]:
+        """Apply a new, already validated config without disturbing what did not change.
+
+        Unchanged models keep running, mid-request included. A changed model keeps serving
+        until its next request, which restarts it with the new entry. A removed model stops
+        taking requests and unloads once idle. Service settings apply at once.
+        """
+        old = self.config
+        self.config = config
+        backend_settings_changed = (
+            (old.swapper.gpu_enabled, old.swapper.metal_acceleration, old.swapper.stop_timeout)
+            != (config.swapper.gpu_enabled, config.swapper.metal_acceleration,
+                config.swapper.stop_timeout))
+        summary: dict[str, list[str]] = {"added": [], "changed": [], "removed": [], "unchanged": []}
+        for model_id in [m for m in self._models if m not in config.models]:
+            model = self._models.pop(model_id)
+            model.removed = True
+            self._fail_waiters(model, ModelNotFound(f"The model {model_id!r} was removed from the config"))
+            if model.handle is not None:
+                self._retired.add(model)
+            summary["removed"].append(model_id)
+        for model_id, entry in config.models.items():
+            model = self._models.get(model_id)
+            if model is None:
+                self._models[model_id] = self._new_model(model_id, config)
+                summary["added"].append(model_id)
+            elif entry == old.models[model_id] and not backend_settings_changed:
+                summary["unchanged"].append(model_id)
+            else:
+                backend = self._make_backend(model_id, config)
+                if model.handle is None and model.status in (ModelStatus.UNLOADED, ModelStatus.FAILED):
+                    self._spawn(model.backend.aclose(), f"close:{model_id}")
+                    model.backend, model.failures, model.retry_at = backend, 0, None
+                else:
+                    model.pending = backend  # swapped in when the running process stops
+                summary["changed"].append(model_id)
+        self._names = self._name_index(config)
+        logger.info("config reloaded from %s: %s", config.path,
+                    ", ".join(f"{k} {v}" for k, v in summary.items() if v) or "no model changed")
+        self._schedule()
+        return summary
 
     async def wait_for_status(self, model_id: str, *statuses: ModelStatus) -> None:
         """Return once ``model_id`` is in one of ``statuses`` (an event, not a poll)."""
@@ -221,6 +314,9 @@ class SwapCoordinator:
                 "last_error": model.last_error,
                 "in_flight": model.in_flight,
                 "queued": model.queued,
+                "failures": model.failures,
+                "retry_at": _iso(None if model.retry_at is None
+                                 else time.time() + model.retry_at - time.monotonic()),
             }
         return {"mode": self.config.swapper.mode, "active_model": self.active_model,
                 "models": models}
@@ -240,7 +336,7 @@ class SwapCoordinator:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for model in self._models.values():
+        for model in [*self._models.values(), *self._retired]:
             if model.status == ModelStatus.LOADED:
                 self._transition(model, ModelStatus.UNLOADING)
             await self._stop_backend(model)
@@ -260,6 +356,7 @@ class SwapCoordinator:
             and model.status == ModelStatus.LOADED
             and not self._draining
             and model.queued == 0
+            and model.pending is None
             and not self._closing
             and (not self._others_waiting(model) or self._overtaken < self.config.swapper.max_overtake)
         )
@@ -293,6 +390,9 @@ class SwapCoordinator:
             return
         if active.status != ModelStatus.LOADED:
             return  # a load or unload is running; its end calls us again
+        if active.removed or active.pending is not None and active.queued:
+            # Removed by a reload: unload once idle. Changed by a reload: restart on next use.
+            self._draining = True
         if not self._draining:
             self._admit_queued(active)
         if self._others_waiting(active) and active.queued == 0:
@@ -356,9 +456,16 @@ class SwapCoordinator:
             model.loaded_at = None
             model.handle = None
             model.unloaded.set()
-        if new in (ModelStatus.FAILED, ModelStatus.UNLOADED) and self._active is model:
-            self._active = None
-            self._draining = False
+        if new in (ModelStatus.FAILED, ModelStatus.UNLOADED):
+            if self._active is model:
+                self._active = None
+                self._draining = False
+            if model.pending is not None:  # a reloaded config takes effect from the next start
+                self._spawn(model.backend.aclose(), f"close:{model.id}")
+                model.backend, model.pending = model.pending, None
+                model.failures, model.retry_at = 0, None
+            if model.removed and new == ModelStatus.UNLOADED:
+                self._retired.discard(model)
         log = logger.warning if new == ModelStatus.FAILED else logger.debug
         log("%s: %s -> %s%s", model.id, old, new, f" ({error})" if error else "")
         for watched, statuses, future in self._status_waiters:
@@ -381,8 +488,7 @@ class SwapCoordinator:
         started = time.monotonic()
         try:
             async with asyncio.timeout(timeout):
-                model.handle = await model.backend.start()
-                await self._wait_ready(model, model.handle)
+                await self._start_until_ready(model)
         except asyncio.CancelledError:
             await self._stop_backend(model)
             self._transition(model, ModelStatus.UNLOADING)
@@ -394,15 +500,44 @@ class SwapCoordinator:
             else:
                 reason = str(exc) or type(exc).__name__
             await self._stop_backend(model)
-            self._transition(model, ModelStatus.FAILED, error=f"load failed: {reason}")
-            self._fail_waiters(model, ModelUnavailable(f"Model {model.id!r} failed to load: {reason}"))
-            self._schedule()
+            self._load_failed(model, reason)
             return
         assert model.handle is not None
+        model.failures, model.retry_at = 0, None
         self._transition(model, ModelStatus.LOADED)
         logger.info("%s loaded in %.3fs (pid %s)", model.id, time.monotonic() - started,
                     model.handle.pid)
         model.watcher = self._spawn(self._watch(model, model.handle), f"watch:{model.id}")
+        self._schedule()
+
+    async def _start_until_ready(self, model: _Model) -> None:
+        """Start the backend and wait for it; start again if another process took its port."""
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            model.handle = await model.backend.start()
+            try:
+                await self._wait_ready(model, model.handle)
+                return
+            except _BackendExited:
+                if attempt == _PORT_ATTEMPTS or not model.backend.port_taken(model.handle):
+                    raise
+                logger.warning("%s: port %s was taken before the backend could bind it; "
+                               "starting again on another port", model.id, model.handle.port)
+                await self._stop_backend(model)
+
+    def _load_failed(self, model: _Model, reason: str) -> None:
+        """FAILED, with exponential back-off once failures repeat; waiters get a 503."""
+        model.failures += 1
+        settings = self.config.swapper
+        retry_after: int | None = None
+        if model.failures >= settings.max_start_failures:
+            exponent = model.failures - settings.max_start_failures
+            delay = min(settings.retry_backoff * 2 ** exponent, settings.retry_backoff_max)
+            model.retry_at = time.monotonic() + delay
+            retry_after = math.ceil(delay)
+            reason += f" ({model.failures} failed starts in a row; next try in {delay:g}s)"
+        self._transition(model, ModelStatus.FAILED, error=f"load failed: {reason}")
+        self._fail_waiters(model, ModelUnavailable(f"Model {model.id!r} failed to load: {reason}",
+                                                   retry_after=retry_after))
         self._schedule()
 
     async def _wait_ready(self, model: _Model, handle: BackendHandle) -> None:
@@ -416,7 +551,7 @@ class SwapCoordinator:
             if await backend.ready(handle):
                 return
             if not await backend.alive(handle):
-                raise RuntimeError(await backend.wait_exit(handle))
+                raise _BackendExited(await backend.wait_exit(handle))
             if output is None:
                 await asyncio.sleep(delay)
             else:
@@ -431,8 +566,39 @@ class SwapCoordinator:
             return  # we stopped it ourselves
         logger.error("%s: backend died unexpectedly: %s", model.id, reason)
         model.watcher = None
-        await self._stop_backend(model)  # reap what is left of its process group
-        self._transition(model, ModelStatus.FAILED, error=f"backend died: {reason}")
+        await self._fail_resident(model, f"backend died: {reason}")
+
+    def _check_frozen(self, model: _Model, base_url: str) -> None:
+        handle = model.handle
+        if (handle is None or handle.base_url != base_url or model.probing
+                or model.status != ModelStatus.LOADED):
+            return
+        model.probing = True
+        self._spawn(self._probe_frozen(model, handle), f"probe:{model.id}")
+
+    async def _probe_frozen(self, model: _Model, handle: BackendHandle) -> None:
+        """After a read timeout: a backend that cannot even answer its health probe is frozen."""
+        timeouts = self.config.timeouts
+        try:
+            try:
+                healthy = await asyncio.wait_for(model.backend.ready(handle), timeouts.health)
+            except Exception:  # noqa: BLE001 - a probe that fails in any way is a failed probe
+                healthy = False
+            if healthy or model.handle is not handle or model.status != ModelStatus.LOADED:
+                return
+            logger.error("%s: backend frozen (silent past timeouts.read, no health answer in "
+                         "%gs); killing it", model.id, timeouts.health)
+            await self._fail_resident(
+                model, f"backend froze: silent for {timeouts.read:g}s (timeouts.read) and no "
+                f"health answer within {timeouts.health:g}s; killed", kill=True)
+        finally:
+            model.probing = False
+
+    async def _fail_resident(self, model: _Model, reason: str, *, kill: bool = False) -> None:
+        """A resident backend broke: make sure its process is gone, then mark it FAILED."""
+        await self._stop_backend(model, kill=kill)
+        if model.status == ModelStatus.LOADED:
+            self._transition(model, ModelStatus.FAILED, error=reason)
         self._schedule()
 
     async def _unload(self, model: _Model) -> None:
@@ -441,13 +607,16 @@ class SwapCoordinator:
         logger.info("%s unloaded", model.id)
         self._schedule()
 
-    async def _stop_backend(self, model: _Model) -> None:
+    async def _stop_backend(self, model: _Model, *, kill: bool = False) -> None:
         watcher, model.watcher = model.watcher, None
         if watcher is not None and watcher is not asyncio.current_task():
             watcher.cancel()
         if model.handle is not None:
             try:
-                await model.backend.stop(model.handle)
+                if kill:
+                    await model.backend.kill(model.handle)
+                else:
+                    await model.backend.stop(model.handle)
             except Exception:  # a plugin's stop failing must not wedge the coordinator
                 logger.exception("%s: stopping the backend failed", model.id)
         await model.backend.aclose()

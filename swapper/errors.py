@@ -5,13 +5,18 @@ the OpenAI error ``type`` and ``code`` it is rendered with. One exception handle
 layer turns them into OpenAI error JSON; nothing else reaches a client.
 
     SwapperError
-    ├── ConfigError               bad configuration (never reaches HTTP: one line for the operator)
+    ├── ConfigError               bad configuration: one line for the operator (400 on reload)
     ├── PluginError               a backend plugin broke the contract
     ├── InvalidRequest            400: malformed body, missing ``model``
+    │   └── UnsupportedMediaType  415: a Content-Type other than JSON
     ├── ModelNotFound             404: no such model or alias
-    ├── ModelUnavailable          503 + Retry-After: the load failed or timed out
+    ├── Unauthorized              401: no or wrong API key
+    ├── Forbidden                 403: a key without the admin scope on an admin endpoint
+    ├── QueueFull                 429 + Retry-After: too many requests waiting for models
+    ├── ModelUnavailable          503 + Retry-After: the load failed, timed out or backs off
     ├── ServiceUnavailable        503 + Retry-After: shutting down
     └── BackendFailure            502: the backend died or broke the connection
+        └── BackendTimeout        504: the backend went silent past timeouts.read
 """
 
 from __future__ import annotations
@@ -20,13 +25,18 @@ from typing import Any
 
 __all__ = [
     "BackendFailure",
+    "BackendTimeout",
     "ConfigError",
+    "Forbidden",
     "InvalidRequest",
     "ModelNotFound",
     "ModelUnavailable",
     "PluginError",
+    "QueueFull",
     "ServiceUnavailable",
     "SwapperError",
+    "Unauthorized",
+    "UnsupportedMediaType",
 ]
 
 
@@ -64,6 +74,14 @@ class SwapperError(Exception):
 class ConfigError(SwapperError):
     """A configuration file that cannot be used; the message is one line naming file and key."""
 
+    status_code = 400  # as an answer to POST /admin/reload
+    error_type = "invalid_request_error"
+    code = "invalid_config"
+
+    def __init__(self, message: str) -> None:
+        # Keys and ids come from the file: escape what would break the one line or the terminal.
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
+
 
 class PluginError(SwapperError):
     """A backend plugin that broke the plugin contract; the message names the plugin."""
@@ -81,6 +99,12 @@ class InvalidRequest(SwapperError):
         self.code = code
 
 
+class UnsupportedMediaType(InvalidRequest):
+    """The body is declared as something other than JSON."""
+
+    status_code = 415
+
+
 class ModelNotFound(SwapperError):
     """The requested model is neither a configured id nor an alias."""
 
@@ -90,13 +114,47 @@ class ModelNotFound(SwapperError):
     param = "model"
 
 
+class Unauthorized(SwapperError):
+    """No API key, or one that is not configured."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        """Tell the client which scheme to use."""
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(SwapperError):
+    """A valid key without the scope the endpoint needs."""
+
+    status_code = 403
+    error_type = "invalid_request_error"
+    code = "insufficient_scope"
+
+
+class QueueFull(SwapperError):
+    """Too many requests are already waiting for models."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "queue_full"
+    retry_after = 1
+
+
 class ModelUnavailable(SwapperError):
-    """The model could not be made resident (failed or timed-out load)."""
+    """The model could not be made resident (failed or timed-out load, or backing off)."""
 
     status_code = 503
     error_type = "server_error"
     code = "model_unavailable"
     retry_after = 5
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        if retry_after is not None:
+            self.retry_after = max(1, retry_after)
 
 
 class ServiceUnavailable(SwapperError):
@@ -114,3 +172,10 @@ class BackendFailure(SwapperError):
     status_code = 502
     error_type = "server_error"
     code = "backend_error"
+
+
+class BackendTimeout(BackendFailure):
+    """The backend said nothing for longer than ``timeouts.read`` (or would not connect)."""
+
+    status_code = 504
+    code = "backend_timeout"

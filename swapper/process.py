@@ -127,8 +127,11 @@ class ManagedProcess:
             os.killpg(self._proc.pid, sig)
 
     async def stop(self, grace: float) -> int:
-        """SIGTERM the process group, wait ``grace`` seconds, then SIGKILL; return once reaped."""
-        if self._proc.returncode is None:
+        """SIGTERM the process group, wait ``grace`` seconds, then SIGKILL; return once reaped.
+
+        ``grace <= 0`` skips SIGTERM: the group is killed at once.
+        """
+        if self._proc.returncode is None and grace > 0:
             self._signal_group(signal.SIGTERM)
             try:
                 await asyncio.wait_for(asyncio.shield(self._proc.wait()), timeout=grace)

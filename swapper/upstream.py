@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import httpcore
 import msgspec
 
-from swapper.errors import BackendFailure
+from swapper.errors import BackendFailure, BackendTimeout
 
 __all__ = ["UpstreamClient", "UpstreamResponse", "error_event", "normalise_error"]
 
@@ -31,8 +31,12 @@ def _map_transport_errors(model_id: str) -> Iterator[None]:
         yield
     except httpcore.ConnectError as exc:
         raise BackendFailure(f"Backend for {model_id!r} refused the connection: {exc}") from exc
+    except httpcore.ConnectTimeout as exc:
+        raise BackendTimeout(f"Backend for {model_id!r} did not accept a connection in time "
+                             "(timeouts.connect)") from exc
     except httpcore.TimeoutException as exc:
-        raise BackendFailure(f"Backend for {model_id!r} timed out: {exc or 'no answer'}") from exc
+        raise BackendTimeout(f"Backend for {model_id!r} went silent for longer than "
+                             "timeouts.read") from exc
     except _TRANSPORT_ERRORS as exc:
         raise BackendFailure(f"Backend for {model_id!r} broke the connection: {exc}") from exc
 
@@ -106,7 +110,7 @@ class UpstreamResponse:
 class UpstreamClient:
     """A pooled HTTP/1.1 client to the backends on loopback."""
 
-    def __init__(self, *, connect_timeout: float = 5.0, read_timeout: float | None = 600.0) -> None:
+    def __init__(self, *, connect_timeout: float = 5.0, read_timeout: float = 600.0) -> None:
         self._pool = httpcore.AsyncConnectionPool(
             max_connections=1024, max_keepalive_connections=256, keepalive_expiry=30.0
         )

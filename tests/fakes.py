@@ -45,6 +45,7 @@ class FakeWorld:
         self.alive: set[str] = set()
         self.max_alive = 0
         self.exits: dict[str, asyncio.Future[str]] = {}
+        self.frozen: set[str] = set()
         self._next_pid = 1000
 
     def queue(self, model_id: str, *behaviours: Behaviour) -> None:
@@ -60,6 +61,10 @@ class FakeWorld:
         self.alive.discard(model_id)
         self.events.append(("crash", model_id))
         self.exits[model_id].set_result("fake backend crashed")
+
+    def freeze(self, model_id: str) -> None:
+        """Make the running fake of ``model_id`` stop answering (like SIGSTOP)."""
+        self.frozen.add(model_id)
 
     def pid(self) -> int:
         self._next_pid += 1
@@ -91,7 +96,9 @@ def fake_backend_class(world: FakeWorld) -> type[Backend]:
             return BackendHandle(base_url=f"http://{self.model_id}.fake.test", pid=world.pid())
 
         async def ready(self, handle: BackendHandle) -> bool:
-            """Ready per behaviour."""
+            """Ready per behaviour; a frozen fake never answers."""
+            if self.model_id in world.frozen:
+                await asyncio.Event().wait()
             if self.behaviour is Behaviour.GATED:
                 return world.gates[self.model_id].is_set()
             return self.behaviour is Behaviour.READY
@@ -103,6 +110,15 @@ def fake_backend_class(world: FakeWorld) -> type[Backend]:
             exit_ = world.exits.get(self.model_id)
             if exit_ is not None and not exit_.done():
                 exit_.set_result("stopped")
+
+        async def kill(self, handle: BackendHandle) -> None:
+            """Kill without grace and record it."""
+            world.events.append(("kill", self.model_id))
+            world.frozen.discard(self.model_id)
+            world.alive.discard(self.model_id)
+            exit_ = world.exits.get(self.model_id)
+            if exit_ is not None and not exit_.done():
+                exit_.set_result("killed")
 
         async def alive(self, handle: BackendHandle) -> bool:
             """Alive until stopped or crashed."""

@@ -10,7 +10,7 @@ import pytest
 
 from swapper.config import Config, parse_config
 from swapper.coordinator import Lease, ModelStatus, SwapCoordinator
-from swapper.errors import ModelNotFound, ModelUnavailable, ServiceUnavailable
+from swapper.errors import ModelNotFound, ModelUnavailable, QueueFull, ServiceUnavailable
 from swapper.plugins import load_backends
 from tests.fakes import Behaviour, FakePlugin, FakeWorld
 
@@ -300,3 +300,127 @@ async def test_illegal_transition_is_refused(make: Callable[..., SwapCoordinator
     model = coordinator._models["a"]
     with pytest.raises(RuntimeError, match="illegal transition"):
         coordinator._transition(model, ModelStatus.LOADED)
+
+
+async def test_queue_cap_refuses_beyond_max_queue(
+    make: Callable[..., SwapCoordinator], world: FakeWorld
+) -> None:
+    world.queue("a", Behaviour.GATED)
+    coordinator = make(max_queue=2)
+    waiting = [asyncio.create_task(coordinator.acquire("a")) for _ in range(2)]
+    await settle()
+    with pytest.raises(QueueFull) as info:
+        await coordinator.acquire("b")
+    assert info.value.status_code == 429 and info.value.retry_after
+    world.gates["a"].set()
+    for lease in await asyncio.gather(*waiting):
+        lease.release()
+    (await coordinator.acquire("a")).release()  # resident: admitted without queueing
+
+
+async def test_crash_loop_backs_off_exponentially_and_manual_load_retries_at_once(
+    make: Callable[..., SwapCoordinator], world: FakeWorld
+) -> None:
+    world.queue("a", *[Behaviour.FAIL_START] * 4)
+    coordinator = make(max_start_failures=2, retry_backoff=60, retry_backoff_max=1000)
+    with pytest.raises(ModelUnavailable):
+        await coordinator.acquire("a")
+    assert coordinator.status()["models"]["a"]["retry_at"] is None  # one failure: retry freely
+    with pytest.raises(ModelUnavailable) as second:
+        await coordinator.acquire("a")
+    assert second.value.retry_after == 60
+    doc = coordinator.status()["models"]["a"]
+    assert doc["status"] == "FAILED" and doc["failures"] == 2 and doc["retry_at"] is not None
+    # Backing off: refused at once, no new start (no tight restart loop).
+    with pytest.raises(ModelUnavailable, match="backing off") as refused:
+        await coordinator.acquire("a")
+    assert 55 <= refused.value.retry_after <= 60
+    assert world.starts("a") == 2
+    # An operator's load retries at once; the next failure doubles the back-off.
+    with pytest.raises(ModelUnavailable) as third:
+        await coordinator.load("a")
+    assert third.value.retry_after == 120
+    assert world.starts("a") == 3
+    with pytest.raises(ModelUnavailable):
+        await coordinator.load("a")
+    await coordinator.load("a")  # the fifth start succeeds and clears the record
+    doc = coordinator.status()["models"]["a"]
+    assert doc["failures"] == 0 and doc["retry_at"] is None and doc["status"] == "LOADED"
+
+
+async def test_frozen_backend_is_killed_after_a_silent_request(
+    make: Callable[..., SwapCoordinator], world: FakeWorld
+) -> None:
+    coordinator = make()
+    lease = await coordinator.acquire("a")
+    lease.backend_silent()  # the backend still answers its health probe: not frozen
+    await settle()
+    assert coordinator.model_status("a") == ModelStatus.LOADED
+    world.freeze("a")
+    lease.backend_silent()
+    await coordinator.wait_for_status("a", ModelStatus.FAILED)
+    assert "froze" in coordinator.status()["models"]["a"]["last_error"]
+    assert world.events[-1] == ("kill", "a")
+    lease.release()
+    (await coordinator.acquire("a")).release()  # restarted on the next request
+    assert world.starts("a") == 2
+
+
+async def test_reload_keeps_unchanged_restarts_changed_on_next_use_and_unloads_removed(
+    make: Callable[..., SwapCoordinator], world: FakeWorld
+) -> None:
+    coordinator = make(max_overtake=8)
+    held = await coordinator.acquire("a")  # mid-request during the reload
+    config, _ = make_config(world)
+    changed = parse_config(
+        {"swapper": {"model_swap_timeout": 5, "stop_timeout": 1},
+         "models": {"a": {"backend": "fake", "aliases": ["alpha"]},
+                    "b": {"backend": "fake", "note": "changed"},
+                    "d": {"backend": "fake"}}},
+        "test.yaml", load_backends(FakePlugin(world)).schemas())
+    summary = coordinator.reload(changed)
+    assert summary == {"added": ["d"], "changed": ["b"], "removed": ["c"], "unchanged": ["a"]}
+    assert coordinator.model_status("a") == ModelStatus.LOADED
+    assert world.starts("a") == 1  # untouched
+    with pytest.raises(ModelNotFound):
+        coordinator.resolve("c")
+    held.release()
+    # b changed while unloaded: its next start uses the new entry
+    lease_b = await coordinator.acquire("b")
+    assert coordinator._models["b"].backend.entry.note == "changed"  # type: ignore[attr-defined]
+    lease_b.release()
+
+
+async def test_reload_restarts_a_resident_changed_model_on_its_next_request(
+    make: Callable[..., SwapCoordinator], world: FakeWorld
+) -> None:
+    coordinator = make()
+    (await coordinator.acquire("a")).release()
+    changed = parse_config(
+        {"swapper": {"model_swap_timeout": 5, "stop_timeout": 1},
+         "models": {"a": {"backend": "fake", "note": "v2"}, "b": {"backend": "fake"}}},
+        "test.yaml", load_backends(FakePlugin(world)).schemas())
+    assert coordinator.reload(changed)["changed"] == ["a"]
+    await settle()
+    assert coordinator.model_status("a") == ModelStatus.LOADED  # keeps running until used
+    assert world.starts("a") == 1
+    lease = await coordinator.acquire("a")
+    assert world.events[-2:] == [("stop", "a"), ("start", "a")]
+    assert coordinator._models["a"].backend.entry.note == "v2"  # type: ignore[attr-defined]
+    lease.release()
+
+
+async def test_reload_unloads_a_resident_removed_model_once_idle(
+    make: Callable[..., SwapCoordinator], world: FakeWorld
+) -> None:
+    coordinator = make()
+    lease = await coordinator.acquire("c")
+    smaller = parse_config({"models": {"a": {"backend": "fake"}}}, "test.yaml",
+                           load_backends(FakePlugin(world)).schemas())
+    assert coordinator.reload(smaller)["removed"] == ["b", "c"]
+    await settle()
+    assert "c" in world.alive  # its request is still running
+    lease.release()
+    await settle()
+    assert "c" not in world.alive
+    assert coordinator.active_model is None

@@ -23,8 +23,8 @@ class LlamaCppModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only
     args: list[str] = []
 
     def __post_init__(self) -> None:
-        if self.ctx_size is not None and self.ctx_size < 0:
-            raise ValueError("ctx_size: must be >= 0 (0 = the model's own)")
+        if self.ctx_size is not None and not 0 <= self.ctx_size <= 2**31 - 1:
+            raise ValueError("ctx_size: must be between 0 (the model's own) and 2147483647")
 
 
 class LlamaCppBackend(SubprocessBackend):
