@@ -186,12 +186,13 @@ def swapper_factory(tmp_path: Path, llama_server: str,
         (workdir / path.name).symlink_to(path)
 
     def start(swapper: dict[str, Any] | None = None, models: dict[str, Any] | None = None,
-              ctx_size: int = 512) -> SwapperProcess:
+              ctx_size: int = 512, timeouts: dict[str, Any] | None = None) -> SwapperProcess:
         config = {
             "swapper": {"mode": "single-active", "max_concurrent_models": 1,
                         "model_swap_timeout": 30, "gpu_enabled": False, "stop_timeout": 5,
                         "shutdown_timeout": 5, **(swapper or {})},
             "server": {"host": "127.0.0.1", "port": 1},
+            "timeouts": timeouts or {},
             "models": models or {
                 f"tiny-{name}": {"backend": "llamacpp", "model_path": str(workdir / f"tiny-{name}.gguf"),
                                  "ctx_size": ctx_size, "aliases": [name]}

@@ -1,0 +1,227 @@
+"""Faults survived, on real llama-server backends behind a real `swapper serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import SwapperProcess, process_state, processes_with, wait_until
+
+pytestmark = pytest.mark.integration
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def chat(swapper: SwapperProcess, model: str, **extra: Any) -> httpx.Response:
+    return swapper.http.post("/v1/chat/completions",
+                             json={"model": model, "messages": MESSAGES, "max_tokens": 2, **extra})
+
+
+def one_model(swapper_factory: Any, name: str = "tiny-a", **entry: Any) -> dict[str, Any]:
+    return {name: {"backend": "llamacpp",
+                   "model_path": str(swapper_factory.workdir / "tiny-a.gguf"), **entry}}
+
+
+def test_backend_sigkilled_mid_stream_closes_within_a_second(swapper_factory: Any) -> None:
+    swapper = swapper_factory(models=one_model(swapper_factory, ctx_size=16384, args=["-np", "1"]))
+    body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 16000, "stream": True}
+    with swapper.http.stream("POST", "/v1/chat/completions", json=body) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        pid = swapper.model("tiny-a")["pid"]
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        rest = [line for line in lines if line.startswith("data: ")]
+        closed = time.monotonic() - killed
+    assert closed < 1.0, f"stream took {closed:.2f}s to close after the kill"
+    error = json.loads(rest[-1][len("data: "):])["error"]
+    assert error["code"] == "backend_error" and error["message"]
+    failed = swapper.wait_status("tiny-a", "FAILED")
+    assert "backend died" in failed["last_error"]
+    assert chat(swapper, "tiny-a").status_code == 200  # restarted by the next request
+    assert swapper.model("tiny-a")["pid"] != pid
+
+
+def test_frozen_backend_times_out_is_killed_and_restarted(swapper_factory: Any) -> None:
+    swapper = swapper_factory(models=one_model(swapper_factory),
+                              timeouts={"read": 1, "health": 0.5})
+    assert chat(swapper, "tiny-a").status_code == 200
+    pid = swapper.model("tiny-a")["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        response = chat(swapper, "tiny-a")
+        assert response.status_code == 504
+        error = response.json()["error"]
+        assert error["code"] == "backend_timeout" and "timeouts.read" in error["message"]
+        failed = swapper.wait_status("tiny-a", "FAILED")
+        assert "froze" in failed["last_error"]
+        wait_until(lambda: process_state(pid) is None, 10, "the frozen backend to be killed")
+    finally:
+        if process_state(pid) is not None:
+            os.kill(pid, signal.SIGCONT)
+    assert chat(swapper, "tiny-a").status_code == 200
+    assert swapper.model("tiny-a")["pid"] != pid
+
+
+@pytest.mark.parametrize(
+    ("broken", "words"),
+    [
+        ("path", "failed to load model"),
+        ("args", "invalid argument: --no-such-flag"),
+    ],
+)
+def test_exit_during_load_reports_the_backends_last_lines(
+    swapper_factory: Any, broken: str, words: str,
+) -> None:
+    if broken == "path":
+        models = one_model(swapper_factory, model_path=str(swapper_factory.workdir / "missing.gguf"))
+    else:
+        models = one_model(swapper_factory, args=["--no-such-flag"])
+    swapper = swapper_factory(models=models)
+    response = chat(swapper, "tiny-a")
+    assert response.status_code == 503 and response.headers["retry-after"]
+    assert words in response.json()["error"]["message"]
+    failed = swapper.model("tiny-a")
+    assert failed["status"] == "FAILED" and words in failed["last_error"]
+    assert swapper.backends() == []
+
+
+def test_crash_loop_backs_off_and_manual_load_retries(swapper_factory: Any) -> None:
+    models = one_model(swapper_factory, model_path=str(swapper_factory.workdir / "missing.gguf"))
+    swapper = swapper_factory(models=models, swapper={"max_start_failures": 2,
+                                                      "retry_backoff": 120})
+    starts = lambda: swapper.output().count("Starting tiny-a")  # noqa: E731
+    assert chat(swapper, "tiny-a").status_code == 503
+    assert chat(swapper, "tiny-a").status_code == 503
+    assert starts() == 2
+    backing_off = chat(swapper, "tiny-a")
+    assert backing_off.status_code == 503
+    assert "backing off" in backing_off.json()["error"]["message"]
+    assert 100 < int(backing_off.headers["retry-after"]) <= 120
+    assert starts() == 2  # refused without a start: no tight restart loop
+    status = swapper.model("tiny-a")
+    assert status["status"] == "FAILED" and status["retry_at"] and status["failures"] == 2
+    manual = swapper.http.post("/models/tiny-a/load")
+    assert manual.status_code == 503
+    assert starts() == 3  # the operator's load tried at once
+    assert int(manual.headers["retry-after"]) > 120  # and the back-off doubled
+
+
+def test_load_slower_than_the_swap_timeout_fails_and_is_killed(swapper_factory: Any,
+                                                                 tmp_path: Path) -> None:
+    slow = tmp_path / "slow-llama-server"
+    # Stands in for a model that takes minutes to load: it never opens its port.
+    slow.write_text("#!/bin/sh\necho loading a very large model\nexec sleep 600\n")
+    slow.chmod(slow.stat().st_mode | stat.S_IEXEC)
+    models = one_model(swapper_factory, binary=str(slow))
+    swapper = swapper_factory(models=models, swapper={"model_swap_timeout": 1})
+    response = chat(swapper, "tiny-a")
+    assert response.status_code == 503
+    assert "model_swap_timeout" in response.json()["error"]["message"]
+    assert "model_swap_timeout" in swapper.model("tiny-a")["last_error"]
+    assert processes_with(str(slow)) == []
+
+
+def test_backends_listen_on_loopback_only(swapper_factory: Any) -> None:
+    swapper = swapper_factory()
+    assert chat(swapper, "tiny-a").status_code == 200
+    port = swapper.model("tiny-a")["port"]
+    listening = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:] + \
+            Path("/proc/net/tcp6").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.rsplit(":", 1)
+        if int(hex_port, 16) == port and state == "0A":  # 0A = LISTEN
+            listening.append(address)
+    assert listening == ["0100007F"]  # 127.0.0.1, and nothing on any other interface
+
+
+def test_reload_keeps_unchanged_models_running_mid_request(swapper_factory: Any) -> None:
+    swapper = swapper_factory(models={
+        **one_model(swapper_factory, "tiny-a", ctx_size=16384, args=["-np", "1"]),
+        **one_model(swapper_factory, "tiny-b"),
+        **one_model(swapper_factory, "tiny-c"),
+    })
+    body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 2000, "stream": True}
+    with swapper.http.stream("POST", "/v1/chat/completions", json=body) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        pid = swapper.model("tiny-a")["pid"]
+        config = yaml.safe_load(swapper.config_path.read_text())
+        config["models"]["tiny-b"]["ctx_size"] = 256
+        del config["models"]["tiny-c"]
+        swapper.config_path.write_text(yaml.safe_dump(config))
+        swapper.signal(signal.SIGHUP)
+        wait_until(lambda: "tiny-c" not in swapper.status()["models"], 10, "the reload")
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"  # the in-flight stream was untouched
+    assert swapper.model("tiny-a")["pid"] == pid
+    assert "changed ['tiny-b']" in swapper.output() and "removed ['tiny-c']" in swapper.output()
+    assert chat(swapper, "tiny-c").status_code == 404
+    assert chat(swapper, "tiny-b").status_code == 200
+    started_b = [line for line in swapper.output().splitlines() if "Starting tiny-b" in line]
+    assert " -c 256 " in started_b[-1]  # the changed entry took effect
+
+
+def test_invalid_reload_is_rejected_and_the_old_config_keeps_serving(swapper_factory: Any) -> None:
+    swapper = swapper_factory(swapper={"default_model": "tiny-a"})
+    pid = swapper.wait_status("tiny-a", "LOADED")["pid"]
+    good = swapper.config_path.read_text()
+    swapper.config_path.write_text(good.replace("ctx_size: 512", "ctx_size: lots", 1))
+    response = swapper.http.post("/admin/reload")
+    assert response.status_code == 400
+    assert "ctx_size: expected int, got str" in response.json()["error"]["message"]
+    swapper.signal(signal.SIGHUP)
+    wait_until(lambda: "config reload rejected" in swapper.output(), 10, "the SIGHUP reload")
+    assert chat(swapper, "tiny-a").status_code == 200
+    assert swapper.model("tiny-a")["pid"] == pid
+    swapper.config_path.write_text(good)
+    summary = swapper.http.post("/admin/reload").json()
+    assert summary["unchanged"] == ["tiny-a", "tiny-b", "tiny-c"]
+
+
+def test_steady_traffic_cannot_block_a_swap(swapper_factory: Any) -> None:
+    """A queued request for another model is served while the resident one stays busy."""
+    swapper = swapper_factory(swapper={"default_model": "tiny-a", "max_overtake": 4})
+    swapper.wait_status("tiny-a", "LOADED")
+    stop = threading.Event()
+    served_a_after_b: list[float] = []
+    b_done = threading.Event()
+
+    def steady_a() -> None:
+        with httpx.Client(base_url=swapper.url, timeout=60) as client:
+            while not stop.is_set():
+                response = client.post("/v1/chat/completions", json={
+                    "model": "tiny-a", "messages": MESSAGES, "max_tokens": 16})
+                assert response.status_code == 200
+                if b_done.is_set():
+                    served_a_after_b.append(time.monotonic())
+
+    workers = [threading.Thread(target=steady_a) for _ in range(6)]
+    for worker in workers:
+        worker.start()
+    try:
+        wait_until(lambda: swapper.model("tiny-a")["in_flight"] > 0, 10, "steady traffic")
+        response = chat(swapper, "tiny-b")  # must not wait for the traffic to stop
+        assert response.status_code == 200
+        b_done.set()
+        assert not stop.is_set()
+        wait_until(lambda: len(served_a_after_b) >= 3, 30, "traffic to resume on tiny-a")
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=60)
+    assert swapper.output().count("Starting tiny-b") == 1
+
+
