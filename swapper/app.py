@@ -38,6 +38,12 @@ from swapper.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from swapper.openapi import (
+    ChatOperation,
+    CompletionOperation,
+    EmbeddingOperation,
+    list_model_names,
+)
 from swapper.plugins import BackendRegistry
 from swapper.upstream import UpstreamClient, UpstreamResponse, error_event, normalise_error
 
@@ -250,19 +256,22 @@ async def _forward(request: Request[Any, Any, State], path: str) -> Response[Any
 # -- OpenAI endpoints ---------------------------------------------------------------------------
 
 
-@post("/v1/chat/completions", guards=[require_key])
+@post("/v1/chat/completions", guards=[require_key], operation_class=ChatOperation,
+      status_code=200)
 async def chat_completions(request: Request[Any, Any, State]) -> Response[Any]:
     """OpenAI chat completions, routed by the body's ``model``; streams pass through as SSE."""
     return await _forward(request, "/v1/chat/completions")
 
 
-@post("/v1/completions", guards=[require_key])
+@post("/v1/completions", guards=[require_key], operation_class=CompletionOperation,
+      status_code=200)
 async def completions(request: Request[Any, Any, State]) -> Response[Any]:
     """OpenAI legacy completions, routed by the body's ``model``."""
     return await _forward(request, "/v1/completions")
 
 
-@post("/v1/embeddings", guards=[require_key])
+@post("/v1/embeddings", guards=[require_key], operation_class=EmbeddingOperation,
+      status_code=200)
 async def embeddings(request: Request[Any, Any, State]) -> Response[Any]:
     """OpenAI embeddings, routed by the body's ``model``."""
     return await _forward(request, "/v1/embeddings")
@@ -289,7 +298,7 @@ async def status(state: State) -> Response[bytes]:
     return _json(state.coordinator.status())
 
 
-@post("/models/{model:str}/load", guards=[require_admin])
+@post("/models/{model:str}/load", guards=[require_admin], status_code=200)
 async def load_model(state: State, model: FromPath[str]) -> Response[bytes]:
     """Make a model resident (swapping out the active one) and wait until it is."""
     coordinator: SwapCoordinator = state.coordinator
@@ -298,7 +307,7 @@ async def load_model(state: State, model: FromPath[str]) -> Response[bytes]:
     return _json({"model": model_id, **coordinator.status()["models"][model_id]})
 
 
-@post("/models/{model:str}/unload", guards=[require_admin])
+@post("/models/{model:str}/unload", guards=[require_admin], status_code=200)
 async def unload_model(state: State, model: FromPath[str]) -> Response[bytes]:
     """Unload a model once its in-flight requests finish."""
     coordinator: SwapCoordinator = state.coordinator
@@ -307,7 +316,7 @@ async def unload_model(state: State, model: FromPath[str]) -> Response[bytes]:
     return _json({"model": model_id, **coordinator.status()["models"][model_id]})
 
 
-@post("/admin/reload", guards=[require_admin])
+@post("/admin/reload", guards=[require_admin], status_code=200)
 async def reload_config(state: State) -> Response[bytes]:
     """Re-read the config file; unchanged models keep running. A bad file changes nothing."""
     return _json(await state.reload())
@@ -375,7 +384,7 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
             logger.info("Swapper Service stopped; every backend is down")
 
     cors = config.server.cors_origins
-    return Litestar(
+    app = Litestar(
         route_handlers=[chat_completions, completions, embeddings, list_models, health, status,
                         load_model, unload_model, reload_config],
         lifespan=[lifespan],
@@ -384,6 +393,9 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
         cors_config=CORSConfig(allow_origins=cors, allow_headers=["*"]) if cors else None,
         logging_config=None,  # swapper configures logging itself (cli)
     )
+    # The schema is built at startup: it names the models configured then.
+    list_model_names(app, [name for mid, e in config.models.items() for name in (mid, *e.aliases)])
+    return app
 
 
 async def _reload(app: Litestar, registry: BackendRegistry) -> dict[str, Any]:
