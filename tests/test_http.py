@@ -123,7 +123,7 @@ async def test_stream_is_relayed_as_sse(
     assert (await client.get("/status")).json()["models"]["a"]["in_flight"] == 0
 
 
-async def test_stream_broken_by_backend_ends_with_error_event(
+async def test_backend_breaking_before_the_headers_is_502(
     client: AsyncTestClient[Any], upstream: respx.MockRouter
 ) -> None:
     import httpcore
