@@ -100,7 +100,7 @@ def added_latency(client: httpx.Client, swapper: str, requests: int) -> None:
 def spawn_llama(llama_server: str, model: Path, port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [llama_server, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c", "512",
-         "-ngl", "0", "--alias", "direct"],
+         "-ngl", "0", "--alias", "direct", "--threads-http", "32"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 

@@ -193,7 +193,8 @@ async def _exchange(request: Request[Any, Any, State], path: str, body: bytes,
     lease = await state.coordinator.acquire(model_id)
     try:
         upstream = await state.upstream.send(model_id, lease.base_url, path, body,
-                                             keep_alive=not stream)
+                                             keep_alive=not stream,
+                                             max_connections=lease.max_connections)
         if upstream.is_stream and upstream.status == 200:
             return lease, upstream, None  # the relay releases the lease when the stream ends
         content = await upstream.read()

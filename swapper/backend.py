@@ -50,6 +50,8 @@ class BackendHandle:
     pid: int | None = None
     port: int | None = None
     process: ManagedProcess | None = field(default=None, repr=False)
+    #: Connections the backend serves at once; swapper opens no more (None: no stated limit).
+    max_connections: int | None = None
 
 
 class Backend(abc.ABC):
@@ -159,8 +161,13 @@ class SubprocessBackend(Backend):
         logger.info("Starting %s: %s", self.model_id, " ".join(redact_argv(argv)))
         process = await ManagedProcess.spawn(argv, name=self.model_id, env=self.environment())
         return BackendHandle(
-            base_url=f"http://{self.host}:{port}", pid=process.pid, port=port, process=process
+            base_url=f"http://{self.host}:{port}", pid=process.pid, port=port, process=process,
+            max_connections=self.max_connections(),
         )
+
+    def max_connections(self) -> int | None:
+        """How many connections the started command serves at once (None: no stated limit)."""
+        return None
 
     async def stop(self, handle: BackendHandle) -> None:
         """SIGTERM the process group, wait ``stop_timeout``, SIGKILL; return once reaped."""

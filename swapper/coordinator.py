@@ -110,12 +110,14 @@ class _Waiter:
 class Lease:
     """Permission to send one request to a resident model; release it when the response ends."""
 
-    __slots__ = ("_coordinator", "_model", "base_url", "released")
+    __slots__ = ("_coordinator", "_model", "base_url", "max_connections", "released")
 
     def __init__(self, coordinator: SwapCoordinator, model: _Model, base_url: str) -> None:
         self._coordinator = coordinator
         self._model = model
         self.base_url = base_url
+        handle = model.handle
+        self.max_connections = handle.max_connections if handle else None
         self.released = False
 
     @property

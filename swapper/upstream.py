@@ -8,6 +8,8 @@ error bodies in any of the backends' shapes are normalised to OpenAI's.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -107,18 +109,44 @@ class UpstreamResponse:
         await self._response.aclose()
 
 
+#: Connections to one backend when it states no limit of its own.
+DEFAULT_MAX_CONNECTIONS = 256
+#: Pools kept for backends that may have gone away (a new port each start); oldest closed first.
+_MAX_POOLS = 8
+
+
 class UpstreamClient:
-    """A pooled HTTP/1.1 client to the backends on loopback."""
+    """Pooled HTTP/1.1 connections to the backends on loopback, one pool per backend.
+
+    Each pool holds at most the connections its backend can serve at once: llama-server parks a
+    worker thread on every kept-alive connection, so more connections than threads would leave
+    new ones waiting seconds for an idle one to time out. Requests beyond the limit wait here.
+    """
 
     def __init__(self, *, connect_timeout: float = 5.0, read_timeout: float = 600.0) -> None:
-        self._pool = httpcore.AsyncConnectionPool(
-            max_connections=1024, max_keepalive_connections=256, keepalive_expiry=30.0
-        )
+        self._pools: collections.OrderedDict[str, httpcore.AsyncConnectionPool] = (
+            collections.OrderedDict())
+        # No pool timeout: waiting for a free connection is queueing, bounded by the client.
         self._timeouts = {"connect": connect_timeout, "read": read_timeout,
-                          "write": connect_timeout, "pool": connect_timeout}
+                          "write": connect_timeout, "pool": None}
+
+    def _pool(self, base_url: str, max_connections: int | None) -> httpcore.AsyncConnectionPool:
+        pool = self._pools.get(base_url)
+        if pool is None:
+            limit = max_connections or DEFAULT_MAX_CONNECTIONS
+            pool = httpcore.AsyncConnectionPool(max_connections=limit,
+                                                max_keepalive_connections=limit,
+                                                keepalive_expiry=30.0)
+            self._pools[base_url] = pool
+            while len(self._pools) > _MAX_POOLS:
+                _, old = self._pools.popitem(last=False)
+                asyncio.ensure_future(old.aclose())
+        else:
+            self._pools.move_to_end(base_url)
+        return pool
 
     async def send(self, model_id: str, base_url: str, path: str, body: bytes, *,
-                   keep_alive: bool = True) -> UpstreamResponse:
+                   keep_alive: bool = True, max_connections: int | None = None) -> UpstreamResponse:
         """POST ``body`` to ``base_url + path`` and return once the response headers arrive.
 
         ``keep_alive=False`` asks the backend to close the connection after the response:
@@ -136,15 +164,16 @@ class UpstreamClient:
             headers.append((b"Connection", b"close"))
         request = httpcore.Request(b"POST", url, headers=headers, content=body,
                                    extensions={"timeout": self._timeouts})
+        pool = self._pool(base_url, max_connections)
         with _map_transport_errors(model_id):
             try:
-                response = await self._pool.handle_async_request(request)
+                response = await pool.handle_async_request(request)
             except httpcore.RemoteProtocolError as exc:
                 if "without sending a response" not in str(exc):
                     raise
                 # A pooled connection the backend had already closed: it never saw the request,
                 # so sending it once more, on a new connection, is safe.
-                response = await self._pool.handle_async_request(request)
+                response = await pool.handle_async_request(request)
         content_type = b""
         for name, value in response.headers:
             if name.lower() == b"content-type":
@@ -154,4 +183,6 @@ class UpstreamClient:
 
     async def aclose(self) -> None:
         """Close every pooled connection."""
-        await self._pool.aclose()
+        while self._pools:
+            _, pool = self._pools.popitem()
+            await pool.aclose()

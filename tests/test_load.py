@@ -286,13 +286,17 @@ def test_mixed_load_with_swaps(swapper_factory: Any) -> None:
     elapsed = asyncio.run(run_load(swapper, tally, samples))
 
     assert swapper.proc.poll() is None, f"swapper exited:\n{swapper.output()[-5000:]}"
-    # A stream's lease is released right after its last bytes are sent, so allow a moment.
-    def idle() -> dict[str, Any] | None:
+
+    def settled() -> dict[str, Any] | None:
         status = swapper.status()
         models = status["models"].values()
-        return status if all(m["in_flight"] == 0 and m["queued"] == 0 for m in models) else None
+        return status if all(m["in_flight"] == 0 and m["queued"] == 0
+                             and m["status"] not in ("LOADING", "UNLOADING")
+                             for m in models) else None
 
-    status = wait_until(idle, 10, "in_flight and queued to be 0 everywhere")
+    # A stream's lease is released just after its last bytes went out, and a swap begun for a
+    # request that then timed out may still be stopping a backend: allow a moment for both.
+    status = wait_until(settled, 10, "in_flight and queued to be 0 and no swap under way")
     loaded = [(mid, m["pid"]) for mid, m in status["models"].items() if m["status"] == "LOADED"]
     rss_end = rss_kb(swapper.proc.pid)
     assert rss_end is not None
@@ -335,8 +339,8 @@ def test_mixed_load_with_swaps(swapper_factory: Any) -> None:
     # Every request completed correctly or was refused with 429/503 + Retry-After.
     bad = {k: v for k, v in tally.outcomes.items() if not (k == "ok" or k.startswith("refused_"))}
     assert not bad, f"bad outcomes {bad}\n{summary}"
-    assert tally.outcomes["hung"] == 0, summary
-    # Real work for every model, not a run of refusals: at 60 s this is thousands of requests.
+    # Real work for every model, not a run of refusals: at 60 s this asks for 100 completions
+    # per model, where a healthy run here completes ~800.
     min_ok = max(20, int(100 * DURATION / 60))
     for model in MODELS:
         assert tally.ok_by_model[model] >= min_ok, f"{model}: too few completions\n{summary}"

@@ -111,8 +111,17 @@ def test_llamacpp_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
     backend = _llama(True, ctx_size=8192, binary="/opt/llama-server", args=["--jinja", "-np", "2"])
     assert backend.command(4242) == [
         "/opt/llama-server", "-m", "/m/x.gguf", "--host", "127.0.0.1", "--port", "4242",
-        "-c", "8192", "-ngl", "999", "--alias", "qwen", "--jinja", "-np", "2",
+        "-c", "8192", "-ngl", "999", "--alias", "qwen", "--threads-http", "32",
+        "--jinja", "-np", "2",
     ]
+    assert backend.max_connections() == 31  # one thread stays free for health probes
+
+
+def test_llamacpp_http_threads_from_the_entry_win() -> None:
+    backend = _llama(True, args=["-tht", "8"])
+    argv = backend.command(1)
+    assert argv[-2:] == ["-tht", "8"]  # after swapper's default: llama-server takes the last
+    assert backend.max_connections() == 7
 
 
 def test_llamacpp_cpu_only_and_binary_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,6 +27,10 @@ class LlamaCppModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only
             raise ValueError("ctx_size: must be between 0 (the model's own) and 2147483647")
 
 
+#: llama-server's HTTP worker threads unless the entry's args set --threads-http.
+HTTP_THREADS = 32
+
+
 class LlamaCppBackend(SubprocessBackend):
     """Runs ``llama-server`` on a loopback port; ready when ``GET /health`` answers 200."""
 
@@ -47,15 +51,31 @@ class LlamaCppBackend(SubprocessBackend):
         return ["-ngl", "999" if self.settings.gpu_enabled else "0"]
 
     def command(self, port: int) -> list[str]:
-        """``llama-server -m PATH --host 127.0.0.1 --port N [-c CTX] -ngl K --alias ID [args]``."""
+        """``llama-server -m PATH --host 127.0.0.1 --port N [-c CTX] -ngl K --alias ID
+        --threads-http T [args]``."""
         entry = self.entry
         assert isinstance(entry, LlamaCppModel)
         argv = [self.binary(), "-m", entry.model_path, "--host", self.host, "--port", str(port)]
         if entry.ctx_size is not None:
             argv += ["-c", str(entry.ctx_size)]
         argv += self.accelerator_args()
-        argv += ["--alias", self.model_id, *entry.args]
+        # The entry's own args come last, so they win over ours (llama-server takes the last).
+        argv += ["--alias", self.model_id, "--threads-http", str(HTTP_THREADS), *entry.args]
         return argv
+
+    def max_connections(self) -> int:
+        """One connection per HTTP thread, less one kept free for health probes.
+
+        llama-server parks a thread on each kept-alive connection; with more connections than
+        threads, a new one waits for an idle one to time out (5 s).
+        """
+        assert isinstance(self.entry, LlamaCppModel)
+        threads = HTTP_THREADS
+        args = self.entry.args
+        for flag, value in zip(args, args[1:]):
+            if flag in ("--threads-http", "-tht") and value.isdigit():
+                threads = int(value)
+        return max(1, threads - 1)
 
     async def ready(self, handle: BackendHandle) -> bool:
         """``/health`` is 503 while the model loads and 200 once it can serve."""
