@@ -13,7 +13,7 @@ import abc
 import asyncio
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -66,6 +66,8 @@ class Backend(abc.ABC):
         self.model_id = model_id
         self.entry = entry
         self.settings = settings
+        #: Where the backend's output lines go besides the log (the coordinator's per-model log).
+        self.log_sink: Callable[[str], None] | None = None
         self._probe_pool: httpcore.AsyncConnectionPool | None = None
 
     async def http_status(self, url: str, timeout: float = 1.0) -> int | None:
@@ -159,7 +161,8 @@ class SubprocessBackend(Backend):
         port = free_port(self.host)
         argv = self.command(port)
         logger.info("Starting %s: %s", self.model_id, " ".join(redact_argv(argv)))
-        process = await ManagedProcess.spawn(argv, name=self.model_id, env=self.environment())
+        process = await ManagedProcess.spawn(argv, name=self.model_id, env=self.environment(),
+                                             on_line=self.log_sink)
         return BackendHandle(
             base_url=f"http://{self.host}:{port}", pid=process.pid, port=port, process=process,
             max_connections=self.max_connections(),

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from swapper.config import Config, load_config
 from swapper.errors import SwapperError
+from swapper.logs import setup_logging
 from swapper.plugins import BackendRegistry, load_backends
 
 __all__ = ["main"]
@@ -24,12 +25,8 @@ def _default_config() -> str:
     return os.environ.get("SWAPPER_CONFIG") or DEFAULT_CONFIG
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("SWAPPER_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(fmt: str = "text") -> None:
+    setup_logging(os.environ.get("SWAPPER_LOG_LEVEL", "INFO"), fmt)
 
 
 def _load(path: str) -> tuple[Config, BackendRegistry]:
@@ -45,6 +42,8 @@ def _serve(args: argparse.Namespace) -> int:
     _setup_logging()
     logger.info("Initializing Swapper Service...")
     config, registry = _load(args.config)
+    if config.server.log_format != "text":
+        _setup_logging(config.server.log_format)
     logger.info("Loaded %d models into Swapper", len(config.models))
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port

@@ -60,6 +60,11 @@ class SwapperSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: First back-off in seconds; it doubles with each further failure, up to the maximum.
     retry_backoff: float = 5.0
     retry_backoff_max: float = 300.0
+    #: While a streaming request waits for its model: SSE comment lines (invisible to chat
+    #: clients, but they reset read timeouts), progress in ``delta.reasoning_content`` (Open
+    #: WebUI's "thinking" block), or nothing.
+    loading_feedback: Literal["comments", "reasoning", "none"] = "comments"
+    loading_feedback_interval: float = 3.0
 
     def __post_init__(self) -> None:
         if self.mode == "multi-active":
@@ -67,7 +72,7 @@ class SwapperSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         if self.max_concurrent_models != 1:
             raise ValueError("max_concurrent_models: single-active mode needs exactly 1")
         for name in ("model_swap_timeout", "stop_timeout", "shutdown_timeout", "retry_backoff",
-                     "retry_backoff_max"):
+                     "retry_backoff_max", "loading_feedback_interval"):
             if not _positive(getattr(self, name)):
                 raise ValueError(f"{name}: must be a number > 0")
         if self.max_overtake < 0:
@@ -91,6 +96,10 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     cors_origins: list[str] = []
     #: Request bodies larger than this get a 413.
     max_request_bytes: int = 64 * 1024 * 1024
+    #: ``json``: one JSON object per log line, with the request id.
+    log_format: Literal["text", "json"] = "text"
+    #: False: ``/metrics`` is open (for a scraper on the host); True: it needs an API key.
+    metrics_require_key: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

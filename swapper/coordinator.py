@@ -33,6 +33,8 @@ from typing import Any
 from swapper.backend import Backend, BackendHandle, BackendSettings
 from swapper.config import Config
 from swapper.errors import ModelNotFound, ModelUnavailable, QueueFull, ServiceUnavailable
+from swapper.events import EventBus
+from swapper.logbook import ModelLog
 from swapper.plugins import BackendRegistry
 
 __all__ = ["Lease", "ModelStatus", "SwapCoordinator"]
@@ -98,6 +100,11 @@ class _Model:
     #: Removed from the config by a reload; it unloads once idle and is then forgotten.
     removed: bool = False
     probing: bool = False
+    #: Why the next load happens when it is not a plain request: "crashed" or "reload".
+    restart_reason: str | None = None
+    load_started: float = 0.0
+    unload_started: float = 0.0
+    log: ModelLog = field(default_factory=ModelLog)
 
 
 @dataclass(eq=False)
@@ -105,6 +112,7 @@ class _Waiter:
     model: _Model
     seq: int
     future: asyncio.Future[str]  # resolves to the backend's base URL on admission
+    manual: bool = False  # an operator's load, not a client request
 
 
 class Lease:
@@ -148,7 +156,13 @@ class SwapCoordinator:
         for model_id in config.models:
             self._models[model_id] = self._new_model(model_id, config)
         self._names = self._name_index(config)
+        #: Status changes, swaps, loads, unloads and queue changes, for metrics and /events.
+        self.events = EventBus()
+        #: The start of the swap under way and the model it unloads (for ``swap`` events).
+        self._swap_started: float | None = None
+        self._swap_from: str | None = None
         self._active: _Model | None = None
+        self._load_reason = "request"
         self._draining = False
         self._overtaken = 0
         self._waiters: collections.deque[_Waiter] = collections.deque()
@@ -168,6 +182,7 @@ class SwapCoordinator:
 
     def _new_model(self, model_id: str, config: Config) -> _Model:
         model = _Model(id=model_id, backend=self._make_backend(model_id, config))
+        model.backend.log_sink = model.log.append
         model.unloaded.set()
         return model
 
@@ -184,8 +199,11 @@ class SwapCoordinator:
         except KeyError:
             raise ModelNotFound(f"The model {name!r} does not exist") from None
 
-    async def acquire(self, model_id: str) -> Lease:
-        """Wait until ``model_id`` is resident and admitted; the caller must release the lease."""
+    async def acquire(self, model_id: str, *, manual: bool = False) -> Lease:
+        """Wait until ``model_id`` is resident and admitted; the caller must release the lease.
+
+        ``manual`` marks an operator's load (the swap's reason), not a client request.
+        """
         if self._closing:
             raise ServiceUnavailable("swapper is shutting down")
         model = self._models.get(model_id)
@@ -206,9 +224,10 @@ class SwapCoordinator:
                 f"{len(self._waiters)} requests are already waiting for models "
                 f"(swapper.max_queue); retry shortly"
             )
-        waiter = _Waiter(model, next(self._seq), asyncio.get_running_loop().create_future())
+        waiter = _Waiter(model, next(self._seq), asyncio.get_running_loop().create_future(), manual)
         self._waiters.append(waiter)
         model.queued += 1
+        self._queue_changed(model)
         self._schedule()
         try:
             base_url = await waiter.future
@@ -222,13 +241,18 @@ class SwapCoordinator:
             raise
         return Lease(self, model, base_url)
 
+    def admits_now(self, model_id: str) -> bool:
+        """True when a request for ``model_id`` would be admitted without waiting."""
+        model = self._models.get(model_id)
+        return model is not None and self._may_admit(model)
+
     async def load(self, model_id: str) -> None:
         """Make ``model_id`` resident (swapping as a request would) and return once it is.
 
         An operator's load retries at once, even while the model backs off after failures.
         """
         self._models[model_id].retry_at = None
-        lease = await self.acquire(model_id)
+        lease = await self.acquire(model_id, manual=True)
         lease.release()
 
     async def unload(self, model_id: str) -> None:
@@ -271,6 +295,7 @@ class SwapCoordinator:
                 summary["unchanged"].append(model_id)
             else:
                 backend = self._make_backend(model_id, config)
+                backend.log_sink = model.log.append
                 if model.handle is None and model.status in (ModelStatus.UNLOADED, ModelStatus.FAILED):
                     self._spawn(model.backend.aclose(), f"close:{model_id}")
                     model.backend, model.failures, model.retry_at = backend, 0, None
@@ -316,12 +341,22 @@ class SwapCoordinator:
                 "last_error": model.last_error,
                 "in_flight": model.in_flight,
                 "queued": model.queued,
+                "last_used": _iso(model.last_used),
                 "failures": model.failures,
                 "retry_at": _iso(None if model.retry_at is None
                                  else time.time() + model.retry_at - time.monotonic()),
             }
         return {"mode": self.config.swapper.mode, "active_model": self.active_model,
                 "models": models}
+
+    def model_log(self, model_id: str) -> ModelLog:
+        """The ring buffer of one model's backend output."""
+        return self._models[model_id].log
+
+    def resident_pids(self) -> dict[str, int]:
+        """Backend pids by model id, for models that hold a process."""
+        return {m.id: m.handle.pid for m in self._models.values()
+                if m.handle is not None and m.handle.pid is not None}
 
     def model_status(self, model_id: str) -> ModelStatus:
         """The current status of one model."""
@@ -374,10 +409,17 @@ class SwapCoordinator:
         with contextlib.suppress(ValueError):
             self._waiters.remove(waiter)
             waiter.model.queued -= 1
+            self._queue_changed(waiter.model)
+
+    def _queue_changed(self, model: _Model) -> None:
+        if self.events.subscribed:
+            self.events.emit("queue", model=model.id, queued=model.queued,
+                             in_flight=model.in_flight)
 
     def _release(self, model: _Model) -> None:
         model.in_flight -= 1
-        model.last_used = time.monotonic()
+        model.last_used = time.time()
+        self._queue_changed(model)
         if model.in_flight == 0 and (self._waiters or self._draining):
             self._schedule()
 
@@ -388,7 +430,8 @@ class SwapCoordinator:
         active = self._active
         if active is None:
             if self._waiters:
-                self._start_load(self._waiters[0].model)
+                head = self._waiters[0]
+                self._start_load(head.model, manual=head.manual)
             return
         if active.status != ModelStatus.LOADED:
             return  # a load or unload is running; its end calls us again
@@ -420,6 +463,7 @@ class SwapCoordinator:
             self._waiters.remove(waiter)
             active.queued -= 1
             active.in_flight += 1
+            self._queue_changed(active)
             assert active.handle is not None
             waiter.future.set_result(active.handle.base_url)
         if first_other is not None and self._overtaken >= bound:
@@ -466,15 +510,25 @@ class SwapCoordinator:
                 self._spawn(model.backend.aclose(), f"close:{model.id}")
                 model.backend, model.pending = model.pending, None
                 model.failures, model.retry_at = 0, None
+                model.restart_reason = "reload"
             if model.removed and new == ModelStatus.UNLOADED:
                 self._retired.discard(model)
         log = logger.warning if new == ModelStatus.FAILED else logger.debug
         log("%s: %s -> %s%s", model.id, old, new, f" ({error})" if error else "")
+        self.events.emit("status", model=model.id, status=new.value, previous=old.value,
+                         pid=model.handle.pid if model.handle else None,
+                         last_error=model.last_error)
         for watched, statuses, future in self._status_waiters:
             if watched is model and new in statuses and not future.done():
                 future.set_result(None)
 
-    def _start_load(self, model: _Model) -> None:
+    def _start_load(self, model: _Model, *, manual: bool = False) -> None:
+        model.load_started = time.monotonic()
+        if self._swap_started is None:
+            self._swap_started = model.load_started
+        reason = "manual" if manual else model.restart_reason or "request"
+        model.restart_reason = None
+        self._load_reason = reason
         self._active = model
         self._draining = False
         self._overtaken = 0
@@ -482,6 +536,9 @@ class SwapCoordinator:
         self._spawn(self._load(model), f"load:{model.id}")
 
     def _start_unload(self, model: _Model) -> None:
+        model.unload_started = time.monotonic()
+        if self._waiters:  # unloading to make room: the swap starts now
+            self._swap_started, self._swap_from = model.unload_started, model.id
         self._transition(model, ModelStatus.UNLOADING)
         self._spawn(self._unload(model), f"unload:{model.id}")
 
@@ -497,6 +554,7 @@ class SwapCoordinator:
             self._transition(model, ModelStatus.UNLOADED)
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of a plugin's start is a failed load
+            self._swap_started = self._swap_from = None
             if isinstance(exc, TimeoutError):
                 reason = f"not ready within model_swap_timeout ({timeout:g}s); process killed"
             else:
@@ -507,8 +565,13 @@ class SwapCoordinator:
         assert model.handle is not None
         model.failures, model.retry_at = 0, None
         self._transition(model, ModelStatus.LOADED)
-        logger.info("%s loaded in %.3fs (pid %s)", model.id, time.monotonic() - started,
-                    model.handle.pid)
+        now = time.monotonic()
+        logger.info("%s loaded in %.3fs (pid %s)", model.id, now - started, model.handle.pid)
+        self.events.emit("loaded", model=model.id, seconds=now - started)
+        self.events.emit("swap", **{"from": self._swap_from, "to": model.id,
+                                    "reason": self._load_reason,
+                                    "seconds": now - (self._swap_started or started)})
+        self._swap_started = self._swap_from = None
         model.watcher = self._spawn(self._watch(model, model.handle), f"watch:{model.id}")
         self._schedule()
 
@@ -601,12 +664,15 @@ class SwapCoordinator:
         await self._stop_backend(model, kill=kill)
         if model.status == ModelStatus.LOADED:
             self._transition(model, ModelStatus.FAILED, error=reason)
+            model.restart_reason = "crashed"
         self._schedule()
 
     async def _unload(self, model: _Model) -> None:
         await self._stop_backend(model)
         self._transition(model, ModelStatus.UNLOADED)
-        logger.info("%s unloaded", model.id)
+        seconds = time.monotonic() - model.unload_started
+        logger.info("%s unloaded in %.3fs", model.id, seconds)
+        self.events.emit("unloaded", model=model.id, seconds=seconds)
         self._schedule()
 
     async def _stop_backend(self, model: _Model, *, kill: bool = False) -> None:

@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 __all__ = ["ManagedProcess", "free_port"]
 
@@ -54,10 +54,12 @@ def _child_setup(parent_pid: int) -> None:
 class ManagedProcess:
     """One backend process: its output goes to the log, line by line, prefixed with the model id."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, name: str, logger: logging.Logger) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, name: str, logger: logging.Logger,
+                 on_line: Callable[[str], None] | None = None) -> None:
         self._proc = proc
         self.name = name
         self._logger = logger
+        self._on_line = on_line
         self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         #: Set whenever the child prints a line; readiness polls use it to probe at once.
         self.output_seen = asyncio.Event()
@@ -71,6 +73,7 @@ class ManagedProcess:
         name: str,
         env: Mapping[str, str] | None = None,
         logger: logging.Logger | None = None,
+        on_line: Callable[[str], None] | None = None,
     ) -> ManagedProcess:
         """Start ``argv`` in a new session with stdout and stderr captured."""
         parent = os.getpid()
@@ -83,7 +86,7 @@ class ManagedProcess:
             start_new_session=True,
             preexec_fn=lambda: _child_setup(parent),
         )
-        return cls(proc, name, logger or logging.getLogger("swapper.backend"))
+        return cls(proc, name, logger or logging.getLogger("swapper.backend"), on_line)
 
     @property
     def pid(self) -> int:
@@ -113,6 +116,8 @@ class ManagedProcess:
             if line:
                 self.tail.append(line)
                 self._logger.info("[%s] %s", self.name, line)
+                if self._on_line is not None:
+                    self._on_line(line)
             self.output_seen.set()
 
     async def wait(self) -> int:

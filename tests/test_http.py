@@ -131,6 +131,7 @@ async def test_backend_breaking_before_the_headers_is_502(
     upstream.post("http://a.fake.test/v1/chat/completions").mock(
         side_effect=httpcore.RemoteProtocolError("peer closed connection")
     )
+    assert (await client.post("/models/a/load")).status_code == 200  # resident: no feedback
     response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
     error = assert_openai_error(response, 502, "backend_error")
     assert "broke the connection" in error["message"]
@@ -224,3 +225,16 @@ async def test_admin_load_unload_and_status(client: AsyncTestClient[Any], world:
     assert unloaded.json()["status"] == "UNLOADED"
     assert world.alive == set()
     assert_openai_error(await client.post("/models/zzz/load"), 404, "model_not_found")
+
+
+async def test_stream_waiting_for_a_failed_load_ends_with_an_error_event(
+    client: AsyncTestClient[Any], world: FakeWorld
+) -> None:
+    world.queue("a", Behaviour.FAIL_START)
+    response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    # The stream had to wait for a load, so its 200 and SSE headers went out at once.
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in response.text.split("\n\n") if line.startswith("data: ")]
+    error = json.loads(events[-1][len("data: "):])["error"]
+    assert error["code"] == "model_unavailable" and "fake start failed" in error["message"]

@@ -1,0 +1,136 @@
+"""The operators' endpoints: health, status, load/unload/reload, live events, logs, metrics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from litestar import Response, get, post
+from litestar.datastructures import State
+from litestar.params import FromPath, FromQuery
+from litestar.response import Stream
+
+from swapper.access import require_admin, require_key, require_metrics_key
+from swapper.coordinator import SwapCoordinator
+from swapper.events import next_event
+from swapper.forwarding import SSE_HEADERS, json_response
+from swapper.metrics import CONTENT_TYPE
+
+__all__ = ["ADMIN_HANDLERS", "status_document"]
+
+_ENCODE = msgspec.json.Encoder()
+#: Seconds of silence after which an SSE stream sends a comment, so proxies keep it open.
+_PING = 15.0
+
+
+def status_document(state: State) -> dict[str, Any]:
+    """``/status``: the coordinator's view, each resident model's measured VRAM, and the GPUs."""
+    doc = state.coordinator.status()
+    gpu = state.gpu
+    pids = state.coordinator.resident_pids()
+    for model_id, model in doc["models"].items():
+        pid = pids.get(model_id)
+        model["vram_mb"] = None if pid is None else _round(gpu.process_memory_mb(pid))
+    doc["gpu"] = gpu.snapshot()
+    return doc
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+@get("/health")
+async def health() -> Response[bytes]:
+    """200 while the service is up."""
+    return json_response({"status": "ok"})
+
+
+@get("/status", guards=[require_key])
+async def status(state: State) -> Response[bytes]:
+    """Every model's status, backend, pid, port, VRAM, load time and last error; the GPUs."""
+    return json_response(status_document(state))
+
+
+@post("/models/{model:str}/load", guards=[require_admin], status_code=200)
+async def load_model(state: State, model: FromPath[str]) -> Response[bytes]:
+    """Make a model resident (swapping out the active one) and wait until it is."""
+    coordinator: SwapCoordinator = state.coordinator
+    model_id = coordinator.resolve(model)
+    await coordinator.load(model_id)
+    return json_response({"model": model_id, **status_document(state)["models"][model_id]})
+
+
+@post("/models/{model:str}/unload", guards=[require_admin], status_code=200)
+async def unload_model(state: State, model: FromPath[str]) -> Response[bytes]:
+    """Unload a model once its in-flight requests finish."""
+    coordinator: SwapCoordinator = state.coordinator
+    model_id = coordinator.resolve(model)
+    await coordinator.unload(model_id)
+    return json_response({"model": model_id, **status_document(state)["models"][model_id]})
+
+
+@post("/admin/reload", guards=[require_admin], status_code=200)
+async def reload_config(state: State) -> Response[bytes]:
+    """Re-read the config file; unchanged models keep running. A bad file changes nothing."""
+    return json_response(await state.reload())
+
+
+def _sse(event: str, data: Any) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + _ENCODE.encode(data) + b"\n\n"
+
+
+async def _event_stream(state: State) -> AsyncIterator[bytes]:
+    with state.coordinator.events.subscribe() as queue:
+        yield _sse("snapshot", status_document(state))
+        while True:
+            event = await next_event(queue, _PING)
+            if event is None:
+                yield b": ping\n\n"
+            else:
+                yield _sse(event.type, {**event.data, "time": event.time})
+
+
+@get("/events", guards=[require_key])
+async def events(state: State) -> Stream:
+    """Live status changes, swaps (from, to, reason, seconds), loads, unloads and queue changes.
+
+    Server-sent events: a ``snapshot`` (the ``/status`` document) first, then one event per
+    change, and a ``: ping`` comment after 15 s of silence.
+    """
+    return Stream(_event_stream(state), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def _log_stream(state: State, model_id: str, lines: int) -> AsyncIterator[bytes]:
+    log = state.coordinator.model_log(model_id)
+    with log.follow() as queue:
+        for line in log.tail(lines):
+            yield b"data: " + _ENCODE.encode({"line": line}) + b"\n\n"
+        while True:
+            line = await next_event(queue, _PING)  # type: ignore[arg-type]
+            if line is None:
+                yield b": ping\n\n"
+            else:
+                yield b"data: " + _ENCODE.encode({"line": line}) + b"\n\n"
+
+
+@get("/models/{model:str}/logs", guards=[require_key])
+async def model_logs(state: State, model: FromPath[str], lines: FromQuery[int] = 200,
+                     follow: FromQuery[bool] = False) -> Response[Any]:
+    """The tail of a model's backend output (kept across restarts); ``?follow=1`` streams it."""
+    model_id = state.coordinator.resolve(model)
+    if follow:
+        return Stream(_log_stream(state, model_id, lines), media_type="text/event-stream",
+                      headers=SSE_HEADERS)
+    return json_response({"model": model_id,
+                          "lines": state.coordinator.model_log(model_id).tail(lines)})
+
+
+@get("/metrics", guards=[require_metrics_key])
+async def metrics(state: State) -> Response[bytes]:
+    """Prometheus metrics; open unless ``server.metrics_require_key``."""
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+ADMIN_HANDLERS = [health, status, load_model, unload_model, reload_config, events, model_logs,
+                  metrics]

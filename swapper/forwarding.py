@@ -1,0 +1,294 @@
+"""The OpenAI-compatible endpoints: route by ``model``, relay the backend's bytes.
+
+Handlers stay thin: they find the model named in the body, ask the coordinator for a lease and
+relay the backend's answer byte for byte, streams as they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.datastructures import State
+from litestar.response import Stream
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from swapper.access import require_key
+from swapper.coordinator import Lease
+from swapper.errors import BackendTimeout, InvalidRequest, SwapperError, UnsupportedMediaType
+from swapper.openapi import ChatOperation, CompletionOperation, EmbeddingOperation
+from swapper.upstream import UpstreamResponse, error_event, normalise_error
+
+__all__ = ["OPENAI_HANDLERS", "SSE_HEADERS", "json_response"]
+
+logger = logging.getLogger("swapper")
+
+_ENCODE = msgspec.json.Encoder()
+_JSON = "application/json"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def json_response(data: Any, status: int = 200,
+                  headers: dict[str, str] | None = None) -> Response[bytes]:
+    """``data`` as a JSON response."""
+    return Response(_ENCODE.encode(data), status_code=status, media_type=_JSON, headers=headers)
+
+
+class _Routing(msgspec.Struct):
+    """The only part of a request body swapper reads; everything else passes through untouched."""
+
+    model: str
+    stream: Any = None
+
+
+_ROUTING = msgspec.json.Decoder(_Routing)
+
+
+def _route(body: bytes) -> _Routing:
+    """The ``model`` (and whether a stream is asked for) of a request body, or InvalidRequest."""
+    try:
+        # Backends choke on invalid UTF-8 anywhere in the body, not only in the fields we read.
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        routing = _ROUTING.decode(body)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if "missing required field `model`" in text:
+            raise InvalidRequest("You must provide a model parameter", param="model") from None
+        if "at `$.model`" in text:
+            raise InvalidRequest("`model` must be a string", param="model") from None
+        raise InvalidRequest("The request body must be a JSON object") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    if not routing.model:
+        raise InvalidRequest("`model` must not be empty", param="model")
+    return routing
+
+
+# -- forwarding -------------------------------------------------------------------------------
+
+
+async def _relay(lease: Lease, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
+    """Stream the backend's bytes as they arrive; a broken backend ends with an error event."""
+    try:
+        async for chunk in upstream.iter_bytes():
+            yield chunk
+    except SwapperError as exc:
+        logger.warning("stream from %s ended early: %s", lease.model_id, exc.message)
+        if isinstance(exc, BackendTimeout):
+            lease.backend_silent()
+        yield error_event(exc.message, code=exc.code or "backend_error")
+    finally:
+        lease.release()
+        await upstream.aclose()
+
+
+class _RelayStream(Stream):
+    """An SSE relay whose lease is released however the response ends.
+
+    Litestar may cancel a stream before its iterator first runs (the client left at once); the
+    generator's own ``finally`` would then never run, so the ASGI call is guarded as well.
+    """
+
+    def __init__(self, lease: Lease, upstream: UpstreamResponse) -> None:
+        super().__init__(_relay(lease, upstream), status_code=upstream.status,
+                         media_type=upstream.content_type, headers=SSE_HEADERS)
+        self.lease = lease
+        self.upstream = upstream
+
+    def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIApp:
+        inner = super().to_asgi_response(*args, **kwargs)
+        lease, upstream = self.lease, self.upstream
+
+        async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+            try:
+                await inner(scope, receive, send)
+            finally:
+                lease.release()
+                await upstream.aclose()
+
+        return guarded
+
+
+async def _exchange(request: Request[Any, Any, State], path: str, body: bytes,
+                    model_id: str, stream: bool) -> tuple[Lease, UpstreamResponse, bytes | None]:
+    """Get a lease and the backend's answer: headers only for a stream, the body otherwise."""
+    state = request.app.state
+    started = time.perf_counter()
+    lease = await state.coordinator.acquire(model_id)
+    try:
+        upstream = await state.upstream.send(model_id, lease.base_url, path, body,
+                                             keep_alive=not stream,
+                                             max_connections=lease.max_connections)
+        state.metrics.ttfb.labels(model_id).observe(time.perf_counter() - started)
+        if upstream.is_stream and upstream.status == 200:
+            return lease, upstream, None  # the relay releases the lease when the stream ends
+        content = await upstream.read()
+    except BackendTimeout:
+        lease.backend_silent()
+        lease.release()
+        raise
+    except BaseException:
+        lease.release()
+        raise
+    lease.release()
+    return lease, upstream, content
+
+
+async def _until_disconnect(request: Request[Any, Any, State]) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _check_content_type(request: Request[Any, Any, State]) -> None:
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return  # curl -d without -H, and other lax clients: the body is parsed as JSON anyway
+    media = content_type.partition(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaType(f"Content-Type must be application/json, not {media!r}",
+                                   code="unsupported_media_type")
+
+
+async def _forward(request: Request[Any, Any, State], path: str) -> Response[Any]:
+    """Route one OpenAI request to its model's backend and relay the answer."""
+    state = request.app.state
+    model_label, status = "", 500
+    try:
+        _check_content_type(request)
+        body = await request.body()
+        routing = _route(body)
+        model_id = state.coordinator.resolve(routing.model)
+        model_label = model_id
+        stream = routing.stream is True
+        feedback = state.config.swapper.loading_feedback
+        if stream and feedback != "none" and not state.coordinator.admits_now(model_id):
+            status = 200
+            mode = feedback if path == "/v1/chat/completions" else "comments"
+            return Stream(_loading_then_relay(request, path, body, model_id, mode),
+                          media_type="text/event-stream", headers=SSE_HEADERS)
+        response = await _forward_now(request, path, body, model_id, stream)
+        status = response.status_code
+        return response
+    except SwapperError as exc:
+        status = exc.status_code
+        raise
+    finally:
+        state.metrics.requests.labels(model_label, path, str(status)).inc()
+
+
+async def _forward_now(request: Request[Any, Any, State], path: str, body: bytes, model_id: str,
+                       stream: bool) -> Response[Any]:
+    # A client that goes away while its model loads or its answer is generated cancels the
+    # upstream work: race the exchange against the ASGI disconnect message.
+    exchange = asyncio.ensure_future(_exchange(request, path, body, model_id, stream))
+    disconnect = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait((exchange, disconnect), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect.cancel()
+        if not exchange.done():
+            exchange.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await exchange
+    if exchange.cancelled():
+        logger.info("client went away; request for %s cancelled", model_id)
+        return Response(b"", status_code=499)
+    lease, upstream, content = exchange.result()
+    if content is None:
+        return _RelayStream(lease, upstream)
+    if upstream.status >= 400:
+        content = normalise_error(upstream.status, content)
+        return Response(content, status_code=upstream.status, media_type=_JSON)
+    return Response(content, status_code=upstream.status, media_type=upstream.content_type or _JSON)
+
+
+def _progress(mode: str, model_id: str, elapsed: float) -> bytes:
+    """One loading-progress event: an SSE comment, or a reasoning delta Open WebUI shows."""
+    if mode == "comments":
+        return f": loading {model_id} {elapsed:.1f}s\n\n".encode()
+    chunk = {"id": "swapper-loading", "object": "chat.completion.chunk", "created": int(time.time()),
+             "model": model_id, "choices": [{"index": 0, "finish_reason": None, "delta": {
+                 "role": "assistant", "reasoning_content": f"Loading {model_id}… {elapsed:.0f}s\n"}}]}
+    return b"data: " + _ENCODE.encode(chunk) + b"\n\n"
+
+
+async def _loading_then_relay(request: Request[Any, Any, State], path: str, body: bytes,
+                              model_id: str, mode: str) -> AsyncIterator[bytes]:
+    """A stream that must wait for its model: progress every few seconds, then the answer.
+
+    The 200 and the SSE headers go out at once, so the client's read timeout is reset by
+    each progress event; a load that fails ends the stream with an error event.
+    """
+    interval = request.app.state.config.swapper.loading_feedback_interval
+    started = time.perf_counter()
+    exchange = asyncio.ensure_future(_exchange(request, path, body, model_id, True))
+    relay: AsyncIterator[bytes] | None = None
+    try:
+        while not (await asyncio.wait({exchange}, timeout=interval))[0]:
+            yield _progress(mode, model_id, time.perf_counter() - started)
+        try:
+            lease, upstream, content = exchange.result()
+        except SwapperError as exc:
+            yield error_event(exc.message, code=exc.code or "backend_error")
+            return
+        if content is not None:  # the backend refused the request itself (an error JSON)
+            error = msgspec.json.decode(normalise_error(upstream.status, content))["error"]
+            yield error_event(error["message"], code=str(error.get("code") or "backend_error"))
+            return
+        relay = _relay(lease, upstream)
+        async for chunk in relay:
+            yield chunk
+    finally:
+        if relay is not None:
+            await relay.aclose()  # type: ignore[attr-defined]
+        elif not exchange.done():
+            exchange.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await exchange
+        elif not exchange.cancelled() and exchange.exception() is None:
+            lease, upstream, content = exchange.result()
+            if content is None:  # answered, but the client left before the relay began
+                lease.release()
+                await upstream.aclose()
+
+
+# -- OpenAI endpoints ---------------------------------------------------------------------------
+
+
+@post("/v1/chat/completions", guards=[require_key], operation_class=ChatOperation,
+      status_code=200)
+async def chat_completions(request: Request[Any, Any, State]) -> Response[Any]:
+    """OpenAI chat completions, routed by the body's ``model``; streams pass through as SSE."""
+    return await _forward(request, "/v1/chat/completions")
+
+
+@post("/v1/completions", guards=[require_key], operation_class=CompletionOperation,
+      status_code=200)
+async def completions(request: Request[Any, Any, State]) -> Response[Any]:
+    """OpenAI legacy completions, routed by the body's ``model``."""
+    return await _forward(request, "/v1/completions")
+
+
+@post("/v1/embeddings", guards=[require_key], operation_class=EmbeddingOperation,
+      status_code=200)
+async def embeddings(request: Request[Any, Any, State]) -> Response[Any]:
+    """OpenAI embeddings, routed by the body's ``model``."""
+    return await _forward(request, "/v1/embeddings")
+
+
+@get("/v1/models", guards=[require_key])
+async def list_models(state: State) -> Response[bytes]:
+    """Every configured model, loaded or not; never triggers a load."""
+    return Response(state.models_document, media_type=_JSON)
+
+
+OPENAI_HANDLERS = [chat_completions, completions, embeddings, list_models]

@@ -1,0 +1,100 @@
+"""Prometheus metrics (prometheus-client): swaps, loads, requests, queues, statuses, GPU memory.
+
+Counters and histograms are fed by the coordinator's events and by the HTTP layer; queue depth,
+model status and GPU memory are read from the coordinator and NVML when scraped. Each app has a
+registry of its own, so several apps in one process (tests) never collide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from swapper.events import Event
+
+if TYPE_CHECKING:
+    from swapper.coordinator import SwapCoordinator
+    from swapper.gpu import GpuMonitor
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_STATUSES = ("UNLOADED", "LOADING", "LOADED", "UNLOADING", "FAILED")
+
+
+class _StateCollector(Collector):
+    """Values read at scrape time rather than tracked on every change."""
+
+    def __init__(self, coordinator: SwapCoordinator, gpu: GpuMonitor) -> None:
+        self._coordinator = coordinator
+        self._gpu = gpu
+
+    def collect(self) -> Iterator[Metric]:
+        doc = self._coordinator.status()
+        queue = GaugeMetricFamily("swapper_queue_depth", "Requests waiting for each model",
+                                  labels=["model"])
+        status = GaugeMetricFamily("swapper_model_status",
+                                   "1 for each model's current status, 0 for the others",
+                                   labels=["model", "status"])
+        for model_id, model in doc["models"].items():
+            queue.add_metric([model_id], model["queued"])
+            for name in _STATUSES:
+                status.add_metric([model_id, name], 1.0 if model["status"] == name else 0.0)
+        yield queue
+        yield status
+        gpus = self._gpu.gpus()
+        if gpus:
+            used = GaugeMetricFamily("swapper_gpu_memory_used_bytes", "GPU memory in use",
+                                     labels=["gpu"])
+            total = GaugeMetricFamily("swapper_gpu_memory_total_bytes", "GPU memory in all",
+                                      labels=["gpu"])
+            for gpu in gpus:
+                used.add_metric([str(gpu.index)], gpu.used_mb * 1024 * 1024)
+                total.add_metric([str(gpu.index)], gpu.total_mb * 1024 * 1024)
+            yield used
+            yield total
+
+
+class Metrics:
+    """The metrics of one swapper app."""
+
+    def __init__(self, coordinator: SwapCoordinator, gpu: GpuMonitor) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.swaps = Counter("swapper_swaps_total", "Models made resident, by cause",
+                             ["from", "to", "reason"], registry=r)
+        self.load_seconds = Histogram("swapper_load_seconds", "Backend start to ready",
+                                      ["model"], buckets=_LOAD_BUCKETS, registry=r)
+        self.unload_seconds = Histogram("swapper_unload_seconds", "Backend stop to gone",
+                                        ["model"], buckets=_LOAD_BUCKETS, registry=r)
+        self.requests = Counter("swapper_requests_total", "Requests answered",
+                                ["model", "endpoint", "status"], registry=r)
+        self.ttfb = Histogram("swapper_time_to_first_byte_seconds",
+                              "Request received to the backend's first byte (load included)",
+                              ["model"], buckets=_TTFB_BUCKETS, registry=r)
+        self.restarts = Counter("swapper_backend_restarts_total",
+                                "Backends started again after dying", ["model"], registry=r)
+        r.register(_StateCollector(coordinator, gpu))
+        coordinator.events.add_listener(self.on_event)
+
+    def on_event(self, event: Event) -> None:
+        """Count what the coordinator reports."""
+        data = event.data
+        if event.type == "swap":
+            self.swaps.labels(data["from"] or "", data["to"], data["reason"]).inc()
+            if data["reason"] == "crashed":
+                self.restarts.labels(data["to"]).inc()
+        elif event.type == "loaded":
+            self.load_seconds.labels(data["model"]).observe(data["seconds"])
+        elif event.type == "unloaded":
+            self.unload_seconds.labels(data["model"]).observe(data["seconds"])
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)
