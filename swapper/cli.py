@@ -39,11 +39,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     from swapper.app import create_app
 
-    _setup_logging()
+    config, registry = _load(args.config)  # first: the log format comes from the config
+    _setup_logging(config.server.log_format)
     logger.info("Initializing Swapper Service...")
-    config, registry = _load(args.config)
-    if config.server.log_format != "text":
-        _setup_logging(config.server.log_format)
     logger.info("Loaded %d models into Swapper", len(config.models))
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port

@@ -17,6 +17,13 @@ from swapper.config import ModelEntry
 from swapper.hookspecs import hookimpl
 
 
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 class Behaviour(enum.Enum):
     """What the next start of a fake does."""
 
@@ -57,10 +64,15 @@ class FakeWorld:
         return self.events.count(("start", model_id))
 
     def crash(self, model_id: str) -> None:
-        """Make the running fake of ``model_id`` die."""
+        """Make the running fake of ``model_id`` die (from any thread: test clients may run the
+        app on a loop of their own)."""
         self.alive.discard(model_id)
         self.events.append(("crash", model_id))
-        self.exits[model_id].set_result("fake backend crashed")
+        exit_ = self.exits[model_id]
+        if exit_.get_loop().is_running() and not _on_loop(exit_.get_loop()):
+            exit_.get_loop().call_soon_threadsafe(exit_.set_result, "fake backend crashed")
+        else:
+            exit_.set_result("fake backend crashed")
 
     def freeze(self, model_id: str) -> None:
         """Make the running fake of ``model_id`` stop answering (like SIGSTOP)."""

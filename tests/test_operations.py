@@ -1,0 +1,268 @@
+"""The operators' view: metrics, live events, backend logs, loading feedback, JSON logs."""
+
+from __future__ import annotations
+
+import json
+import stat
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import respx
+from litestar.testing import AsyncTestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from swapper.app import create_app
+from swapper.config import parse_config
+from swapper.plugins import load_backends
+from tests.conftest import SwapperProcess, wait_until
+from tests.fakes import FakePlugin, FakeWorld
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+REPLY = {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant",
+                                                                            "content": "ok"}}]}
+
+
+# -- metrics, on fakes ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def fake_client(world: FakeWorld) -> AsyncIterator[AsyncTestClient[Any]]:
+    registry = load_backends(FakePlugin(world))
+    config = parse_config(
+        {"swapper": {"stop_timeout": 1}, "server": {"admin_api_keys": ["k"]},
+         "models": {"a": {"backend": "fake"}, "b": {"backend": "fake"}}},
+        "ops.yaml", registry.schemas())
+    with respx.mock(assert_all_called=False) as router:
+        for host in "ab":
+            router.post(f"http://{host}.fake.test/v1/chat/completions").respond(json=REPLY)
+        async with AsyncTestClient(create_app(config, registry)) as client:
+            client.headers["Authorization"] = "Bearer k"
+            yield client
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus exposition, keyed by name and sorted labels."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.mark.anyio
+async def test_metrics_count_a_scripted_sequence_of_swaps(
+    fake_client: AsyncTestClient[Any], world: FakeWorld
+) -> None:
+    async def chat(model: str) -> int:
+        response = await fake_client.post("/v1/chat/completions",
+                                          json={"model": model, "messages": MESSAGES})
+        return response.status_code
+
+    assert await chat("a") == 200            # load a (request)
+    assert await chat("a") == 200
+    assert await chat("b") == 200            # swap a -> b (request)
+    assert (await fake_client.post("/models/a/load")).status_code == 200  # b -> a (manual)
+    world.crash("a")  # the app runs on the test client's own loop and thread
+    deadline = time.monotonic() + 10
+    while (await fake_client.get("/status")).json()["models"]["a"]["status"] != "FAILED":
+        assert time.monotonic() < deadline, "the crash was not noticed"
+    assert await chat("a") == 200            # restart after the crash
+    assert await chat("nope") == 404
+
+    del fake_client.headers["Authorization"]
+    metrics = await fake_client.get("/metrics")
+    assert metrics.status_code == 200  # open by default, even with API keys configured
+    assert metrics.headers["content-type"].startswith("text/plain")
+    got = samples(metrics.text)
+
+    def value(name: str, **labels: str) -> float:
+        return got.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("swapper_swaps_total", **{"from": "", "to": "a", "reason": "request"}) == 1
+    assert value("swapper_swaps_total", **{"from": "a", "to": "b", "reason": "request"}) == 1
+    assert value("swapper_swaps_total", **{"from": "b", "to": "a", "reason": "manual"}) == 1
+    assert value("swapper_swaps_total", **{"from": "", "to": "a", "reason": "crashed"}) == 1
+    assert sum(v for (name, _), v in got.items() if name == "swapper_swaps_total") == 4
+    assert value("swapper_backend_restarts_total", model="a") == 1
+    assert value("swapper_load_seconds_count", model="a") == 3
+    assert value("swapper_load_seconds_count", model="b") == 1
+    assert value("swapper_unload_seconds_count", model="a") == 1
+    assert value("swapper_unload_seconds_count", model="b") == 1
+    chat_path = "/v1/chat/completions"
+    assert value("swapper_requests_total", model="a", endpoint=chat_path, status="200") == 3
+    assert value("swapper_requests_total", model="b", endpoint=chat_path, status="200") == 1
+    assert value("swapper_requests_total", model="", endpoint=chat_path, status="404") == 1
+    assert value("swapper_time_to_first_byte_seconds_count", model="a") == 3
+    assert value("swapper_model_status", model="a", status="LOADED") == 1
+    assert value("swapper_model_status", model="a", status="FAILED") == 0
+    assert value("swapper_model_status", model="b", status="UNLOADED") == 1
+    assert value("swapper_queue_depth", model="a") == 0
+    assert not [name for (name, _) in got if not name.startswith("swapper_")]
+    # No GPU here: no GPU memory series, rather than made-up ones.
+    assert not [name for (name, _) in got if name.startswith("swapper_gpu_")]
+
+
+@pytest.mark.anyio
+async def test_metrics_can_require_a_key(world: FakeWorld) -> None:
+    registry = load_backends(FakePlugin(world))
+    config = parse_config({"server": {"api_keys": ["k"], "metrics_require_key": True},
+                           "models": {"a": {"backend": "fake"}}}, "m.yaml", registry.schemas())
+    async with AsyncTestClient(create_app(config, registry)) as client:
+        assert (await client.get("/metrics")).status_code == 401
+        assert (await client.get("/metrics", headers={"x-api-key": "k"})).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_status_reports_no_gpu_and_no_vram(fake_client: AsyncTestClient[Any]) -> None:
+    await fake_client.post("/models/a/load")
+    status = (await fake_client.get("/status")).json()
+    assert status["gpu"] == {"available": False, "gpus": []}
+    assert status["models"]["a"]["vram_mb"] is None
+
+
+# -- live events, logs, feedback, on real llama-server ----------------------------------------------
+
+
+def read_events(swapper: SwapperProcess, until: Any, timeout: float = 30) -> list[tuple[str, dict]]:
+    """Read /events until ``until(events)`` holds; returns (type, data) pairs."""
+    events: list[tuple[str, dict]] = []
+    with httpx.Client(base_url=swapper.url, timeout=timeout) as client:
+        with client.stream("GET", "/events") as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            kind = None
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    kind = line[len("event: "):]
+                elif line.startswith("data: ") and kind:
+                    events.append((kind, json.loads(line[len("data: "):])))
+                    if until(events):
+                        return events
+    raise AssertionError(f"the event stream ended early: {events}")
+
+
+@pytest.mark.integration
+def test_events_stream_status_changes_and_swaps(swapper_factory: Any) -> None:
+    swapper = swapper_factory(swapper={"default_model": "tiny-a"})
+    swapper.wait_status("tiny-a", "LOADED")
+    loader = threading.Timer(0, lambda: swapper.http.post("/models/tiny-b/load"))
+
+    def swapped(events: list[tuple[str, dict]]) -> bool:
+        if len(events) == 1:
+            loader.start()  # the snapshot arrived: we are subscribed, now cause the swap
+        return any(kind == "swap" for kind, _ in events)
+
+    events = read_events(swapper, swapped)
+    loader.join()
+    assert events[0][0] == "snapshot"
+    assert events[0][1]["models"]["tiny-a"]["status"] == "LOADED"
+    changes = [(d["model"], d["status"]) for kind, d in events if kind == "status"]
+    assert changes == [("tiny-a", "UNLOADING"), ("tiny-a", "UNLOADED"), ("tiny-b", "LOADING"),
+                       ("tiny-b", "LOADED")]
+    swap = next(d for kind, d in events if kind == "swap")
+    assert swap["from"] == "tiny-a" and swap["to"] == "tiny-b" and swap["reason"] == "manual"
+    assert 0 < swap["seconds"] < 30
+
+
+@pytest.mark.integration
+def test_model_logs_tail_and_follow(swapper_factory: Any) -> None:
+    swapper = swapper_factory(swapper={"default_model": "tiny-a"})
+    swapper.wait_status("tiny-a", "LOADED")
+    tail = swapper.http.get("/models/tiny-a/logs", params={"lines": 5}).json()
+    assert tail["model"] == "tiny-a" and 0 < len(tail["lines"]) <= 5
+    everything = swapper.http.get("/models/a/logs").json()["lines"]  # by alias too
+    assert any("llama_server" in line or "srv" in line for line in everything)
+
+    with httpx.Client(base_url=swapper.url, timeout=30) as client:
+        with client.stream("GET", "/models/tiny-a/logs",
+                           params={"follow": 1, "lines": 0}) as response:
+            lines = response.iter_lines()
+            # Cause new output: a request makes llama-server log its slot work.
+            threading.Thread(target=lambda: swapper.http.post("/v1/chat/completions", json={
+                "model": "tiny-a", "messages": MESSAGES, "max_tokens": 2})).start()
+            followed = []
+            for line in lines:
+                if line.startswith("data: "):
+                    followed.append(json.loads(line[len("data: "):])["line"])
+                    if any("slot" in entry for entry in followed):
+                        break
+    assert any("slot" in entry for entry in followed)
+
+
+def slow_llama_server(tmp_path: Path, llama_server: str, seconds: float) -> str:
+    """A llama-server that takes ``seconds`` longer to start, like a big model would."""
+    script = tmp_path / "slow-llama-server"
+    script.write_text(f"#!/bin/sh\nsleep {seconds}\nexec {llama_server} \"$@\"\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["comments", "reasoning"])
+def test_loading_feedback_keeps_the_answer_unchanged(
+    swapper_factory: Any, tmp_path: Path, llama_server: str, mode: str
+) -> None:
+    binary = slow_llama_server(tmp_path, llama_server, 1.5)
+    models = {"tiny-a": {"backend": "llamacpp", "binary": binary, "ctx_size": 512,
+                         "model_path": str(swapper_factory.workdir / "tiny-a.gguf")}}
+    swapper = swapper_factory(models=models, swapper={"loading_feedback": mode,
+                                                      "loading_feedback_interval": 0.2})
+    client = openai.OpenAI(base_url=f"{swapper.url}/v1", api_key="x", max_retries=0)
+    request = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 12, "temperature": 0,
+               "stream": True}
+    raw: list[str] = []
+    if mode == "comments":
+        with swapper.http.stream("POST", "/v1/chat/completions", json=request) as response:
+            raw = list(response.iter_lines())
+        comments = [line for line in raw if line.startswith(": loading tiny-a ")]
+        assert len(comments) >= 3, raw[:10]  # 1.5 s of loading at one comment per 0.2 s
+        cold = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                       for line in raw if line.startswith("data: {") and
+                       json.loads(line[6:])["choices"])
+        swapper.http.post("/models/tiny-a/unload")
+        chunks = list(client.chat.completions.create(**request))  # the SDK sees no comment
+        cold_sdk = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert cold_sdk == cold
+    else:
+        chunks = list(client.chat.completions.create(**request))
+        thinking = [getattr(c.choices[0].delta, "reasoning_content", None)
+                    for c in chunks if c.choices]
+        assert sum(1 for t in thinking if t and t.startswith("Loading tiny-a")) >= 3
+        cold = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    warm_chunks = list(client.chat.completions.create(**request))  # resident: no feedback
+    warm = "".join(c.choices[0].delta.content or "" for c in warm_chunks if c.choices)
+    assert not any(getattr(c.choices[0].delta, "reasoning_content", None)
+                   for c in warm_chunks if c.choices)
+    assert cold == warm and len(warm) > 0
+
+
+@pytest.mark.integration
+def test_json_logs_carry_the_request_id(swapper_factory: Any, llama_server: str) -> None:
+    workdir = swapper_factory.workdir
+    config = {"swapper": {"gpu_enabled": False, "stop_timeout": 5},
+              "server": {"log_format": "json"},
+              "models": {"tiny-a": {"backend": "llamacpp", "ctx_size": 512,
+                                    "model_path": str(workdir / "tiny-a.gguf")}}}
+    swapper = SwapperProcess(config, workdir, llama_server)
+    try:
+        response = swapper.http.post("/v1/chat/completions", headers={"X-Request-Id": "req-42"},
+                                     json={"model": "tiny-a", "messages": MESSAGES,
+                                           "max_tokens": 2})
+        assert response.status_code == 200
+        assert response.headers["x-request-id"] == "req-42"
+        generated = swapper.http.get("/health").headers["x-request-id"]
+        assert len(generated) == 16 and generated != "req-42"
+        wait_until(lambda: "Default" in swapper.output() or "loaded in" in swapper.output(), 10,
+                   "the load to be logged")
+        records = [json.loads(line) for line in swapper.output().splitlines()
+                   if line.startswith("{")]
+        assert records and all({"time", "level", "logger", "message", "request_id"} <= set(r)
+                               for r in records)
+        assert any(r["request_id"] == "req-42" and "Starting tiny-a" in r["message"]
+                   for r in records)
+        assert not [line for line in swapper.output().splitlines()
+                    if line.strip() and not line.startswith("{")]
+    finally:
+        swapper.stop()
