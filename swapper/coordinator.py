@@ -22,12 +22,10 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
-import enum
 import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from swapper.backend import Backend, BackendHandle, BackendSettings
@@ -35,6 +33,7 @@ from swapper.config import Config
 from swapper.errors import ModelNotFound, ModelUnavailable, QueueFull, ServiceUnavailable
 from swapper.events import EventBus
 from swapper.logbook import ModelLog
+from swapper.model_state import TRANSITIONS, ModelRecord, ModelStatus, Waiter
 from swapper.plugins import BackendRegistry
 
 __all__ = ["Lease", "ModelStatus", "SwapCoordinator"]
@@ -53,74 +52,12 @@ class _BackendExited(Exception):
     """The backend process ended while it was loading."""
 
 
-class ModelStatus(enum.StrEnum):
-    """Where a model is in its lifecycle."""
-
-    UNLOADED = "UNLOADED"
-    LOADING = "LOADING"
-    LOADED = "LOADED"
-    UNLOADING = "UNLOADING"
-    FAILED = "FAILED"
-
-
-_S = ModelStatus
-#: Every legal edge of the model state machine; anything else is a bug and is refused.
-_EDGES: dict[ModelStatus, frozenset[ModelStatus]] = {
-    # a request or an admin load starts it
-    _S.UNLOADED: frozenset({_S.LOADING}),
-    # ready → LOADED; died, timed out or start failed → FAILED; stopped while loading → UNLOADING
-    _S.LOADING: frozenset({_S.LOADED, _S.FAILED, _S.UNLOADING}),
-    # swapped out, unloaded or shut down → UNLOADING; the process died → FAILED
-    _S.LOADED: frozenset({_S.UNLOADING, _S.FAILED}),
-    # the process is gone
-    _S.UNLOADING: frozenset({_S.UNLOADED}),
-    # the next request retries; an admin unload clears the failure
-    _S.FAILED: frozenset({_S.LOADING, _S.UNLOADED}),
-}
-
-
-@dataclass(eq=False)
-class _Model:
-    id: str
-    backend: Backend
-    status: ModelStatus = ModelStatus.UNLOADED
-    handle: BackendHandle | None = None
-    loaded_at: float | None = None
-    last_error: str | None = None
-    in_flight: int = 0
-    queued: int = 0
-    last_used: float | None = None
-    watcher: asyncio.Task[None] | None = None
-    unloaded: asyncio.Event = field(default_factory=asyncio.Event)
-    #: Consecutive failed starts, and when (monotonic) a backed-off model may be tried again.
-    failures: int = 0
-    retry_at: float | None = None
-    #: A backend built from a reloaded config, swapped in when the running one stops.
-    pending: Backend | None = None
-    #: Removed from the config by a reload; it unloads once idle and is then forgotten.
-    removed: bool = False
-    probing: bool = False
-    #: Why the next load happens when it is not a plain request: "crashed" or "reload".
-    restart_reason: str | None = None
-    load_started: float = 0.0
-    unload_started: float = 0.0
-    log: ModelLog = field(default_factory=ModelLog)
-
-
-@dataclass(eq=False)
-class _Waiter:
-    model: _Model
-    seq: int
-    future: asyncio.Future[str]  # resolves to the backend's base URL on admission
-    manual: bool = False  # an operator's load, not a client request
-
-
 class Lease:
     """Permission to send one request to a resident model; release it when the response ends."""
 
     __slots__ = ("_coordinator", "_model", "base_url", "max_connections", "released")
 
-    def __init__(self, coordinator: SwapCoordinator, model: _Model, base_url: str) -> None:
+    def __init__(self, coordinator: SwapCoordinator, model: ModelRecord, base_url: str) -> None:
         self._coordinator = coordinator
         self._model = model
         self.base_url = base_url
@@ -150,9 +87,9 @@ class SwapCoordinator:
     def __init__(self, config: Config, registry: BackendRegistry) -> None:
         self.config = config
         self._registry = registry
-        self._models: dict[str, _Model] = {}
+        self._models: dict[str, ModelRecord] = {}
         #: Models removed by a reload that still hold a process until they unload.
-        self._retired: set[_Model] = set()
+        self._retired: set[ModelRecord] = set()
         for model_id in config.models:
             self._models[model_id] = self._new_model(model_id, config)
         self._names = self._name_index(config)
@@ -161,14 +98,14 @@ class SwapCoordinator:
         #: The start of the swap under way and the model it unloads (for ``swap`` events).
         self._swap_started: float | None = None
         self._swap_from: str | None = None
-        self._active: _Model | None = None
+        self._active: ModelRecord | None = None
         self._load_reason = "request"
         self._draining = False
         self._overtaken = 0
-        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._waiters: collections.deque[Waiter] = collections.deque()
         self._seq = itertools.count()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._status_waiters: list[tuple[_Model, frozenset[ModelStatus], asyncio.Future[None]]] = []
+        self._status_waiters: list[tuple[ModelRecord, frozenset[ModelStatus], asyncio.Future[None]]] = []
         self._closing = False
 
     def _make_backend(self, model_id: str, config: Config) -> Backend:
@@ -180,8 +117,8 @@ class SwapCoordinator:
         )
         return self._registry.backends[entry.backend](model_id, entry, settings)
 
-    def _new_model(self, model_id: str, config: Config) -> _Model:
-        model = _Model(id=model_id, backend=self._make_backend(model_id, config))
+    def _new_model(self, model_id: str, config: Config) -> ModelRecord:
+        model = ModelRecord(id=model_id, backend=self._make_backend(model_id, config))
         model.backend.log_sink = model.log.append
         model.unloaded.set()
         return model
@@ -224,7 +161,7 @@ class SwapCoordinator:
                 f"{len(self._waiters)} requests are already waiting for models "
                 f"(swapper.max_queue); retry shortly"
             )
-        waiter = _Waiter(model, next(self._seq), asyncio.get_running_loop().create_future(), manual)
+        waiter = Waiter(model, next(self._seq), asyncio.get_running_loop().create_future(), manual)
         self._waiters.append(waiter)
         model.queued += 1
         self._queue_changed(model)
@@ -383,10 +320,10 @@ class SwapCoordinator:
 
     # -- scheduling ---------------------------------------------------------------------------
 
-    def _others_waiting(self, model: _Model) -> bool:
+    def _others_waiting(self, model: ModelRecord) -> bool:
         return len(self._waiters) > model.queued
 
-    def _may_admit(self, model: _Model) -> bool:
+    def _may_admit(self, model: ModelRecord) -> bool:
         """Fast path: the model is resident and no swap is due."""
         return (
             model is self._active
@@ -398,25 +335,25 @@ class SwapCoordinator:
             and (not self._others_waiting(model) or self._overtaken < self.config.swapper.max_overtake)
         )
 
-    def _admit(self, model: _Model) -> Lease:
+    def _admit(self, model: ModelRecord) -> Lease:
         if self._others_waiting(model):
             self._overtaken += 1
         model.in_flight += 1
         assert model.handle is not None
         return Lease(self, model, model.handle.base_url)
 
-    def _drop_waiter(self, waiter: _Waiter) -> None:
+    def _drop_waiter(self, waiter: Waiter) -> None:
         with contextlib.suppress(ValueError):
             self._waiters.remove(waiter)
             waiter.model.queued -= 1
             self._queue_changed(waiter.model)
 
-    def _queue_changed(self, model: _Model) -> None:
+    def _queue_changed(self, model: ModelRecord) -> None:
         if self.events.subscribed:
             self.events.emit("queue", model=model.id, queued=model.queued,
                              in_flight=model.in_flight)
 
-    def _release(self, model: _Model) -> None:
+    def _release(self, model: ModelRecord) -> None:
         model.in_flight -= 1
         model.last_used = time.time()
         self._queue_changed(model)
@@ -448,7 +385,7 @@ class SwapCoordinator:
         if self._draining and active.in_flight == 0:
             self._start_unload(active)
 
-    def _admit_queued(self, active: _Model) -> None:
+    def _admit_queued(self, active: ModelRecord) -> None:
         """Admit waiters for the resident model: earlier arrivals freely, later ones up to the bound."""
         first_other = next((w.seq for w in self._waiters if w.model is not active), None)
         bound = self.config.swapper.max_overtake
@@ -469,7 +406,7 @@ class SwapCoordinator:
         if first_other is not None and self._overtaken >= bound:
             self._draining = True
 
-    def _fail_waiters(self, model: _Model, error: Exception) -> None:
+    def _fail_waiters(self, model: ModelRecord, error: Exception) -> None:
         for waiter in [w for w in self._waiters if w.model is model]:
             self._drop_waiter(waiter)
             if not waiter.future.done():
@@ -483,10 +420,10 @@ class SwapCoordinator:
 
     # -- state machine ------------------------------------------------------------------------
 
-    def _transition(self, model: _Model, new: ModelStatus, *, error: str | None = None) -> None:
+    def _transition(self, model: ModelRecord, new: ModelStatus, *, error: str | None = None) -> None:
         """The only place a model's status changes; illegal edges are refused."""
         old = model.status
-        if new not in _EDGES[old]:
+        if new not in TRANSITIONS[old]:
             raise RuntimeError(f"illegal transition for {model.id}: {old} -> {new}")
         model.status = new
         if new == ModelStatus.LOADING:
@@ -522,7 +459,7 @@ class SwapCoordinator:
             if watched is model and new in statuses and not future.done():
                 future.set_result(None)
 
-    def _start_load(self, model: _Model, *, manual: bool = False) -> None:
+    def _start_load(self, model: ModelRecord, *, manual: bool = False) -> None:
         model.load_started = time.monotonic()
         if self._swap_started is None:
             self._swap_started = model.load_started
@@ -535,14 +472,14 @@ class SwapCoordinator:
         self._transition(model, ModelStatus.LOADING)
         self._spawn(self._load(model), f"load:{model.id}")
 
-    def _start_unload(self, model: _Model) -> None:
+    def _start_unload(self, model: ModelRecord) -> None:
         model.unload_started = time.monotonic()
         if self._waiters:  # unloading to make room: the swap starts now
             self._swap_started, self._swap_from = model.unload_started, model.id
         self._transition(model, ModelStatus.UNLOADING)
         self._spawn(self._unload(model), f"unload:{model.id}")
 
-    async def _load(self, model: _Model) -> None:
+    async def _load(self, model: ModelRecord) -> None:
         timeout = self.config.swapper.model_swap_timeout
         started = time.monotonic()
         try:
@@ -575,7 +512,7 @@ class SwapCoordinator:
         model.watcher = self._spawn(self._watch(model, model.handle), f"watch:{model.id}")
         self._schedule()
 
-    async def _start_until_ready(self, model: _Model) -> None:
+    async def _start_until_ready(self, model: ModelRecord) -> None:
         """Start the backend and wait for it; start again if another process took its port."""
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             model.handle = await model.backend.start()
@@ -589,7 +526,7 @@ class SwapCoordinator:
                                "starting again on another port", model.id, model.handle.port)
                 await self._stop_backend(model)
 
-    def _load_failed(self, model: _Model, reason: str) -> None:
+    def _load_failed(self, model: ModelRecord, reason: str) -> None:
         """FAILED, with exponential back-off once failures repeat; waiters get a 503."""
         model.failures += 1
         settings = self.config.swapper
@@ -605,7 +542,7 @@ class SwapCoordinator:
                                                    retry_after=retry_after))
         self._schedule()
 
-    async def _wait_ready(self, model: _Model, handle: BackendHandle) -> None:
+    async def _wait_ready(self, model: ModelRecord, handle: BackendHandle) -> None:
         """Probe tightly, backing off from 10 ms to 100 ms; probe at once when the backend logs."""
         backend = model.backend
         output = handle.process.output_seen if handle.process else None
@@ -624,7 +561,7 @@ class SwapCoordinator:
                     await asyncio.wait_for(output.wait(), delay)
             delay = min(delay * _POLL_FACTOR, _POLL_CAP)
 
-    async def _watch(self, model: _Model, handle: BackendHandle) -> None:
+    async def _watch(self, model: ModelRecord, handle: BackendHandle) -> None:
         """Notice a backend that dies while resident."""
         reason = await model.backend.wait_exit(handle)
         if model.handle is not handle or model.status != ModelStatus.LOADED:
@@ -633,7 +570,7 @@ class SwapCoordinator:
         model.watcher = None
         await self._fail_resident(model, f"backend died: {reason}")
 
-    def _check_frozen(self, model: _Model, base_url: str) -> None:
+    def _check_frozen(self, model: ModelRecord, base_url: str) -> None:
         handle = model.handle
         if (handle is None or handle.base_url != base_url or model.probing
                 or model.status != ModelStatus.LOADED):
@@ -641,7 +578,7 @@ class SwapCoordinator:
         model.probing = True
         self._spawn(self._probe_frozen(model, handle), f"probe:{model.id}")
 
-    async def _probe_frozen(self, model: _Model, handle: BackendHandle) -> None:
+    async def _probe_frozen(self, model: ModelRecord, handle: BackendHandle) -> None:
         """After a read timeout: a backend that cannot even answer its health probe is frozen."""
         timeouts = self.config.timeouts
         try:
@@ -659,7 +596,7 @@ class SwapCoordinator:
         finally:
             model.probing = False
 
-    async def _fail_resident(self, model: _Model, reason: str, *, kill: bool = False) -> None:
+    async def _fail_resident(self, model: ModelRecord, reason: str, *, kill: bool = False) -> None:
         """A resident backend broke: make sure its process is gone, then mark it FAILED."""
         await self._stop_backend(model, kill=kill)
         if model.status == ModelStatus.LOADED:
@@ -667,7 +604,7 @@ class SwapCoordinator:
             model.restart_reason = "crashed"
         self._schedule()
 
-    async def _unload(self, model: _Model) -> None:
+    async def _unload(self, model: ModelRecord) -> None:
         await self._stop_backend(model)
         self._transition(model, ModelStatus.UNLOADED)
         seconds = time.monotonic() - model.unload_started
@@ -675,7 +612,7 @@ class SwapCoordinator:
         self.events.emit("unloaded", model=model.id, seconds=seconds)
         self._schedule()
 
-    async def _stop_backend(self, model: _Model, *, kill: bool = False) -> None:
+    async def _stop_backend(self, model: ModelRecord, *, kill: bool = False) -> None:
         watcher, model.watcher = model.watcher, None
         if watcher is not None and watcher is not asyncio.current_task():
             watcher.cancel()

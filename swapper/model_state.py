@@ -1,0 +1,78 @@
+"""The state the coordinator keeps per model: its status machine and its record."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+
+from swapper.backend import Backend, BackendHandle
+from swapper.logbook import ModelLog
+
+__all__ = ["TRANSITIONS", "ModelRecord", "ModelStatus", "Waiter"]
+
+
+class ModelStatus(enum.StrEnum):
+    """Where a model is in its lifecycle."""
+
+    UNLOADED = "UNLOADED"
+    LOADING = "LOADING"
+    LOADED = "LOADED"
+    UNLOADING = "UNLOADING"
+    FAILED = "FAILED"
+
+
+_S = ModelStatus
+#: Every legal edge of the model state machine; anything else is a bug and is refused.
+TRANSITIONS: dict[ModelStatus, frozenset[ModelStatus]] = {
+    # a request or an admin load starts it
+    _S.UNLOADED: frozenset({_S.LOADING}),
+    # ready → LOADED; died, timed out or start failed → FAILED; stopped while loading → UNLOADING
+    _S.LOADING: frozenset({_S.LOADED, _S.FAILED, _S.UNLOADING}),
+    # swapped out, unloaded or shut down → UNLOADING; the process died → FAILED
+    _S.LOADED: frozenset({_S.UNLOADING, _S.FAILED}),
+    # the process is gone
+    _S.UNLOADING: frozenset({_S.UNLOADED}),
+    # the next request retries; an admin unload clears the failure
+    _S.FAILED: frozenset({_S.LOADING, _S.UNLOADED}),
+}
+
+
+@dataclass(eq=False)
+class ModelRecord:
+    """Everything the coordinator knows about one configured model."""
+
+    id: str
+    backend: Backend
+    status: ModelStatus = ModelStatus.UNLOADED
+    handle: BackendHandle | None = None
+    loaded_at: float | None = None
+    last_error: str | None = None
+    in_flight: int = 0
+    queued: int = 0
+    last_used: float | None = None
+    watcher: asyncio.Task[None] | None = None
+    unloaded: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Consecutive failed starts, and when (monotonic) a backed-off model may be tried again.
+    failures: int = 0
+    retry_at: float | None = None
+    #: A backend built from a reloaded config, swapped in when the running one stops.
+    pending: Backend | None = None
+    #: Removed from the config by a reload; it unloads once idle and is then forgotten.
+    removed: bool = False
+    probing: bool = False
+    #: Why the next load happens when it is not a plain request: "crashed" or "reload".
+    restart_reason: str | None = None
+    load_started: float = 0.0
+    unload_started: float = 0.0
+    log: ModelLog = field(default_factory=ModelLog)
+
+
+@dataclass(eq=False)
+class Waiter:
+    """A request queued for a model that is not resident yet."""
+
+    model: ModelRecord
+    seq: int
+    future: asyncio.Future[str]  # resolves to the backend's base URL on admission
+    manual: bool = False  # an operator's load, not a client request
