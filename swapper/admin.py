@@ -13,7 +13,7 @@ from litestar.response import Stream
 
 from swapper.access import require_admin, require_key, require_metrics_key
 from swapper.coordinator import SwapCoordinator
-from swapper.events import next_event
+from swapper.events import STOPPED, next_event
 from swapper.forwarding import SSE_HEADERS, json_response
 from swapper.metrics import CONTENT_TYPE
 
@@ -84,7 +84,9 @@ async def _event_stream(state: State) -> AsyncIterator[bytes]:
     with state.coordinator.events.subscribe() as queue:
         yield _sse("snapshot", status_document(state))
         while True:
-            event = await next_event(queue, _PING)
+            event = await next_event(queue, _PING, state.stopping)
+            if event is STOPPED:
+                return
             if event is None:
                 yield b": ping\n\n"
             else:
@@ -107,7 +109,9 @@ async def _log_stream(state: State, model_id: str, lines: int) -> AsyncIterator[
         for line in log.tail(lines):
             yield b"data: " + _ENCODE.encode({"line": line}) + b"\n\n"
         while True:
-            line = await next_event(queue, _PING)  # type: ignore[arg-type]
+            line = await next_event(queue, _PING, state.stopping)
+            if line is STOPPED:
+                return
             if line is None:
                 yield b": ping\n\n"
             else:

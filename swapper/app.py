@@ -34,7 +34,7 @@ from swapper.openapi import list_model_names
 from swapper.plugins import BackendRegistry
 from swapper.upstream import UpstreamClient
 
-__all__ = ["create_app"]
+__all__ = ["begin_shutdown", "create_app"]
 
 logger = logging.getLogger("swapper")
 
@@ -83,6 +83,8 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
         app.state.models_document = _models_document(config)
         app.state.reload = lambda: _reload(app, registry)
         app.state.gpu = GpuMonitor()
+        app.state.stopping = asyncio.Event()  # set when shutdown begins: streams end then
+        app.state.loop = asyncio.get_running_loop()
         app.state.metrics = Metrics(coordinator, app.state.gpu)
         logger.info("Swapper Service initialized with %d models", len(config.models))
         loop = asyncio.get_running_loop()
@@ -117,6 +119,14 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
     # The schema is built at startup: it names the models configured then.
     list_model_names(app, [name for mid, e in config.models.items() for name in (mid, *e.aliases)])
     return app
+
+
+def begin_shutdown(app: Litestar) -> None:
+    """Tell long-lived streams (``/events``, followed logs) to end; safe from a signal handler."""
+    loop = app.state.get("loop")
+    stopping = app.state.get("stopping")
+    if loop is not None and stopping is not None and not loop.is_closed():
+        loop.call_soon_threadsafe(stopping.set)
 
 
 async def _reload(app: Litestar, registry: BackendRegistry) -> dict[str, Any]:

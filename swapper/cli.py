@@ -1,4 +1,5 @@
-"""The ``swapper`` command line: ``serve`` and ``check-config``."""
+"""The ``swapper`` command line: ``serve``, ``check-config``, and ``status``, ``load``,
+``unload`` and ``logs`` for a running swapper."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from swapper.config import Config, load_config
 from swapper.errors import SwapperError
 from swapper.logs import setup_logging
+from swapper.operator_cli import add_commands as add_operator_commands
 from swapper.plugins import BackendRegistry, load_backends
 
 __all__ = ["main"]
@@ -37,7 +40,7 @@ def _load(path: str) -> tuple[Config, BackendRegistry]:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from swapper.app import create_app
+    from swapper.app import begin_shutdown, create_app
 
     config, registry = _load(args.config)  # first: the log format comes from the config
     _setup_logging(config.server.log_format)
@@ -45,9 +48,18 @@ def _serve(args: argparse.Namespace) -> int:
     logger.info("Loaded %d models into Swapper", len(config.models))
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
-    server = uvicorn.Server(
+    app = create_app(config, registry)
+
+    class Server(uvicorn.Server):
+        """uvicorn, ending swapper's event and log streams as soon as shutdown begins."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            begin_shutdown(app)
+            super().handle_exit(sig, frame)
+
+    server = Server(
         uvicorn.Config(
-            create_app(config, registry),
+            app,
             host=host,
             port=port,
             loop="uvloop",
@@ -83,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("path")
     check.set_defaults(run=_check_config)
+
+    add_operator_commands(commands)  # status, load, unload, logs: against a running swapper
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):

@@ -70,11 +70,11 @@ class Lease:
         """The model this lease is for."""
         return self._model.id
 
-    def release(self) -> None:
-        """End the request (idempotent)."""
+    def release(self, *, used: bool = True) -> None:
+        """End the request (idempotent); ``used=False`` leaves ``last_used`` alone."""
         if not self.released:
             self.released = True
-            self._coordinator._release(self._model)
+            self._coordinator._release(self._model, used=used)
 
     def backend_silent(self) -> None:
         """The backend missed ``timeouts.read``: have the coordinator check whether it froze."""
@@ -171,7 +171,7 @@ class SwapCoordinator:
         except asyncio.CancelledError:
             future = waiter.future
             if future.done() and not future.cancelled() and future.exception() is None:
-                self._release(model)  # admitted just as the client went away
+                self._release(model, used=False)  # admitted just as the client went away
             else:
                 self._drop_waiter(waiter)
                 self._schedule()
@@ -190,7 +190,7 @@ class SwapCoordinator:
         """
         self._models[model_id].retry_at = None
         lease = await self.acquire(model_id, manual=True)
-        lease.release()
+        lease.release(used=False)  # an operator's load is not a use
 
     async def unload(self, model_id: str) -> None:
         """Unload ``model_id`` once its in-flight requests finish; clears a FAILED state."""
@@ -353,9 +353,10 @@ class SwapCoordinator:
             self.events.emit("queue", model=model.id, queued=model.queued,
                              in_flight=model.in_flight)
 
-    def _release(self, model: ModelRecord) -> None:
+    def _release(self, model: ModelRecord, *, used: bool = True) -> None:
         model.in_flight -= 1
-        model.last_used = time.time()
+        if used:
+            model.last_used = time.time()
         self._queue_changed(model)
         if model.in_flight == 0 and (self._waiters or self._draining):
             self._schedule()

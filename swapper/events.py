@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Event", "EventBus", "next_event"]
+__all__ = ["STOPPED", "Event", "EventBus", "next_event"]
 
 
 @dataclass(frozen=True)
@@ -71,9 +71,27 @@ class EventBus:
             self._queues.discard(queue)
 
 
-async def next_event(queue: asyncio.Queue[Any], timeout: float) -> Any:
-    """The next item, or None after ``timeout`` seconds (time for a keep-alive ping)."""
+#: What :func:`next_event` returns once swapper is shutting down.
+STOPPED = object()
+
+
+async def next_event(queue: asyncio.Queue[Any], timeout: float,
+                     stop: asyncio.Event | None = None) -> Any:
+    """The next item; None after ``timeout`` seconds (time for a keep-alive ping); STOPPED
+    once ``stop`` is set, so long-lived streams end when shutdown begins instead of holding
+    it up."""
+    get = asyncio.ensure_future(queue.get())
+    waiting: set[asyncio.Future[Any]] = {get}
+    if stop is not None:
+        waiting.add(asyncio.ensure_future(stop.wait()))
     try:
-        return await asyncio.wait_for(queue.get(), timeout)
-    except TimeoutError:
-        return None
+        await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in waiting:
+            if not future.done():
+                future.cancel()
+    if get.done() and not get.cancelled():
+        return get.result()
+    if stop is not None and stop.is_set():
+        return STOPPED
+    return None

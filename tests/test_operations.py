@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import stat
 import threading
 import time
@@ -266,3 +267,23 @@ def test_json_logs_carry_the_request_id(swapper_factory: Any, llama_server: str)
                     if line.strip() and not line.startswith("{")]
     finally:
         swapper.stop()
+
+
+@pytest.mark.integration
+def test_open_streams_do_not_hold_up_shutdown(swapper_factory: Any) -> None:
+    swapper = swapper_factory(swapper={"default_model": "tiny-a", "shutdown_timeout": 60})
+    swapper.wait_status("tiny-a", "LOADED")
+    with httpx.Client(base_url=swapper.url, timeout=60) as client:
+        with client.stream("GET", "/events") as events, \
+                client.stream("GET", "/models/tiny-a/logs", params={"follow": 1}) as logs:
+            event_lines, log_lines = events.iter_lines(), logs.iter_lines()
+            assert next(event_lines).startswith("event: snapshot")
+            assert next(log_lines).startswith("data: ")
+            swapper.signal(signal.SIGTERM)
+            # Both streams end as shutdown begins, long before the 60 s grace period.
+            list(event_lines)
+            list(log_lines)
+    swapper.proc.wait(timeout=20)
+    assert "Swapper Service stopped" in swapper.output()
+    assert "Exception in ASGI application" not in swapper.output()
+    assert swapper.backends() == []
