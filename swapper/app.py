@@ -25,6 +25,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from swapper.admin import ADMIN_HANDLERS
 from swapper.config import Config, load_config
 from swapper.coordinator import SwapCoordinator
+from swapper.dashboard import UI_HANDLERS
 from swapper.errors import SwapperError
 from swapper.forwarding import OPENAI_HANDLERS, json_response
 from swapper.gpu import GpuMonitor
@@ -108,7 +109,7 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
 
     cors = config.server.cors_origins
     app = Litestar(
-        route_handlers=[*OPENAI_HANDLERS, *ADMIN_HANDLERS],
+        route_handlers=[*OPENAI_HANDLERS, *ADMIN_HANDLERS, *UI_HANDLERS],
         middleware=[request_id_middleware],
         lifespan=[lifespan],
         exception_handlers={Exception: _render_error},

@@ -141,6 +141,14 @@ class SwapCoordinator:
 
         ``manual`` marks an operator's load (the swap's reason), not a client request.
         """
+        return await self.redeem(self.enqueue(model_id, manual=manual))
+
+    def enqueue(self, model_id: str, *, manual: bool = False) -> Lease | Waiter:
+        """Admit now (a Lease) or take a place in the queue (a Waiter for :meth:`redeem`).
+
+        Refusals — unknown model, shutting down, backing off, queue full — are raised here,
+        before the caller commits to an answer (a stream's 200 goes out only after this).
+        """
         if self._closing:
             raise ServiceUnavailable("swapper is shutting down")
         model = self._models.get(model_id)
@@ -166,17 +174,35 @@ class SwapCoordinator:
         model.queued += 1
         self._queue_changed(model)
         self._schedule()
+        return waiter
+
+    async def redeem(self, ticket: Lease | Waiter) -> Lease:
+        """The lease for a ticket from :meth:`enqueue`, once its model is resident."""
+        if isinstance(ticket, Lease):
+            return ticket
+        ticket.redeemed = True
+        model = ticket.model
         try:
-            base_url = await waiter.future
+            base_url = await ticket.future
         except asyncio.CancelledError:
-            future = waiter.future
-            if future.done() and not future.cancelled() and future.exception() is None:
-                self._release(model, used=False)  # admitted just as the client went away
-            else:
-                self._drop_waiter(waiter)
-                self._schedule()
+            self.abandon(ticket)
             raise
         return Lease(self, model, base_url)
+
+    def abandon(self, ticket: Lease | Waiter) -> None:
+        """Give up a ticket whose request will not be sent (the client left); idempotent."""
+        if isinstance(ticket, Lease):
+            ticket.release(used=False)
+            return
+        future = ticket.future
+        if future.done() and not future.cancelled() and future.exception() is None:
+            if not ticket.abandoned:
+                ticket.abandoned = True
+                self._release(ticket.model, used=False)  # admitted just as the client went away
+        elif not future.done() or future.cancelled():
+            future.cancel()  # (a cancelled awaiting task has cancelled it already)
+            self._drop_waiter(ticket)
+            self._schedule()
 
     def admits_now(self, model_id: str) -> bool:
         """True when a request for ``model_id`` would be admitted without waiting."""
@@ -391,8 +417,8 @@ class SwapCoordinator:
         first_other = next((w.seq for w in self._waiters if w.model is not active), None)
         bound = self.config.swapper.max_overtake
         for waiter in list(self._waiters):
-            if waiter.model is not active:
-                continue
+            if waiter.model is not active or waiter.future.done():
+                continue  # another model's, or cancelled: its task drops it when it resumes
             if first_other is not None and waiter.seq > first_other:
                 if self._overtaken >= bound:
                     self._draining = True

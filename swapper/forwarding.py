@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -21,6 +21,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from swapper.access import require_key
 from swapper.coordinator import Lease
+from swapper.model_state import Waiter
 from swapper.errors import BackendTimeout, InvalidRequest, SwapperError, UnsupportedMediaType
 from swapper.openapi import ChatOperation, CompletionOperation, EmbeddingOperation
 from swapper.upstream import UpstreamResponse, error_event, normalise_error
@@ -91,39 +92,49 @@ async def _relay(lease: Lease, upstream: UpstreamResponse) -> AsyncIterator[byte
         await upstream.aclose()
 
 
-class _RelayStream(Stream):
-    """An SSE relay whose lease is released however the response ends.
+class _GuardedStream(Stream):
+    """An SSE response whose cleanup runs however the response ends.
 
     Litestar may cancel a stream before its iterator first runs (the client left at once); the
     generator's own ``finally`` would then never run, so the ASGI call is guarded as well.
     """
 
-    def __init__(self, lease: Lease, upstream: UpstreamResponse) -> None:
-        super().__init__(_relay(lease, upstream), status_code=upstream.status,
-                         media_type=upstream.content_type, headers=SSE_HEADERS)
-        self.lease = lease
-        self.upstream = upstream
+    def __init__(self, iterator: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]],
+                 *, status: int = 200, media_type: str = "text/event-stream") -> None:
+        super().__init__(iterator, status_code=status, media_type=media_type,
+                         headers=SSE_HEADERS)
+        self.cleanup = cleanup
 
     def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIApp:
         inner = super().to_asgi_response(*args, **kwargs)
-        lease, upstream = self.lease, self.upstream
+        cleanup = self.cleanup
 
         async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
             try:
                 await inner(scope, receive, send)
             finally:
-                lease.release()
-                await upstream.aclose()
+                await cleanup()
 
         return guarded
 
 
-async def _exchange(request: Request[Any, Any, State], path: str, body: bytes,
-                    model_id: str, stream: bool) -> tuple[Lease, UpstreamResponse, bytes | None]:
+def _relay_stream(lease: Lease, upstream: UpstreamResponse) -> _GuardedStream:
+    async def cleanup() -> None:
+        lease.release()
+        await upstream.aclose()
+
+    return _GuardedStream(_relay(lease, upstream), cleanup, status=upstream.status,
+                          media_type=upstream.content_type)
+
+
+async def _exchange(request: Request[Any, Any, State], path: str, body: bytes, model_id: str,
+                    stream: bool, ticket: Lease | Waiter | None = None,
+                    ) -> tuple[Lease, UpstreamResponse, bytes | None]:
     """Get a lease and the backend's answer: headers only for a stream, the body otherwise."""
     state = request.app.state
     started = time.perf_counter()
-    lease = await state.coordinator.acquire(model_id)
+    coordinator = state.coordinator
+    lease = await (coordinator.acquire(model_id) if ticket is None else coordinator.redeem(ticket))
     try:
         upstream = await state.upstream.send(model_id, lease.base_url, path, body,
                                              keep_alive=not stream,
@@ -171,10 +182,12 @@ async def _forward(request: Request[Any, Any, State], path: str) -> Response[Any
         stream = routing.stream is True
         feedback = state.config.swapper.loading_feedback
         if stream and feedback != "none" and not state.coordinator.admits_now(model_id):
+            # Queue now, so that a full queue or a backing-off model is still a 429/503;
+            # only then commit to a 200 whose stream carries the loading progress.
+            ticket = state.coordinator.enqueue(model_id)
             status = 200
             mode = feedback if path == "/v1/chat/completions" else "comments"
-            return Stream(_loading_then_relay(request, path, body, model_id, mode),
-                          media_type="text/event-stream", headers=SSE_HEADERS)
+            return _loading_stream(request, path, body, model_id, mode, ticket)
         response = await _forward_now(request, path, body, model_id, stream)
         status = response.status_code
         return response
@@ -204,7 +217,7 @@ async def _forward_now(request: Request[Any, Any, State], path: str, body: bytes
         return Response(b"", status_code=499)
     lease, upstream, content = exchange.result()
     if content is None:
-        return _RelayStream(lease, upstream)
+        return _relay_stream(lease, upstream)
     if upstream.status >= 400:
         content = normalise_error(upstream.status, content)
         return Response(content, status_code=upstream.status, media_type=_JSON)
@@ -221,8 +234,23 @@ def _progress(mode: str, model_id: str, elapsed: float) -> bytes:
     return b"data: " + _ENCODE.encode(chunk) + b"\n\n"
 
 
+def _loading_stream(request: Request[Any, Any, State], path: str, body: bytes, model_id: str,
+                    mode: str, ticket: Lease | Waiter) -> _GuardedStream:
+    coordinator = request.app.state.coordinator
+
+    async def cleanup() -> None:
+        if isinstance(ticket, Lease):
+            ticket.release(used=False)  # no-op when the relay already released it
+        elif not ticket.redeemed:  # the stream never started: give the place back
+            coordinator.abandon(ticket)
+
+    return _GuardedStream(_loading_then_relay(request, path, body, model_id, mode, ticket),
+                          cleanup)
+
+
 async def _loading_then_relay(request: Request[Any, Any, State], path: str, body: bytes,
-                              model_id: str, mode: str) -> AsyncIterator[bytes]:
+                              model_id: str, mode: str,
+                              ticket: Lease | Waiter) -> AsyncIterator[bytes]:
     """A stream that must wait for its model: progress every few seconds, then the answer.
 
     The 200 and the SSE headers go out at once, so the client's read timeout is reset by
@@ -230,7 +258,7 @@ async def _loading_then_relay(request: Request[Any, Any, State], path: str, body
     """
     interval = request.app.state.config.swapper.loading_feedback_interval
     started = time.perf_counter()
-    exchange = asyncio.ensure_future(_exchange(request, path, body, model_id, True))
+    exchange = asyncio.ensure_future(_exchange(request, path, body, model_id, True, ticket))
     relay: AsyncIterator[bytes] | None = None
     try:
         while not (await asyncio.wait({exchange}, timeout=interval))[0]:

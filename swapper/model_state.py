@@ -76,3 +76,5 @@ class Waiter:
     seq: int
     future: asyncio.Future[str]  # resolves to the backend's base URL on admission
     manual: bool = False  # an operator's load, not a client request
+    redeemed: bool = False  # someone awaits it (and will release what it admits)
+    abandoned: bool = False  # given up after admission: its in-flight slot was returned

@@ -159,7 +159,9 @@ async def test_queue_cap_answers_429_with_retry_after(
 ) -> None:
     # max_queue 0: a request that would have to wait for a load is refused at once.
     async with make_client(swapper={"max_queue": 0}) as client:
-        refused = await client.post("/v1/chat/completions", json=CHAT)
-        assert error_of(refused, 429)["code"] == "queue_full"
-        assert int(refused.headers["retry-after"]) >= 1
+        # A stream that would wait is refused too, before any 200 or loading feedback.
+        for body in (CHAT, {**CHAT, "stream": True}):
+            refused = await client.post("/v1/chat/completions", json=body)
+            assert error_of(refused, 429)["code"] == "queue_full"
+            assert int(refused.headers["retry-after"]) >= 1
     assert world.events == []

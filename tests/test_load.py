@@ -128,7 +128,9 @@ def check_completion(body: bytes) -> str | None:
 def check_stream(body: bytes) -> str | None:
     """None when an SSE answer is chunks of valid JSON ending with ``data: [DONE]``."""
     text = body.decode(errors="replace")
-    events = [event.strip() for event in text.split("\n\n") if event.strip()]
+    # Comment events (": loading tiny-a 3.0s" while a model loads) are ignored, as clients do.
+    events = [event.strip() for event in text.split("\n\n")
+              if event.strip() and not event.startswith(":")]
     if not events or events[-1] != "data: [DONE]":
         return f"does not end with data: [DONE]: {text[-300:]!r}"
     finished = False
