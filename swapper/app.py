@@ -89,7 +89,8 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
         app.state.metrics = Metrics(coordinator, app.state.gpu)
         logger.info("Swapper Service initialized with %d models", len(config.models))
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(NotImplementedError, RuntimeError):
+        # No SIGHUP where signals cannot be had: Windows, or a server run outside the main thread.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload_logged(app)))
         warmup = None
         if config.swapper.default_model:
@@ -97,7 +98,7 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
         try:
             yield
         finally:
-            with contextlib.suppress(NotImplementedError, RuntimeError):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGHUP)
             if warmup is not None:
                 warmup.cancel()

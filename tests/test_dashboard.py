@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.conftest import SwapperProcess
+from tests.conftest import SwapperProcess, wait_until
+from tests.fakes import FakePlugin, FakeWorld
 
 pytestmark = pytest.mark.integration
 
@@ -86,3 +87,62 @@ def test_dashboard_uses_the_admin_key(swapper_factory: Any, page: Page, llama_se
             "models"]["tiny-a"]["status"] == "LOADED"
     finally:
         swapper.stop()
+
+
+class _FakeGpu:
+    """One 20 GB GPU, with 6 GiB used by whatever backend runs."""
+
+    available = True
+
+    def gpus(self) -> list[Any]:
+        from swapper.gpu import GpuStats
+
+        return [GpuStats(0, "Fake RTX 4000", 20480.0, 6144.0, 14336.0)]
+
+    def process_memory_mb(self, pid: int) -> float:
+        return 5120.0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"available": True, "gpus": [{"index": 0, "name": "Fake RTX 4000",
+                                             "total_mb": 20480, "used_mb": 6144,
+                                             "free_mb": 14336}]}
+
+
+def test_dashboard_draws_vram_as_a_bar(page: Page, world: FakeWorld,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here: the app runs in-process with a fake NVML view and fake backends."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    import swapper.app
+    from swapper.config import parse_config
+    from swapper.plugins import load_backends
+
+    monkeypatch.setattr(swapper.app, "GpuMonitor", _FakeGpu)
+    registry = load_backends(FakePlugin(world))
+    config = parse_config({"swapper": {"stop_timeout": 1},
+                           "models": {"qwen3-8b": {"backend": "fake"}}}, "gpu.yaml",
+                          registry.schemas())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(swapper.app.create_app(config, registry),
+                                           host="127.0.0.1", port=port, log_config=None,
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 10, "the in-process server")
+        page.goto(f"http://127.0.0.1:{port}/ui")
+        page.get_by_test_id("load-qwen3-8b").click()
+        expect(page.get_by_test_id("status-qwen3-8b")).to_have_text("LOADED")
+        vram = page.get_by_test_id("vram")
+        expect(vram).to_contain_text("GPU 0 Fake RTX 4000: 6144 / 20480 MiB")
+        width = vram.locator(".bar > div").evaluate("bar => bar.style.width")
+        assert width == "30%"
+        expect(page.locator('[data-model="qwen3-8b"]')).to_contain_text("5120 MiB")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
