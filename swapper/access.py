@@ -33,26 +33,32 @@ def _matches(candidate: bytes, keys: list[str]) -> bool:
     return found
 
 
-def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Guard: any configured API key (or an admin key) when keys are configured."""
+def _checked_key(connection: ASGIConnection[Any, Any, Any, Any]) -> tuple[Any, bytes] | None:
+    """None when no keys are configured (open); else the settings and the key presented."""
     server = connection.app.state.config.server
     if not server.api_keys and not server.admin_api_keys:
-        return
+        return None
     key = _presented_key(connection)
     if key is None:
         raise Unauthorized(_MISSING)
-    if not (_matches(key, server.api_keys) | _matches(key, server.admin_api_keys)):
-        raise Unauthorized("Invalid API key")
+    return server, key
+
+
+def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: any configured API key (or an admin key) when keys are configured."""
+    checked = _checked_key(connection)
+    if checked is not None:
+        server, key = checked
+        if not (_matches(key, server.api_keys) | _matches(key, server.admin_api_keys)):
+            raise Unauthorized("Invalid API key")
 
 
 def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Guard: an admin key for load, unload and reload whenever any keys are configured."""
-    server = connection.app.state.config.server
-    if not server.api_keys and not server.admin_api_keys:
+    checked = _checked_key(connection)
+    if checked is None:
         return
-    key = _presented_key(connection)
-    if key is None:
-        raise Unauthorized(_MISSING)
+    server, key = checked
     if _matches(key, server.admin_api_keys):
         return
     if _matches(key, server.api_keys):

@@ -52,22 +52,23 @@ async def status(state: State) -> Response[bytes]:
     return json_response(status_document(state))
 
 
+async def _model_action(state: State, model: str, unload: bool) -> Response[bytes]:
+    coordinator: SwapCoordinator = state.coordinator
+    model_id = coordinator.resolve(model)
+    await (coordinator.unload(model_id) if unload else coordinator.load(model_id))
+    return json_response({"model": model_id, **status_document(state)["models"][model_id]})
+
+
 @post("/models/{model:str}/load", guards=[require_admin], status_code=200)
 async def load_model(state: State, model: FromPath[str]) -> Response[bytes]:
     """Make a model resident (swapping out the active one) and wait until it is."""
-    coordinator: SwapCoordinator = state.coordinator
-    model_id = coordinator.resolve(model)
-    await coordinator.load(model_id)
-    return json_response({"model": model_id, **status_document(state)["models"][model_id]})
+    return await _model_action(state, model, unload=False)
 
 
 @post("/models/{model:str}/unload", guards=[require_admin], status_code=200)
 async def unload_model(state: State, model: FromPath[str]) -> Response[bytes]:
     """Unload a model once its in-flight requests finish."""
-    coordinator: SwapCoordinator = state.coordinator
-    model_id = coordinator.resolve(model)
-    await coordinator.unload(model_id)
-    return json_response({"model": model_id, **status_document(state)["models"][model_id]})
+    return await _model_action(state, model, unload=True)
 
 
 @post("/admin/reload", guards=[require_admin], status_code=200)
