@@ -13,6 +13,8 @@ default:
 install:
     test -x {{py}} || python3 -m venv {{venv}}
     {{py}} -m pip install --quiet --disable-pip-version-check -e '.[test]'
+    # the example third-party backend plugin the tests use
+    {{py}} -m pip install --quiet --disable-pip-version-check --no-deps -e tests/plugins/swapper-example-backend
 
 # build (once) and print the cached llama-server binary
 llama-server:

@@ -74,6 +74,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
+def _plugins(args: argparse.Namespace) -> int:
+    registry = load_backends()
+    for name in sorted(registry.backends):
+        print(f"{name}\t{registry.sources[name]}")
+    for name, error in sorted(registry.failures.items()):
+        print(f"{name}\tFAILED: {error}", file=sys.stderr)
+    return 1 if registry.failures else 0
+
+
 def _check_config(args: argparse.Namespace) -> int:
     config, _ = _load(args.path)
     print(f"{args.path}: ok ({len(config.models)} models)")
@@ -91,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", help="listen address (default: server.host)")
     serve.add_argument("--port", type=int, help="listen port (default: server.port)")
     serve.set_defaults(run=_serve)
+
+    plugins = commands.add_parser("plugins", help="list the backend kinds found, and from where")
+    plugins.set_defaults(run=_plugins)
 
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("path")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import pluggy
 
@@ -14,6 +16,8 @@ from swapper.errors import PluginError
 
 __all__ = ["BackendRegistry", "load_backends"]
 
+logger = logging.getLogger("swapper.plugins")
+
 
 @dataclass(frozen=True)
 class BackendRegistry:
@@ -21,6 +25,8 @@ class BackendRegistry:
 
     backends: dict[str, type[Backend]]
     sources: dict[str, str]
+    #: Entry points that could not be loaded, by name, with the error (the others still load).
+    failures: dict[str, str] = field(default_factory=dict)
 
     def schemas(self) -> dict[str, type[ModelEntry]]:
         """Model-entry schemas by backend name, for config decoding."""
@@ -48,16 +54,30 @@ def load_backends(*extra_plugins: object) -> BackendRegistry:
     """Build the plugin manager: hookspecs, entry points, then any plugins passed in (tests)."""
     manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     manager.add_hookspecs(hookspecs)
-    manager.load_setuptools_entrypoints(hookspecs.ENTRY_POINT_GROUP)
+    failures: dict[str, str] = {}
+    sources_by_plugin: dict[int, str] = {}
+    for entry_point in importlib.metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP):
+        dist = entry_point.dist
+        where = f"{dist.name} {dist.version}" if dist is not None else entry_point.value
+        try:
+            plugin = entry_point.load()
+        except Exception as exc:  # noqa: BLE001 - one broken plugin must not stop the others
+            failures[entry_point.name] = f"{where}: {type(exc).__name__}: {exc}"
+            logger.error("backend plugin %r (%s) failed to load: %s: %s", entry_point.name,
+                         where, type(exc).__name__, exc)
+            continue
+        if manager.is_registered(plugin):
+            continue
+        manager.register(plugin, name=entry_point.name)
+        sources_by_plugin[id(plugin)] = f"{where} ({entry_point.value})"
     for plugin in extra_plugins:
         manager.register(plugin)
 
     backends: dict[str, type[Backend]] = {}
     sources: dict[str, str] = {}
-    dist_names = {id(plugin): dist.project_name for plugin, dist in manager.list_plugin_distinfo()}
     for impl in manager.hook.register_backends.get_hookimpls():
         plugin_name = impl.plugin_name
-        source = dist_names.get(id(impl.plugin), plugin_name)
+        source = sources_by_plugin.get(id(impl.plugin), plugin_name)
 
         def register(cls: type[Backend], _plugin: str = plugin_name, _source: str = source) -> None:
             backend = _check(cls, _plugin)
@@ -70,4 +90,4 @@ def load_backends(*extra_plugins: object) -> BackendRegistry:
             sources[backend.name] = _source
 
         impl.function(register=register)
-    return BackendRegistry(backends=backends, sources=sources)
+    return BackendRegistry(backends=backends, sources=sources, failures=failures)

@@ -31,7 +31,8 @@ def test_builtin_backend_comes_through_the_entry_point_group() -> None:
     assert {(p.name, p.value) for p in points} >= {("llamacpp", "swapper_llamacpp")}
     registry = load_backends()
     assert registry.backends["llamacpp"] is LlamaCppBackend
-    assert registry.sources["llamacpp"] == "swapper"
+    assert registry.sources["llamacpp"].startswith("swapper ")  # distribution and version
+    assert registry.sources["llamacpp"].endswith("(swapper_llamacpp)")
     assert registry.schemas()["llamacpp"] is LlamaCppModel
 
 
@@ -88,7 +89,7 @@ class _NoName(_Complete):
         (object, "not a Backend subclass"),
         (_NoName, "has no `name`"),
         (_NoStop, "does not implement alive, ready, start, stop"),
-        (type("_Llama2", (_Complete,), {"name": "llamacpp"}), "already registered by 'swapper'"),
+        (type("_Llama2", (_Complete,), {"name": "llamacpp"}), "already registered by 'swapper "),
     ],
 )
 def test_contract_violations_name_the_plugin(cls: object, message: str) -> None:
