@@ -65,6 +65,9 @@ class SwapperSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: WebUI's "thinking" block), or nothing.
     loading_feedback: Literal["comments", "reasoning", "none"] = "comments"
     loading_feedback_interval: float = 3.0
+    #: Seconds a resident model may sit idle before it is unloaded (a model's ``ttl`` wins);
+    #: 0 means never.
+    default_ttl: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode == "multi-active":
@@ -81,6 +84,8 @@ class SwapperSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError("max_queue: must be >= 0")
         if self.max_start_failures < 1:
             raise ValueError("max_start_failures: must be >= 1")
+        if not (math.isfinite(self.default_ttl) and self.default_ttl >= 0):
+            raise ValueError("default_ttl: must be a number >= 0 (0 = never)")
 
 
 class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -140,6 +145,8 @@ class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     backend: str
     #: Other names clients may use for this model.
     aliases: list[str] = []
+    #: Seconds idle (no request in flight) before unloading; None: swapper.default_ttl; 0: never.
+    ttl: float | None = None
 
 
 class _RawModelEntry(msgspec.Struct, frozen=True):
@@ -265,6 +272,9 @@ def parse_config(
             models[model_id] = msgspec.convert(entry, schema)
         except msgspec.ValidationError as exc:
             raise ConfigError(f"{source}: {_describe(exc, where)}") from None
+        ttl = models[model_id].ttl  # checked here: a plugin's __post_init__ may not call ours
+        if ttl is not None and not (math.isfinite(ttl) and ttl >= 0):
+            raise ConfigError(f"{source}: {where}.ttl: must be a number >= 0 (0 = never)")
         for name in (model_id, *models[model_id].aliases):
             owner = names.get(name, model_id if name == model_id or name not in raw.models else name)
             if owner != model_id:

@@ -365,6 +365,7 @@ class SwapCoordinator:
         if self._others_waiting(model):
             self._overtaken += 1
         model.in_flight += 1
+        self._disarm_idle(model)
         assert model.handle is not None
         return Lease(self, model, model.handle.base_url)
 
@@ -384,7 +385,35 @@ class SwapCoordinator:
         if used:
             model.last_used = time.time()
         self._queue_changed(model)
+        if model.in_flight == 0:
+            self._arm_idle(model)
         if model.in_flight == 0 and (self._waiters or self._draining):
+            self._schedule()
+
+    def _ttl(self, model: ModelRecord) -> float:
+        ttl = self.config.models[model.id].ttl if model.id in self.config.models else None
+        return self.config.swapper.default_ttl if ttl is None else ttl
+
+    def _arm_idle(self, model: ModelRecord) -> None:
+        """Start the idle clock of a resident model with nothing in flight (ttl 0: never)."""
+        ttl = self._ttl(model)
+        if ttl <= 0 or model.status != ModelStatus.LOADED or model.in_flight:
+            return
+        self._disarm_idle(model)
+        model.idle_timer = asyncio.get_running_loop().call_later(ttl, self._idle_expired, model)
+
+    @staticmethod
+    def _disarm_idle(model: ModelRecord) -> None:
+        if model.idle_timer is not None:
+            model.idle_timer.cancel()
+            model.idle_timer = None
+
+    def _idle_expired(self, model: ModelRecord) -> None:
+        model.idle_timer = None
+        if (model is self._active and model.status == ModelStatus.LOADED
+                and not model.in_flight and not model.queued):
+            logger.info("%s idle for %gs (ttl); unloading", model.id, self._ttl(model))
+            self._draining = True
             self._schedule()
 
     def _schedule(self) -> None:
@@ -427,6 +456,7 @@ class SwapCoordinator:
             self._waiters.remove(waiter)
             active.queued -= 1
             active.in_flight += 1
+            self._disarm_idle(active)
             self._queue_changed(active)
             assert active.handle is not None
             waiter.future.set_result(active.handle.base_url)
@@ -453,6 +483,8 @@ class SwapCoordinator:
         if new not in TRANSITIONS[old]:
             raise RuntimeError(f"illegal transition for {model.id}: {old} -> {new}")
         model.status = new
+        if new != ModelStatus.LOADED:
+            self._disarm_idle(model)
         if new == ModelStatus.LOADING:
             model.last_error = None
             model.unloaded.clear()
@@ -538,6 +570,7 @@ class SwapCoordinator:
         self._swap_started = self._swap_from = None
         model.watcher = self._spawn(self._watch(model, model.handle), f"watch:{model.id}")
         self._schedule()
+        self._arm_idle(model)  # loaded for a request that gave up, or by an operator
 
     async def _start_until_ready(self, model: ModelRecord) -> None:
         """Start the backend and wait for it; start again if another process took its port."""

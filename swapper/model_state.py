@@ -66,6 +66,8 @@ class ModelRecord:
     load_started: float = 0.0
     unload_started: float = 0.0
     log: ModelLog = field(default_factory=ModelLog)
+    #: Unloads the model when it has been idle for its ttl.
+    idle_timer: asyncio.TimerHandle | None = None
 
 
 @dataclass(eq=False)

@@ -135,3 +135,11 @@ def test_check_config_command_exit_codes(tmp_path: Path) -> None:
     assert failed.returncode == 2
     assert failed.stderr.strip() == f"{bad}: $.models.qwen3-8b.ctx_size: expected int, got str"
     assert "Traceback" not in failed.stderr
+
+
+def test_ttl_must_be_a_non_negative_number(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("    aliases: [qwen3]", "    aliases: [qwen3]\n    ttl: -5"))
+    with pytest.raises(ConfigError, match=r"\$\.models\.qwen3-8b\.ttl: must be a number >= 0"):
+        load_config(path, SCHEMAS)
+    path = write(tmp_path, GOOD.replace("  default_model: qwen3", "  default_model: qwen3\n  default_ttl: 600"))
+    assert load_config(path, SCHEMAS).swapper.default_ttl == 600

@@ -424,3 +424,35 @@ async def test_reload_unloads_a_resident_removed_model_once_idle(
     await settle()
     assert "c" not in world.alive
     assert coordinator.active_model is None
+
+
+async def test_idle_model_unloads_after_its_ttl_but_never_while_in_flight(
+    make: Callable[..., SwapCoordinator], world: FakeWorld
+) -> None:
+    coordinator = make(default_ttl=0.05)
+    lease = await coordinator.acquire("a")
+    assert coordinator._models["a"].idle_timer is None  # in flight: no idle clock at all
+    lease.release()
+    assert coordinator._models["a"].idle_timer is not None
+    await coordinator.wait_for_status("a", ModelStatus.UNLOADED)
+    assert world.events == [("start", "a"), ("stop", "a")]
+    assert coordinator.active_model is None
+
+
+async def test_a_request_resets_the_idle_clock_and_ttl_zero_means_never(
+    make: Callable[..., SwapCoordinator], world: FakeWorld
+) -> None:
+    coordinator = make(default_ttl=0)
+    (await coordinator.acquire("a")).release()
+    assert coordinator._models["a"].idle_timer is None  # ttl 0: never unloads when idle
+    coordinator.config = parse_config(
+        {"swapper": {"default_ttl": 3600}, "models": {"a": {"backend": "fake", "ttl": 0.05},
+                                                      "b": {"backend": "fake"}, "c": {"backend": "fake"}}},
+        "ttl.yaml", load_backends(FakePlugin(world)).schemas())
+    lease = await coordinator.acquire("a")  # the model's own ttl wins over default_ttl
+    lease.release()
+    first = coordinator._models["a"].idle_timer
+    assert first is not None
+    (await coordinator.acquire("a")).release()  # a new request restarts the clock
+    assert first.cancelled()
+    await coordinator.wait_for_status("a", ModelStatus.UNLOADED)

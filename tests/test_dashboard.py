@@ -3,50 +3,72 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from tests.conftest import SwapperProcess, wait_until
-from tests.fakes import FakePlugin, FakeWorld
+from tests.fakes import Behaviour, FakePlugin, FakeWorld
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration]
 
 CHROMIUM = os.environ.get("SWAPPER_CHROMIUM", "/usr/bin/chromium")
+# Nothing is downloaded or phoned home: the system browser, headless, on loopback only.
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+API_KEY = "dash-user-key"
 ADMIN_KEY = "dash-admin-key"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    """Debian's Chromium, launched once per module; missing, it is a failure, not a skip."""
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium)")
+        pytest.fail(f"{CHROMIUM} not found: the dashboard test needs Debian's Chromium; install "
+                    "it with `apt-get update && apt-get install -y chromium` (or point "
+                    "$SWAPPER_CHROMIUM at a Chromium binary)")
     with sync_playwright() as playwright:
-        # Playwright drives the system Chromium: no browser is downloaded.
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"])
+        # executable_path: Playwright drives the system Chromium, so no browser is downloaded.
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
 
 
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
+    """A fresh browser context (empty localStorage) whose page must raise no script error."""
     context = browser.new_context()
     page = context.new_page()
     page.set_default_timeout(30_000)
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
+
+    def on_console(message: ConsoleMessage) -> None:
+        # 401/403 answers are logged by Chromium as "Failed to load resource"; they are expected.
+        if message.type == "error" and "Failed to load resource" not in message.text:
+            problems.append(f"console: {message.text}")
+
+    page.on("console", on_console)
     yield page
     context.close()
+    assert not problems, "the page reported errors (a CSP violation?):\n" + "\n".join(problems)
 
 
 def test_dashboard_loads_a_model(swapper_factory: Any, page: Page, tmp_path: Path) -> None:
     swapper = swapper_factory()
     response = page.goto(f"{swapper.url}/ui")
     assert response is not None and response.status == 200
-    assert "default-src 'self'" in response.headers["content-security-policy"]
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    csp = response.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+    assert "unsafe-inline" not in csp and "'sha256-" in csp
     for model in ("tiny-a", "tiny-b", "tiny-c"):
         expect(page.get_by_test_id(f"status-{model}")).to_have_text("UNLOADED")
     expect(page.get_by_test_id("vram")).to_contain_text("no GPU")
@@ -55,36 +77,71 @@ def test_dashboard_loads_a_model(swapper_factory: Any, page: Page, tmp_path: Pat
     page.get_by_test_id("load-tiny-b").click()
     expect(page.get_by_test_id("status-tiny-b")).to_have_text("LOADED")
     assert swapper.model("tiny-b")["status"] == "LOADED"
-    expect(page.get_by_test_id("swaps")).to_contain_text("tiny-b (manual)")
+    expect(page.get_by_test_id("load-tiny-b")).to_have_text("Load")  # the request has ended
+    expect(page.get_by_test_id("load-tiny-b")).to_be_enabled()
+    expect(page.get_by_test_id("mode")).to_have_text("single-active · active: tiny-b")
+    pid = str(swapper.model("tiny-b")["pid"])
+    expect(page.locator('[data-model="tiny-b"]')).to_contain_text(pid)
+    expect(page.get_by_test_id("swaps")).to_contain_text("– → tiny-b (manual) in")
     expect(page.get_by_test_id("events")).to_contain_text("tiny-b: LOADING → LOADED")
 
     page.get_by_test_id("load-tiny-c").click()  # a swap, seen live
     expect(page.get_by_test_id("status-tiny-c")).to_have_text("LOADED")
     expect(page.get_by_test_id("status-tiny-b")).to_have_text("UNLOADED")
-    expect(page.get_by_test_id("swaps")).to_contain_text("tiny-b → tiny-c (manual)")
+    expect(page.get_by_test_id("swaps").locator("li").first).to_contain_text(
+        "tiny-b → tiny-c (manual) in")  # newest first
+    expect(page.get_by_test_id("events")).to_contain_text("tiny-b stopped in")
+
+    page.get_by_test_id("unload-tiny-c").click()
+    expect(page.get_by_test_id("status-tiny-c")).to_have_text("UNLOADED")
+    page.get_by_test_id("load-tiny-b").click()  # left loaded for the screenshot
+    expect(page.get_by_test_id("status-tiny-b")).to_have_text("LOADED")
+    assert swapper.model("tiny-b")["status"] == "LOADED"
 
     shot = tmp_path / "dashboard.png"
     page.screenshot(path=str(shot), full_page=True)
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    data = shot.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 10_000
 
 
-def test_dashboard_uses_the_admin_key(swapper_factory: Any, page: Page, llama_server: str) -> None:
+def test_dashboard_asks_for_a_key_and_uses_the_admin_key(swapper_factory: Any, page: Page,
+                                                          llama_server: str) -> None:
     workdir = swapper_factory.workdir
-    config = {"swapper": {"gpu_enabled": False, "stop_timeout": 5},
-              "server": {"admin_api_keys": [ADMIN_KEY]},
+    config = {"swapper": {"gpu_enabled": False, "stop_timeout": 5, "shutdown_timeout": 5},
+              "server": {"api_keys": [API_KEY], "admin_api_keys": [ADMIN_KEY]},
               "models": {"tiny-a": {"backend": "llamacpp", "ctx_size": 512,
                                     "model_path": str(workdir / "tiny-a.gguf")}}}
     swapper = SwapperProcess(config, workdir, llama_server)
     try:
-        page.goto(f"{swapper.url}/ui")
-        expect(page.get_by_test_id("notice")).to_contain_text("401")  # no key yet
-        page.get_by_test_id("key").fill(ADMIN_KEY)
+        response = page.goto(f"{swapper.url}/ui")  # the page itself is open, like /health
+        assert response is not None and response.status == 200
+        notice = page.get_by_test_id("notice")
+        expect(notice).to_contain_text("401")  # no key yet
+        expect(notice).to_contain_text("enter an API key")
+        expect(page.get_by_test_id("link")).to_contain_text("needs a key (401)")
+
+        page.get_by_test_id("key").fill(API_KEY)  # a plain key: may look, may not load
         page.get_by_test_id("save-key").click()
         expect(page.get_by_test_id("status-tiny-a")).to_have_text("UNLOADED")
+        expect(notice).to_be_empty()
+        expect(page.get_by_test_id("link")).to_have_text("events: live")
+        page.get_by_test_id("load-tiny-a").click()
+        expect(notice).to_contain_text("403")
+        expect(notice).to_contain_text("admin_api_keys")
+        assert swapper.http.get("/status", headers={"x-api-key": API_KEY}).json()[
+            "models"]["tiny-a"]["status"] == "UNLOADED"
+
+        page.get_by_test_id("key").fill(ADMIN_KEY)
+        page.get_by_test_id("save-key").click()
+        expect(notice).to_be_empty()
         page.get_by_test_id("load-tiny-a").click()
         expect(page.get_by_test_id("status-tiny-a")).to_have_text("LOADED")
+        expect(notice).to_be_empty()
         assert swapper.http.get("/status", headers={"x-api-key": ADMIN_KEY}).json()[
             "models"]["tiny-a"]["status"] == "LOADED"
+        # Kept in the browser's storage, never in the address.
+        assert page.evaluate("localStorage.getItem('swapper-key')") == ADMIN_KEY
+        assert ADMIN_KEY not in page.url and API_KEY not in page.url
     finally:
         swapper.stop()
 
@@ -108,12 +165,9 @@ class _FakeGpu:
                                              "free_mb": 14336}]}
 
 
-def test_dashboard_draws_vram_as_a_bar(page: Page, world: FakeWorld,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """No GPU here: the app runs in-process with a fake NVML view and fake backends."""
-    import socket
-    import threading
-
+@pytest.fixture
+def fake_gpu_swapper(world: FakeWorld, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """swapper in-process on fake backends with a fake NVML view (no GPU here); its URL."""
     import uvicorn
 
     import swapper.app
@@ -122,9 +176,10 @@ def test_dashboard_draws_vram_as_a_bar(page: Page, world: FakeWorld,
 
     monkeypatch.setattr(swapper.app, "GpuMonitor", _FakeGpu)
     registry = load_backends(FakePlugin(world))
-    config = parse_config({"swapper": {"stop_timeout": 1},
-                           "models": {"qwen3-8b": {"backend": "fake"}}}, "gpu.yaml",
-                          registry.schemas())
+    config = parse_config({"swapper": {"stop_timeout": 1, "max_start_failures": 1},
+                           "models": {"qwen3-8b": {"backend": "fake"},
+                                      "broken": {"backend": "fake"}}},
+                          "gpu.yaml", registry.schemas())
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -135,14 +190,60 @@ def test_dashboard_draws_vram_as_a_bar(page: Page, world: FakeWorld,
     thread.start()
     try:
         wait_until(lambda: server.started, 10, "the in-process server")
-        page.goto(f"http://127.0.0.1:{port}/ui")
-        page.get_by_test_id("load-qwen3-8b").click()
-        expect(page.get_by_test_id("status-qwen3-8b")).to_have_text("LOADED")
-        vram = page.get_by_test_id("vram")
-        expect(vram).to_contain_text("GPU 0 Fake RTX 4000: 6144 / 20480 MiB")
-        width = vram.locator(".bar > div").evaluate("bar => bar.style.width")
-        assert width == "30%"
-        expect(page.locator('[data-model="qwen3-8b"]')).to_contain_text("5120 MiB")
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_dashboard_shows_progress_vram_and_failures(fake_gpu_swapper: str, page: Page,
+                                                    world: FakeWorld, tmp_path: Path) -> None:
+    world.queue("qwen3-8b", Behaviour.GATED)  # ready only when the test says so
+    world.queue("broken", Behaviour.FAIL_START)
+    page.goto(f"{fake_gpu_swapper}/ui")
+
+    load = page.get_by_test_id("load-qwen3-8b")
+    load.click()
+    expect(page.get_by_test_id("status-qwen3-8b")).to_have_text("LOADING")
+    expect(load).to_have_text("loading…")
+    expect(load).to_be_disabled()
+    expect(page.get_by_test_id("unload-qwen3-8b")).to_be_disabled()
+    world.gates["qwen3-8b"].set()
+    expect(page.get_by_test_id("status-qwen3-8b")).to_have_text("LOADED")
+    expect(load).to_have_text("Load")
+    expect(load).to_be_enabled()
+
+    vram = page.get_by_test_id("vram")
+    expect(vram).to_contain_text("GPU 0 Fake RTX 4000: 6144 / 20480 MiB")
+    assert vram.locator(".bar > div").evaluate("bar => bar.style.width") == "30%"
+    expect(vram).to_contain_text("qwen3-8b: 5120 MiB")
+    expect(page.locator('[data-model="qwen3-8b"]')).to_contain_text("5120 MiB")
+
+    page.get_by_test_id("load-broken").click()  # its start fails: 503, shown with the reason
+    expect(page.get_by_test_id("status-broken")).to_have_text("FAILED")
+    expect(page.get_by_test_id("notice")).to_contain_text("load broken failed: 503")
+    expect(page.get_by_test_id("error-broken")).to_contain_text("fake start failed")
+    expect(page.locator('[data-model="broken"]')).to_contain_text("1 failed start")
+    expect(page.get_by_test_id("events")).to_contain_text("broken: LOADING → FAILED")
+
+    shot = tmp_path / "dashboard-gpu.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_dashboard_polls_while_the_event_stream_is_down(fake_gpu_swapper: str,
+                                                        page: Page) -> None:
+    import httpx
+
+    page.route("**/events", lambda route: route.abort())  # as if /events were unreachable
+    page.goto(f"{fake_gpu_swapper}/ui")
+    expect(page.get_by_test_id("link")).to_contain_text("polling")
+    expect(page.get_by_test_id("status-qwen3-8b")).to_have_text("UNLOADED")
+    # Loaded behind the page's back: only polling /status can tell it.
+    assert httpx.post(f"{fake_gpu_swapper}/models/qwen3-8b/load", timeout=30).status_code == 200
+    expect(page.get_by_test_id("status-qwen3-8b")).to_have_text("LOADED")
+
+    page.unroute("**/events")  # the stream comes back: the page reconnects by itself
+    expect(page.get_by_test_id("link")).to_have_text("events: live")
+    assert httpx.post(f"{fake_gpu_swapper}/models/qwen3-8b/unload", timeout=30).status_code == 200
+    expect(page.get_by_test_id("events")).to_contain_text("qwen3-8b: UNLOADING → UNLOADED")
