@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -81,17 +82,22 @@ def _sse(event: str, data: Any) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + _ENCODE.encode(data) + b"\n\n"
 
 
+async def _until_shutdown(state: State, queue: asyncio.Queue[Any],
+                          render: Callable[[Any], bytes]) -> AsyncIterator[bytes]:
+    """Render items as they come, a ``: ping`` after silence, and end when shutdown begins."""
+    while True:
+        item = await next_event(queue, _PING, state.stopping)
+        if item is STOPPED:
+            return
+        yield b": ping\n\n" if item is None else render(item)
+
+
 async def _event_stream(state: State) -> AsyncIterator[bytes]:
     with state.coordinator.events.subscribe() as queue:
         yield _sse("snapshot", status_document(state))
-        while True:
-            event = await next_event(queue, _PING, state.stopping)
-            if event is STOPPED:
-                return
-            if event is None:
-                yield b": ping\n\n"
-            else:
-                yield _sse(event.type, {**event.data, "time": event.time})
+        async for chunk in _until_shutdown(
+                state, queue, lambda event: _sse(event.type, {**event.data, "time": event.time})):
+            yield chunk
 
 
 @get("/events", guards=[require_key])
@@ -104,19 +110,17 @@ async def events(state: State) -> Stream:
     return Stream(_event_stream(state), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
+def _log_line(line: str) -> bytes:
+    return b"data: " + _ENCODE.encode({"line": line}) + b"\n\n"
+
+
 async def _log_stream(state: State, model_id: str, lines: int) -> AsyncIterator[bytes]:
     log = state.coordinator.model_log(model_id)
     with log.follow() as queue:
         for line in log.tail(lines):
-            yield b"data: " + _ENCODE.encode({"line": line}) + b"\n\n"
-        while True:
-            line = await next_event(queue, _PING, state.stopping)
-            if line is STOPPED:
-                return
-            if line is None:
-                yield b": ping\n\n"
-            else:
-                yield b"data: " + _ENCODE.encode({"line": line}) + b"\n\n"
+            yield _log_line(line)
+        async for chunk in _until_shutdown(state, queue, _log_line):
+            yield chunk
 
 
 @get("/models/{model:str}/logs", guards=[require_key])
