@@ -25,6 +25,8 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu",
 API_KEY = "dash-user-key"
 ADMIN_KEY = "dash-admin-key"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Every wait has a deadline; 30 s rather than Playwright's 5 s leaves room for a busy CI machine.
+expect.set_options(timeout=30_000)
 
 
 @pytest.fixture(scope="module")
