@@ -145,7 +145,3 @@ class ManagedProcess:
         # Kill what is left of the group too: helpers the backend started may outlive it.
         self._signal_group(signal.SIGKILL)
         return await self.wait()
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group now (used when the event loop is going away)."""
-        self._signal_group(signal.SIGKILL)

@@ -131,3 +131,11 @@ def test_llamacpp_cpu_only_and_binary_from_environment(monkeypatch: pytest.Monke
     assert argv[0] == "/env/llama-server"
     assert argv[argv.index("-ngl") + 1] == "0"
     assert "-c" not in argv
+
+
+def test_logged_command_lines_hide_secrets() -> None:
+    from swapper.backend import redact_argv
+
+    argv = ["llama-server", "--api-key", "s3cret", "--hf-token=tok", "-m", "x.gguf"]
+    assert redact_argv(argv) == ["llama-server", "--api-key", "***", "--hf-token=***", "-m",
+                                 "x.gguf"]
