@@ -32,7 +32,9 @@ def status_document(state: State) -> dict[str, Any]:
     pids = state.coordinator.resident_pids()
     for model_id, model in doc["models"].items():
         pid = pids.get(model_id)
-        model["vram_mb"] = None if pid is None else _round(gpu.process_memory_mb(pid))
+        measured = None if pid is None else gpu.process_memory_mb(pid)
+        # NVML's live figure; else what the backend reported when it loaded (Ollama's /api/ps).
+        model["vram_mb"] = _round(measured if measured is not None else model["vram_mb"])
     doc["gpu"] = gpu.snapshot()
     return doc
 

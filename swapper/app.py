@@ -75,7 +75,8 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        coordinator = SwapCoordinator(config, registry)
+        gpu = GpuMonitor()
+        coordinator = SwapCoordinator(config, registry, gpu)
         upstream = UpstreamClient(connect_timeout=config.timeouts.connect,
                                   read_timeout=config.timeouts.read)
         app.state.config = config
@@ -83,7 +84,7 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
         app.state.upstream = upstream
         app.state.models_document = _models_document(config)
         app.state.reload = lambda: _reload(app, registry)
-        app.state.gpu = GpuMonitor()
+        app.state.gpu = gpu
         app.state.stopping = asyncio.Event()  # set when shutdown begins: streams end then
         app.state.loop = asyncio.get_running_loop()
         app.state.metrics = Metrics(coordinator, app.state.gpu)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import httpcore
+import httpx
 
 from swapper.config import ModelEntry
 from swapper.process import ManagedProcess, free_port
@@ -69,6 +70,15 @@ class Backend(abc.ABC):
         #: Where the backend's output lines go besides the log (the coordinator's per-model log).
         self.log_sink: Callable[[str], None] | None = None
         self._probe_pool: httpcore.AsyncConnectionPool | None = None
+        self._client: httpx.AsyncClient | None = None
+
+    def http(self) -> httpx.AsyncClient:
+        """A client for the backend's control calls (load, unload, sleep): not the hot path."""
+        if self._client is None:
+            # trust_env off: a proxy set for the outside world must not catch loopback calls.
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None),
+                                             trust_env=False)
+        return self._client
 
     async def http_status(self, url: str, timeout: float = 1.0) -> int | None:
         """GET ``url`` and return the HTTP status, or None when nothing answers (for ``ready``)."""
@@ -88,10 +98,45 @@ class Backend(abc.ABC):
         if self._probe_pool is not None:
             await self._probe_pool.aclose()
             self._probe_pool = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
 
     def accelerator_args(self) -> list[str]:
         """Command-line arguments for ``gpu_enabled`` / ``metal_acceleration``; none by default."""
         return []
+
+    def upstream_model(self) -> str | None:
+        """The name the backend itself knows the model by, when it is not swapper's id.
+
+        Requests are then rewritten to name it, and responses rewritten back to swapper's id.
+        """
+        return None
+
+    def estimate_vram_mb(self, total_mb: float | None) -> float | None:
+        """VRAM the model will take, in MiB, before anything was measured; None: unknown.
+
+        ``total_mb`` is the GPUs' total memory (None without a GPU).
+        """
+        return None
+
+    async def measure_vram_mb(self, handle: BackendHandle) -> float | None:
+        """VRAM the resident model holds, when the backend can tell (None: swapper asks NVML
+        for the memory of the backend's process tree)."""
+        return None
+
+    #: True when the backend can sleep: free most of its VRAM while the process lives on.
+    can_sleep: ClassVar[bool] = False
+    #: VRAM in MiB a sleeping backend still holds (its CUDA context), until measured.
+    sleep_residual_mb: ClassVar[float] = 0.0
+
+    async def sleep(self, handle: BackendHandle) -> None:
+        """Release the model's VRAM but keep the process (only when ``can_sleep``)."""
+        raise NotImplementedError(f"backend {self.name!r} cannot sleep")
+
+    async def wake(self, handle: BackendHandle) -> None:
+        """Bring a sleeping model back; readiness is then probed with :meth:`ready`."""
+        raise NotImplementedError(f"backend {self.name!r} cannot sleep")
 
     @abc.abstractmethod
     async def start(self) -> BackendHandle:

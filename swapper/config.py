@@ -68,14 +68,32 @@ class SwapperSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: Seconds a resident model may sit idle before it is unloaded (a model's ``ttl`` wins);
     #: 0 means never.
     default_ttl: float = 0.0
+    #: VRAM (MiB) models may use together; default: the GPUs' total less ``vram_reserve_mb``.
+    #: Without a GPU and without this, placement counts models only.
+    vram_budget_mb: float | None = None
+    vram_reserve_mb: float = 512.0
+    #: Seconds to wait, before a load, for NVML to show an unloaded model's memory free again.
+    vram_release_timeout: float = 10.0
+    #: Seconds a model chosen for eviction gets to finish its requests; then they are cut off
+    #: with an error and it is unloaded.
+    drain_timeout: float = 120.0
+    #: Where measured VRAM sizes are kept across restarts; default
+    #: ``$XDG_STATE_HOME/swapper/state.json`` (``~/.local/state/...``).
+    state_file: str | None = None
 
     def __post_init__(self) -> None:
-        if self.mode == "multi-active":
-            raise ValueError("mode: multi-active is not supported yet; use single-active")
-        if self.max_concurrent_models != 1:
-            raise ValueError("max_concurrent_models: single-active mode needs exactly 1")
+        if self.max_concurrent_models < 1:
+            raise ValueError("max_concurrent_models: must be >= 1")
+        if self.mode == "single-active" and self.max_concurrent_models != 1:
+            raise ValueError("max_concurrent_models: single-active mode needs exactly 1 "
+                             "(use mode: multi-active for more)")
+        if self.vram_budget_mb is not None and not _positive(self.vram_budget_mb):
+            raise ValueError("vram_budget_mb: must be a number > 0")
+        if not (math.isfinite(self.vram_reserve_mb) and self.vram_reserve_mb >= 0):
+            raise ValueError("vram_reserve_mb: must be a number >= 0")
         for name in ("model_swap_timeout", "stop_timeout", "shutdown_timeout", "retry_backoff",
-                     "retry_backoff_max", "loading_feedback_interval"):
+                     "retry_backoff_max", "loading_feedback_interval", "vram_release_timeout",
+                     "drain_timeout"):
             if not _positive(getattr(self, name)):
                 raise ValueError(f"{name}: must be a number > 0")
         if self.max_overtake < 0:
@@ -147,6 +165,10 @@ class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     aliases: list[str] = []
     #: Seconds idle (no request in flight) before unloading; None: swapper.default_ttl; 0: never.
     ttl: float | None = None
+    #: Expected VRAM use in MiB, for placement until swapper has measured it.
+    vram_mb: float | None = None
+    #: Evicted last (multi-active). None: pinned when it is the default_model.
+    pinned: bool | None = None
 
 
 class _RawModelEntry(msgspec.Struct, frozen=True):
@@ -275,6 +297,9 @@ def parse_config(
         ttl = models[model_id].ttl  # checked here: a plugin's __post_init__ may not call ours
         if ttl is not None and not (math.isfinite(ttl) and ttl >= 0):
             raise ConfigError(f"{source}: {where}.ttl: must be a number >= 0 (0 = never)")
+        vram = models[model_id].vram_mb
+        if vram is not None and not (math.isfinite(vram) and vram >= 0):
+            raise ConfigError(f"{source}: {where}.vram_mb: must be a number >= 0")
         for name in (model_id, *models[model_id].aliases):
             owner = names.get(name, model_id if name == model_id or name not in raw.models else name)
             if owner != model_id:

@@ -1,15 +1,17 @@
 """The swap coordinator: the one owner of model state.
 
-In single-active mode one model holds the GPU slot at a time. A request *acquires* a lease on
-its model; the coordinator admits it at once when that model is resident, or queues it and
-schedules loads and unloads so that:
+Models take slots (``max_concurrent_models``: 1 in single-active mode) and VRAM (see
+:mod:`swapper.placement`). A request *acquires* a lease on its model; the coordinator admits it
+at once when that model is resident, or queues it and schedules loads and evictions so that:
 
 * concurrent first requests for one model cause exactly one load;
-* requests are served in arrival order across models, except that requests for the resident
-  model may overtake a request waiting for another model at most ``max_overtake`` times
-  (anti-thrash batching with a bound, so no model starves);
-* a swap waits for the resident model's in-flight requests, stops its process (SIGTERM, grace,
-  SIGKILL, reaped) and only then starts the next one.
+* requests are served in arrival order across models: the first waiting request that does not
+  fit chooses the models to evict (least recently used and idle first, pinned last), and
+  requests for those may overtake it at most ``max_overtake`` times (anti-thrash batching with
+  a bound, so no model starves);
+* an eviction waits for the evicted model's in-flight requests, up to ``drain_timeout``, stops
+  its process (SIGTERM, grace, SIGKILL, reaped) or puts it to sleep, waits for NVML to show the
+  memory back, and only then starts the next one.
 
 All scheduling decisions are taken synchronously in :meth:`SwapCoordinator._schedule` on the
 event loop, so there is no lock and no interleaving to reason about; loads and unloads run as
@@ -30,6 +32,7 @@ from typing import Any
 
 from swapper.backend import Backend, BackendHandle, BackendSettings
 from swapper.config import Config
+from swapper.placement import HOLDING_STATUSES, SLOT_STATUSES, GpuView, Placement
 from swapper.errors import ModelNotFound, ModelUnavailable, QueueFull, ServiceUnavailable
 from swapper.events import EventBus
 from swapper.logbook import ModelLog
@@ -80,12 +83,24 @@ class Lease:
         """The backend missed ``timeouts.read``: have the coordinator check whether it froze."""
         self._coordinator._check_frozen(self._model, self.base_url)
 
+    @property
+    def cut_reason(self) -> str | None:
+        """Why the request was cut off (its model was evicted past drain_timeout), if it was."""
+        return self._model.cut_reason
+
+    @property
+    def upstream_model(self) -> str | None:
+        """The backend's own name for the model, when requests must be rewritten to it."""
+        return self._model.backend.upstream_model()
+
 
 class SwapCoordinator:
     """Owns every model's state and decides what is resident."""
 
-    def __init__(self, config: Config, registry: BackendRegistry) -> None:
+    def __init__(self, config: Config, registry: BackendRegistry,
+                 gpu: GpuView | None = None) -> None:
         self.config = config
+        self.placement = Placement(config, gpu)
         self._registry = registry
         self._models: dict[str, ModelRecord] = {}
         #: Models removed by a reload that still hold a process until they unload.
@@ -95,13 +110,9 @@ class SwapCoordinator:
         self._names = self._name_index(config)
         #: Status changes, swaps, loads, unloads and queue changes, for metrics and /events.
         self.events = EventBus()
-        #: The start of the swap under way and the model it unloads (for ``swap`` events).
-        self._swap_started: float | None = None
-        self._swap_from: str | None = None
-        self._active: ModelRecord | None = None
-        self._load_reason = "request"
-        self._draining = False
+        #: Overtakes granted past the first blocked waiter (``_blocked_seq``) so far.
         self._overtaken = 0
+        self._blocked_seq: int | None = None
         self._waiters: collections.deque[Waiter] = collections.deque()
         self._seq = itertools.count()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -164,6 +175,9 @@ class SwapCoordinator:
                     f"({model.last_error}); next try in {remaining:.0f}s",
                     retry_after=math.ceil(remaining),
                 )
+        refusal = self.placement.refusal(model)
+        if refusal is not None:
+            raise ModelUnavailable(refusal)
         if len(self._waiters) >= self.config.swapper.max_queue:
             raise QueueFull(
                 f"{len(self._waiters)} requests are already waiting for models "
@@ -219,12 +233,18 @@ class SwapCoordinator:
         lease.release(used=False)  # an operator's load is not a use
 
     async def unload(self, model_id: str) -> None:
-        """Unload ``model_id`` once its in-flight requests finish; clears a FAILED state."""
+        """Unload ``model_id`` once its in-flight requests finish; clears a FAILED state.
+
+        A backend that can sleep is put to sleep; unloading a sleeping model stops it.
+        """
         model = self._models[model_id]
         if model.status == ModelStatus.FAILED:
             self._transition(model, ModelStatus.UNLOADED)
-        elif model is self._active and model.status != ModelStatus.UNLOADING:
-            self._draining = True
+        elif model.status == ModelStatus.SLEEPING:
+            # Unloading a sleeping model stops its process (a first unload put it to sleep).
+            self._start_unload(model, full=True)
+        elif model.status in (ModelStatus.LOADING, ModelStatus.LOADED):
+            model.draining = True
             self._schedule()
         await model.unloaded.wait()
 
@@ -285,10 +305,23 @@ class SwapCoordinator:
             with contextlib.suppress(ValueError):
                 self._status_waiters.remove(entry)
 
+    def _all_models(self) -> list[ModelRecord]:
+        return [*self._models.values(), *self._retired]
+
+    def _holders(self) -> list[ModelRecord]:
+        return [m for m in self._all_models() if m.status in HOLDING_STATUSES]
+
     @property
     def active_model(self) -> str | None:
-        """The model holding the GPU slot (loading, loaded or unloading), if any."""
-        return self._active.id if self._active else None
+        """The model that most recently took a slot and still holds it, if any."""
+        holders = [m for m in self._all_models() if m.status in SLOT_STATUSES]
+        return max(holders, key=lambda m: m.started_seq).id if holders else None
+
+    @property
+    def resident_models(self) -> list[str]:
+        """Models holding a slot (loading, loaded or unloading), in the order they started."""
+        holders = [m for m in self._all_models() if m.status in SLOT_STATUSES]
+        return [m.id for m in sorted(holders, key=lambda m: m.started_seq)]
 
     def status(self) -> dict[str, Any]:
         """The ``/status`` document."""
@@ -308,8 +341,20 @@ class SwapCoordinator:
                 "failures": model.failures,
                 "retry_at": _iso(None if model.retry_at is None
                                  else time.time() + model.retry_at - time.monotonic()),
+                "vram_mb": (model.sleep_vram_mb if model.status == ModelStatus.SLEEPING
+                            else model.vram_mb if model.status == ModelStatus.LOADED else None),
+                "predicted_vram_mb": round(self.placement.predicted_mb(model), 1),
+                "pinned": self.placement.pinned(model),
             }
+        placement = self.placement
+        budget = placement.budget_mb
         return {"mode": self.config.swapper.mode, "active_model": self.active_model,
+                "resident": self.resident_models,
+                "max_concurrent_models": self.config.swapper.max_concurrent_models,
+                "vram": {"budget_mb": None if budget is None else round(budget, 1),
+                         "committed_mb": round(sum(placement.charge_mb(m)
+                                                   for m in self._holders()), 1),
+                         "learned_mb": placement.sizes.snapshot()},
                 "models": models}
 
     def model_log(self, model_id: str) -> ModelLog:
@@ -336,33 +381,25 @@ class SwapCoordinator:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for model in [*self._models.values(), *self._retired]:
-            if model.status == ModelStatus.LOADED:
+        for model in self._all_models():
+            if model.status in (ModelStatus.LOADED, ModelStatus.SLEEPING):
                 self._transition(model, ModelStatus.UNLOADING)
             await self._stop_backend(model)
             if model.status == ModelStatus.UNLOADING:
                 self._transition(model, ModelStatus.UNLOADED)
-        self._active = None
 
     # -- scheduling ---------------------------------------------------------------------------
 
-    def _others_waiting(self, model: ModelRecord) -> bool:
-        return len(self._waiters) > model.queued
-
     def _may_admit(self, model: ModelRecord) -> bool:
-        """Fast path: the model is resident and no swap is due."""
-        return (
-            model is self._active
-            and model.status == ModelStatus.LOADED
-            and not self._draining
-            and model.queued == 0
-            and model.pending is None
-            and not self._closing
-            and (not self._others_waiting(model) or self._overtaken < self.config.swapper.max_overtake)
-        )
+        """Fast path: the model is resident, takes requests, and no one it must let pass waits."""
+        if (model.status != ModelStatus.LOADED or model.draining or model.queued
+                or model.pending is not None or self._closing):
+            return False
+        return (model.evicting_for is None
+                or self._overtaken < self.config.swapper.max_overtake)
 
     def _admit(self, model: ModelRecord) -> Lease:
-        if self._others_waiting(model):
+        if model.evicting_for is not None:
             self._overtaken += 1
         model.in_flight += 1
         self._disarm_idle(model)
@@ -387,8 +424,8 @@ class SwapCoordinator:
         self._queue_changed(model)
         if model.in_flight == 0:
             self._arm_idle(model)
-        if model.in_flight == 0 and (self._waiters or self._draining):
-            self._schedule()
+            if self._waiters or model.draining or model.evicting_for is not None:
+                self._schedule()
 
     def _ttl(self, model: ModelRecord) -> float:
         ttl = self.config.models[model.id].ttl if model.id in self.config.models else None
@@ -410,58 +447,115 @@ class SwapCoordinator:
 
     def _idle_expired(self, model: ModelRecord) -> None:
         model.idle_timer = None
-        if (model is self._active and model.status == ModelStatus.LOADED
-                and not model.in_flight and not model.queued):
+        if model.status == ModelStatus.LOADED and not model.in_flight and not model.queued:
             logger.info("%s idle for %gs (ttl); unloading", model.id, self._ttl(model))
-            self._draining = True
+            model.draining = True
             self._schedule()
 
     def _schedule(self) -> None:
         """Take every decision the current state allows; never awaits."""
         if self._closing:
             return
-        active = self._active
-        if active is None:
-            if self._waiters:
-                head = self._waiters[0]
-                self._start_load(head.model, manual=head.manual)
-            return
-        if active.status != ModelStatus.LOADED:
-            return  # a load or unload is running; its end calls us again
-        if active.removed or active.pending is not None and active.queued:
-            # Removed by a reload: unload once idle. Changed by a reload: restart on next use.
-            self._draining = True
-        if not self._draining:
-            self._admit_queued(active)
-        if self._others_waiting(active) and active.queued == 0:
-            # Requests for the resident model that were here first have been served; with
-            # nothing of its own left to admit, idling would only delay the others.
-            if active.in_flight == 0:
-                self._draining = True
-        if self._draining and active.in_flight == 0:
-            self._start_unload(active)
+        self._place()
+        for model in self._all_models():
+            if model.status == ModelStatus.SLEEPING and (model.removed or model.pending):
+                self._start_unload(model, full=True)  # a changed or removed model restarts
+                continue
+            if model.status != ModelStatus.LOADED:
+                continue  # a load or unload is running; its end calls us again
+            if model.removed or model.pending is not None and model.queued:
+                # Removed by a reload: unload once idle. Changed by a reload: restart on next use.
+                model.draining = True
+            if not model.draining:
+                self._admit_queued(model)
+            if model.in_flight == 0 and (model.draining or model.evicting_for is not None):
+                self._start_unload(model)
 
-    def _admit_queued(self, active: ModelRecord) -> None:
-        """Admit waiters for the resident model: earlier arrivals freely, later ones up to the bound."""
-        first_other = next((w.seq for w in self._waiters if w.model is not active), None)
+    def _place(self) -> None:
+        """Start the loads that fit, in arrival order; the first that does not picks evictions."""
+        evictions: dict[ModelRecord, tuple[bool, ModelRecord]] = {}
+        blocked: Waiter | None = None
+        seen: set[ModelRecord] = set()
+        for waiter in list(self._waiters):
+            model = waiter.model
+            if model in seen or waiter.future.done():
+                continue
+            seen.add(model)
+            if model.status in (ModelStatus.LOADING, ModelStatus.LOADED):
+                continue
+            if model.status == ModelStatus.UNLOADING:
+                blocked = waiter  # it loads again once it is out
+                break
+            plan = self.placement.plan(model, self._holders())
+            if plan.refuse is not None:  # the budget shrank under it (a reload)
+                self._fail_waiters(model, ModelUnavailable(plan.refuse))
+                continue
+            if plan.start:
+                self._start_load(model, manual=waiter.manual)
+                continue
+            blocked = waiter
+            for eviction in plan.evict:
+                evictions[eviction.model] = (eviction.full, model)
+            break
+        seq = blocked.seq if blocked is not None else None
+        if seq != self._blocked_seq:
+            self._blocked_seq, self._overtaken = seq, 0
+        for model in self._all_models():
+            chosen = evictions.get(model)
+            if chosen is None:
+                if model.evicting_for is not None and model.status == ModelStatus.LOADED:
+                    model.evicting_for, model.stop_fully = None, False
+                    self._disarm_drain(model)
+                continue
+            full, target = chosen
+            model.stop_fully = model.stop_fully or full
+            if model.status == ModelStatus.SLEEPING:
+                target.swap_from = target.swap_from or model.id
+                self._start_unload(model, full=True)
+                continue
+            model.evicting_for = target
+            if model.in_flight and model.drain_timer is None:
+                model.drain_timer = asyncio.get_running_loop().call_later(
+                    self.config.swapper.drain_timeout, self._drain_expired, model)
+
+    @staticmethod
+    def _disarm_drain(model: ModelRecord) -> None:
+        if model.drain_timer is not None:
+            model.drain_timer.cancel()
+            model.drain_timer = None
+
+    def _drain_expired(self, model: ModelRecord) -> None:
+        """An evicted model's requests ran past drain_timeout: cut them off, with a reason."""
+        model.drain_timer = None
+        target = model.evicting_for
+        if target is None or model.status != ModelStatus.LOADED or not model.in_flight:
+            return
+        timeout = self.config.swapper.drain_timeout
+        model.cut_reason = (
+            f"Model {model.id!r} was unloaded to make room for {target.id!r}: its requests did "
+            f"not finish within swapper.drain_timeout ({timeout:g}s)")
+        logger.warning("%s: %d request(s) still running after drain_timeout (%gs); cutting "
+                       "them off to load %s", model.id, model.in_flight, timeout, target.id)
+        self._start_unload(model)
+
+    def _admit_queued(self, model: ModelRecord) -> None:
+        """Admit waiters for a resident model: earlier arrivals freely, later ones up to the bound."""
+        first_other = self._blocked_seq if model.evicting_for is not None else None
         bound = self.config.swapper.max_overtake
         for waiter in list(self._waiters):
-            if waiter.model is not active or waiter.future.done():
+            if waiter.model is not model or waiter.future.done():
                 continue  # another model's, or cancelled: its task drops it when it resumes
             if first_other is not None and waiter.seq > first_other:
                 if self._overtaken >= bound:
-                    self._draining = True
                     return
                 self._overtaken += 1
             self._waiters.remove(waiter)
-            active.queued -= 1
-            active.in_flight += 1
-            self._disarm_idle(active)
-            self._queue_changed(active)
-            assert active.handle is not None
-            waiter.future.set_result(active.handle.base_url)
-        if first_other is not None and self._overtaken >= bound:
-            self._draining = True
+            model.queued -= 1
+            model.in_flight += 1
+            self._disarm_idle(model)
+            self._queue_changed(model)
+            assert model.handle is not None
+            waiter.future.set_result(model.handle.base_url)
 
     def _fail_waiters(self, model: ModelRecord, error: Exception) -> None:
         for waiter in [w for w in self._waiters if w.model is model]:
@@ -485,11 +579,14 @@ class SwapCoordinator:
         model.status = new
         if new != ModelStatus.LOADED:
             self._disarm_idle(model)
+            self._disarm_drain(model)
+            model.evicting_for = None
         if new == ModelStatus.LOADING:
             model.last_error = None
             model.unloaded.clear()
         elif new == ModelStatus.LOADED:
             model.loaded_at = time.time()
+            model.cut_reason = None
         elif new == ModelStatus.FAILED:
             model.last_error = error
             model.loaded_at = None
@@ -497,11 +594,12 @@ class SwapCoordinator:
         elif new == ModelStatus.UNLOADED:
             model.loaded_at = None
             model.handle = None
-            model.unloaded.set()
+        if new in (ModelStatus.FAILED, ModelStatus.UNLOADED, ModelStatus.SLEEPING):
+            model.draining = model.stop_fully = False
+            model.vram_mb = None
+            model.unloaded.set()  # no process serves it any more
         if new in (ModelStatus.FAILED, ModelStatus.UNLOADED):
-            if self._active is model:
-                self._active = None
-                self._draining = False
+            model.sleep_vram_mb = None
             if model.pending is not None:  # a reloaded config takes effect from the next start
                 self._spawn(model.backend.aclose(), f"close:{model.id}")
                 model.backend, model.pending = model.pending, None
@@ -520,37 +618,46 @@ class SwapCoordinator:
 
     def _start_load(self, model: ModelRecord, *, manual: bool = False) -> None:
         model.load_started = time.monotonic()
-        if self._swap_started is None:
-            self._swap_started = model.load_started
+        if model.swap_started is None:
+            model.swap_started = model.load_started
         reason = "manual" if manual else model.restart_reason or "request"
         model.restart_reason = None
-        self._load_reason = reason
-        self._active = model
-        self._draining = False
-        self._overtaken = 0
+        model.started_seq = next(self._seq)
+        waking = model.status == ModelStatus.SLEEPING
         self._transition(model, ModelStatus.LOADING)
-        self._spawn(self._load(model), f"load:{model.id}")
+        self._spawn(self._load(model, reason, waking), f"load:{model.id}")
 
-    def _start_unload(self, model: ModelRecord) -> None:
+    def _start_unload(self, model: ModelRecord, *, full: bool = False) -> None:
+        """Move a model out: asleep when its backend can sleep, else (or ``full``) stopped."""
         model.unload_started = time.monotonic()
-        if self._waiters:  # unloading to make room: the swap starts now
-            self._swap_started, self._swap_from = model.unload_started, model.id
+        target = model.evicting_for
+        if target is not None and target.swap_started is None:
+            # Unloading to make room: the swap starts now.
+            target.swap_from, target.swap_started = model.id, model.unload_started
+        asleep = model.status == ModelStatus.SLEEPING
+        sleep = (model.backend.can_sleep and not asleep and not full and not model.stop_fully
+                 and not model.removed and model.pending is None and not self._closing)
+        charge = self.placement.charge_mb(model)
         self._transition(model, ModelStatus.UNLOADING)
-        self._spawn(self._unload(model), f"unload:{model.id}")
+        self._spawn(self._unload(model, sleep, charge), f"unload:{model.id}")
 
-    async def _load(self, model: ModelRecord) -> None:
+    async def _load(self, model: ModelRecord, reason: str, waking: bool) -> None:
         timeout = self.config.swapper.model_swap_timeout
         started = time.monotonic()
         try:
             async with asyncio.timeout(timeout):
-                await self._start_until_ready(model)
+                if waking and await self._wake(model):
+                    reason = "wake" if reason == "request" else reason
+                else:
+                    await self.placement.wait_for_memory(model, self.placement.predicted_mb(model))
+                    await self._start_until_ready(model)
         except asyncio.CancelledError:
             await self._stop_backend(model)
             self._transition(model, ModelStatus.UNLOADING)
             self._transition(model, ModelStatus.UNLOADED)
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of a plugin's start is a failed load
-            self._swap_started = self._swap_from = None
+            model.swap_started = model.swap_from = None
             if isinstance(exc, TimeoutError):
                 reason = f"not ready within model_swap_timeout ({timeout:g}s); process killed"
             else:
@@ -564,13 +671,50 @@ class SwapCoordinator:
         now = time.monotonic()
         logger.info("%s loaded in %.3fs (pid %s)", model.id, now - started, model.handle.pid)
         self.events.emit("loaded", model=model.id, seconds=now - started)
-        self.events.emit("swap", **{"from": self._swap_from, "to": model.id,
-                                    "reason": self._load_reason,
-                                    "seconds": now - (self._swap_started or started)})
-        self._swap_started = self._swap_from = None
-        model.watcher = self._spawn(self._watch(model, model.handle), f"watch:{model.id}")
+        self.events.emit("swap", **{"from": model.swap_from, "to": model.id, "reason": reason,
+                                    "seconds": now - (model.swap_started or started)})
+        model.swap_started = model.swap_from = None
+        if model.watcher is None:  # a woken model kept its watcher
+            model.watcher = self._spawn(self._watch(model, model.handle), f"watch:{model.id}")
+        self._spawn(self._measure(model, model.handle), f"measure:{model.id}")
         self._schedule()
         self._arm_idle(model)  # loaded for a request that gave up, or by an operator
+
+    async def _wake(self, model: ModelRecord) -> bool:
+        """Wake a sleeping backend; False (process stopped) when that fails: start it cold."""
+        handle = model.handle
+        assert handle is not None
+        extra = self.placement.predicted_mb(model) - self.placement.sleep_mb(model)
+        await self.placement.wait_for_memory(model, extra)
+        try:
+            await model.backend.wake(handle)
+            await self._wait_ready(model, handle)
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failed wake falls back to a cold start
+            logger.warning("%s: waking failed (%s); restarting it", model.id, exc)
+            await self._stop_backend(model)
+            model.handle = None
+            return False
+
+    async def _measure(self, model: ModelRecord, handle: BackendHandle) -> None:
+        """Measure a loaded model's VRAM; it replaces the estimate (kept in the state file)."""
+        try:
+            measured = await model.backend.measure_vram_mb(handle)
+            gpu = self.placement.gpu
+            if measured is None and gpu is not None and handle.pid is not None:
+                measured = await asyncio.to_thread(gpu.process_memory_mb, handle.pid)
+        except Exception:  # noqa: BLE001 - a failed measurement leaves the estimate in use
+            logger.exception("%s: measuring VRAM failed", model.id)
+            return
+        if not measured or model.handle is not handle or model.status != ModelStatus.LOADED:
+            return
+        model.vram_mb = measured
+        logger.info("%s holds %.0f MiB of VRAM", model.id, measured)
+        entry = model.backend.entry
+        if self.placement.sizes.record(model.id, entry, measured):
+            await asyncio.to_thread(self.placement.sizes.save)
 
     async def _start_until_ready(self, model: ModelRecord) -> None:
         """Start the backend and wait for it; start again if another process took its port."""
@@ -622,9 +766,10 @@ class SwapCoordinator:
             delay = min(delay * _POLL_FACTOR, _POLL_CAP)
 
     async def _watch(self, model: ModelRecord, handle: BackendHandle) -> None:
-        """Notice a backend that dies while resident."""
+        """Notice a backend that dies while resident (or asleep)."""
         reason = await model.backend.wait_exit(handle)
-        if model.handle is not handle or model.status != ModelStatus.LOADED:
+        if model.handle is not handle or model.status not in (ModelStatus.LOADED,
+                                                              ModelStatus.SLEEPING):
             return  # we stopped it ourselves
         logger.error("%s: backend died unexpectedly: %s", model.id, reason)
         model.watcher = None
@@ -659,18 +804,43 @@ class SwapCoordinator:
     async def _fail_resident(self, model: ModelRecord, reason: str, *, kill: bool = False) -> None:
         """A resident backend broke: make sure its process is gone, then mark it FAILED."""
         await self._stop_backend(model, kill=kill)
-        if model.status == ModelStatus.LOADED:
+        if model.status in (ModelStatus.LOADED, ModelStatus.SLEEPING):
             self._transition(model, ModelStatus.FAILED, error=reason)
             model.restart_reason = "crashed"
         self._schedule()
 
-    async def _unload(self, model: ModelRecord) -> None:
-        await self._stop_backend(model)
-        self._transition(model, ModelStatus.UNLOADED)
+    async def _unload(self, model: ModelRecord, sleep: bool, charge: float) -> None:
+        placement = self.placement
+        used_before = (await asyncio.to_thread(placement.used_now_mb)
+                       if placement.total_mb is not None else None)
+        if sleep and await self._sleep(model):
+            freed = charge - placement.sleep_mb(model)
+            self._transition(model, ModelStatus.SLEEPING)
+            verb = "put to sleep"
+        else:
+            await self._stop_backend(model)
+            self._transition(model, ModelStatus.UNLOADED)
+            freed, verb = charge, "unloaded"
+        placement.expect_release(model.id, used_before, freed)
         seconds = time.monotonic() - model.unload_started
-        logger.info("%s unloaded in %.3fs", model.id, seconds)
-        self.events.emit("unloaded", model=model.id, seconds=seconds)
+        logger.info("%s %s in %.3fs", model.id, verb, seconds)
+        self.events.emit("unloaded", model=model.id, seconds=seconds, sleeping=sleep and
+                         model.status == ModelStatus.SLEEPING)
         self._schedule()
+
+    async def _sleep(self, model: ModelRecord) -> bool:
+        """Put a backend to sleep and measure what it still holds; False when it failed."""
+        handle = model.handle
+        assert handle is not None
+        try:
+            await model.backend.sleep(handle)
+        except Exception as exc:  # noqa: BLE001 - a backend that cannot sleep is stopped instead
+            logger.warning("%s: sleep failed (%s); stopping it instead", model.id, exc)
+            return False
+        gpu = self.placement.gpu
+        if gpu is not None and handle.pid is not None and self.placement.total_mb is not None:
+            model.sleep_vram_mb = await asyncio.to_thread(gpu.process_memory_mb, handle.pid)
+        return True
 
     async def _stop_backend(self, model: ModelRecord, *, kill: bool = False) -> None:
         watcher, model.watcher = model.watcher, None

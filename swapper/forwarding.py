@@ -22,8 +22,15 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from swapper.access import require_key
 from swapper.coordinator import Lease
 from swapper.model_state import Waiter
-from swapper.errors import BackendTimeout, InvalidRequest, SwapperError, UnsupportedMediaType
+from swapper.errors import (
+    BackendTimeout,
+    InvalidRequest,
+    ModelUnavailable,
+    SwapperError,
+    UnsupportedMediaType,
+)
 from swapper.openapi import ChatOperation, CompletionOperation, EmbeddingOperation
+from swapper.rename import ModelRename
 from swapper.upstream import UpstreamResponse, error_event, normalise_error
 
 __all__ = ["OPENAI_HANDLERS", "SSE_HEADERS", "json_response"]
@@ -77,12 +84,21 @@ def _route(body: bytes) -> _Routing:
 # -- forwarding -------------------------------------------------------------------------------
 
 
+def _rename(lease: Lease) -> ModelRename | None:
+    theirs = lease.upstream_model
+    return None if theirs is None or theirs == lease.model_id else ModelRename(lease.model_id, theirs)
+
+
 async def _relay(lease: Lease, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
     """Stream the backend's bytes as they arrive; a broken backend ends with an error event."""
+    rename = _rename(lease)
+    chunks = upstream.iter_bytes()
     try:
-        async for chunk in upstream.iter_bytes():
+        async for chunk in (chunks if rename is None else rename.stream(chunks)):
             yield chunk
     except SwapperError as exc:
+        if lease.cut_reason:  # evicted past drain_timeout: say so rather than "broken pipe"
+            exc = ModelUnavailable(lease.cut_reason, code="model_evicted")
         logger.warning("stream from %s ended early: %s", lease.model_id, exc.message)
         if isinstance(exc, BackendTimeout):
             lease.backend_silent()
@@ -135,7 +151,10 @@ async def _exchange(request: Request[Any, Any, State], path: str, body: bytes, m
     started = time.perf_counter()
     coordinator = state.coordinator
     lease = await (coordinator.acquire(model_id) if ticket is None else coordinator.redeem(ticket))
+    rename = _rename(lease)
     try:
+        if rename is not None:
+            body = rename.request(body)
         upstream = await state.upstream.send(model_id, lease.base_url, path, body,
                                              keep_alive=not stream,
                                              max_connections=lease.max_connections)
@@ -147,10 +166,17 @@ async def _exchange(request: Request[Any, Any, State], path: str, body: bytes, m
         lease.backend_silent()
         lease.release()
         raise
+    except SwapperError as exc:
+        lease.release()
+        if lease.cut_reason:
+            raise ModelUnavailable(lease.cut_reason, code="model_evicted") from exc
+        raise
     except BaseException:
         lease.release()
         raise
     lease.release()
+    if rename is not None and upstream.status < 400:
+        content = rename.response(content)
     return lease, upstream, content
 
 

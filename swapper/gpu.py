@@ -73,6 +73,14 @@ class GpuMonitor:
             logger.warning("NVML read failed: %s", exc)
             return []
 
+    def totals_mb(self) -> tuple[float, float, float] | None:
+        """Total, used and free MiB over every GPU; None without NVML."""
+        gpus = self.gpus()
+        if not gpus:
+            return None
+        return (sum(g.total_mb for g in gpus), sum(g.used_mb for g in gpus),
+                sum(g.free_mb for g in gpus))
+
     def process_memory_mb(self, pid: int) -> float | None:
         """GPU memory held by ``pid`` and its descendants; None when unknown (no GPU).
 

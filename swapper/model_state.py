@@ -19,6 +19,8 @@ class ModelStatus(enum.StrEnum):
     LOADING = "LOADING"
     LOADED = "LOADED"
     UNLOADING = "UNLOADING"
+    #: The process lives with its weights off the GPU (vLLM sleep mode); waking is fast.
+    SLEEPING = "SLEEPING"
     FAILED = "FAILED"
 
 
@@ -31,8 +33,11 @@ TRANSITIONS: dict[ModelStatus, frozenset[ModelStatus]] = {
     _S.LOADING: frozenset({_S.LOADED, _S.FAILED, _S.UNLOADING}),
     # swapped out, unloaded or shut down → UNLOADING; the process died → FAILED
     _S.LOADED: frozenset({_S.UNLOADING, _S.FAILED}),
-    # the process is gone
-    _S.UNLOADING: frozenset({_S.UNLOADED}),
+    # the process is gone → UNLOADED; or it was put to sleep and lives on → SLEEPING
+    _S.UNLOADING: frozenset({_S.UNLOADED, _S.SLEEPING}),
+    # woken (or restarted) for a request → LOADING; its memory is needed → UNLOADING;
+    # the sleeping process died → FAILED
+    _S.SLEEPING: frozenset({_S.LOADING, _S.UNLOADING, _S.FAILED}),
     # the next request retries; an admin unload clears the failure
     _S.FAILED: frozenset({_S.LOADING, _S.UNLOADED}),
 }
@@ -68,6 +73,24 @@ class ModelRecord:
     log: ModelLog = field(default_factory=ModelLog)
     #: Unloads the model when it has been idle for its ttl.
     idle_timer: asyncio.TimerHandle | None = None
+    #: Takes no new requests and unloads once idle (operator unload, ttl, reload).
+    draining: bool = False
+    #: Chosen to make room for ``evicting_for``; admits a bounded number of overtakers.
+    evicting_for: ModelRecord | None = None
+    #: Cuts off a chosen model's in-flight requests after swapper.drain_timeout.
+    drain_timer: asyncio.TimerHandle | None = None
+    #: Why in-flight requests were cut off, for their error message.
+    cut_reason: str | None = None
+    #: The next unload must stop the process, not put it to sleep.
+    stop_fully: bool = False
+    #: VRAM in MiB measured while LOADED / while SLEEPING (None: not measured).
+    vram_mb: float | None = None
+    sleep_vram_mb: float | None = None
+    #: The swap that brings this model in: which model left for it, and when that began.
+    swap_from: str | None = None
+    swap_started: float | None = None
+    #: Order in which models started loading (the most recent is the "active" one).
+    started_seq: int = 0
 
 
 @dataclass(eq=False)

@@ -108,14 +108,17 @@ def free_port() -> int:
 class SwapperProcess:
     """``swapper serve`` as a real subprocess on a loopback port."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path, llama_server: str) -> None:
+    def __init__(self, config: dict[str, Any], workdir: Path, llama_server: str,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = workdir / "swapper.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / "swapper.log"
-        env = {**os.environ, "SWAPPER_LLAMA_SERVER": llama_server, "PYTHONUNBUFFERED": "1"}
+        # Learned VRAM sizes go to the test's own folder, never to the user's state file.
+        env = {**os.environ, "SWAPPER_LLAMA_SERVER": llama_server, "PYTHONUNBUFFERED": "1",
+               "XDG_STATE_HOME": str(workdir / "state"), **(extra_env or {})}
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "swapper", "serve", "--config", str(self.config_path),

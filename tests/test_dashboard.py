@@ -158,6 +158,9 @@ class _FakeGpu:
 
         return [GpuStats(0, "Fake RTX 4000", 20480.0, 6144.0, 14336.0)]
 
+    def totals_mb(self) -> tuple[float, float, float]:
+        return 20480.0, 6144.0, 14336.0
+
     def process_memory_mb(self, pid: int) -> float:
         return 5120.0
 
@@ -168,7 +171,8 @@ class _FakeGpu:
 
 
 @pytest.fixture
-def fake_gpu_swapper(world: FakeWorld, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def fake_gpu_swapper(world: FakeWorld, monkeypatch: pytest.MonkeyPatch,
+                     tmp_path: Path) -> Iterator[str]:
     """swapper in-process on fake backends with a fake NVML view (no GPU here); its URL."""
     import uvicorn
 
@@ -178,7 +182,8 @@ def fake_gpu_swapper(world: FakeWorld, monkeypatch: pytest.MonkeyPatch) -> Itera
 
     monkeypatch.setattr(swapper.app, "GpuMonitor", _FakeGpu)
     registry = load_backends(FakePlugin(world))
-    config = parse_config({"swapper": {"stop_timeout": 1, "max_start_failures": 1},
+    config = parse_config({"swapper": {"stop_timeout": 1, "max_start_failures": 1,
+                                       "state_file": str(tmp_path / "state.json")},
                            "models": {"qwen3-8b": {"backend": "fake"},
                                       "broken": {"backend": "fake"}}},
                           "gpu.yaml", registry.schemas())

@@ -1,0 +1,193 @@
+"""The Ollama backend: a model tag on an Ollama server, loaded and unloaded through its API.
+
+swapper talks to an Ollama that already runs (``base_url``), or, with ``serve: true``, starts
+``ollama serve`` on a free loopback port of its own and owns that process. Loading is Ollama's
+preload (``/api/generate`` with ``keep_alive: -1``, so Ollama's own scheduler never expires it),
+ready once ``/api/ps`` lists the model; unloading is the same call with ``keep_alive: 0``,
+done once ``/api/ps`` no longer lists it. Requests go to Ollama's OpenAI-compatible ``/v1``
+endpoints with ``model`` rewritten to the tag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from swapper.backend import Backend, BackendHandle, SubprocessBackend
+from swapper.config import ModelEntry
+from swapper.hookspecs import hookimpl
+from swapper.process import ManagedProcess, free_port
+
+__all__ = ["OllamaBackend", "OllamaModel", "register_backends"]
+
+logger = logging.getLogger("swapper.backend.ollama")
+
+_MB = 1024 * 1024
+_POLL = 0.05
+
+
+class OllamaModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """A model entry with ``backend: ollama``."""
+
+    #: The Ollama tag, e.g. ``qwen3:8b``.
+    model: str
+    base_url: str = "http://127.0.0.1:11434"
+    #: True: swapper runs ``ollama serve`` itself on a free loopback port (``base_url`` unused).
+    serve: bool = False
+    binary: str = "ollama"
+
+    def __post_init__(self) -> None:
+        if not self.model.strip():
+            raise ValueError("model: must name an Ollama tag, e.g. qwen3:8b")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError("base_url: must start with http:// or https://")
+
+
+def _names(tag: str) -> set[str]:
+    """The spellings Ollama may list a tag under (``llama3`` is ``llama3:latest``)."""
+    return {tag, f"{tag}:latest"} if ":" not in tag else {tag}
+
+
+class OllamaBackend(SubprocessBackend):
+    """One Ollama tag; loaded with keep_alive -1, unloaded with keep_alive 0."""
+
+    name = "ollama"
+    entry_type = OllamaModel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._preload: asyncio.Task[None] | None = None
+
+    @property
+    def tag(self) -> str:
+        """The model's Ollama tag."""
+        assert isinstance(self.entry, OllamaModel)
+        return self.entry.model
+
+    def upstream_model(self) -> str:
+        """Ollama knows the model by its tag."""
+        return self.tag
+
+    def command(self, port: int) -> list[str]:
+        """``ollama serve`` (its address comes from ``OLLAMA_HOST``)."""
+        assert isinstance(self.entry, OllamaModel)
+        return [shutil.which(self.entry.binary) or self.entry.binary, "serve"]
+
+    async def start(self) -> BackendHandle:
+        """Start ``ollama serve`` when asked to; the preload begins once the server answers."""
+        assert isinstance(self.entry, OllamaModel)
+        self._preload = None
+        if not self.entry.serve:
+            return BackendHandle(base_url=self.entry.base_url.rstrip("/"))
+        port = free_port(self.host)
+        argv = self.command(port)
+        env = {**os.environ, "OLLAMA_HOST": f"{self.host}:{port}"}
+        logger.info("Starting %s: %s (OLLAMA_HOST=%s)", self.model_id, " ".join(argv),
+                    env["OLLAMA_HOST"])
+        process = await ManagedProcess.spawn(argv, name=self.model_id, env=env,
+                                             on_line=self.log_sink)
+        return BackendHandle(base_url=f"http://{self.host}:{port}", pid=process.pid, port=port,
+                             process=process)
+
+    async def _generate(self, handle: BackendHandle, keep_alive: int) -> None:
+        """Ollama's preload (keep_alive -1) or unload (0); an error names Ollama's reason."""
+        try:
+            response = await self.http().post(
+                f"{handle.base_url}/api/generate",
+                json={"model": self.tag, "keep_alive": keep_alive, "stream": False})
+        except httpx.HTTPError as exc:
+            raise RuntimeError(f"Ollama at {handle.base_url} did not answer: {exc}") from None
+        if response.status_code != 200:
+            try:
+                reason = response.json().get("error") or response.text
+            except ValueError:
+                reason = response.text
+            raise RuntimeError(f"Ollama refused {self.tag!r} (HTTP {response.status_code}): "
+                               f"{reason}")
+
+    async def _listed(self, handle: BackendHandle) -> dict[str, Any] | None:
+        """The model's ``/api/ps`` entry, or None when it is not loaded."""
+        try:
+            response = await self.http().get(f"{handle.base_url}/api/ps", timeout=5.0)
+            models = response.json().get("models") or []
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        names = _names(self.tag)
+        return next((m for m in models if isinstance(m, dict)
+                     and (m.get("name") in names or m.get("model") in names)), None)
+
+    async def ready(self, handle: BackendHandle) -> bool:
+        """Preload once the server answers; ready when the preload is done and ps lists it."""
+        if self._preload is None:
+            if await self.http_status(f"{handle.base_url}/api/version") != 200:
+                return False
+            self._preload = asyncio.ensure_future(self._generate(handle, -1))
+        if not self._preload.done():
+            await asyncio.wait({self._preload}, timeout=0.5)
+            return False
+        self._preload.result()  # a refused preload fails the load with Ollama's reason
+        return await self._listed(handle) is not None
+
+    async def stop(self, handle: BackendHandle) -> None:
+        """Unload (keep_alive 0), wait until ps no longer lists it; then stop our server."""
+        if self._preload is not None and not self._preload.done():
+            self._preload.cancel()
+        deadline = time.monotonic() + self.settings.stop_timeout
+        try:
+            await asyncio.wait_for(self._generate(handle, 0), self.settings.stop_timeout)
+            while await self._listed(handle) is not None and time.monotonic() < deadline:
+                await asyncio.sleep(_POLL)
+        except (RuntimeError, TimeoutError) as exc:
+            if handle.process is None:
+                logger.warning("%s: unloading from Ollama failed: %s", self.model_id, exc)
+        if handle.process is not None:
+            await handle.process.stop(self.settings.stop_timeout)
+
+    async def kill(self, handle: BackendHandle) -> None:
+        """Kill our server at once; an external one is asked to unload, briefly."""
+        if handle.process is not None:
+            await handle.process.stop(0)
+            return
+        try:
+            await asyncio.wait_for(self._generate(handle, 0), 2.0)
+        except (RuntimeError, TimeoutError) as exc:
+            logger.warning("%s: unloading a silent Ollama failed: %s", self.model_id, exc)
+
+    async def alive(self, handle: BackendHandle) -> bool:
+        """Our server: while its process runs. An external one: while it answers."""
+        if handle.process is not None:
+            return handle.process.returncode is None
+        return await self.http_status(f"{handle.base_url}/api/version") is not None
+
+    async def wait_exit(self, handle: BackendHandle) -> str:
+        """Our server's exit, or an external server that stops answering."""
+        if handle.process is not None:
+            return await super().wait_exit(handle)
+        while await self.alive(handle):
+            await asyncio.sleep(1.0)
+        return f"Ollama at {handle.base_url} stopped answering"
+
+    async def measure_vram_mb(self, handle: BackendHandle) -> float | None:
+        """Ollama's own figure: ``size_vram`` in ``/api/ps`` (0 on a CPU: unknown)."""
+        listed = await self._listed(handle)
+        size = listed.get("size_vram") if listed else None
+        return size / _MB if isinstance(size, int | float) and size > 0 else None
+
+    async def aclose(self) -> None:
+        """Drop a preload still running, then the HTTP clients."""
+        if self._preload is not None and not self._preload.done():
+            self._preload.cancel()
+        await super().aclose()
+
+
+@hookimpl
+def register_backends(register: Callable[[type[Backend]], None]) -> None:
+    """Provide the ``ollama`` backend."""
+    register(OllamaBackend)

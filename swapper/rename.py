@@ -1,0 +1,81 @@
+"""Model names on the wire: a backend may know a model by another name than swapper's id.
+
+Ollama knows ``qwen3:8b``, a vLLM started with ``--served-model-name`` knows that name. Requests
+are rewritten to the backend's name and responses, streams included, back to swapper's id, so a
+client only ever sees the name it asked for. Bodies that do not mention the name pass untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+__all__ = ["ModelRename"]
+
+_DECODE = msgspec.json.Decoder()
+_ENCODE = msgspec.json.Encoder()
+_DATA = b"data:"
+_MODEL = b'"model"'
+
+
+class ModelRename:
+    """Rewrites ``model`` in request and response bodies between two names."""
+
+    __slots__ = ("ours", "theirs")
+
+    def __init__(self, ours: str, theirs: str) -> None:
+        self.ours = ours
+        self.theirs = theirs
+
+    def request(self, body: bytes) -> bytes:
+        """The request body naming the backend's model (the body is known to be a JSON object)."""
+        data = _DECODE.decode(body)
+        data["model"] = self.theirs
+        return _ENCODE.encode(data)
+
+    def _rename(self, data: Any) -> bool:
+        if isinstance(data, dict) and isinstance(data.get("model"), str) and data["model"] != self.ours:
+            data["model"] = self.ours
+            return True
+        return False
+
+    def response(self, body: bytes) -> bytes:
+        """A JSON response body naming swapper's id."""
+        if _MODEL not in body:
+            return body
+        try:
+            data = _DECODE.decode(body)
+        except msgspec.DecodeError:
+            return body
+        return _ENCODE.encode(data) if self._rename(data) else body
+
+    def _event(self, event: bytes) -> bytes:
+        if _MODEL not in event:
+            return event
+        lines = event.split(b"\n")
+        for index, line in enumerate(lines):
+            if not line.startswith(_DATA):
+                continue
+            payload = line[len(_DATA):].strip()
+            try:
+                data = _DECODE.decode(payload)
+            except msgspec.DecodeError:
+                continue  # [DONE] or not JSON: left as it is
+            if self._rename(data):
+                lines[index] = b"data: " + _ENCODE.encode(data)
+        return b"\n".join(lines)
+
+    async def stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Server-sent events with each event's ``model`` renamed; events pass on as they end."""
+        pending = b""
+        async for chunk in chunks:
+            pending += chunk
+            if b"\n\n" not in pending and b"\r\n\r\n" not in pending:
+                continue
+            pending = pending.replace(b"\r\n", b"\n")
+            complete, _, pending = pending.rpartition(b"\n\n")
+            yield b"".join(self._event(event) + b"\n\n" for event in complete.split(b"\n\n"))
+        if pending:
+            yield self._event(pending)
