@@ -581,9 +581,10 @@ class SwapCoordinator:
             self._disarm_idle(model)
             self._disarm_drain(model)
             model.evicting_for = None
+        if new in (ModelStatus.LOADING, ModelStatus.UNLOADING):
+            model.unloaded.clear()
         if new == ModelStatus.LOADING:
             model.last_error = None
-            model.unloaded.clear()
         elif new == ModelStatus.LOADED:
             model.loaded_at = time.time()
             model.cut_reason = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import time
 from collections.abc import Callable
 
 from swapper.backend import Backend, BackendHandle
@@ -38,6 +39,11 @@ class FakeModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only=Tru
     """A model entry with ``backend: fake``."""
 
     note: str = ""
+    #: VRAM (MiB) the fake really takes on the fake GPU; default: its vram_mb estimate.
+    actual_mb: float | None = None
+    #: It can sleep (like vLLM's sleep mode), then holding ``sleep_mb``.
+    sleepy: bool = False
+    sleep_mb: float = 100.0
 
 
 class FakeWorld:
@@ -54,6 +60,19 @@ class FakeWorld:
         self.exits: dict[str, asyncio.Future[str]] = {}
         self.frozen: set[str] = set()
         self._next_pid = 1000
+        #: VRAM each live fake holds, and memory freed but not yet shown free (CUDA's lag).
+        self.held: dict[str, float] = {}
+        self.releasing: list[tuple[float, float]] = []
+        self.release_lag = 0.0
+        self.pids: dict[int, str] = {}
+
+    def hold(self, model_id: str, mb: float) -> None:
+        """Set what ``model_id`` holds on the fake GPU; what it frees shows up after the lag."""
+        freed = self.held.pop(model_id, 0.0) - mb
+        if mb > 0:
+            self.held[model_id] = mb
+        if freed > 0 and self.release_lag > 0:
+            self.releasing.append((time.monotonic() + self.release_lag, freed))
 
     def queue(self, model_id: str, *behaviours: Behaviour) -> None:
         """Behaviours for the next starts of ``model_id`` (READY once they run out)."""
@@ -67,6 +86,7 @@ class FakeWorld:
         """Make the running fake of ``model_id`` die (from any thread: test clients may run the
         app on a loop of their own)."""
         self.alive.discard(model_id)
+        self.hold(model_id, 0)
         self.events.append(("crash", model_id))
         exit_ = self.exits[model_id]
         if exit_.get_loop().is_running() and not _on_loop(exit_.get_loop()):
@@ -83,6 +103,31 @@ class FakeWorld:
         return self._next_pid
 
 
+class FakeGpu:
+    """A GPU whose used memory follows which fakes hold what (the GpuView placement reads)."""
+
+    available = True
+
+    def __init__(self, world: FakeWorld, total_mb: float = 16384.0) -> None:
+        self.world = world
+        self.total_mb = total_mb
+        self.reads = 0
+
+    def used_mb(self) -> float:
+        now = time.monotonic()
+        self.world.releasing = [(t, mb) for t, mb in self.world.releasing if t > now]
+        return sum(self.world.held.values()) + sum(mb for _, mb in self.world.releasing)
+
+    def totals_mb(self) -> tuple[float, float, float]:
+        self.reads += 1
+        used = self.used_mb()
+        return self.total_mb, used, self.total_mb - used
+
+    def process_memory_mb(self, pid: int) -> float | None:
+        model_id = self.world.pids.get(pid)
+        return self.world.held.get(model_id, 0.0) if model_id else 0.0
+
+
 def fake_backend_class(world: FakeWorld) -> type[Backend]:
     """A Backend subclass bound to ``world``."""
 
@@ -91,6 +136,33 @@ def fake_backend_class(world: FakeWorld) -> type[Backend]:
 
         name = "fake"
         entry_type = FakeModel
+
+        @property
+        def spec(self) -> FakeModel:
+            assert isinstance(self.entry, FakeModel)
+            return self.entry
+
+        @property
+        def can_sleep(self) -> bool:  # type: ignore[override]
+            return self.spec.sleepy
+
+        @property
+        def sleep_residual_mb(self) -> float:  # type: ignore[override]
+            return self.spec.sleep_mb
+
+        def actual_mb(self) -> float:
+            spec = self.spec
+            return spec.actual_mb if spec.actual_mb is not None else spec.vram_mb or 0.0
+
+        async def sleep(self, handle: BackendHandle) -> None:
+            """Free all but the residual; the fake stays alive."""
+            world.events.append(("sleep", self.model_id))
+            world.hold(self.model_id, self.spec.sleep_mb)
+
+        async def wake(self, handle: BackendHandle) -> None:
+            """Take the full size again."""
+            world.events.append(("wake", self.model_id))
+            world.hold(self.model_id, self.actual_mb())
 
         async def start(self) -> BackendHandle:
             """Start, or fail to, as the queued behaviour says."""
@@ -105,7 +177,10 @@ def fake_backend_class(world: FakeWorld) -> type[Backend]:
             world.exits[self.model_id] = asyncio.get_running_loop().create_future()
             if self.behaviour is Behaviour.EXIT_DURING_LOAD:
                 world.crash(self.model_id)
-            return BackendHandle(base_url=f"http://{self.model_id}.fake.test", pid=world.pid())
+            pid = world.pid()
+            world.pids[pid] = self.model_id
+            world.hold(self.model_id, self.actual_mb())
+            return BackendHandle(base_url=f"http://{self.model_id}.fake.test", pid=pid)
 
         async def ready(self, handle: BackendHandle) -> bool:
             """Ready per behaviour; a frozen fake never answers."""
@@ -119,6 +194,7 @@ def fake_backend_class(world: FakeWorld) -> type[Backend]:
             """Stop and record it."""
             world.events.append(("stop", self.model_id))
             world.alive.discard(self.model_id)
+            world.hold(self.model_id, 0)
             exit_ = world.exits.get(self.model_id)
             if exit_ is not None and not exit_.done():
                 exit_.set_result("stopped")
@@ -128,6 +204,7 @@ def fake_backend_class(world: FakeWorld) -> type[Backend]:
             world.events.append(("kill", self.model_id))
             world.frozen.discard(self.model_id)
             world.alive.discard(self.model_id)
+            world.hold(self.model_id, 0)
             exit_ = world.exits.get(self.model_id)
             if exit_ is not None and not exit_.done():
                 exit_.set_result("killed")

@@ -1,0 +1,301 @@
+"""Placement on a fake GPU: models alongside, LRU eviction, pinning, drain deadline, VRAM wait,
+sleeping backends and learned sizes. The fake GPU's used memory follows what the fakes hold."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from swapper.config import parse_config
+from swapper.coordinator import Lease, ModelStatus, SwapCoordinator
+from swapper.errors import ModelUnavailable
+from swapper.plugins import load_backends
+from tests.fakes import FakeGpu, FakePlugin, FakeWorld
+
+pytestmark = pytest.mark.anyio
+
+Make = Callable[..., SwapCoordinator]
+
+
+@pytest.fixture
+async def make(world: FakeWorld, tmp_path: Path) -> AsyncIterator[Make]:
+    """Build a coordinator on fake backends and a fake 16 GiB GPU (or none)."""
+    made: list[SwapCoordinator] = []
+
+    def factory(models: dict[str, dict[str, Any]], *, gpu: bool = True, total_mb: float = 16384,
+                **swapper: Any) -> SwapCoordinator:
+        registry = load_backends(FakePlugin(world))
+        data = {"swapper": {"mode": "multi-active", "model_swap_timeout": 5, "stop_timeout": 1,
+                            "vram_reserve_mb": 0, "state_file": str(tmp_path / "state.json"),
+                            **swapper},
+                "models": {mid: {"backend": "fake", **entry} for mid, entry in models.items()}}
+        config = parse_config(data, "test.yaml", registry.schemas())
+        made.append(SwapCoordinator(config, registry, FakeGpu(world, total_mb) if gpu else None))
+        return made[-1]
+
+    yield factory
+    for coordinator in made:
+        await coordinator.close()
+    assert world.alive == set(), "a fake backend outlived the coordinator"
+
+
+async def use(coordinator: SwapCoordinator, model_id: str) -> None:
+    """One request to ``model_id``, start to end."""
+    lease = await coordinator.acquire(model_id)
+    lease.release()
+
+
+def statuses(coordinator: SwapCoordinator) -> dict[str, str]:
+    return {mid: m["status"] for mid, m in coordinator.status()["models"].items()}
+
+
+async def test_models_that_fit_load_alongside(make: Make, world: FakeWorld) -> None:
+    coordinator = make({"a": {"vram_mb": 6000}, "b": {"vram_mb": 6000}},
+                       max_concurrent_models=2, vram_budget_mb=14000)
+    await use(coordinator, "a")
+    await use(coordinator, "b")
+    assert statuses(coordinator) == {"a": "LOADED", "b": "LOADED"}
+    assert world.max_alive == 2 and ("stop", "a") not in world.events
+    assert coordinator.status()["resident"] == ["a", "b"]
+    assert coordinator.status()["vram"]["committed_mb"] == 12000
+
+
+async def test_least_recently_used_idle_model_is_evicted_to_fit(
+    make: Make, world: FakeWorld
+) -> None:
+    coordinator = make({m: {"vram_mb": 6000} for m in "abc"},
+                       max_concurrent_models=3, vram_budget_mb=14000)
+    await use(coordinator, "a")
+    await use(coordinator, "b")
+    await use(coordinator, "a")  # b is now the least recently used
+    await use(coordinator, "c")
+    assert statuses(coordinator) == {"a": "LOADED", "b": "UNLOADED", "c": "LOADED"}
+    assert world.events[-2:] == [("stop", "b"), ("start", "c")]
+
+
+async def test_the_count_limit_evicts_without_a_gpu(make: Make, world: FakeWorld) -> None:
+    coordinator = make({m: {} for m in "abc"}, gpu=False, max_concurrent_models=2)
+    assert coordinator.status()["vram"]["budget_mb"] is None
+    await use(coordinator, "b")
+    await use(coordinator, "a")
+    await use(coordinator, "c")
+    assert statuses(coordinator) == {"a": "LOADED", "b": "UNLOADED", "c": "LOADED"}
+    assert world.max_alive == 2
+
+
+async def test_a_busy_model_is_passed_over_for_an_idle_one(make: Make, world: FakeWorld) -> None:
+    coordinator = make({m: {"vram_mb": 6000} for m in "abc"},
+                       max_concurrent_models=3, vram_budget_mb=14000)
+    busy = await coordinator.acquire("a")  # a is the least recently used, but busy
+    await use(coordinator, "b")
+    await use(coordinator, "c")
+    assert statuses(coordinator) == {"a": "LOADED", "b": "UNLOADED", "c": "LOADED"}
+    busy.release()
+
+
+async def test_eviction_waits_for_in_flight_requests(make: Make, world: FakeWorld) -> None:
+    coordinator = make({"a": {"vram_mb": 9000}, "b": {"vram_mb": 9000}},
+                       max_concurrent_models=2, vram_budget_mb=14000)
+    lease = await coordinator.acquire("a")
+    want_b = asyncio.create_task(coordinator.acquire("b"))
+    await coordinator.wait_for_status("a", ModelStatus.LOADED)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not want_b.done() and ("stop", "a") not in world.events
+    assert coordinator.model_status("a") == ModelStatus.LOADED
+    lease.release()
+    (await want_b).release()
+    assert world.events[-2:] == [("stop", "a"), ("start", "b")]
+    assert lease.cut_reason is None
+
+
+async def test_past_drain_timeout_in_flight_requests_are_cut_off_with_a_reason(
+    make: Make, world: FakeWorld
+) -> None:
+    coordinator = make({"a": {"vram_mb": 9000}, "b": {"vram_mb": 9000}},
+                       max_concurrent_models=2, vram_budget_mb=14000, drain_timeout=0.2)
+    lease = await coordinator.acquire("a")  # never released in time
+    lease_b = await asyncio.wait_for(coordinator.acquire("b"), 5)
+    assert ("stop", "a") in world.events
+    assert lease.cut_reason is not None
+    assert "make room for 'b'" in lease.cut_reason and "drain_timeout" in lease.cut_reason
+    lease.release()
+    lease_b.release()
+    assert statuses(coordinator) == {"a": "UNLOADED", "b": "LOADED"}
+
+
+async def test_pinned_models_are_evicted_last(make: Make, world: FakeWorld) -> None:
+    coordinator = make({m: {"vram_mb": 6000} for m in "abc"}, default_model="a",
+                       max_concurrent_models=3, vram_budget_mb=14000)
+    await use(coordinator, "a")  # the default model: pinned, and least recently used
+    await use(coordinator, "b")
+    await use(coordinator, "c")
+    assert statuses(coordinator) == {"a": "LOADED", "b": "UNLOADED", "c": "LOADED"}
+    assert coordinator.status()["models"]["a"]["pinned"] is True
+
+
+
+async def test_the_default_model_can_be_unpinned(make: Make, world: FakeWorld) -> None:
+    models: dict[str, dict[str, Any]] = {m: {"vram_mb": 6000} for m in "abc"}
+    models["a"]["pinned"] = False
+    coordinator = make(models, default_model="a", max_concurrent_models=3, vram_budget_mb=14000)
+    await use(coordinator, "a")
+    await use(coordinator, "b")
+    await use(coordinator, "c")
+    assert statuses(coordinator) == {"a": "UNLOADED", "b": "LOADED", "c": "LOADED"}
+
+
+async def test_a_pinned_model_still_goes_when_nothing_else_can(
+    make: Make, world: FakeWorld
+) -> None:
+    coordinator = make({"a": {"vram_mb": 9000, "pinned": True}, "b": {"vram_mb": 9000}},
+                       max_concurrent_models=2, vram_budget_mb=14000)
+    await use(coordinator, "a")
+    await use(coordinator, "b")
+    assert statuses(coordinator) == {"a": "UNLOADED", "b": "LOADED"}
+
+
+async def test_a_model_that_can_never_fit_is_refused_at_once(make: Make, world: FakeWorld) -> None:
+    coordinator = make({"a": {"vram_mb": 6000}, "huge": {"vram_mb": 20000}},
+                       max_concurrent_models=2)  # budget: the fake GPU's 16384 MiB
+    await use(coordinator, "a")
+    with pytest.raises(ModelUnavailable) as info:
+        await asyncio.wait_for(coordinator.acquire("huge"), 1)
+    assert "20000 MiB" in info.value.message and "16384 MiB budget" in info.value.message
+    assert world.starts("huge") == 0 and coordinator.model_status("a") == ModelStatus.LOADED
+
+
+async def test_the_next_load_waits_until_the_gpu_shows_memory_released(
+    make: Make, world: FakeWorld, caplog: pytest.LogCaptureFixture
+) -> None:
+    world.release_lag = 0.4  # CUDA's free figure lags an unload
+    coordinator = make({"a": {"vram_mb": 10000}, "b": {"vram_mb": 10000}},
+                       max_concurrent_models=2, vram_release_timeout=5)
+    gpu = coordinator.placement.gpu
+    assert isinstance(gpu, FakeGpu)
+    await use(coordinator, "a")
+    caplog.set_level(logging.INFO, "swapper.placement")
+    await use(coordinator, "b")
+    # b started only once a's memory showed free: never more than the GPU holds.
+    assert world.events[-2:] == [("stop", "a"), ("start", "b")]
+    assert gpu.used_mb() == 10000
+    waited = [r.message for r in caplog.records if "for GPU memory" in r.message]
+    assert waited and waited[0].startswith("b: waited")
+
+
+async def test_the_memory_wait_is_bounded_and_logged(
+    make: Make, world: FakeWorld, caplog: pytest.LogCaptureFixture
+) -> None:
+    world.release_lag = 30  # the memory never shows up in time
+    coordinator = make({"a": {"vram_mb": 10000}, "b": {"vram_mb": 10000}},
+                       max_concurrent_models=2, vram_release_timeout=0.3)
+    await use(coordinator, "a")
+    caplog.set_level(logging.INFO, "swapper.placement")
+    await asyncio.wait_for(use(coordinator, "b"), 5)
+    assert any("gave up waiting" in r.message for r in caplog.records)
+
+
+async def test_measured_size_replaces_the_estimate_and_survives_a_restart(
+    make: Make, world: FakeWorld, tmp_path: Path
+) -> None:
+    models = {"a": {"vram_mb": 4000, "actual_mb": 9000}, "b": {"vram_mb": 6000}}
+    coordinator = make(models, max_concurrent_models=2, vram_budget_mb=14000)
+    await use(coordinator, "a")
+    await coordinator.wait_for_status("a", ModelStatus.LOADED)
+    for _ in range(50):  # the measurement runs in a task after the load
+        if coordinator.status()["models"]["a"]["vram_mb"] is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert coordinator.status()["models"]["a"]["vram_mb"] == 9000
+    saved = json.loads((tmp_path / "state.json").read_text())
+    assert saved["models"]["a"]["vram_mb"] == 9000
+    await coordinator.close()
+    # A new coordinator (a restart) plans with the learned 9000, not the estimate of 4000:
+    # a and b no longer fit together in 14000.
+    again = make(models, max_concurrent_models=2, vram_budget_mb=14000)
+    assert again.status()["models"]["a"]["predicted_vram_mb"] == 9000
+    await use(again, "a")
+    await use(again, "b")
+    assert statuses(again) == {"a": "UNLOADED", "b": "LOADED"}
+    # A changed entry is another setup: its old measurement no longer applies.
+    changed = make({"a": {"vram_mb": 4000, "note": "q8"}, "b": {"vram_mb": 6000}},
+                   max_concurrent_models=2, vram_budget_mb=14000)
+    assert changed.status()["models"]["a"]["predicted_vram_mb"] == 4000
+
+
+async def test_a_sleeping_backend_sleeps_instead_of_stopping_and_wakes(
+    make: Make, world: FakeWorld
+) -> None:
+    coordinator = make({"a": {"vram_mb": 6000, "sleepy": True, "sleep_mb": 500},
+                        "b": {"vram_mb": 6000}},
+                       mode="single-active", max_concurrent_models=1, vram_budget_mb=14000)
+    await use(coordinator, "a")
+    await use(coordinator, "b")
+    assert statuses(coordinator) == {"a": "SLEEPING", "b": "LOADED"}
+    assert "a" in world.alive and ("sleep", "a") in world.events
+    assert coordinator.status()["models"]["a"]["vram_mb"] == 500
+    await use(coordinator, "a")
+    assert statuses(coordinator) == {"a": "LOADED", "b": "UNLOADED"}
+    assert world.starts("a") == 1 and ("wake", "a") in world.events
+
+
+async def test_a_sleeping_backend_is_stopped_when_its_memory_is_needed(
+    make: Make, world: FakeWorld
+) -> None:
+    coordinator = make({"a": {"vram_mb": 6000, "sleepy": True, "sleep_mb": 1000},
+                        "b": {"vram_mb": 6000}, "big": {"vram_mb": 13500}},
+                       mode="single-active", max_concurrent_models=1, vram_budget_mb=14000)
+    await use(coordinator, "a")
+    await use(coordinator, "b")
+    assert statuses(coordinator)["a"] == "SLEEPING"
+    await use(coordinator, "big")  # 13500 + a's 1000 asleep would not fit
+    assert statuses(coordinator) == {"a": "UNLOADED", "b": "UNLOADED", "big": "LOADED"}
+    assert "a" not in world.alive
+
+
+async def test_unloading_a_sleeping_model_stops_it(make: Make, world: FakeWorld) -> None:
+    coordinator = make({"a": {"sleepy": True}}, mode="single-active", max_concurrent_models=1)
+    await use(coordinator, "a")
+    await coordinator.unload("a")
+    assert coordinator.model_status("a") == ModelStatus.SLEEPING and "a" in world.alive
+    await coordinator.unload("a")
+    assert coordinator.model_status("a") == ModelStatus.UNLOADED and "a" not in world.alive
+
+
+async def test_a_backend_that_dies_asleep_is_failed(make: Make, world: FakeWorld) -> None:
+    coordinator = make({"a": {"sleepy": True}, "b": {}}, mode="single-active",
+                       max_concurrent_models=1)
+    await use(coordinator, "a")
+    await use(coordinator, "b")
+    world.crash("a")
+    await asyncio.wait_for(coordinator.wait_for_status("a", ModelStatus.FAILED), 2)
+    assert "died" in (coordinator.status()["models"]["a"]["last_error"] or "")
+    await use(coordinator, "a")  # the next request starts it again
+    assert world.starts("a") == 2
+
+
+async def test_requests_for_an_evicted_model_cannot_starve_the_waiting_one(
+    make: Make, world: FakeWorld
+) -> None:
+    coordinator = make({"a": {"vram_mb": 9000}, "b": {"vram_mb": 9000}},
+                       max_concurrent_models=2, vram_budget_mb=14000, max_overtake=2)
+    first = await coordinator.acquire("a")
+    want_b = asyncio.create_task(coordinator.acquire("b"))
+    await asyncio.sleep(0)
+    # Later requests for a may overtake b twice; the third waits behind b.
+    overtakers: list[Lease] = [await coordinator.acquire("a") for _ in range(2)]
+    third = asyncio.create_task(coordinator.acquire("a"))
+    await asyncio.sleep(0)
+    assert not third.done()
+    for lease in [first, *overtakers]:
+        lease.release()
+    (await want_b).release()
+    (await third).release()
+    starts = [e for e in world.events if e[0] == "start"]
+    assert starts == [("start", "a"), ("start", "b"), ("start", "a")]
