@@ -36,6 +36,10 @@ test *ARGS: install
 bench: models
     {{py}} scripts/bench.py --llama-server "{{llama}}" --models models
 
+# on a lent GPU (under 4 min): VRAM-budget eviction and the wait for freed memory, as NVML sees them
+gpu-check:
+    $(test -x {{py}} && echo {{py}} || echo python3) scripts/gpu_check.py
+
 # restart the compose service on the server (docker compose or podman-compose)
 restart:
     ${COMPOSE:-docker compose} -f compose.yaml restart swapper

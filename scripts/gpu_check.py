@@ -1,0 +1,710 @@
+#!/usr/bin/env python3
+"""``just gpu-check``: swapper's VRAM placement on a real NVIDIA GPU, measured with NVML.
+
+It starts swapper in ``multi-active`` mode with three models ``a``, ``b`` and ``c``, each served
+by ``scripts/vram_holder.py`` (a stand-in for ``vllm serve`` that really takes
+``gpu_memory_utilization`` x total VRAM through the CUDA driver), sized so that any two fit
+under ``swapper.vram_budget_mb`` and three do not. Then:
+
+1. baseline: what NVML sees before anything runs;
+2. load ``a`` and ``b``: both resident; swapper's ``vram_mb`` against NVML's per-process figure;
+3. a chat to ``a`` (so ``b`` is least recently used), then load ``c``: swapper must evict ``b``
+   to stay under the budget, and ``c`` may start only once ``b``'s memory is really free again:
+   with ``a`` and ``b`` resident the GPU's free memory is below what ``c`` asks for, and the
+   holder, like vLLM, refuses to start then. NVML is sampled every 0.1 s meanwhile, so the
+   release lag shows;
+4. swapper's log lines about waiting for GPU memory and about eviction;
+5. restart swapper: the learned sizes are kept in its state file;
+6. stop swapper: no holder process is left and NVML's used memory is back near the baseline.
+
+It ends with PASS/FAIL per check and exits 0 only when all pass. Without an NVIDIA GPU and
+driver it says so in one line and exits 1. Every wait has a deadline and the whole run is
+bounded by ``--time-limit``; swapper and the holders are stopped whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+HOLDER = REPO / "scripts" / "vram_holder.py"
+MODELS = ("a", "b", "c")
+#: How swapper is run: this interpreter, so the check uses the venv it was started from.
+SWAPPER_COMMAND = [sys.executable, "-m", "swapper"]
+_MIB = 1024 * 1024
+_START = time.monotonic()
+#: Log lines worth showing: the wait for released memory, eviction, the budget, learned sizes,
+#: and each holder's startup line (the free memory it found) or vLLM-style refusal.
+_LOG_PATTERN = re.compile(r"for GPU memory|[Ee]vict|[Bb]udget|[Ll]earn|state file|VRAM"
+                          r"|taking \d+ MiB|Free memory on device")
+#: How far above the baseline NVML's used memory may stay once everything has stopped.
+_BASELINE_SLACK_MB = 1024.0
+
+CHECK_NAMES = (
+    "a and b resident together",
+    "b evicted (least recently used) to fit c, a kept",
+    "c resident",
+    "b's process gone",
+    "waited-for-release line in swapper's log",
+    "learned VRAM sizes recorded",
+    "no stray holder processes",
+    "NVML used memory back near baseline",
+)
+
+
+# --- output ---------------------------------------------------------------------------------
+
+def step(message: str) -> None:
+    """A timestamped headline: wall clock and seconds since the check started."""
+    print(f"\n[{time.strftime('%H:%M:%S')} +{time.monotonic() - _START:6.1f}s] {message}",
+          flush=True)
+
+
+def detail(message: str) -> None:
+    """An indented line under the current step."""
+    print(f"    {message}", flush=True)
+
+
+# --- NVML -----------------------------------------------------------------------------------
+
+class NoGpu(Exception):
+    """NVML is missing or sees no GPU."""
+
+
+@dataclass(frozen=True)
+class Memory:
+    """GPU 0's memory as NVML reports it, in MiB."""
+
+    total_mb: float
+    used_mb: float
+    free_mb: float
+
+    def __str__(self) -> str:
+        return (f"total {self.total_mb:.0f} MiB, used {self.used_mb:.0f} MiB, "
+                f"free {self.free_mb:.0f} MiB")
+
+
+class Nvml:
+    """GPU 0 through pynvml (nvidia-ml-py): memory and per-process usage."""
+
+    def __init__(self) -> None:
+        try:
+            import pynvml
+        except ImportError as exc:
+            raise NoGpu(f"pynvml (nvidia-ml-py) is not importable by {sys.executable}: {exc}")
+        try:
+            pynvml.nvmlInit()
+            count = pynvml.nvmlDeviceGetCount()
+        except pynvml.NVMLError as exc:
+            raise NoGpu(str(exc) or type(exc).__name__)
+        if count < 1:
+            raise NoGpu("NVML sees no GPU")
+        self._nv: Any = pynvml
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        name = pynvml.nvmlDeviceGetName(self._handle)
+        self.name: str = name.decode() if isinstance(name, bytes) else name
+        self.driver: str = str(pynvml.nvmlSystemGetDriverVersion())
+        self._process_error_shown = False
+
+    def memory(self) -> Memory:
+        """Total, used and free memory of GPU 0 now."""
+        info = self._nv.nvmlDeviceGetMemoryInfo(self._handle)
+        return Memory(info.total / _MIB, info.used / _MIB, info.free / _MIB)
+
+    def processes(self) -> dict[int, float]:
+        """MiB used per compute process on GPU 0 (NVML's pids: the host's PID namespace)."""
+        try:
+            running = self._nv.nvmlDeviceGetComputeRunningProcesses(self._handle)
+        except self._nv.NVMLError as exc:
+            if not self._process_error_shown:
+                detail(f"NVML cannot list processes: {exc}")
+                self._process_error_shown = True
+            return {}
+        return {p.pid: (p.usedGpuMemory or 0) / _MIB for p in running}
+
+    def close(self) -> None:
+        """Shut NVML down (best effort)."""
+        try:
+            self._nv.nvmlShutdown()
+        except self._nv.NVMLError:
+            pass
+
+
+def show_nvml(nvml: Nvml, label: str) -> Memory:
+    """Print GPU 0's memory and every compute process NVML lists; return the memory."""
+    memory = nvml.memory()
+    detail(f"NVML {label}: {memory}")
+    processes = nvml.processes()
+    for pid, used in sorted(processes.items()):
+        detail(f"    pid {pid:>7}  {used:>9.0f} MiB  {describe_process(pid)}")
+    if not processes:
+        detail("    (no compute processes)")
+    return memory
+
+
+class Sampler(threading.Thread):
+    """Samples NVML every ``period`` seconds, to show how memory is released over time."""
+
+    def __init__(self, nvml: Nvml, period: float = 0.1) -> None:
+        super().__init__(name="nvml-sampler", daemon=True)
+        self._nvml = nvml
+        self._period = period
+        self._stop_event = threading.Event()
+        self.samples: list[tuple[float, Memory, frozenset[int]]] = []
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                self.samples.append((time.monotonic(), self._nvml.memory(),
+                                     frozenset(self._nvml.processes())))
+            except Exception:  # noqa: BLE001 - a failed sample must not end the check
+                pass
+            self._stop_event.wait(self._period)
+
+    def stop(self) -> None:
+        """Stop sampling and wait for the thread."""
+        self._stop_event.set()
+        self.join(timeout=5)
+
+    def timeline(self, since: float, names: dict[int, str]) -> Iterator[str]:
+        """One line per change that matters: used memory moved by 256 MiB, or a process came
+        or went (named through ``names``, pid -> model)."""
+        last: tuple[Memory, frozenset[int]] | None = None
+        for moment, memory, pids in self.samples:
+            if last is not None and abs(memory.used_mb - last[0].used_mb) < 256 and \
+                    pids == last[1]:
+                continue
+            change = ""
+            if last is not None:
+                gone = ", ".join(names.get(p, str(p)) for p in sorted(last[1] - pids))
+                came = ", ".join(names.get(p, str(p)) for p in sorted(pids - last[1]))
+                change = (f"  gone: {gone}" if gone else "") + (f"  new: {came}" if came else "")
+            yield f"t={moment - since:+6.2f}s  used {memory.used_mb:>8.0f} MiB  " \
+                  f"free {memory.free_mb:>8.0f} MiB  processes {len(pids)}{change}"
+            last = (memory, pids)
+
+
+# --- processes ------------------------------------------------------------------------------
+
+def cmdline(pid: int) -> list[str]:
+    """A process's argv from /proc; empty when gone, a zombie, or not ours to see."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def describe_process(pid: int) -> str:
+    """What a pid NVML lists is: a holder's served name, else its command line."""
+    argv = cmdline(pid)
+    if not argv:
+        return "(not visible here: another PID namespace, or gone)"
+    if any(arg.endswith("vram_holder.py") for arg in argv):
+        flag = "--served-model-name"
+        return f"vram_holder serving {argv[argv.index(flag) + 1] if flag in argv[:-1] else '?'}"
+    return " ".join(argv)[:100]
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def holder_pids() -> list[int]:
+    """Live processes running this repository's vram_holder.py."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            if str(HOLDER) in cmdline(int(entry.name)) and alive(int(entry.name)):
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, period: float = 0.2) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass; whether it held."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(period)
+
+
+# --- swapper --------------------------------------------------------------------------------
+
+# Loopback only: a proxy from the environment must never see these requests.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+#: Every swapper started, so the last cleanup can kill one that a timeout left running.
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+class Swapper:
+    """One ``python -m swapper serve`` subprocess and its admin API."""
+
+    def __init__(self, config: Path, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start swapper and wait until ``/health`` answers; RuntimeError if it does not."""
+        self.port = free_port()
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   SWAPPER_LOG_LEVEL=os.environ.get("SWAPPER_LOG_LEVEL", "INFO"))
+        # The holder's shebang is `env python3`: let it find this interpreter first.
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        with open(self.log_path, "ab") as log:
+            # A session of its own: a final killpg reaches swapper, never this script.
+            self.proc = subprocess.Popen(
+                [*SWAPPER_COMMAND, "serve", "--config", str(self.config),
+                 "--port", str(self.port)],
+                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = self.proc
+        _STARTED.append(proc)
+        if not wait_until(lambda: proc.poll() is not None or self.get("/health", 2)[0] == 200,
+                          timeout):
+            raise RuntimeError(f"swapper did not answer /health within {timeout:.0f}s")
+        if proc.poll() is not None:
+            raise RuntimeError(f"swapper exited with status {proc.returncode}:\n"
+                               + "\n".join(tail(self.log_path, 15)))
+        detail(f"swapper pid {proc.pid} on 127.0.0.1:{self.port}, log {self.log_path}")
+
+    def stop(self, timeout: float = 45.0) -> int | None:
+        """SIGTERM, wait up to ``timeout`` (it stops its backends first), then SIGKILL."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                return proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                detail(f"swapper did not stop within {timeout:.0f}s: SIGKILL")
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return proc.wait(10)
+
+    def request(self, method: str, path: str, body: Any = None,
+                timeout: float = 10.0) -> tuple[int, Any]:
+        """(HTTP status, decoded JSON or text); status 0 when nothing answered."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
+                                         method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with _OPENER.open(request, timeout=timeout) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        except (urllib.error.URLError, OSError) as exc:
+            return 0, str(exc)
+        try:
+            return status, json.loads(raw or b"null")
+        except ValueError:
+            return status, raw.decode(errors="replace")
+
+    def get(self, path: str, timeout: float = 10.0) -> tuple[int, Any]:
+        """GET ``path``."""
+        return self.request("GET", path, timeout=timeout)
+
+    def status(self) -> dict[str, Any]:
+        """``/status``, or an empty document when it does not answer."""
+        code, doc = self.get("/status")
+        return doc if code == 200 and isinstance(doc, dict) else {}
+
+
+def tail(path: Path, lines: int) -> list[str]:
+    """The last ``lines`` lines of a log file."""
+    try:
+        return path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
+
+
+def model_states(doc: dict[str, Any]) -> dict[str, str]:
+    """Model id -> status (upper case) from a ``/status`` document."""
+    models = doc.get("models") or {}
+    return {mid: str((models.get(mid) or {}).get("status", "?")).upper() for mid in MODELS}
+
+
+def model_pid(doc: dict[str, Any], model_id: str) -> int | None:
+    """The pid ``/status`` gives for a model, if any."""
+    pid = ((doc.get("models") or {}).get(model_id) or {}).get("pid")
+    return pid if isinstance(pid, int) else None
+
+
+def show_status(doc: dict[str, Any], nvml: Nvml) -> None:
+    """Per model: status, pid, swapper's VRAM figures, and NVML's figure for that pid."""
+    if not doc:
+        detail("/status: no answer")
+        return
+    detail(f"/status: mode {doc.get('mode')}")
+    processes = nvml.processes()
+    for model_id in MODELS:
+        model = (doc.get("models") or {}).get(model_id) or {}
+        pid = model.get("pid")
+        vram = {k: v for k, v in model.items() if "vram" in k.lower()}
+        nvml_mb = f"{processes[pid]:.0f} MiB" if pid in processes else "-"
+        detail(f"    {model_id}: {str(model.get('status')):<9} pid {str(pid):>7}  "
+               f"{json.dumps(vram)}  NVML for pid: {nvml_mb}")
+    extra = {k: v for k, v in doc.items() if k not in ("models", "gpu", "mode")
+             and ("vram" in k.lower() or "budget" in k.lower())}
+    if extra:
+        detail(f"    {json.dumps(extra)[:300]}")
+    for gpu in (doc.get("gpu") or {}).get("gpus", []):
+        detail(f"    swapper's gpu[{gpu.get('index')}]: total {gpu.get('total_mb')} MiB, "
+               f"used {gpu.get('used_mb')} MiB, free {gpu.get('free_mb')} MiB")
+
+
+def learned_sizes(node: Any) -> dict[str, float]:
+    """Model id -> a positive VRAM figure, wherever a JSON document keeps one.
+
+    The state file's layout is swapper's business; this accepts ``{"a": 123}``,
+    ``{"a": {"vram_mb": 123}}`` and ``[{"id": "a", "vram_mb": 123}]`` at any depth.
+    """
+    found: dict[str, float] = {}
+
+    def size(value: Any) -> float | None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                if ("vram" in key.lower() or key.lower().endswith("mb")) and size(inner):
+                    return size(inner)
+        return None
+
+    def walk(item: Any) -> None:
+        if isinstance(item, dict):
+            named = next((item[k] for k in ("id", "model", "name") if k in item), None)
+            if named in MODELS and size(item):
+                found.setdefault(named, size(item) or 0.0)
+            for key, value in item.items():
+                if key in MODELS and size(value):
+                    found.setdefault(key, size(value) or 0.0)
+                walk(value)
+        elif isinstance(item, list):
+            for value in item:
+                walk(value)
+
+    walk(node)
+    return found
+
+
+def status_learned(doc: dict[str, Any]) -> dict[str, float]:
+    """Sizes ``/status`` shows for models that are not resident (so learned, not measured)."""
+    found: dict[str, float] = {}
+    for model_id, model in (doc.get("models") or {}).items():
+        for key, value in (model or {}).items():
+            if "vram" in key.lower() and isinstance(value, (int, float)) and value > 0:
+                found.setdefault(model_id, float(value))
+    return found
+
+
+# --- the check ------------------------------------------------------------------------------
+
+def to_yaml(doc: dict[str, Any], indent: int = 0) -> str:
+    """Nested dicts of scalars as block YAML (scalars JSON-encoded, which YAML reads)."""
+    lines = []
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            lines.append(f"{' ' * indent}{key}:")
+            lines.append(to_yaml(value, indent + 2))
+        else:
+            lines.append(f"{' ' * indent}{key}: {json.dumps(value)}")
+    return "\n".join(lines)
+
+
+def write_config(workdir: Path, total_mb: float, fraction: float, budget_fraction: float) -> Path:
+    """swapper's config: multi-active, three holders of ``fraction`` x total VRAM each."""
+    models = {
+        model_id: {"backend": "vllm", "model": f"holder-{model_id}", "binary": str(HOLDER),
+                   "gpu_memory_utilization": fraction,
+                   "vram_mb": round(fraction * total_mb)}
+        for model_id in MODELS
+    }
+    config = {
+        "swapper": {
+            "mode": "multi-active",
+            "max_concurrent_models": 3,  # the count never binds: only the VRAM budget does
+            "vram_budget_mb": round(budget_fraction * total_mb),
+            "vram_reserve_mb": 512,
+            "vram_release_timeout": 10,
+            "model_swap_timeout": 120,
+            "stop_timeout": 10,
+            "shutdown_timeout": 5,
+            "gpu_enabled": True,
+            "state_file": str(workdir / "state.json"),
+        },
+        "server": {"host": "127.0.0.1"},
+        "models": models,
+    }
+    path = workdir / "swapper.yaml"
+    path.write_text(to_yaml(config) + "\n")
+    return path
+
+
+class CheckTimeout(Exception):
+    """The whole check ran past ``--time-limit``."""
+
+
+def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    raise CheckTimeout()
+
+
+def _on_term(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop the children
+
+
+def run(args: argparse.Namespace, nvml: Nvml, workdir: Path,
+        checks: dict[str, bool | None]) -> None:
+    """Steps 1-6; fills ``checks`` as it goes (a step not reached leaves its checks None)."""
+    step(f"1. baseline: GPU 0 {nvml.name}, driver {nvml.driver}")
+    baseline = show_nvml(nvml, "baseline")
+    total = baseline.total_mb
+    each = args.fraction * total
+    budget = args.budget_fraction * total
+    detail(f"plan: each holder takes {args.fraction:g} x total = {each:.0f} MiB (+ its CUDA "
+           f"context); budget {budget:.0f} MiB: two fit, three do not")
+    detail(f"      with a and b resident ~{baseline.free_mb - 2 * each:.0f} MiB stays free, "
+           f"less than c asks for: c can start only once b's memory is released")
+    if baseline.free_mb < 2 * each + 2048:
+        raise RuntimeError(f"the GPU is not free enough: {baseline.free_mb:.0f} MiB free, "
+                           f"{2 * each + 2048:.0f} MiB needed")
+
+    config = write_config(workdir, total, args.fraction, args.budget_fraction)
+    detail(f"config {config}:")
+    for line in config.read_text().splitlines():
+        detail(f"    {line}")
+    checked = subprocess.run([*SWAPPER_COMMAND, "check-config", str(config)],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    if checked.returncode != 0:
+        raise RuntimeError("swapper refuses the config: "
+                           + (checked.stderr or checked.stdout).strip())
+
+    swapper = Swapper(config, workdir / "swapper-1.log")
+    logs = [swapper.log_path]
+    try:
+        swapper.start()
+
+        step("2. load a, then b (both fit under the budget)")
+        for model_id in ("a", "b"):
+            began = time.monotonic()
+            code, body = swapper.request("POST", f"/models/{model_id}/load", timeout=150)
+            detail(f"POST /models/{model_id}/load -> {code} in {time.monotonic() - began:.1f}s"
+                   + ("" if code == 200 else f": {json.dumps(body)[:400]}"))
+        doc = swapper.status()
+        show_status(doc, nvml)
+        show_nvml(nvml, "with a and b")
+        states = model_states(doc)
+        checks["a and b resident together"] = states["a"] == states["b"] == "LOADED"
+        pids = {model_id: model_pid(doc, model_id) for model_id in MODELS}
+
+        step("3. chat to a (b becomes least recently used), then load c")
+        code, body = swapper.request(
+            "POST", "/v1/chat/completions",
+            {"model": "a", "messages": [{"role": "user", "content": "who holds the memory?"}],
+             "max_tokens": 16}, timeout=30)
+        reply = body.get("choices", [{}])[0].get("message", {}).get("content") \
+            if isinstance(body, dict) and body.get("choices") else body
+        detail(f"chat to a -> {code}: {reply!r}")
+        sampler = Sampler(nvml)
+        sampler.start()
+        began = time.monotonic()
+        try:
+            code, body = swapper.request("POST", "/models/c/load", timeout=150)
+            loaded_in = time.monotonic() - began
+            time.sleep(0.5)  # a few samples after the load, so the timeline ends settled
+        finally:
+            sampler.stop()
+        detail(f"POST /models/c/load -> {code} in {loaded_in:.1f}s"
+               + ("" if code == 200 else f": {json.dumps(body)[:600]}"))
+        doc = swapper.status()
+        pids["c"] = model_pid(doc, "c")
+        names = {pid: f"holder-{mid}" for mid, pid in pids.items() if pid is not None}
+        detail("NVML every 0.1 s while c loaded (t=0: the load request):")
+        for line in sampler.timeline(began, names):
+            detail(f"    {line}")
+        show_status(doc, nvml)
+        show_nvml(nvml, "with a and c")
+        states = model_states(doc)
+        checks["b evicted (least recently used) to fit c, a kept"] = \
+            states["b"] == "UNLOADED" and states["a"] == "LOADED"
+        checks["c resident"] = states["c"] == "LOADED"
+        b_pid = pids["b"]
+        checks["b's process gone"] = b_pid is not None and not alive(b_pid) \
+            and b_pid not in nvml.processes()
+        detail(f"b's process {b_pid}: {'still running' if b_pid and alive(b_pid) else 'gone'}")
+
+        step("4. swapper's log: waiting for GPU memory, eviction")
+        lines = [line for line in tail(swapper.log_path, 2000) if _LOG_PATTERN.search(line)]
+        for line in lines[-40:]:
+            detail(line)
+        if not lines:
+            detail("(no matching line)")
+        waits = [line for line in lines if "for GPU memory" in line]
+        checks["waited-for-release line in swapper's log"] = bool(waits)
+
+        step("5. restart swapper: learned VRAM sizes survive")
+        code = swapper.stop()
+        detail(f"swapper stopped, exit status {code}")
+        state_file = workdir / "state.json"
+        swapper = Swapper(config, workdir / "swapper-2.log")
+        logs.append(swapper.log_path)
+        swapper.start()
+        doc = swapper.status()
+        show_status(doc, nvml)
+        state: Any = None
+        if state_file.exists():
+            text = state_file.read_text(errors="replace")
+            detail(f"state file {state_file} ({len(text)} bytes):")
+            for line in text[:3000].splitlines():
+                detail(f"    {line}")
+            try:
+                state = json.loads(text)
+            except ValueError as exc:
+                detail(f"not JSON: {exc}")
+        else:
+            detail(f"state file {state_file} does not exist")
+        learned = {**status_learned(doc), **learned_sizes(state)}
+        detail(f"learned sizes found (MiB): {json.dumps(learned)}")
+        checks["learned VRAM sizes recorded"] = all(m in learned for m in MODELS)
+        for line in tail(swapper.log_path, 500):
+            if _LOG_PATTERN.search(line):
+                detail(line)
+    finally:
+        step("6. stop swapper")
+        code = swapper.stop()
+        detail(f"swapper stopped, exit status {code}")
+        wait_until(lambda: not holder_pids(), 15)  # swapper reaps them; allow for stragglers
+        leftover = holder_pids()
+        checks["no stray holder processes"] = not leftover
+        detail(f"holder processes left: {leftover or 'none'}")
+        back = wait_until(lambda: nvml.memory().used_mb <= baseline.used_mb + _BASELINE_SLACK_MB,
+                          20, period=0.25)
+        checks["NVML used memory back near baseline"] = back
+        after = show_nvml(nvml, "after stop")
+        detail(f"used {after.used_mb:.0f} MiB vs baseline {baseline.used_mb:.0f} MiB "
+               f"(slack {_BASELINE_SLACK_MB:.0f})")
+        if args.verbose:
+            for path in logs:
+                step(f"full log {path}")
+                for line in tail(path, 400):
+                    detail(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the check; 0 when every check passes, 1 otherwise (or without a GPU)."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fraction", type=float, default=0.4,
+                        help="share of total VRAM each holder takes (default %(default)s)")
+    parser.add_argument("--budget-fraction", type=float, default=0.9,
+                        help="swapper.vram_budget_mb as a share of total (default %(default)s)")
+    parser.add_argument("--time-limit", type=int, default=210,
+                        help="seconds the whole check may take (default %(default)s)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print swapper's full logs")
+    args = parser.parse_args(argv)
+    # Two holders (plus their CUDA contexts) must fit the budget, three must not, and with two
+    # resident the GPU must be too full for the third: that is what makes the wait matter.
+    if not (2 * args.fraction < args.budget_fraction - 0.02 < 3 * args.fraction
+            and 3 * args.fraction > 1.0 and args.budget_fraction <= 1.0):
+        parser.error("need 2 x fraction < budget-fraction < 3 x fraction, 3 x fraction > 1")
+
+    try:
+        nvml = Nvml()
+    except NoGpu as exc:
+        print(f"no NVIDIA GPU/driver: {exc}", flush=True)
+        return 1
+    if not HOLDER.exists():
+        print(f"missing {HOLDER}", flush=True)
+        return 1
+    if not os.access(HOLDER, os.X_OK):  # swapper runs it as the backend's binary
+        try:
+            HOLDER.chmod(HOLDER.stat().st_mode | 0o111)
+        except OSError as exc:
+            print(f"{HOLDER} is not executable and cannot be made so: {exc}", flush=True)
+            return 1
+
+    checks: dict[str, bool | None] = dict.fromkeys(CHECK_NAMES)  # None: not reached
+    workdir = Path(tempfile.mkdtemp(prefix="swapper-gpu-check-"))
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.alarm(args.time_limit)
+    error = ""
+    try:
+        run(args, nvml, workdir, checks)
+    except CheckTimeout:
+        error = f"the check ran past its {args.time_limit}s limit"
+    except KeyboardInterrupt:
+        error = "interrupted"
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        error = str(exc)
+    finally:
+        signal.alarm(0)
+        # Whatever happened: neither swapper nor a holder of ours may outlive the check.
+        for proc in _STARTED:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                proc.wait(10)
+        for pid in holder_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        nvml.close()
+        if args.keep:
+            print(f"\nwork directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    print(f"\n=== summary (GPU 0 {nvml.name}, {time.monotonic() - _START:.1f}s) ===")
+    if error:
+        print(f"ERROR   {error}")
+    for name, passed in checks.items():
+        print(f"{'NOT RUN' if passed is None else 'PASS' if passed else 'FAIL':<8}{name}")
+    ok = not error and all(passed is True for passed in checks.values())
+    print("all checks passed" if ok else "GPU check FAILED", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
