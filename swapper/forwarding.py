@@ -96,6 +96,8 @@ async def _relay(lease: Lease, upstream: UpstreamResponse) -> AsyncIterator[byte
     try:
         async for chunk in (chunks if rename is None else rename.stream(chunks)):
             yield chunk
+        if lease.cut_reason:  # a backend stopped mid-stream may close it as if it were done
+            yield error_event(lease.cut_reason, code="model_evicted")
     except SwapperError as exc:
         if lease.cut_reason:  # evicted past drain_timeout: say so rather than "broken pipe"
             exc = ModelUnavailable(lease.cut_reason, code="model_evicted")

@@ -19,6 +19,8 @@ import yaml
 from tests.fakes import FakeWorld
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Faithful fakes of backends that cannot run here (Ollama, vLLM) and of NVML.
+FAKES = ROOT / "tests" / "fake_servers"
 
 
 @pytest.fixture
@@ -189,7 +191,8 @@ def swapper_factory(tmp_path: Path, llama_server: str,
         (workdir / path.name).symlink_to(path)
 
     def start(swapper: dict[str, Any] | None = None, models: dict[str, Any] | None = None,
-              ctx_size: int = 512, timeouts: dict[str, Any] | None = None) -> SwapperProcess:
+              ctx_size: int = 512, timeouts: dict[str, Any] | None = None,
+              env: dict[str, str] | None = None) -> SwapperProcess:
         config = {
             "swapper": {"mode": "single-active", "max_concurrent_models": 1,
                         "model_swap_timeout": 30, "gpu_enabled": False, "stop_timeout": 5,
@@ -202,7 +205,7 @@ def swapper_factory(tmp_path: Path, llama_server: str,
                 for name in "abc"
             },
         }
-        process = SwapperProcess(config, workdir, llama_server)
+        process = SwapperProcess(config, workdir, llama_server, env)
         started.append(process)
         return process
 

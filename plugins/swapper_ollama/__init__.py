@@ -6,11 +6,17 @@ preload (``/api/generate`` with ``keep_alive: -1``, so Ollama's own scheduler ne
 ready once ``/api/ps`` lists the model; unloading is the same call with ``keep_alive: 0``,
 done once ``/api/ps`` no longer lists it. Requests go to Ollama's OpenAI-compatible ``/v1``
 endpoints with ``model`` rewritten to the tag.
+
+Ollama's ``/v1`` endpoints reset a model's keep-alive to the server default (5 minutes) on every
+request, after which Ollama unloads it behind swapper's back. So the watcher re-pins the model
+(keep_alive -1) whenever ``/api/ps`` shows it expiring, and reports it gone if Ollama dropped it
+anyway; a server swapper runs itself gets ``OLLAMA_KEEP_ALIVE=-1`` from the start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -31,6 +37,8 @@ logger = logging.getLogger("swapper.backend.ollama")
 
 _MB = 1024 * 1024
 _POLL = 0.05
+#: Seconds between the watcher's looks at ``/api/ps``.
+_WATCH = 2.0
 
 
 class OllamaModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -48,6 +56,13 @@ class OllamaModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only=T
             raise ValueError("model: must name an Ollama tag, e.g. qwen3:8b")
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError("base_url: must start with http:// or https://")
+
+
+def _pinned(expires_at: object) -> bool:
+    """keep_alive -1 shows as an expiry centuries away; anything nearer will unload it."""
+    if not isinstance(expires_at, str) or not expires_at[:4].isdigit():
+        return False
+    return int(expires_at[:4]) > time.gmtime().tm_year + 50
 
 
 def _names(tag: str) -> set[str]:
@@ -88,7 +103,7 @@ class OllamaBackend(SubprocessBackend):
             return BackendHandle(base_url=self.entry.base_url.rstrip("/"))
         port = free_port(self.host)
         argv = self.command(port)
-        env = {**os.environ, "OLLAMA_HOST": f"{self.host}:{port}"}
+        env = {**os.environ, "OLLAMA_HOST": f"{self.host}:{port}", "OLLAMA_KEEP_ALIVE": "-1"}
         logger.info("Starting %s: %s (OLLAMA_HOST=%s)", self.model_id, " ".join(argv),
                     env["OLLAMA_HOST"])
         process = await ManagedProcess.spawn(argv, name=self.model_id, env=env,
@@ -167,12 +182,26 @@ class OllamaBackend(SubprocessBackend):
         return await self.http_status(f"{handle.base_url}/api/version") is not None
 
     async def wait_exit(self, handle: BackendHandle) -> str:
-        """Our server's exit, or an external server that stops answering."""
-        if handle.process is not None:
-            return await super().wait_exit(handle)
-        while await self.alive(handle):
-            await asyncio.sleep(1.0)
-        return f"Ollama at {handle.base_url} stopped answering"
+        """Our server's exit, a server that stops answering, or Ollama dropping the model;
+        meanwhile keep the model pinned (keep_alive -1) against Ollama's own expiry."""
+        process = handle.process
+        while True:
+            if process is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(process.wait()), _WATCH)
+                    return await super().wait_exit(handle)
+            elif not await self.alive(handle):
+                return f"Ollama at {handle.base_url} stopped answering"
+            else:
+                await asyncio.sleep(_WATCH)
+            if await self.http_status(f"{handle.base_url}/api/version") != 200:
+                continue  # not answering just now: the process check (or alive) decides
+            listed = await self._listed(handle)
+            if listed is None:
+                return f"Ollama no longer lists {self.tag!r}: it unloaded the model itself"
+            if not _pinned(listed.get("expires_at")):
+                with contextlib.suppress(RuntimeError):
+                    await self._generate(handle, -1)
 
     async def measure_vram_mb(self, handle: BackendHandle) -> float | None:
         """Ollama's own figure: ``size_vram`` in ``/api/ps`` (0 on a CPU: unknown)."""

@@ -1,0 +1,136 @@
+"""A fake ``pynvml`` (nvidia-ml-py) backed by the fake GPU of ``fakegpu.py``.
+
+Only the calls swapper makes. This directory goes on the PYTHONPATH of a swapper subprocess so
+that ``import pynvml`` finds this module instead of the real one; nothing else imports it.
+Without ``$SWAPPER_FAKE_GPU_DIR`` (or its gpu.json) ``nvmlInit`` fails like a machine with no
+NVIDIA driver: ``NVMLError_LibraryNotFound``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/fake_servers
+import fakegpu
+
+NVML_SUCCESS = 0
+NVML_ERROR_UNINITIALIZED = 1
+NVML_ERROR_INVALID_ARGUMENT = 2
+NVML_ERROR_DRIVER_NOT_LOADED = 9
+NVML_ERROR_LIBRARY_NOT_FOUND = 12
+NVML_ERROR_UNKNOWN = 999
+
+_MIB = 1024 * 1024
+
+
+class NVMLError(Exception):
+    """Base of every NVML error; ``value`` is the NVML error code, as in the real module."""
+
+    value = NVML_ERROR_UNKNOWN
+    text = "Unknown Error"
+
+    def __init__(self, value: int | None = None) -> None:
+        if value is not None:
+            self.value = value
+        super().__init__(self.text)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class NVMLError_Uninitialized(NVMLError):  # noqa: N801 - the real module's names
+    value = NVML_ERROR_UNINITIALIZED
+    text = "Uninitialized"
+
+
+class NVMLError_InvalidArgument(NVMLError):  # noqa: N801
+    value = NVML_ERROR_INVALID_ARGUMENT
+    text = "Invalid Argument"
+
+
+class NVMLError_DriverNotLoaded(NVMLError):  # noqa: N801
+    value = NVML_ERROR_DRIVER_NOT_LOADED
+    text = "Driver Not Loaded"
+
+
+class NVMLError_LibraryNotFound(NVMLError):  # noqa: N801
+    value = NVML_ERROR_LIBRARY_NOT_FOUND
+    text = "NVML Shared Library Not Found"
+
+
+@dataclass(frozen=True)
+class c_nvmlMemory_t:  # noqa: N801 - bytes, like the real struct
+    total: int
+    free: int
+    used: int
+
+
+@dataclass(frozen=True)
+class c_nvmlProcessInfo_t:  # noqa: N801
+    pid: int
+    usedGpuMemory: int | None  # noqa: N815 - bytes; None where NVML cannot tell
+
+
+@dataclass(frozen=True)
+class _Handle:
+    index: int
+
+
+_init_count = 0  # the real library counts nvmlInit/nvmlShutdown pairs
+
+
+def _check_init() -> None:
+    if _init_count <= 0:
+        raise NVMLError_Uninitialized()
+
+
+def _snapshot() -> fakegpu.Snapshot:
+    try:
+        return fakegpu.snapshot()
+    except (OSError, ValueError, RuntimeError) as exc:  # gpu.json removed under us
+        raise NVMLError_DriverNotLoaded() from exc
+
+
+def nvmlInit() -> None:  # noqa: N802
+    global _init_count
+    if not fakegpu.configured():
+        raise NVMLError_LibraryNotFound()
+    _init_count += 1
+
+
+def nvmlShutdown() -> None:  # noqa: N802
+    global _init_count
+    _check_init()
+    _init_count -= 1
+
+
+def nvmlDeviceGetCount() -> int:  # noqa: N802
+    _check_init()
+    return 1
+
+
+def nvmlDeviceGetHandleByIndex(index: int) -> _Handle:  # noqa: N802
+    _check_init()
+    if index != 0:
+        raise NVMLError_InvalidArgument()
+    return _Handle(index)
+
+
+def nvmlDeviceGetName(handle: _Handle) -> str:  # noqa: N802
+    _check_init()
+    return _snapshot().name
+
+
+def nvmlDeviceGetMemoryInfo(handle: _Handle) -> c_nvmlMemory_t:  # noqa: N802
+    _check_init()
+    snap = _snapshot()
+    total = int(snap.total_mb * _MIB)
+    used = min(total, int(snap.used_mb * _MIB))
+    return c_nvmlMemory_t(total=total, free=total - used, used=used)
+
+
+def nvmlDeviceGetComputeRunningProcesses(handle: _Handle) -> list[c_nvmlProcessInfo_t]:  # noqa: N802
+    _check_init()
+    return [c_nvmlProcessInfo_t(pid, int(mb * _MIB)) for pid, mb in sorted(_snapshot().processes.items())]

@@ -1,0 +1,172 @@
+"""The Ollama backend through a real swapper, in front of the faithful fake ``ollama serve``.
+
+Ollama cannot run here (no weights are downloaded); ``tests/fake_servers/ollama`` is a real
+subprocess speaking Ollama's API as CONTRACTS.md describes it: preload and unload through
+``/api/generate`` keep_alive, ``/api/ps``, and the OpenAI-compatible ``/v1`` endpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import FAKES, SwapperProcess, free_port, processes_with, wait_until
+
+pytestmark = pytest.mark.integration
+
+OLLAMA = str(FAKES / "ollama")
+PULLED = "qwen3:8b=5200,llama3.2=1300"
+
+
+def ps(base_url: str) -> dict[str, dict[str, Any]]:
+    """What Ollama says is loaded, by name."""
+    models = httpx.get(f"{base_url}/api/ps", timeout=5).json()["models"]
+    return {m["name"]: m for m in models}
+
+
+def client(swapper: SwapperProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{swapper.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def external_ollama(tmp_path: Path) -> Iterator[str]:
+    """An Ollama that swapper does not own (as on most hosts): its base URL."""
+    port = free_port()
+    env = {**os.environ, "OLLAMA_HOST": f"127.0.0.1:{port}", "FAKE_OLLAMA_MODELS": PULLED}
+    log = (tmp_path / "ollama.log").open("wb")
+    proc = subprocess.Popen([sys.executable, OLLAMA, "serve"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{url}/api/version", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(up, 10, "the fake Ollama to answer")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def test_a_chat_through_an_ollama_swapper_runs_itself(
+    swapper_factory: Callable[..., SwapperProcess],
+) -> None:
+    swapper = swapper_factory(
+        models={"qwen": {"backend": "ollama", "model": "qwen3:8b", "serve": True,
+                         "binary": OLLAMA}},
+        env={"FAKE_OLLAMA_MODELS": PULLED})
+    sdk = client(swapper)
+    answer = sdk.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "hi"}])
+    # The tag was sent to Ollama; the client sees swapper's id.
+    assert answer.choices[0].message.content == "ollama qwen3:8b says: hi"
+    assert answer.model == "qwen"
+    status = swapper.model("qwen")
+    assert status["status"] == "LOADED" and status["backend"] == "ollama"
+    ollama_url = f"http://127.0.0.1:{status['port']}"
+    loaded = ps(ollama_url)
+    assert list(loaded) == ["qwen3:8b"]
+    # Measured through Ollama's own size_vram, and kept for the next start.
+    assert wait_until(lambda: swapper.model("qwen")["vram_mb"], 10, "a VRAM figure") == 5200
+    state = json.loads((swapper.workdir / "state/swapper/state.json").read_text())
+    assert state["models"]["qwen"]["vram_mb"] == 5200
+
+    chunks = list(sdk.chat.completions.create(
+        model="qwen", messages=[{"role": "user", "content": "stream please"}], stream=True,
+        stream_options={"include_usage": True}))
+    assert {chunk.model for chunk in chunks} == {"qwen"}
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "ollama qwen3:8b says: stream please"
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+
+    # swapper owns that ollama serve: unloading the model stops it, and nothing is left.
+    pid = status["pid"]
+    assert swapper.http.post("/models/qwen/unload").status_code == 200
+    assert swapper.model("qwen")["status"] == "UNLOADED"
+    wait_until(lambda: not processes_with(f"{OLLAMA} serve") or pid not in
+               processes_with(f"{OLLAMA} serve"), 10, "ollama serve to exit")
+
+
+def test_a_swap_unloads_from_ollama_before_the_next_model_loads(
+    swapper_factory: Callable[..., SwapperProcess], external_ollama: str,
+) -> None:
+    swapper = swapper_factory(models={
+        "qwen": {"backend": "ollama", "model": "qwen3:8b", "base_url": external_ollama},
+        "llama": {"backend": "ollama", "model": "llama3.2", "base_url": external_ollama},
+    })
+    sdk = client(swapper)
+    sdk.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "a"}])
+    assert list(ps(external_ollama)) == ["qwen3:8b"]
+    answer = sdk.chat.completions.create(model="llama", messages=[{"role": "user", "content": "b"}])
+    # "llama3.2" is "llama3.2:latest" to Ollama; the client still sees swapper's id.
+    assert answer.model == "llama"
+    assert answer.choices[0].message.content == "ollama llama3.2:latest says: b"
+    # Single-active: qwen was unloaded (and gone from /api/ps) before llama loaded.
+    assert list(ps(external_ollama)) == ["llama3.2:latest"]
+    assert swapper.model("qwen")["status"] == "UNLOADED"
+    assert swapper.http.post("/models/llama/unload").status_code == 200
+    assert ps(external_ollama) == {}
+
+
+def test_ollama_errors_come_back_as_openai_errors(
+    swapper_factory: Callable[..., SwapperProcess], external_ollama: str,
+) -> None:
+    swapper = swapper_factory(models={
+        "qwen": {"backend": "ollama", "model": "qwen3:8b", "base_url": external_ollama},
+        "ghost": {"backend": "ollama", "model": "ghost:7b", "base_url": external_ollama},
+    })
+    sdk = client(swapper)
+    with pytest.raises(openai.BadRequestError) as bad:
+        sdk.chat.completions.create(model="qwen", messages=[])
+    error = bad.value.body
+    assert isinstance(error, dict) and "too short" in error["message"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    # A tag Ollama has not pulled: the load fails with Ollama's own reason.
+    with pytest.raises(openai.InternalServerError) as failed:
+        sdk.chat.completions.create(model="ghost", messages=[{"role": "user", "content": "x"}])
+    assert failed.value.status_code == 503
+    assert "model 'ghost:7b' not found" in str(failed.value.body)
+    assert swapper.model("ghost")["status"] == "FAILED"
+
+
+def test_a_model_stays_pinned_although_each_request_resets_ollamas_keep_alive(
+    swapper_factory: Callable[..., SwapperProcess], external_ollama: str,
+) -> None:
+    swapper = swapper_factory(models={
+        "qwen": {"backend": "ollama", "model": "qwen3:8b", "base_url": external_ollama}})
+    client(swapper).chat.completions.create(
+        model="qwen", messages=[{"role": "user", "content": "hi"}])
+    # Ollama's /v1 endpoints set keep_alive back to its 5-minute default...
+    assert ps(external_ollama)["qwen3:8b"]["expires_at"] < "2100"
+    # ...and swapper's watcher pins the model again, so Ollama never unloads it on its own.
+    wait_until(lambda: ps(external_ollama)["qwen3:8b"]["expires_at"] > "2200", 10,
+               "the model to be pinned again")
+
+
+def test_a_model_ollama_dropped_on_its_own_is_reported_and_reloaded(
+    swapper_factory: Callable[..., SwapperProcess], external_ollama: str,
+) -> None:
+    swapper = swapper_factory(models={
+        "qwen": {"backend": "ollama", "model": "qwen3:8b", "base_url": external_ollama}})
+    sdk = client(swapper)
+    sdk.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "hi"}])
+    # Someone else unloads it straight from Ollama.
+    httpx.post(f"{external_ollama}/api/generate", json={"model": "qwen3:8b", "keep_alive": 0})
+    failed = swapper.wait_status("qwen", "FAILED", timeout=15)
+    assert "unloaded the model itself" in failed["last_error"]
+    sdk.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "again"}])
+    assert swapper.model("qwen")["status"] == "LOADED"
+    assert "qwen3:8b" in ps(external_ollama)
