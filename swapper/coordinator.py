@@ -257,6 +257,7 @@ class SwapCoordinator:
         """
         old = self.config
         self.config = config
+        self.placement.config = config  # budget, pinning and slots apply from the next decision
         backend_settings_changed = (
             (old.swapper.gpu_enabled, old.swapper.metal_acceleration, old.swapper.stop_timeout)
             != (config.swapper.gpu_enabled, config.swapper.metal_acceleration,

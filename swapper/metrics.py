@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from swapper.events import Event
+from swapper.model_state import ModelStatus
 
 if TYPE_CHECKING:
     from swapper.coordinator import SwapCoordinator
@@ -25,7 +26,7 @@ __all__ = ["CONTENT_TYPE", "Metrics"]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-_STATUSES = ("UNLOADED", "LOADING", "LOADED", "UNLOADING", "FAILED")
+_STATUSES = tuple(status.value for status in ModelStatus)
 
 
 class _StateCollector(Collector):

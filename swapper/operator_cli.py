@@ -47,7 +47,7 @@ _WAIT_TIMEOUT = httpx.Timeout(None, connect=_CONNECT_TIMEOUT)
 _FOLLOW_TIMEOUT = httpx.Timeout(60.0, connect=_CONNECT_TIMEOUT)
 _POLL = 0.2
 _STATUS_STYLES = {"LOADED": "bold green", "LOADING": "yellow", "UNLOADING": "yellow",
-                  "FAILED": "bold red", "UNLOADED": "dim"}
+                  "SLEEPING": "cyan", "FAILED": "bold red", "UNLOADED": "dim"}
 COLUMNS = ("MODEL", "STATUS", "BACKEND", "PID", "VRAM", "IDLE")
 
 
