@@ -153,3 +153,23 @@ def test_an_evicted_models_stream_past_drain_timeout_ends_with_a_clear_error(
     assert rest, "the stream ended without a final event"
     assert "make room for 'b'" in rest[-1] and "drain_timeout" in rest[-1]
     assert swapper.model("a")["status"] == "UNLOADED"
+
+
+def test_multi_active_evicts_by_the_vram_budget_as_the_fake_gpu_measures(
+    swapper_factory: Callable[..., SwapperProcess], tmp_path: Path,
+) -> None:
+    # Three slots, but 0.3 of 16 GiB each (4915 MiB) under a 12000 MiB budget: two fit.
+    swapper = swapper_factory(
+        swapper={"mode": "multi-active", "max_concurrent_models": 3, "vram_budget_mb": 12000},
+        models={m: vllm(f"org/{m}", gpu_memory_utilization=0.3) for m in "abc"},
+        env=gpu_env(tmp_path, release_lag=0.5))
+    chat(swapper, "a")
+    chat(swapper, "b")
+    assert swapper.status()["resident"] == ["a", "b"]
+    chat(swapper, "a")  # b is now the least recently used
+    assert chat(swapper, "c") == "vllm c says: hi"
+    doc = swapper.status()
+    assert {m: doc["models"][m]["status"] for m in "abc"} == {
+        "a": "LOADED", "b": "UNLOADED", "c": "LOADED"}
+    assert doc["gpu"]["gpus"][0]["used_mb"] == pytest.approx(2 * 0.3 * 16384, abs=2)
+    assert doc["vram"]["learned_mb"] == {m: pytest.approx(0.3 * 16384, abs=1) for m in "abc"}
