@@ -219,3 +219,22 @@ def test_client_disconnect_during_a_non_stream_request_cancels_it(swapper_factor
     # Hung up long before 16000 tokens: the generation is cancelled and the slot freed.
     wait_until(lambda: swapper.model("tiny-a")["in_flight"] == 0, 10, "in_flight to drop")
     wait_until(lambda: "cancel task" in swapper.output(), 10, "llama-server to cancel the task")
+
+
+def test_multi_active_keeps_two_llama_servers_and_evicts_the_least_recently_used(
+    swapper_factory: Any,
+) -> None:
+    swapper = swapper_factory(swapper={"mode": "multi-active", "max_concurrent_models": 2})
+    client = sdk(swapper)
+    for model in ("a", "b", "a"):  # b is now the least recently used
+        client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2)
+    assert swapper.status()["resident"] == ["tiny-a", "tiny-b"]
+    assert len(swapper.backends()) == 2
+    pid_a, pid_b = swapper.model("tiny-a")["pid"], swapper.model("tiny-b")["pid"]
+    client.chat.completions.create(model="c", messages=MESSAGES, max_tokens=2)
+    doc = swapper.status()
+    assert {m: doc["models"][m]["status"] for m in doc["models"]} == {
+        "tiny-a": "LOADED", "tiny-b": "UNLOADED", "tiny-c": "LOADED"}
+    assert doc["models"]["tiny-a"]["pid"] == pid_a  # untouched by the eviction
+    assert process_state(pid_b) is None
+    assert len(swapper.backends()) == 2

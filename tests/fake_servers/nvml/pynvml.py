@@ -106,6 +106,12 @@ def nvmlShutdown() -> None:  # noqa: N802
     _init_count -= 1
 
 
+def nvmlSystemGetDriverVersion() -> str:  # noqa: N802
+    """The driver's version string (a str in nvidia-ml-py >= 11.515)."""
+    _check_init()
+    return "550.0-fake"
+
+
 def nvmlDeviceGetCount() -> int:  # noqa: N802
     _check_init()
     return 1
