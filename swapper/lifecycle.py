@@ -341,9 +341,12 @@ class ModelLifecycle(abc.ABC):
         handle = model.handle
         assert handle is not None
         try:
-            await model.backend.sleep(handle)
+            # Bounded like a load: a backend that hangs going to sleep is stopped instead.
+            await asyncio.wait_for(model.backend.sleep(handle),
+                                   self.config.swapper.model_swap_timeout)
         except Exception as exc:  # noqa: BLE001 - a backend that cannot sleep is stopped instead
-            logger.warning("%s: sleep failed (%s); stopping it instead", model.id, exc)
+            logger.warning("%s: sleep failed (%s); stopping it instead", model.id,
+                           str(exc) or type(exc).__name__)
             return False
         gpu = self.placement.gpu
         if gpu is not None and handle.pid is not None and self.placement.total_mb is not None:

@@ -13,43 +13,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 
+from tests.conftest import FAKES, free_port, wait_until
 from tests.fake_servers import fakegpu
 
-FAKES = Path(__file__).resolve().parent / "fake_servers"
 MIB = 1024 * 1024
-T = TypeVar("T")
 
 # A process that holds fake-GPU memory until killed: argv[1] = fake_servers dir, argv[2] = MiB.
 HOLDER = ("import sys, time; sys.path.insert(0, sys.argv[1]); import fakegpu; "
           "fakegpu.hold(float(sys.argv[2])); time.sleep(120)")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def status_of(url: str, **kwargs: Any) -> int | None:
@@ -124,7 +103,7 @@ def gpu_dir(tmp_path: Path) -> Path:
 
 def hold_in_child(procs: Spawner, gpu_dir: Path, mb: float) -> subprocess.Popen[bytes]:
     holder = procs.start("-c", HOLDER, str(FAKES), str(mb), env={fakegpu.ENV: str(gpu_dir)})
-    wait_until(lambda: holder.pid in fakegpu.snapshot(gpu_dir).processes, what="the holder's memory")
+    wait_until(lambda: holder.pid in fakegpu.snapshot(gpu_dir).processes, 10, what="the holder's memory")
     return holder
 
 
@@ -159,7 +138,7 @@ def test_fakegpu_counts_holders_and_lags_release_of_dead_ones(procs: Spawner, gp
     snap = fakegpu.snapshot(gpu_dir)  # the first observer of the death starts the release clock
     assert holder.pid not in snap.processes
     assert snap.used_mb == 3000, "a dead holder's memory must still count during release_lag"
-    wait_until(lambda: fakegpu.snapshot(gpu_dir).used_mb == 0, timeout=5, what="the release")
+    wait_until(lambda: fakegpu.snapshot(gpu_dir).used_mb == 0, 5, what="the release")
     lag = time.monotonic() - noticed
     assert 0.45 <= lag < 2.0
     assert not list((gpu_dir / "procs").glob("*.json"))
@@ -214,10 +193,10 @@ def test_vllm_port_closed_while_loading_then_serves_openai(procs: Spawner) -> No
     proc = procs.fake("vllm", "serve", "org/model-a", "--host", "127.0.0.1", f"--port={port}",
                       "--served-model-name", "alpha", "--max-model-len", "2048",
                       env={"FAKE_VLLM_LOAD_SECONDS": "0.8"})
-    wait_until(lambda: "Starting to load model" in procs.log(proc), what="the load to begin")
+    wait_until(lambda: "Starting to load model" in procs.log(proc), 10, what="the load to begin")
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{base}/health", timeout=2)
-    wait_until(lambda: status_of(f"{base}/health") == 200, what="/health 200")
+    wait_until(lambda: status_of(f"{base}/health") == 200, 10, what="/health 200")
     assert time.monotonic() - started >= 0.75
     assert "Application startup complete" in procs.log(proc)
 
@@ -273,7 +252,7 @@ def test_vllm_api_key_and_flat_errors(procs: Spawner) -> None:
     base = f"http://127.0.0.1:{port}"
     procs.fake("vllm", "serve", "m", "--host=127.0.0.1", "--port", str(port), "--api-key", "sekrit",
                env={"FAKE_VLLM_LOAD_SECONDS": "0", "FAKE_VLLM_FLAT_ERRORS": "1"})
-    wait_until(lambda: status_of(f"{base}/health") == 200, what="/health without a key")
+    wait_until(lambda: status_of(f"{base}/health") == 200, 10, what="/health without a key")
     assert status_of(f"{base}/v1/models") == 401
     assert status_of(f"{base}/v1/models", headers={"Authorization": "Bearer wrong"}) == 401
     auth = {"Authorization": "Bearer sekrit"}
@@ -308,7 +287,7 @@ def test_vllm_refuses_to_start_without_free_gpu_memory(procs: Spawner, gpu_dir: 
     port = free_port()
     proc = procs.fake("vllm", "serve", "m", "--host", "127.0.0.1", "--port", str(port),
                       "--gpu-memory-utilization", "0.5", env=env)
-    wait_until(lambda: status_of(f"http://127.0.0.1:{port}/health") == 200, what="a start that fits")
+    wait_until(lambda: status_of(f"http://127.0.0.1:{port}/health") == 200, 10, what="a start that fits")
     assert fakegpu.snapshot(gpu_dir).processes[proc.pid] == 0.5 * 16384
 
 
@@ -318,7 +297,7 @@ def test_vllm_sleep_aborts_streams_frees_memory_and_wakes(procs: Spawner, gpu_di
     proc = procs.fake("vllm", "serve", "m", "--host", "127.0.0.1", "--port", str(port), "--enable-sleep-mode",
                       env={fakegpu.ENV: str(gpu_dir), "VLLM_SERVER_DEV_MODE": "1",
                            "FAKE_VLLM_LOAD_SECONDS": "0", "FAKE_VLLM_TOKEN_DELAY": "0.05"})
-    wait_until(lambda: status_of(f"{base}/health") == 200, what="/health 200")
+    wait_until(lambda: status_of(f"{base}/health") == 200, 10, what="/health 200")
     full = 0.9 * 16384
     assert fakegpu.snapshot(gpu_dir).processes[proc.pid] == full
     chat = {"model": "m", "messages": [{"role": "user", "content": " ".join(["word"] * 40)}]}
@@ -328,7 +307,7 @@ def test_vllm_sleep_aborts_streams_frees_memory_and_wakes(procs: Spawner, gpu_di
         seen: list[str] = []
         with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as response:
             lines = response.iter_lines()
-            seen.append(wait_until(lambda: next(x for x in lines if x.startswith("data: ")), what="a chunk"))
+            seen.append(wait_until(lambda: next(x for x in lines if x.startswith("data: ")), 10, what="a chunk"))
             with httpx.Client(base_url=base, timeout=5) as other:
                 assert other.post("/sleep", params={"level": "1"}).status_code == 200
             with pytest.raises(httpx.RemoteProtocolError):
@@ -369,7 +348,7 @@ def test_ollama_preload_ps_unload_and_keep_alive(procs: Spawner, gpu_dir: Path) 
         "OLLAMA_HOST": f"127.0.0.1:{port}", fakegpu.ENV: str(gpu_dir),
         "FAKE_OLLAMA_MODELS": "qwen3:8b=5200,llama3.2:1b=1300,tiny=100",
         "FAKE_OLLAMA_LOAD_SECONDS": "0.3", "FAKE_OLLAMA_UNLOAD_SECONDS": "1.0"})
-    wait_until(lambda: status_of(f"{base}/api/version") == 200, what="ollama to listen")
+    wait_until(lambda: status_of(f"{base}/api/version") == 200, 10, what="ollama to listen")
     assert f"Listening on 127.0.0.1:{port} (version 0.12.0)" in procs.log(proc)
 
     def ps() -> dict[str, dict[str, Any]]:
@@ -411,12 +390,12 @@ def test_ollama_preload_ps_unload_and_keep_alive(procs: Spawner, gpu_dir: Path) 
         assert (unloaded["model"], unloaded["done"], unloaded["done_reason"]) == (
             "tiny:latest", True, "unload")
         assert "tiny:latest" in ps(), "the unload lands only after the reply"
-        wait_until(lambda: "tiny:latest" not in ps(), timeout=5, what="the unload")
+        wait_until(lambda: "tiny:latest" not in ps(), 5, what="the unload")
         assert held() == 5200
 
         client.post("/api/generate", json={"model": "llama3.2:1b", "keep_alive": "1s"}).raise_for_status()
         assert "llama3.2:1b" in ps()
-        wait_until(lambda: "llama3.2:1b" not in ps(), timeout=5, what="keep_alive expiry")
+        wait_until(lambda: "llama3.2:1b" not in ps(), 5, what="keep_alive expiry")
         assert held() == 5200
 
         missing = client.post("/api/generate", json={"model": "nope"})
@@ -433,7 +412,7 @@ def test_ollama_openai_lazy_load_errors_and_stream(procs: Spawner) -> None:
     proc = procs.fake("ollama", "serve", env={
         "OLLAMA_HOST": f"http://127.0.0.1:{port}", "FAKE_OLLAMA_MODELS": "qwen3:8b=5200,llama3=4700",
         "FAKE_OLLAMA_LOAD_SECONDS": "0.1"})
-    wait_until(lambda: status_of(f"{base}/api/version") == 200, what="ollama to listen")
+    wait_until(lambda: status_of(f"{base}/api/version") == 200, 10, what="ollama to listen")
     with httpx.Client(base_url=base, timeout=10) as client:
         listed = client.get("/v1/models").json()
         assert listed["object"] == "list"
