@@ -54,7 +54,8 @@ def test_the_documented_keys_load(tmp_path: Path) -> None:
     assert config.server.port == 8890
 
 
-@pytest.mark.parametrize("path", ["config/swapper_config.yaml", "config/demo.yaml"])
+@pytest.mark.parametrize("path", ["config/swapper_config.yaml", "config/demo.yaml",
+                                  "config/multi-active.example.yaml"])
 def test_shipped_configs_are_valid(path: str) -> None:
     config = load_config(ROOT / path, SCHEMAS)
     assert config.swapper.default_model in config.models

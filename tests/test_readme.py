@@ -6,6 +6,11 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
+from swapper.config import load_config
+from swapper.plugins import load_backends
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -24,3 +29,16 @@ def test_every_guarantee_names_an_existing_test() -> None:
         assert path.exists(), file
         if name:
             assert name in _test_names(path), f"{file}::{name} is named in the README but missing"
+
+
+def test_the_readmes_configuration_example_is_a_valid_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    section = (ROOT / "README.md").read_text().split("## Configuration", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "readme.yaml"
+    path.write_text(example)
+    monkeypatch.setenv("SWAPPER_API_KEY", "k")
+    monkeypatch.setenv("SWAPPER_ADMIN_KEY", "a")
+    config = load_config(path, load_backends().schemas())
+    assert {entry.backend for entry in config.models.values()} == {"llamacpp", "ollama", "vllm"}
