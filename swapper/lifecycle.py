@@ -211,7 +211,8 @@ class ModelLifecycle(abc.ABC):
         try:
             measured = await model.backend.measure_vram_mb(handle)
             gpu = self.placement.gpu
-            if measured is None and gpu is not None and handle.pid is not None:
+            if (measured is None and gpu is not None and handle.pid is not None
+                    and self.placement.total_mb is not None):
                 measured = await asyncio.to_thread(gpu.process_memory_mb, handle.pid)
         except Exception:  # noqa: BLE001 - a failed measurement leaves the estimate in use
             logger.exception("%s: measuring VRAM failed", model.id)
