@@ -97,14 +97,12 @@ class ModelLifecycle(abc.ABC):
             model.cut_reason = None
         elif new == ModelStatus.FAILED:
             model.last_error = error
-            model.loaded_at = None
             model.handle = None
         elif new == ModelStatus.UNLOADED:
-            model.loaded_at = None
             model.handle = None
         if new in (ModelStatus.FAILED, ModelStatus.UNLOADED, ModelStatus.SLEEPING):
             model.draining = model.stop_fully = False
-            model.vram_mb = None
+            model.vram_mb = model.loaded_at = None
             model.unloaded.set()  # no process serves it any more
         if new in (ModelStatus.FAILED, ModelStatus.UNLOADED):
             model.sleep_vram_mb = None
