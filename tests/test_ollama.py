@@ -170,3 +170,15 @@ def test_a_model_ollama_dropped_on_its_own_is_reported_and_reloaded(
     sdk.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "again"}])
     assert swapper.model("qwen")["status"] == "LOADED"
     assert "qwen3:8b" in ps(external_ollama)
+
+
+def test_an_ollama_that_does_not_answer_fails_the_load_at_once(
+    swapper_factory: Callable[..., SwapperProcess],
+) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    swapper = swapper_factory(models={
+        "qwen": {"backend": "ollama", "model": "qwen3:8b", "base_url": closed}})
+    response = swapper.http.post("/v1/chat/completions", json={
+        "model": "qwen", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 503
+    assert f"Ollama at {closed} does not answer" in response.json()["error"]["message"]

@@ -191,7 +191,7 @@ class OllamaBackend(SubprocessBackend):
                     await asyncio.wait_for(asyncio.shield(process.wait()), _WATCH)
                     return await super().wait_exit(handle)
             elif not await self.alive(handle):
-                return f"Ollama at {handle.base_url} stopped answering"
+                return f"Ollama at {handle.base_url} does not answer"
             else:
                 await asyncio.sleep(_WATCH)
             if await self.http_status(f"{handle.base_url}/api/version") != 200:
