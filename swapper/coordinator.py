@@ -37,7 +37,7 @@ from swapper.events import EventBus
 from swapper.lifecycle import ModelLifecycle
 from swapper.logbook import ModelLog
 from swapper.model_state import ModelRecord, ModelStatus, Waiter
-from swapper.placement import HOLDING_STATUSES, SLOT_STATUSES, GpuView, Placement
+from swapper.placement import HOLDING_STATUSES, GpuView, Placement, holds_slot
 from swapper.plugins import BackendRegistry
 
 __all__ = ["Lease", "ModelStatus", "SwapCoordinator"]
@@ -306,13 +306,13 @@ class SwapCoordinator(ModelLifecycle):
     @property
     def active_model(self) -> str | None:
         """The model that most recently took a slot and still holds it, if any."""
-        holders = [m for m in self._all_models() if m.status in SLOT_STATUSES]
+        holders = [m for m in self._all_models() if holds_slot(m)]
         return max(holders, key=lambda m: m.started_seq).id if holders else None
 
     @property
     def resident_models(self) -> list[str]:
         """Models holding a slot (loading, loaded or unloading), in the order they started."""
-        holders = [m for m in self._all_models() if m.status in SLOT_STATUSES]
+        holders = [m for m in self._all_models() if holds_slot(m)]
         return [m.id for m in sorted(holders, key=lambda m: m.started_seq)]
 
     def status(self) -> dict[str, Any]:

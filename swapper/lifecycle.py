@@ -102,6 +102,7 @@ class ModelLifecycle(abc.ABC):
             model.handle = None
         if new in (ModelStatus.FAILED, ModelStatus.UNLOADED, ModelStatus.SLEEPING):
             model.draining = model.stop_fully = False
+            model.unload_to_sleep = model.leaving_sleep = False
             model.vram_mb = model.loaded_at = None
             model.unloaded.set()  # no process serves it any more
         if new in (ModelStatus.FAILED, ModelStatus.UNLOADED):
@@ -144,6 +145,7 @@ class ModelLifecycle(abc.ABC):
         sleep = (model.backend.can_sleep and not asleep and not full and not model.stop_fully
                  and not model.removed and model.pending is None and not self._closing)
         charge = self.placement.charge_mb(model)
+        model.unload_to_sleep, model.leaving_sleep = sleep, asleep
         self._transition(model, ModelStatus.UNLOADING)
         self._spawn(self._unload(model, sleep, charge), f"unload:{model.id}")
 

@@ -83,6 +83,9 @@ class ModelRecord:
     cut_reason: str | None = None
     #: The next unload must stop the process, not put it to sleep.
     stop_fully: bool = False
+    #: While UNLOADING: it will end asleep; it was asleep (so it holds no slot, only memory).
+    unload_to_sleep: bool = False
+    leaving_sleep: bool = False
     #: VRAM in MiB measured while LOADED / while SLEEPING (None: not measured).
     vram_mb: float | None = None
     sleep_vram_mb: float | None = None

@@ -27,15 +27,22 @@ import msgspec
 from swapper.config import Config, ModelEntry
 from swapper.model_state import ModelRecord, ModelStatus
 
-__all__ = ["Eviction", "GpuView", "Placement", "Plan", "SizeBook", "default_state_file"]
+__all__ = ["Eviction", "GpuView", "Placement", "Plan", "SizeBook", "default_state_file",
+           "holds_slot"]
 
 logger = logging.getLogger("swapper.placement")
 
 _S = ModelStatus
-#: Statuses that take one of the ``max_concurrent_models`` slots.
+#: Statuses that may take one of the ``max_concurrent_models`` slots (see :func:`holds_slot`).
 SLOT_STATUSES = frozenset({_S.LOADING, _S.LOADED, _S.UNLOADING})
 #: Statuses whose process holds VRAM.
 HOLDING_STATUSES = SLOT_STATUSES | {_S.SLEEPING}
+
+
+def holds_slot(model: ModelRecord) -> bool:
+    """Loading, loaded, or on its way out from serving; a sleeping model being stopped is not."""
+    return model.status in SLOT_STATUSES and not (model.status == _S.UNLOADING
+                                                  and model.leaving_sleep)
 #: Share of a freed model's memory NVML must show back before the next load (as Ollama does).
 _RELEASE_SHARE = 0.75
 _POLL = 0.1
@@ -179,7 +186,7 @@ class Placement:
 
     def charge_mb(self, model: ModelRecord) -> float:
         """What ``model`` holds (or is about to) now."""
-        if model.status == _S.SLEEPING:
+        if model.status == _S.SLEEPING or model.status == _S.UNLOADING and model.leaving_sleep:
             return self.sleep_mb(model)
         if model.status in SLOT_STATUSES:
             if model.status == _S.LOADED and model.vram_mb is not None:
@@ -230,7 +237,7 @@ class Placement:
         def fits(slot_count: int, used: float) -> bool:
             return slot_count + 1 <= slots and (budget is None or used + need <= budget)
 
-        now_slots = sum(m.status in SLOT_STATUSES for m in residents)
+        now_slots = sum(holds_slot(m) for m in residents)
         now_used = sum(self.charge_mb(m) for m in residents)
         if fits(now_slots, now_used):
             return Plan(start=True)
@@ -269,7 +276,7 @@ class Placement:
         return plan
 
     def _after_unload(self, model: ModelRecord) -> float:
-        return 0.0 if model.stop_fully or not model.backend.can_sleep else self.sleep_mb(model)
+        return self.sleep_mb(model) if model.unload_to_sleep else 0.0
 
     # -- released memory ----------------------------------------------------------------------
 

@@ -64,13 +64,18 @@ class FakeWorld:
         self.held: dict[str, float] = {}
         self.releasing: list[tuple[float, float]] = []
         self.release_lag = 0.0
+        self.max_held = 0.0
         self.pids: dict[int, str] = {}
+        #: Fakes alive but asleep (they hold memory, and serve nothing).
+        self.asleep: set[str] = set()
+        self.max_awake = 0
 
     def hold(self, model_id: str, mb: float) -> None:
         """Set what ``model_id`` holds on the fake GPU; what it frees shows up after the lag."""
         freed = self.held.pop(model_id, 0.0) - mb
         if mb > 0:
             self.held[model_id] = mb
+        self.max_held = max(self.max_held, sum(self.held.values()))
         if freed > 0 and self.release_lag > 0:
             self.releasing.append((time.monotonic() + self.release_lag, freed))
 
@@ -86,6 +91,7 @@ class FakeWorld:
         """Make the running fake of ``model_id`` die (from any thread: test clients may run the
         app on a loop of their own)."""
         self.alive.discard(model_id)
+        self.asleep.discard(model_id)
         self.hold(model_id, 0)
         self.events.append(("crash", model_id))
         exit_ = self.exits[model_id]
@@ -157,11 +163,14 @@ def fake_backend_class(world: FakeWorld) -> type[Backend]:
         async def sleep(self, handle: BackendHandle) -> None:
             """Free all but the residual; the fake stays alive."""
             world.events.append(("sleep", self.model_id))
+            world.asleep.add(self.model_id)
             world.hold(self.model_id, self.spec.sleep_mb)
 
         async def wake(self, handle: BackendHandle) -> None:
             """Take the full size again."""
             world.events.append(("wake", self.model_id))
+            world.asleep.discard(self.model_id)
+            world.max_awake = max(world.max_awake, len(world.alive - world.asleep))
             world.hold(self.model_id, self.actual_mb())
 
         async def start(self) -> BackendHandle:
@@ -174,6 +183,7 @@ def fake_backend_class(world: FakeWorld) -> type[Backend]:
             assert self.model_id not in world.alive
             world.alive.add(self.model_id)
             world.max_alive = max(world.max_alive, len(world.alive))
+            world.max_awake = max(world.max_awake, len(world.alive - world.asleep))
             world.exits[self.model_id] = asyncio.get_running_loop().create_future()
             if self.behaviour is Behaviour.EXIT_DURING_LOAD:
                 world.crash(self.model_id)
@@ -194,6 +204,7 @@ def fake_backend_class(world: FakeWorld) -> type[Backend]:
             """Stop and record it."""
             world.events.append(("stop", self.model_id))
             world.alive.discard(self.model_id)
+            world.asleep.discard(self.model_id)
             world.hold(self.model_id, 0)
             exit_ = world.exits.get(self.model_id)
             if exit_ is not None and not exit_.done():
@@ -204,6 +215,7 @@ def fake_backend_class(world: FakeWorld) -> type[Backend]:
             world.events.append(("kill", self.model_id))
             world.frozen.discard(self.model_id)
             world.alive.discard(self.model_id)
+            world.asleep.discard(self.model_id)
             world.hold(self.model_id, 0)
             exit_ = world.exits.get(self.model_id)
             if exit_ is not None and not exit_.done():
