@@ -147,3 +147,24 @@ def test_ttl_must_be_a_non_negative_number(tmp_path: Path) -> None:
         load_config(path, SCHEMAS)
     path = write(tmp_path, GOOD.replace("  default_model: qwen3", "  default_model: qwen3\n  default_ttl: 600"))
     assert load_config(path, SCHEMAS).swapper.default_ttl == 600
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("{backend: vllm, model: m, gpu_memory_utilization: 1.5}",
+         "$.models.x.gpu_memory_utilization: must be > 0 and <= 1"),
+        ("{backend: vllm, model: m, sleep_level: 3}", "$.models.x.sleep_level: invalid enum value"),
+        ("{backend: vllm}", "$.models.x.model: required key is missing"),
+        ("{backend: ollama, model: 'qwen3:8b', base_url: 'localhost:11434'}",
+         "$.models.x.base_url: must start with http:// or https://"),
+        ("{backend: ollama, model: ' '}", "$.models.x.model: must name an Ollama tag"),
+        ("{backend: ollama, model: 'qwen3:8b', keep_alive: -1}", "$.models.x.keep_alive: unknown key"),
+    ],
+)
+def test_ollama_and_vllm_entries_are_checked(tmp_path: Path, entry: str, expected: str) -> None:
+    path = write(tmp_path, f"models:\n  x: {entry}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, SCHEMAS)
+    assert info.value.message.startswith(f"{path}: ")
+    assert expected in info.value.message and "\n" not in info.value.message
