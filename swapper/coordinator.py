@@ -258,7 +258,9 @@ class SwapCoordinator(ModelLifecycle):
             model = self._models.pop(model_id)
             model.removed = True
             self._fail_waiters(model, ModelNotFound(f"The model {model_id!r} was removed from the config"))
-            if model.handle is not None:
+            if model.status not in (ModelStatus.UNLOADED, ModelStatus.FAILED):
+                # Loading (maybe without a process yet), loaded, unloading or asleep: it still
+                # holds, or will hold, a process and memory until it is out.
                 self._retired.add(model)
             summary["removed"].append(model_id)
         for model_id, entry in config.models.items():
@@ -391,9 +393,10 @@ class SwapCoordinator(ModelLifecycle):
                 or self._overtaken < self.config.swapper.max_overtake)
 
     def _admit(self, model: ModelRecord) -> Lease:
+        model.in_flight += 1
         if model.evicting_for is not None:
             self._overtaken += 1
-        model.in_flight += 1
+            self._arm_drain(model)
         self._disarm_idle(model)
         assert model.handle is not None
         return Lease(self, model, model.handle.base_url)
@@ -456,6 +459,8 @@ class SwapCoordinator(ModelLifecycle):
                 self._admit_queued(model)
             if model.in_flight == 0 and (model.draining or model.evicting_for is not None):
                 self._start_unload(model)
+            elif model.evicting_for is not None:
+                self._arm_drain(model)
 
     def _place(self) -> None:
         """Start the loads that fit, in arrival order; the first that does not picks evictions."""
@@ -500,9 +505,12 @@ class SwapCoordinator(ModelLifecycle):
                 self._start_unload(model, full=True)
                 continue
             model.evicting_for = target
-            if model.in_flight and model.drain_timer is None:
-                model.drain_timer = asyncio.get_running_loop().call_later(
-                    self.config.swapper.drain_timeout, self._drain_expired, model)
+
+    def _arm_drain(self, model: ModelRecord) -> None:
+        """Start the drain deadline of a model chosen for eviction that still serves requests."""
+        if model.in_flight and model.drain_timer is None:
+            model.drain_timer = asyncio.get_running_loop().call_later(
+                self.config.swapper.drain_timeout, self._drain_expired, model)
 
     def _drain_expired(self, model: ModelRecord) -> None:
         """An evicted model's requests ran past drain_timeout: cut them off, with a reason."""

@@ -85,13 +85,16 @@ def _route(body: bytes) -> _Routing:
 
 
 def _rename(lease: Lease) -> ModelRename | None:
+    """How model names are rewritten for this backend (None: it takes any name, llama.cpp)."""
     theirs = lease.upstream_model
-    return None if theirs is None or theirs == lease.model_id else ModelRename(lease.model_id, theirs)
+    return None if theirs is None else ModelRename(lease.model_id, theirs)
 
 
 async def _relay(lease: Lease, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
     """Stream the backend's bytes as they arrive; a broken backend ends with an error event."""
     rename = _rename(lease)
+    if rename is not None and not rename.responses:
+        rename = None
     chunks = upstream.iter_bytes()
     try:
         async for chunk in (chunks if rename is None else rename.stream(chunks)):
@@ -156,7 +159,7 @@ async def _exchange(request: Request[Any, Any, State], path: str, body: bytes, m
     rename = _rename(lease)
     try:
         if rename is not None:
-            body = rename.request(body)
+            body = rename.request(body, _route(body).model)
         upstream = await state.upstream.send(model_id, lease.base_url, path, body,
                                              keep_alive=not stream,
                                              max_connections=lease.max_connections)
@@ -177,7 +180,7 @@ async def _exchange(request: Request[Any, Any, State], path: str, body: bytes, m
         lease.release()
         raise
     lease.release()
-    if rename is not None and upstream.status < 400:
+    if rename is not None and rename.responses and upstream.status < 400:
         content = rename.response(content)
     return lease, upstream, content
 

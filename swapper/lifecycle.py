@@ -112,7 +112,7 @@ class ModelLifecycle(abc.ABC):
                 model.backend, model.pending = model.pending, None
                 model.failures, model.retry_at = 0, None
                 model.restart_reason = "reload"
-            if model.removed and new == ModelStatus.UNLOADED:
+            if model.removed:
                 self._retired.discard(model)
         log = logger.warning if new == ModelStatus.FAILED else logger.debug
         log("%s: %s -> %s%s", model.id, old, new, f" ({error})" if error else "")

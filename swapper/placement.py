@@ -248,9 +248,9 @@ class Placement:
         plan = Plan()
         if fits(slots_left, used_left):
             return plan
-        candidates = [m for m in residents
-                      if m.status == _S.SLEEPING or (m.status == _S.LOADED and not m.draining)]
-        candidates.sort(key=lambda m: (self.pinned(m), m.status == _S.LOADED,
+        candidates = [m for m in residents if m.status in (_S.SLEEPING, _S.LOADED)]
+        # Models already draining (an operator's unload, a ttl) are leaving anyway: first.
+        candidates.sort(key=lambda m: (not m.draining, self.pinned(m), m.status == _S.LOADED,
                                        m.in_flight > 0 or m.queued > 0,
                                        m.last_used or m.loaded_at or 0.0))
         for model in candidates:
@@ -313,7 +313,8 @@ class Placement:
             if totals is None:
                 return
             _, used, free = totals
-            pending = [r for r in self._releases if used > r.used_mb]
+            # A release seen through is done with: memory used again later is another matter.
+            self._releases = pending = [r for r in self._releases if used > r.used_mb]
             enough = need_mb <= 0 or free >= min(need_mb, max(0.0, self.total_mb - reserve))
             if not pending and enough:
                 waited = now - started
@@ -326,6 +327,6 @@ class Placement:
                        if pending else f"{free:.0f} MiB free, {need_mb:.0f} MiB wanted")
                 logger.warning("%s: gave up waiting %.1fs for GPU memory (%s); starting anyway",
                                model.id, now - started, why)
-                self._releases = [r for r in self._releases if r not in pending]
+                self._releases = []
                 return
             await asyncio.sleep(_POLL)

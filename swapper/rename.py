@@ -12,6 +12,8 @@ from typing import Any
 
 import msgspec
 
+from swapper.errors import InvalidRequest
+
 __all__ = ["ModelRename"]
 
 _DECODE = msgspec.json.Decoder()
@@ -23,15 +25,24 @@ _MODEL = b'"model"'
 class ModelRename:
     """Rewrites ``model`` in request and response bodies between two names."""
 
-    __slots__ = ("ours", "theirs")
+    __slots__ = ("ours", "responses", "theirs")
 
     def __init__(self, ours: str, theirs: str) -> None:
         self.ours = ours
         self.theirs = theirs
+        #: Responses need rewriting only when the backend's name is not swapper's id.
+        self.responses = ours != theirs
 
-    def request(self, body: bytes) -> bytes:
-        """The request body naming the backend's model (the body is known to be a JSON object)."""
-        data = _DECODE.decode(body)
+    def request(self, body: bytes, requested: str) -> bytes:
+        """The request body naming the backend's model; ``requested`` is what the client named
+        (an id or an alias; the body is known to be a JSON object)."""
+        if requested == self.theirs:
+            return body
+        try:
+            data = _DECODE.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            # Valid JSON that msgspec cannot hold (a number like 1e999): say so, not a 500.
+            raise InvalidRequest(f"The request body cannot be forwarded: {exc}") from None
         data["model"] = self.theirs
         return _ENCODE.encode(data)
 

@@ -299,3 +299,72 @@ async def test_requests_for_an_evicted_model_cannot_starve_the_waiting_one(
     (await third).release()
     starts = [e for e in world.events if e[0] == "start"]
     assert starts == [("start", "a"), ("start", "b"), ("start", "a")]
+
+
+async def test_the_drain_deadline_holds_for_requests_admitted_from_the_queue(
+    make: Make, world: FakeWorld
+) -> None:
+    from tests.fakes import Behaviour
+
+    coordinator = make({"a": {"vram_mb": 1000}, "b": {"vram_mb": 1000}},
+                       max_concurrent_models=1, drain_timeout=0.2)
+    world.queue("a", Behaviour.GATED)
+    want_a = asyncio.create_task(coordinator.acquire("a"))
+    await coordinator.wait_for_status("a", ModelStatus.LOADING)
+    want_b = asyncio.create_task(coordinator.acquire("b"))  # queued while a still loads
+    await asyncio.sleep(0)
+    world.gates["a"].set()
+    lease = await want_a  # admitted from the queue; it never ends in time
+    (await asyncio.wait_for(want_b, 5)).release()
+    assert lease.cut_reason is not None and "make room for 'b'" in lease.cut_reason
+    lease.release()
+
+
+async def test_an_operator_unload_keeps_the_eviction_deadline(
+    make: Make, world: FakeWorld
+) -> None:
+    coordinator = make({"a": {"vram_mb": 1000}, "c": {"vram_mb": 1000}},
+                       max_concurrent_models=1, drain_timeout=0.2)
+    lease = await coordinator.acquire("a")
+    want_c = asyncio.create_task(coordinator.acquire("c"))
+    await asyncio.sleep(0)
+    unloading = asyncio.create_task(coordinator.unload("a"))
+    (await asyncio.wait_for(want_c, 5)).release()
+    assert lease.cut_reason is not None
+    lease.release()
+    await unloading
+
+
+async def test_a_model_removed_while_it_loads_is_still_stopped(
+    make: Make, world: FakeWorld, tmp_path: Path
+) -> None:
+    models = {"a": {"vram_mb": 9000}, "b": {"vram_mb": 9000}}
+    coordinator = make(models, max_concurrent_models=2, vram_budget_mb=16000)
+    want_a = asyncio.create_task(coordinator.acquire("a"))
+    await asyncio.sleep(0)  # a is LOADING; its backend has not even started
+    assert coordinator.model_status("a") == ModelStatus.LOADING
+    registry = load_backends(FakePlugin(world))
+    smaller = parse_config({"swapper": {"mode": "multi-active", "max_concurrent_models": 2,
+                                        "vram_budget_mb": 16000,
+                                        "state_file": str(tmp_path / "state.json")},
+                            "models": {"b": {"backend": "fake", "vram_mb": 9000}}},
+                           "test.yaml", registry.schemas())
+    coordinator.reload(smaller)
+    with pytest.raises(Exception, match="removed from the config"):
+        await want_a
+    await use(coordinator, "b")  # a must be gone (or counted) before b's 9000 MiB fit
+    assert world.max_held <= 16000 and "a" not in world.alive
+
+
+async def test_memory_seen_back_does_not_hold_up_later_loads(
+    make: Make, world: FakeWorld, caplog: pytest.LogCaptureFixture
+) -> None:
+    coordinator = make({"a": {"vram_mb": 8000}, "c": {"vram_mb": 8000}, "d": {"vram_mb": 4000}},
+                       max_concurrent_models=3, vram_budget_mb=14000, vram_release_timeout=5)
+    await use(coordinator, "a")
+    await use(coordinator, "c")  # evicts a, and waits until its memory shows free
+    caplog.set_level(logging.INFO, "swapper.placement")
+    started = asyncio.get_running_loop().time()
+    await use(coordinator, "d")  # fits beside c: nothing to wait for
+    assert asyncio.get_running_loop().time() - started < 1
+    assert not [r for r in caplog.records if "GPU memory" in r.message]

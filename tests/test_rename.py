@@ -17,7 +17,7 @@ RENAME = ModelRename("qwen", "qwen3:8b")
 def test_the_request_names_the_backends_model_and_keeps_everything_else() -> None:
     body = json.dumps({"model": "qwen", "messages": [{"role": "user", "content": "é"}],
                        "x_unknown": {"kept": True}}).encode()
-    assert json.loads(RENAME.request(body)) == {
+    assert json.loads(RENAME.request(body, "qwen")) == {
         "model": "qwen3:8b", "messages": [{"role": "user", "content": "é"}],
         "x_unknown": {"kept": True}}
 
@@ -67,3 +67,15 @@ async def test_each_event_passes_on_as_soon_as_it_is_complete() -> None:
     async for chunk in RENAME.stream(source()):
         seen.append(chunk)
     assert len(seen) == 2
+
+
+def test_a_request_already_naming_the_backends_model_passes_untouched() -> None:
+    body = b'{"model": "qwen3:8b",  "messages": []}'
+    assert RENAME.request(body, "qwen3:8b") is body
+
+
+def test_a_body_msgspec_cannot_hold_is_a_400_not_a_500() -> None:
+    from swapper.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest):
+        RENAME.request(b'{"model": "qwen", "t": 1e999}', "qwen")

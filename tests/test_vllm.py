@@ -173,3 +173,16 @@ def test_multi_active_evicts_by_the_vram_budget_as_the_fake_gpu_measures(
         "a": "LOADED", "b": "UNLOADED", "c": "LOADED"}
     assert doc["gpu"]["gpus"][0]["used_mb"] == pytest.approx(2 * 0.3 * 16384, abs=2)
     assert doc["vram"]["learned_mb"] == {m: pytest.approx(0.3 * 16384, abs=1) for m in "abc"}
+
+
+def test_an_alias_reaches_vllm_under_its_served_name(
+    swapper_factory: Callable[..., SwapperProcess],
+) -> None:
+    # vLLM refuses any name but the one it serves; an alias must be rewritten to it.
+    swapper = swapper_factory(
+        models={"qwen": {**vllm("Qwen/Qwen3-8B"), "aliases": ["gpt-4o"]}},
+        env={"FAKE_VLLM_LOAD_SECONDS": "0.1"})
+    answer = client(swapper).chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert answer.choices[0].message.content == "vllm qwen says: hi"
+    assert answer.model == "qwen"
