@@ -1,6 +1,6 @@
 """Random traffic against the placement rules: the invariants hold whatever the order.
 
-Hypothesis draws request bursts, releases, operator unloads and crashes over models of random
+Hypothesis draws request bursts, releases, operator unloads, crashes and reloads over models of random
 sizes (some sleep-capable, one pinned, one too big to ever fit) and a random slot count. After
 every step: never more models in slots than ``max_concurrent_models``, never more VRAM held on
 the fake GPU than the budget. At the end every request has been answered (served, or refused
@@ -31,6 +31,7 @@ operation = st.one_of(
     st.tuples(st.just("release"), st.integers(0, 50), st.just(0)),
     st.tuples(st.just("unload"), st.sampled_from(MODELS), st.just(0)),
     st.tuples(st.just("crash"), st.sampled_from(MODELS), st.just(0)),
+    st.tuples(st.just("reload"), st.sampled_from("bcd"), st.just(0)),
     st.tuples(st.just("settle"), st.just(""), st.just(0)),
 )
 scenario = st.fixed_dictionaries({
@@ -55,13 +56,19 @@ async def _run(slots: int, sizes: list[float], sleepy: list[bool],
         m: {"backend": "fake", "vram_mb": size, "sleepy": asleep, "sleep_mb": 300.0}
         for m, size, asleep in zip(MODELS, sizes, sleepy)}
     models["e"] = {"backend": "fake", "vram_mb": BUDGET + 1}  # can never fit
-    config = parse_config({"swapper": {
+    settings_ = {
         "mode": "multi-active", "max_concurrent_models": slots, "vram_budget_mb": BUDGET,
         "default_model": "a", "model_swap_timeout": 5, "stop_timeout": 1,
         "drain_timeout": 0.05, "vram_release_timeout": 0.5, "max_overtake": 2,
-        "state_file": str(Path(state_dir) / "state.json")}, "models": models}, "fuzz.yaml",
-        registry.schemas())
-    coordinator = SwapCoordinator(config, registry, FakeGpu(world, BUDGET))
+        "state_file": str(Path(state_dir) / "state.json")}
+    present = set(models)
+
+    def config() -> Any:
+        chosen = {m: e for m, e in models.items() if m in present}
+        return parse_config({"swapper": settings_, "models": chosen}, "fuzz.yaml",
+                            registry.schemas())
+
+    coordinator = SwapCoordinator(config(), registry, FakeGpu(world, BUDGET))
     requests: list[asyncio.Task[Lease]] = []
     held: list[Lease] = []
 
@@ -85,10 +92,13 @@ async def _run(slots: int, sizes: list[float], sleepy: list[bool],
                     task = done[target % len(done)]
                     requests.remove(task)
                     task.result().release()
-            elif kind == "unload":
+            elif kind == "unload" and target in present:
                 asyncio.ensure_future(coordinator.unload(target))
             elif kind == "crash" and target in world.alive and target in world.exits:
                 world.crash(target)
+            elif kind == "reload":  # the model leaves the config, or comes back
+                present.symmetric_difference_update({target})
+                coordinator.reload(config())
             await _settle()
             check()
         # Everyone gets an answer once every lease is given back.
