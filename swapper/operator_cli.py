@@ -254,6 +254,9 @@ def _notes(doc: dict[str, Any]) -> list[str]:
 
 
 def _header(doc: dict[str, Any]) -> str:
+    resident = doc.get("resident") or []
+    if isinstance(resident, list) and len(resident) > 1:
+        return f"mode: {doc.get('mode', '?')}  resident: {', '.join(map(str, resident))}"
     return f"mode: {doc.get('mode', '?')}  active: {doc.get('active_model') or '-'}"
 
 

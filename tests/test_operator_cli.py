@@ -328,3 +328,10 @@ def test_logs_follow_prints_the_tail_and_new_lines_then_stops_on_ctrl_c(
             raise
     assert code in (0, 130)
     assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+
+
+def test_the_header_lists_every_resident_model_in_multi_active_mode() -> None:
+    doc = {"mode": "multi-active", "active_model": "b", "resident": ["a", "b"], "models": {
+        "a": model("LOADED", pid=41), "b": model("LOADED", pid=42), "c": model("SLEEPING", pid=43)}}
+    assert operator_cli._header(doc) == "mode: multi-active  resident: a, b"
+    assert operator_cli.status_rows(doc, NOW)[2][:4] == ["c", "SLEEPING", "llamacpp", "43"]
