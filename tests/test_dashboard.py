@@ -225,6 +225,8 @@ def test_dashboard_shows_progress_vram_and_failures(fake_gpu_swapper: str, page:
     assert vram.locator(".bar > div").evaluate("bar => bar.style.width") == "30%"
     expect(vram).to_contain_text("qwen3-8b: 5120 MiB")
     expect(page.locator('[data-model="qwen3-8b"]')).to_contain_text("5120 MiB")
+    # The placement budget: the fake GPU's 20480 MiB less the default 512 MiB reserve.
+    expect(page.get_by_test_id("vram-budget")).to_contain_text("MiB of 19968 MiB committed")
 
     page.get_by_test_id("load-broken").click()  # its start fails: 503, shown with the reason
     expect(page.get_by_test_id("status-broken")).to_have_text("FAILED")
