@@ -210,10 +210,8 @@ class ModelLifecycle(abc.ABC):
         """Measure a loaded model's VRAM; it replaces the estimate (kept in the state file)."""
         try:
             measured = await model.backend.measure_vram_mb(handle)
-            gpu = self.placement.gpu
-            if (measured is None and gpu is not None and handle.pid is not None
-                    and self.placement.total_mb is not None):
-                measured = await asyncio.to_thread(gpu.process_memory_mb, handle.pid)
+            if measured is None:
+                measured = await self.placement.process_mb(handle.pid)
         except Exception:  # noqa: BLE001 - a failed measurement leaves the estimate in use
             logger.exception("%s: measuring VRAM failed", model.id)
             return
@@ -320,8 +318,7 @@ class ModelLifecycle(abc.ABC):
 
     async def _unload(self, model: ModelRecord, sleep: bool, charge: float) -> None:
         placement = self.placement
-        used_before = (await asyncio.to_thread(placement.used_now_mb)
-                       if placement.total_mb is not None else None)
+        used_before = await placement.used_mb()
         if sleep and await self._sleep(model):
             freed = charge - placement.sleep_mb(model)
             self._transition(model, ModelStatus.SLEEPING)
@@ -349,9 +346,7 @@ class ModelLifecycle(abc.ABC):
             logger.warning("%s: sleep failed (%s); stopping it instead", model.id,
                            str(exc) or type(exc).__name__)
             return False
-        gpu = self.placement.gpu
-        if gpu is not None and handle.pid is not None and self.placement.total_mb is not None:
-            model.sleep_vram_mb = await asyncio.to_thread(gpu.process_memory_mb, handle.pid)
+        model.sleep_vram_mb = await self.placement.process_mb(handle.pid)
         return True
 
     async def _stop_backend(self, model: ModelRecord, *, kill: bool = False) -> None:

@@ -280,12 +280,19 @@ class Placement:
 
     # -- released memory ----------------------------------------------------------------------
 
-    def used_now_mb(self) -> float | None:
-        """NVML's used figure (None without a GPU)."""
+    async def used_mb(self) -> float | None:
+        """NVML's used figure, read off the event loop (None without a GPU)."""
         if self.gpu is None or self.total_mb is None:
             return None
-        totals = self.gpu.totals_mb()
+        totals = await asyncio.to_thread(self.gpu.totals_mb)
         return totals[1] if totals else None
+
+    async def process_mb(self, pid: int | None) -> float | None:
+        """What ``pid``'s process tree holds on the GPU, read off the event loop (None without
+        a GPU or a pid)."""
+        if self.gpu is None or self.total_mb is None or pid is None:
+            return None
+        return await asyncio.to_thread(self.gpu.process_memory_mb, pid)
 
     def expect_release(self, model_id: str, used_before_mb: float | None, freed_mb: float) -> None:
         """A model that held ``freed_mb`` was stopped (or slept); NVML should show it soon."""
