@@ -308,8 +308,8 @@ class SwapCoordinator(ModelLifecycle):
     @property
     def active_model(self) -> str | None:
         """The model that most recently took a slot and still holds it, if any."""
-        holders = [m for m in self._all_models() if holds_slot(m)]
-        return max(holders, key=lambda m: m.started_seq).id if holders else None
+        resident = self.resident_models
+        return resident[-1] if resident else None
 
     @property
     def resident_models(self) -> list[str]:
@@ -500,11 +500,9 @@ class SwapCoordinator(ModelLifecycle):
                 continue
             full, target = chosen
             model.stop_fully = model.stop_fully or full
-            if model.status == ModelStatus.SLEEPING:
-                target.swap_from = target.swap_from or model.id
-                self._start_unload(model, full=True)
-                continue
             model.evicting_for = target
+            if model.status == ModelStatus.SLEEPING:
+                self._start_unload(model, full=True)  # nothing to drain: out at once
 
     def _arm_drain(self, model: ModelRecord) -> None:
         """Start the drain deadline of a model chosen for eviction that still serves requests."""
