@@ -84,6 +84,12 @@ def _route(body: bytes) -> _Routing:
 # -- forwarding -------------------------------------------------------------------------------
 
 
+def _evicted(lease: Lease) -> ModelUnavailable | None:
+    """The error for a request cut off because its model was evicted past drain_timeout."""
+    return None if lease.cut_reason is None else ModelUnavailable(lease.cut_reason,
+                                                                  code="model_evicted")
+
+
 def _rename(lease: Lease) -> ModelRename | None:
     """How model names are rewritten for this backend (None: it takes any name, llama.cpp)."""
     theirs = lease.upstream_model
@@ -99,11 +105,11 @@ async def _relay(lease: Lease, upstream: UpstreamResponse) -> AsyncIterator[byte
     try:
         async for chunk in (chunks if rename is None else rename.stream(chunks)):
             yield chunk
-        if lease.cut_reason:  # a backend stopped mid-stream may close it as if it were done
-            yield error_event(lease.cut_reason, code="model_evicted")
+        evicted = _evicted(lease)
+        if evicted is not None:  # a backend stopped mid-stream may close it as if it were done
+            yield error_event(evicted.message, code=evicted.code or "model_evicted")
     except SwapperError as exc:
-        if lease.cut_reason:  # evicted past drain_timeout: say so rather than "broken pipe"
-            exc = ModelUnavailable(lease.cut_reason, code="model_evicted")
+        exc = _evicted(lease) or exc  # evicted: say so rather than "broken pipe"
         logger.warning("stream from %s ended early: %s", lease.model_id, exc.message)
         if isinstance(exc, BackendTimeout):
             lease.backend_silent()
@@ -149,9 +155,12 @@ def _relay_stream(lease: Lease, upstream: UpstreamResponse) -> _GuardedStream:
 
 
 async def _exchange(request: Request[Any, Any, State], path: str, body: bytes, model_id: str,
-                    stream: bool, ticket: Lease | Waiter | None = None,
+                    requested: str, stream: bool, ticket: Lease | Waiter | None = None,
                     ) -> tuple[Lease, UpstreamResponse, bytes | None]:
-    """Get a lease and the backend's answer: headers only for a stream, the body otherwise."""
+    """Get a lease and the backend's answer: headers only for a stream, the body otherwise.
+
+    ``requested`` is the name the body gives (an id or an alias of ``model_id``).
+    """
     state = request.app.state
     started = time.perf_counter()
     coordinator = state.coordinator
@@ -159,7 +168,7 @@ async def _exchange(request: Request[Any, Any, State], path: str, body: bytes, m
     rename = _rename(lease)
     try:
         if rename is not None:
-            body = rename.request(body, _route(body).model)
+            body = rename.request(body, requested)
         upstream = await state.upstream.send(model_id, lease.base_url, path, body,
                                              keep_alive=not stream,
                                              max_connections=lease.max_connections)
@@ -173,8 +182,9 @@ async def _exchange(request: Request[Any, Any, State], path: str, body: bytes, m
         raise
     except SwapperError as exc:
         lease.release()
-        if lease.cut_reason:
-            raise ModelUnavailable(lease.cut_reason, code="model_evicted") from exc
+        evicted = _evicted(lease)
+        if evicted is not None:
+            raise evicted from exc
         raise
     except BaseException:
         lease.release()
@@ -218,8 +228,8 @@ async def _forward(request: Request[Any, Any, State], path: str) -> Response[Any
             ticket = state.coordinator.enqueue(model_id)
             status = 200
             mode = feedback if path == "/v1/chat/completions" else "comments"
-            return _loading_stream(request, path, body, model_id, mode, ticket)
-        response = await _forward_now(request, path, body, model_id, stream)
+            return _loading_stream(request, path, body, model_id, routing.model, mode, ticket)
+        response = await _forward_now(request, path, body, model_id, routing.model, stream)
         status = response.status_code
         return response
     except SwapperError as exc:
@@ -230,10 +240,10 @@ async def _forward(request: Request[Any, Any, State], path: str) -> Response[Any
 
 
 async def _forward_now(request: Request[Any, Any, State], path: str, body: bytes, model_id: str,
-                       stream: bool) -> Response[Any]:
+                       requested: str, stream: bool) -> Response[Any]:
     # A client that goes away while its model loads or its answer is generated cancels the
     # upstream work: race the exchange against the ASGI disconnect message.
-    exchange = asyncio.ensure_future(_exchange(request, path, body, model_id, stream))
+    exchange = asyncio.ensure_future(_exchange(request, path, body, model_id, requested, stream))
     disconnect = asyncio.ensure_future(_until_disconnect(request))
     try:
         await asyncio.wait((exchange, disconnect), return_when=asyncio.FIRST_COMPLETED)
@@ -266,7 +276,7 @@ def _progress(mode: str, model_id: str, elapsed: float) -> bytes:
 
 
 def _loading_stream(request: Request[Any, Any, State], path: str, body: bytes, model_id: str,
-                    mode: str, ticket: Lease | Waiter) -> _GuardedStream:
+                    requested: str, mode: str, ticket: Lease | Waiter) -> _GuardedStream:
     coordinator = request.app.state.coordinator
 
     async def cleanup() -> None:
@@ -275,12 +285,12 @@ def _loading_stream(request: Request[Any, Any, State], path: str, body: bytes, m
         elif not ticket.redeemed:  # the stream never started: give the place back
             coordinator.abandon(ticket)
 
-    return _GuardedStream(_loading_then_relay(request, path, body, model_id, mode, ticket),
-                          cleanup)
+    return _GuardedStream(
+        _loading_then_relay(request, path, body, model_id, requested, mode, ticket), cleanup)
 
 
 async def _loading_then_relay(request: Request[Any, Any, State], path: str, body: bytes,
-                              model_id: str, mode: str,
+                              model_id: str, requested: str, mode: str,
                               ticket: Lease | Waiter) -> AsyncIterator[bytes]:
     """A stream that must wait for its model: progress every few seconds, then the answer.
 
@@ -289,7 +299,8 @@ async def _loading_then_relay(request: Request[Any, Any, State], path: str, body
     """
     interval = request.app.state.config.swapper.loading_feedback_interval
     started = time.perf_counter()
-    exchange = asyncio.ensure_future(_exchange(request, path, body, model_id, True, ticket))
+    exchange = asyncio.ensure_future(
+        _exchange(request, path, body, model_id, requested, True, ticket))
     relay: AsyncIterator[bytes] | None = None
     try:
         while not (await asyncio.wait({exchange}, timeout=interval))[0]:
