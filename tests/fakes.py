@@ -90,15 +90,23 @@ class FakeWorld:
     def crash(self, model_id: str) -> None:
         """Make the running fake of ``model_id`` die (from any thread: test clients may run the
         app on a loop of their own)."""
-        self.alive.discard(model_id)
-        self.asleep.discard(model_id)
-        self.hold(model_id, 0)
+        self.gone(model_id)
         self.events.append(("crash", model_id))
         exit_ = self.exits[model_id]
         if exit_.get_loop().is_running() and not _on_loop(exit_.get_loop()):
             exit_.get_loop().call_soon_threadsafe(exit_.set_result, "fake backend crashed")
         else:
             exit_.set_result("fake backend crashed")
+
+    def gone(self, model_id: str, outcome: str | None = None) -> None:
+        """The fake of ``model_id`` is no more: not alive, holding nothing; ``outcome`` ends a
+        ``wait_exit`` (a stop or a kill on the fake's own loop)."""
+        self.alive.discard(model_id)
+        self.asleep.discard(model_id)
+        self.hold(model_id, 0)
+        exit_ = self.exits.get(model_id)
+        if outcome is not None and exit_ is not None and not exit_.done():
+            exit_.set_result(outcome)
 
     def freeze(self, model_id: str) -> None:
         """Make the running fake of ``model_id`` stop answering (like SIGSTOP)."""
@@ -203,23 +211,13 @@ def fake_backend_class(world: FakeWorld) -> type[Backend]:
         async def stop(self, handle: BackendHandle) -> None:
             """Stop and record it."""
             world.events.append(("stop", self.model_id))
-            world.alive.discard(self.model_id)
-            world.asleep.discard(self.model_id)
-            world.hold(self.model_id, 0)
-            exit_ = world.exits.get(self.model_id)
-            if exit_ is not None and not exit_.done():
-                exit_.set_result("stopped")
+            world.gone(self.model_id, "stopped")
 
         async def kill(self, handle: BackendHandle) -> None:
             """Kill without grace and record it."""
             world.events.append(("kill", self.model_id))
             world.frozen.discard(self.model_id)
-            world.alive.discard(self.model_id)
-            world.asleep.discard(self.model_id)
-            world.hold(self.model_id, 0)
-            exit_ = world.exits.get(self.model_id)
-            if exit_ is not None and not exit_.done():
-                exit_.set_result("killed")
+            world.gone(self.model_id, "killed")
 
         async def alive(self, handle: BackendHandle) -> bool:
             """Alive until stopped or crashed."""

@@ -112,6 +112,16 @@ def sse_data(response: httpx.Response) -> list[str]:
     return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
 
 
+def chat_stream(client: httpx.Client, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chunks of a streamed chat with usage, checked to be SSE ending in ``[DONE]``."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_data(response)
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
 def stop_gracefully(procs: Spawner, proc: subprocess.Popen[bytes], marker: str) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=3) == 0
@@ -232,12 +242,7 @@ def test_vllm_port_closed_while_loading_then_serves_openai(procs: Spawner) -> No
         assert bad.status_code == 400 and bad.json()["error"]["code"] == 400
         assert client.post("/sleep").status_code == 404, "sleep endpoints need VLLM_SERVER_DEV_MODE=1"
 
-        stream_body = {**chat, "stream": True, "stream_options": {"include_usage": True}}
-        with client.stream("POST", "/v1/chat/completions", json=stream_body) as response:
-            assert response.headers["content-type"].startswith("text/event-stream")
-            events = sse_data(response)
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
+        chunks = chat_stream(client, chat)
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == "alpha" for c in chunks)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     contents = [c["choices"][0]["delta"]["content"] for c in chunks[1:-2]]
@@ -441,12 +446,7 @@ def test_ollama_openai_lazy_load_errors_and_stream(procs: Spawner) -> None:
         assert empty.json() == {"error": {"message": "[] is too short - 'messages'",
                                           "type": "invalid_request_error", "param": None, "code": None}}
 
-        stream_body = {**chat, "model": "qwen3:8b", "stream": True, "stream_options": {"include_usage": True}}
-        with client.stream("POST", "/v1/chat/completions", json=stream_body) as response:
-            assert response.headers["content-type"].startswith("text/event-stream")
-            events = sse_data(response)
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
+        chunks = chat_stream(client, {**chat, "model": "qwen3:8b"})
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == "qwen3:8b" for c in chunks)
     deltas = [c["choices"][0] for c in chunks[:-2]]
     assert all(d["delta"]["role"] == "assistant" and d["finish_reason"] is None for d in deltas)

@@ -33,6 +33,11 @@ def ps(base_url: str) -> dict[str, dict[str, Any]]:
     return {m["name"]: m for m in models}
 
 
+def on(base_url: str, tag: str) -> dict[str, Any]:
+    """A model entry for ``tag`` on an Ollama swapper does not own."""
+    return {"backend": "ollama", "model": tag, "base_url": base_url}
+
+
 def client(swapper: SwapperProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{swapper.url}/v1", api_key="unused", max_retries=0)
 
@@ -104,8 +109,8 @@ def test_a_swap_unloads_from_ollama_before_the_next_model_loads(
     swapper_factory: Callable[..., SwapperProcess], external_ollama: str,
 ) -> None:
     swapper = swapper_factory(models={
-        "qwen": {"backend": "ollama", "model": "qwen3:8b", "base_url": external_ollama},
-        "llama": {"backend": "ollama", "model": "llama3.2", "base_url": external_ollama},
+        "qwen": on(external_ollama, "qwen3:8b"),
+        "llama": on(external_ollama, "llama3.2"),
     })
     sdk = client(swapper)
     sdk.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "a"}])
@@ -125,8 +130,8 @@ def test_ollama_errors_come_back_as_openai_errors(
     swapper_factory: Callable[..., SwapperProcess], external_ollama: str,
 ) -> None:
     swapper = swapper_factory(models={
-        "qwen": {"backend": "ollama", "model": "qwen3:8b", "base_url": external_ollama},
-        "ghost": {"backend": "ollama", "model": "ghost:7b", "base_url": external_ollama},
+        "qwen": on(external_ollama, "qwen3:8b"),
+        "ghost": on(external_ollama, "ghost:7b"),
     })
     sdk = client(swapper)
     with pytest.raises(openai.BadRequestError) as bad:
@@ -146,7 +151,7 @@ def test_a_model_stays_pinned_although_each_request_resets_ollamas_keep_alive(
     swapper_factory: Callable[..., SwapperProcess], external_ollama: str,
 ) -> None:
     swapper = swapper_factory(models={
-        "qwen": {"backend": "ollama", "model": "qwen3:8b", "base_url": external_ollama}})
+        "qwen": on(external_ollama, "qwen3:8b")})
     client(swapper).chat.completions.create(
         model="qwen", messages=[{"role": "user", "content": "hi"}])
     # Ollama's /v1 endpoints set keep_alive back to its 5-minute default...
@@ -160,7 +165,7 @@ def test_a_model_ollama_dropped_on_its_own_is_reported_and_reloaded(
     swapper_factory: Callable[..., SwapperProcess], external_ollama: str,
 ) -> None:
     swapper = swapper_factory(models={
-        "qwen": {"backend": "ollama", "model": "qwen3:8b", "base_url": external_ollama}})
+        "qwen": on(external_ollama, "qwen3:8b")})
     sdk = client(swapper)
     sdk.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "hi"}])
     # Someone else unloads it straight from Ollama.
@@ -177,7 +182,7 @@ def test_an_ollama_that_does_not_answer_fails_the_load_at_once(
 ) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
     swapper = swapper_factory(models={
-        "qwen": {"backend": "ollama", "model": "qwen3:8b", "base_url": closed}})
+        "qwen": on(closed, "qwen3:8b")})
     response = swapper.http.post("/v1/chat/completions", json={
         "model": "qwen", "messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 503
