@@ -1,26 +1,43 @@
-"""Shared fixtures: a real llama-server binary, tiny GGUF models, swapper as a subprocess."""
+"""Shared fixtures: a real llama-server binary, tiny GGUF models, swapper as a subprocess,
+and swapper's coordinator and app in-process on fake backends."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
+import respx
 import yaml
+from litestar.testing import AsyncTestClient
 
-from tests.fakes import FakeWorld
+from swapper.app import create_app
+from swapper.config import Config, parse_config
+from swapper.coordinator import SwapCoordinator
+from swapper.plugins import BackendRegistry, load_backends
+from tests.fakes import FakeGpu, FakePlugin, FakeWorld
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Faithful fakes of backends that cannot run here (Ollama, vLLM) and of NVML.
 FAKES = ROOT / "tests" / "fake_servers"
+
+#: The conversation most tests send: short, so tiny models answer fast.
+MESSAGES = [{"role": "user", "content": "hi"}]
+#: What respx answers for a fake backend's chat completion.
+REPLY = {"id": "x", "object": "chat.completion", "created": 1, "model": "a",
+         "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                      "finish_reason": "stop"}],
+         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
 
 @pytest.fixture
@@ -97,6 +114,18 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.02
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def chat(swapper: SwapperProcess, model: str, **extra: Any) -> httpx.Response:
+    """One short non-stream chat completion through a swapper subprocess."""
+    return swapper.http.post("/v1/chat/completions",
+                             json={"model": model, "messages": MESSAGES, "max_tokens": 2, **extra})
+
+
+def sdk(swapper: SwapperProcess, **options: Any) -> openai.OpenAI:
+    """The official OpenAI SDK pointed at a swapper subprocess (no retries: each call counts)."""
+    return openai.OpenAI(base_url=f"{swapper.url}/v1", api_key=options.pop("api_key", "none"),
+                         max_retries=0, **options)
 
 
 def free_port() -> int:
@@ -192,12 +221,13 @@ def swapper_factory(tmp_path: Path, llama_server: str,
 
     def start(swapper: dict[str, Any] | None = None, models: dict[str, Any] | None = None,
               ctx_size: int = 512, timeouts: dict[str, Any] | None = None,
-              env: dict[str, str] | None = None) -> SwapperProcess:
+              env: dict[str, str] | None = None,
+              server: dict[str, Any] | None = None) -> SwapperProcess:
         config = {
             "swapper": {"mode": "single-active", "max_concurrent_models": 1,
                         "model_swap_timeout": 30, "gpu_enabled": False, "stop_timeout": 5,
                         "shutdown_timeout": 5, **(swapper or {})},
-            "server": {"host": "127.0.0.1", "port": 1},
+            "server": {"host": "127.0.0.1", "port": 1, **(server or {})},
             "timeouts": timeouts or {},
             "models": models or {
                 f"tiny-{name}": {"backend": "llamacpp", "model_path": str(workdir / f"tiny-{name}.gguf"),
@@ -213,3 +243,77 @@ def swapper_factory(tmp_path: Path, llama_server: str,
     yield start
     for process in started:
         process.stop()
+
+
+def tiny_model(workdir: Path, name: str = "a", **entry: Any) -> dict[str, Any]:
+    """A llamacpp entry for one of the tiny models linked into ``workdir``."""
+    return {"backend": "llamacpp", "model_path": str(workdir / f"tiny-{name}.gguf"), **entry}
+
+
+# -- in-process, on fake backends ---------------------------------------------------------------
+
+#: The models fake-backend tests use unless they name their own: ``a`` (alias ``alpha``), b, c.
+FAKE_MODELS: dict[str, dict[str, Any]] = {"a": {"aliases": ["alpha"]}, "b": {}, "c": {}}
+
+
+def fake_config(world: FakeWorld, models: dict[str, dict[str, Any]] | None = None,
+                *, swapper: dict[str, Any] | None = None, server: dict[str, Any] | None = None,
+                name: str = "test.yaml") -> tuple[Config, BackendRegistry]:
+    """A config of ``backend: fake`` models (short timeouts), and the registry that knows them."""
+    registry = load_backends(FakePlugin(world))
+    data = {"swapper": {"model_swap_timeout": 5, "stop_timeout": 1, **(swapper or {})},
+            "server": server or {},
+            "models": {mid: {"backend": "fake", **entry}
+                       for mid, entry in (FAKE_MODELS if models is None else models).items()}}
+    return parse_config(data, name, registry.schemas()), registry
+
+
+CoordinatorFactory = Callable[..., SwapCoordinator]
+
+
+@pytest.fixture
+async def coordinator_factory(world: FakeWorld, tmp_path: Path) -> AsyncIterator[CoordinatorFactory]:
+    """Build coordinators on fake backends (and, with ``gpu=True``, a fake GPU of ``total_mb``);
+    every one is closed after the test, and no fake may outlive it."""
+    made: list[SwapCoordinator] = []
+
+    def factory(models: dict[str, dict[str, Any]] | None = None, *, gpu: bool = False,
+                total_mb: float = 16384.0, **swapper: Any) -> SwapCoordinator:
+        settings = {"state_file": str(tmp_path / "state.json"), **swapper}
+        config, registry = fake_config(world, models, swapper=settings)
+        made.append(SwapCoordinator(config, registry, FakeGpu(world, total_mb) if gpu else None))
+        return made[-1]
+
+    yield factory
+    for coordinator in made:
+        await coordinator.close()
+    assert world.alive == set(), "a fake backend outlived the coordinator"
+
+
+FakeApp = Callable[..., contextlib.AbstractAsyncContextManager[AsyncTestClient[Any]]]
+
+
+@pytest.fixture
+def fake_app(world: FakeWorld) -> FakeApp:
+    """swapper's whole app in-process on fake backends, as an ``async with`` test client.
+
+    With ``reply`` (default: :data:`REPLY`) respx answers every fake backend's chat completions
+    with it; ``reply=None`` leaves the upstream to the test's own respx router.
+    """
+
+    @contextlib.asynccontextmanager
+    async def factory(models: dict[str, dict[str, Any]] | None = None, *,
+                      swapper: dict[str, Any] | None = None, server: dict[str, Any] | None = None,
+                      reply: dict[str, Any] | None = REPLY) -> AsyncIterator[AsyncTestClient[Any]]:
+        config, registry = fake_config(world, models, swapper=swapper, server=server)
+        with contextlib.ExitStack() as stack:
+            if reply is not None:
+                router = stack.enter_context(respx.mock(assert_all_called=False))
+                for model_id in config.models:
+                    router.post(f"http://{model_id}.fake.test/v1/chat/completions").respond(
+                        json=reply)
+            async with AsyncTestClient(create_app(config, registry)) as client:
+                yield client
+        assert world.alive == set(), "a fake backend outlived the app"
+
+    return factory
