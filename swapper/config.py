@@ -123,12 +123,33 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     log_format: Literal["text", "json"] = "text"
     #: False: ``/metrics`` is open (for a scraper on the host); True: it needs an API key.
     metrics_require_key: bool = False
+    #: True: serve without ``api_keys`` on a non-loopback address (protected mode off).
+    allow_unauthenticated: bool = False
+    #: ``Host`` header values accepted besides loopback names and the bound address.
+    allowed_hosts: list[str] = []
+    #: Seconds a client has to send a whole request head.
+    header_timeout: float = 10.0
+    #: Seconds an idle keep-alive connection stays open.
+    keepalive_timeout: float = 5.0
+    #: Largest request head (request line and headers) in bytes.
+    max_header_bytes: int = 64 * 1024
+    #: Open client connections at most; beyond it new ones are refused.
+    max_connections: int = 4096
+    #: One log line per request (method, path, status, model, duration, bytes, request id).
+    access_log: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError("port: must be between 1 and 65535")
         if self.max_request_bytes < 1:
             raise ValueError("max_request_bytes: must be >= 1")
+        for name in ("header_timeout", "keepalive_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: must be a number > 0")
+        for name in ("max_header_bytes", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1")
         for name in ("api_keys", "admin_api_keys"):
             if any(not key for key in getattr(self, name)):
                 raise ValueError(f"{name}: a key must not be empty")
