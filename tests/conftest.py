@@ -31,6 +31,17 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Faithful fakes of backends that cannot run here (Ollama, vLLM) and of NVML.
 FAKES = ROOT / "tests" / "fake_servers"
 
+#: Multiplies the few absolute time bounds the tests keep where a promise is stated in seconds
+#: ("closes within a second"). 1 holds on a 2-core machine with one core busy; a slower machine,
+#: or one under heavier load, sets SWAPPER_TEST_SLOWNESS (see the README's Tests section).
+SLOWNESS = float(os.environ.get("SWAPPER_TEST_SLOWNESS", "1"))
+
+
+def seconds(value: float) -> float:
+    """An absolute time bound, scaled by :data:`SLOWNESS`."""
+    return value * SLOWNESS
+
+
 #: The conversation most tests send: short, so tiny models answer fast.
 MESSAGES = [{"role": "user", "content": "hi"}]
 #: What respx answers for a fake backend's chat completion.
