@@ -12,16 +12,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import SwapperProcess, process_state, wait_until
+from tests.conftest import MESSAGES, SwapperProcess, process_state, sdk, wait_until
 
 pytestmark = pytest.mark.integration
-
-MESSAGES = [{"role": "user", "content": "Say something."}]
-
-
-def sdk(swapper: SwapperProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{swapper.url}/v1", api_key="any-key", max_retries=0,
-                         timeout=30)
 
 
 def test_non_stream_chat(swapper_factory: Any) -> None:
@@ -180,13 +173,17 @@ def test_sigkill_of_swapper_takes_its_backends_down(swapper_factory: Any) -> Non
 
 
 def test_in_flight_stream_finishes_on_sigterm(swapper_factory: Any) -> None:
-    swapper = swapper_factory(swapper={"shutdown_timeout": 20})
-    body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 480, "stream": True}
+    swapper = swapper_factory(swapper={"shutdown_timeout": 60}, models={"tiny-a": {
+        "backend": "llamacpp", "model_path": str(swapper_factory.workdir / "tiny-a.gguf"),
+        "ctx_size": 4096, "args": ["-np", "1"]}})
+    body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 3000, "stream": True}
     with swapper.http.stream("POST", "/v1/chat/completions", json=body) as response:
         lines = response.iter_lines()
         next(lines)
+        assert swapper.model("tiny-a")["in_flight"] == 1  # still running when the signal comes
         swapper.signal(signal.SIGTERM)
         rest = [line for line in lines if line.startswith("data: ")]
+    assert len(rest) > 10  # tokens kept coming after the signal
     assert rest[-1] == "data: [DONE]"
     assert '"finish_reason":"length"' in rest[-2]  # it ran to its natural end after the signal
     assert swapper.proc.wait(timeout=30) == -signal.SIGTERM

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import FAKES, SwapperProcess, free_port, processes_with, wait_until
+from tests.conftest import FAKES, SwapperProcess, free_port, process_state, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -70,10 +70,10 @@ def external_ollama(tmp_path: Path) -> Iterator[str]:
 def test_a_chat_through_an_ollama_swapper_runs_itself(
     swapper_factory: Callable[..., SwapperProcess],
 ) -> None:
-    swapper = swapper_factory(
-        models={"qwen": {"backend": "ollama", "model": "qwen3:8b", "serve": True,
-                         "binary": OLLAMA}},
-        env={"FAKE_OLLAMA_MODELS": PULLED})
+    models = {"qwen": {"backend": "ollama", "model": "qwen3:8b", "serve": True,
+                       "binary": OLLAMA, "vram_mb": 1000}}  # an estimate, to be replaced
+    swapper = swapper_factory(models=models, env={"FAKE_OLLAMA_MODELS": PULLED})
+    assert swapper.model("qwen")["predicted_vram_mb"] == 1000
     sdk = client(swapper)
     answer = sdk.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "hi"}])
     # The tag was sent to Ollama; the client sees swapper's id.
@@ -99,14 +99,20 @@ def test_a_chat_through_an_ollama_swapper_runs_itself(
 
     # swapper owns that ollama serve: unloading the model stops it, and nothing is left.
     pid = status["pid"]
+    assert pid and process_state(pid) is not None
     assert swapper.http.post("/models/qwen/unload").status_code == 200
     assert swapper.model("qwen")["status"] == "UNLOADED"
-    wait_until(lambda: not processes_with(f"{OLLAMA} serve") or pid not in
-               processes_with(f"{OLLAMA} serve"), 10, "ollama serve to exit")
+    wait_until(lambda: process_state(pid) is None, 10, "ollama serve to exit")
+
+    # The measured size survives a restart: a new swapper plans with it before any load.
+    swapper.stop()
+    again = swapper_factory(models=models, env={"FAKE_OLLAMA_MODELS": PULLED})
+    assert again.model("qwen")["status"] == "UNLOADED"
+    assert again.model("qwen")["predicted_vram_mb"] == 5200
 
 
 def test_a_swap_unloads_from_ollama_before_the_next_model_loads(
-    swapper_factory: Callable[..., SwapperProcess], external_ollama: str,
+    swapper_factory: Callable[..., SwapperProcess], external_ollama: str, tmp_path: Path,
 ) -> None:
     swapper = swapper_factory(models={
         "qwen": on(external_ollama, "qwen3:8b"),
@@ -122,6 +128,9 @@ def test_a_swap_unloads_from_ollama_before_the_next_model_loads(
     # Single-active: qwen was unloaded (and gone from /api/ps) before llama loaded.
     assert list(ps(external_ollama)) == ["llama3.2:latest"]
     assert swapper.model("qwen")["status"] == "UNLOADED"
+    # The order, from Ollama's own log: qwen was gone before llama started loading.
+    log = (tmp_path / "ollama.log").read_text()
+    assert log.index("unloaded model qwen3:8b") < log.index("loading model llama3.2:latest")
     assert swapper.http.post("/models/llama/unload").status_code == 200
     assert ps(external_ollama) == {}
 
@@ -143,7 +152,9 @@ def test_ollama_errors_come_back_as_openai_errors(
     with pytest.raises(openai.InternalServerError) as failed:
         sdk.chat.completions.create(model="ghost", messages=[{"role": "user", "content": "x"}])
     assert failed.value.status_code == 503
-    assert "model 'ghost:7b' not found" in str(failed.value.body)
+    assert isinstance(failed.value.body, dict)
+    assert set(failed.value.body) >= {"message", "type", "param", "code"}
+    assert "model 'ghost:7b' not found" in failed.value.body["message"]
     assert swapper.model("ghost")["status"] == "FAILED"
 
 
