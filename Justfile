@@ -28,8 +28,17 @@ models: install
 demo: models
     SWAPPER_LLAMA_SERVER="{{llama}}" {{venv}}/bin/swapper serve --config config/demo.yaml
 
+# Debian's Chromium, which the dashboard tests drive (installed once, with apt-get)
+browser:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v chromium >/dev/null && exit 0
+    sudo=""; [[ $(id -u) == 0 ]] || sudo="sudo"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q chromium
+
 # run the whole test suite (unit and integration, on a real llama-server)
-test *ARGS: install
+test *ARGS: install browser
     SWAPPER_LLAMA_SERVER="{{llama}}" {{py}} -m pytest {{ARGS}}
 
 # added latency (p50/p99) and swap overhead against a real llama-server
