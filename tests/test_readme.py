@@ -14,10 +14,27 @@ from swapper.plugins import load_backends
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _test_names(path: Path) -> set[str]:
+def _tests(path: Path) -> dict[str, ast.FunctionDef | ast.AsyncFunctionDef]:
     tree = ast.parse(path.read_text())
-    return {node.name for node in ast.walk(tree)
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test_")}
+    return {node.name: node for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.name.startswith("test_")}
+
+
+#: Calls that assert: they raise when what they check does not hold.
+_CHECKING_CALLS = {"raises", "wait_until", "wait_status", "expect", "error_of"}
+
+
+def _asserts(test: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """True when the test's own body holds an assert or a call that checks something."""
+    for node in ast.walk(test):
+        if isinstance(node, ast.Assert):
+            return True
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
+            if name in _CHECKING_CALLS:
+                return True
+    return False
 
 
 def test_every_guarantee_names_an_existing_test() -> None:
@@ -28,7 +45,11 @@ def test_every_guarantee_names_an_existing_test() -> None:
         path = ROOT / file
         assert path.exists(), file
         if name:
-            assert name in _test_names(path), f"{file}::{name} is named in the README but missing"
+            tests = _tests(path)
+            assert name in tests, f"{file}::{name} is named in the README but missing"
+            # What each test asserts was read against its promise by hand; this keeps a test
+            # that asserts nothing at all from standing behind one.
+            assert _asserts(tests[name]), f"{file}::{name} asserts nothing"
 
 
 def test_the_readmes_configuration_example_is_a_valid_config(
