@@ -32,7 +32,7 @@ def _asserts(test: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
             return True
         if isinstance(node, ast.Call):
             name = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
-            if name in _CHECKING_CALLS:
+            if name in _CHECKING_CALLS or (name or "").startswith("assert_"):
                 return True
     return False
 
