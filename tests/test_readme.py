@@ -22,7 +22,8 @@ def _tests(path: Path) -> dict[str, ast.FunctionDef | ast.AsyncFunctionDef]:
 
 
 #: Calls that assert: they raise when what they check does not hold.
-_CHECKING_CALLS = {"raises", "wait_until", "wait_status", "expect", "error_of"}
+_CHECKING_CALLS = {"raises", "wait_until", "wait_status", "expect", "error_of",
+                   "call_and_validate"}
 
 
 def _asserts(test: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
