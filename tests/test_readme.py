@@ -14,26 +14,31 @@ from swapper.plugins import load_backends
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _tests(path: Path) -> dict[str, ast.FunctionDef | ast.AsyncFunctionDef]:
-    tree = ast.parse(path.read_text())
-    return {node.name: node for node in ast.walk(tree)
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
-            and node.name.startswith("test_")}
-
+Function = ast.FunctionDef | ast.AsyncFunctionDef
 
 #: Calls that assert: they raise when what they check does not hold.
 _CHECKING_CALLS = {"raises", "wait_until", "wait_status", "expect", "error_of",
                    "call_and_validate"}
 
 
-def _asserts(test: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
-    """True when the test's own body holds an assert or a call that checks something."""
-    for node in ast.walk(test):
+def _functions(path: Path) -> dict[str, Function]:
+    """Every function defined in a test file (tests, helpers, nested ones), by name."""
+    tree = ast.parse(path.read_text())
+    return {node.name: node for node in ast.walk(tree) if isinstance(node, Function)}
+
+
+def _asserts(name: str, functions: dict[str, Function], seen: set[str] | None = None) -> bool:
+    """True when the function, or a function of its file that it calls, asserts something."""
+    seen = set() if seen is None else seen
+    seen.add(name)
+    for node in ast.walk(functions[name]):
         if isinstance(node, ast.Assert):
             return True
         if isinstance(node, ast.Call):
-            name = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
-            if name in _CHECKING_CALLS or (name or "").startswith("assert_"):
+            called = getattr(node.func, "attr", None) or getattr(node.func, "id", None) or ""
+            if called in _CHECKING_CALLS or called.startswith("assert_"):
+                return True
+            if called in functions and called not in seen and _asserts(called, functions, seen):
                 return True
     return False
 
@@ -46,11 +51,12 @@ def test_every_guarantee_names_an_existing_test() -> None:
         path = ROOT / file
         assert path.exists(), file
         if name:
-            tests = _tests(path)
-            assert name in tests, f"{file}::{name} is named in the README but missing"
+            functions = _functions(path)
+            assert name.startswith("test_") and name in functions, (
+                f"{file}::{name} is named in the README but missing")
             # What each test asserts was read against its promise by hand; this keeps a test
             # that asserts nothing at all from standing behind one.
-            assert _asserts(tests[name]), f"{file}::{name} asserts nothing"
+            assert _asserts(name, functions), f"{file}::{name} asserts nothing"
 
 
 def test_the_readmes_configuration_example_is_a_valid_config(
