@@ -83,6 +83,22 @@ def test_a_stream_reaches_the_client_token_by_token(
     assert first < last / 2, f"first token at {first:.2f}s, last at {last:.2f}s: buffered"
 
 
+def test_a_stream_closes_its_connection_and_a_plain_answer_keeps_it(
+    swapper_factory: Callable[..., SwapperProcess],
+) -> None:
+    # A backend may drop a kept-alive connection after a stream; swapper asks it to close one.
+    swapper = swapper_factory(models={"a": vllm("org/a")}, env={
+        "FAKE_VLLM_STATS": "1", "FAKE_VLLM_LOAD_SECONDS": "0.1"})
+    assert chat(swapper, "a").status_code == 200
+    assert stats(swapper, "a")["connections"] == 1  # kept alive for the next request
+    chat(swapper, "a")
+    assert stats(swapper, "a")["max_connections"] == 1  # ... and reused by it
+    assert content_times(stream_events(swapper, "a", "hi"))  # sent on that same connection
+    wait_until(lambda: stats(swapper, "a")["connections"] == 0, SLACK,
+               "the stream's connection to close")
+    assert chat(swapper, "a").status_code == 200  # on a new one
+
+
 def llama_shim(folder: Path) -> str:
     """A ``llama-server`` stand-in that runs the fake vLLM under the model's ``--alias``.
 
