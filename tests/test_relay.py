@@ -1,4 +1,4 @@
-"""The HTTP relay against real backend subprocesses: what respx, patching below the pool, cannot see.
+"""The HTTP relay against real backend subprocesses: what respx, below the pool, cannot see.
 
 swapper runs as a subprocess in front of the fake ``vllm serve`` (tests/fake_servers/vllm), which
 counts the connections and requests swapper's pool sends it (``FAKE_VLLM_STATS=1``), delivers
@@ -113,7 +113,8 @@ def llama_shim(folder: Path) -> str:
         "--alias) alias=$2; shift;; esac\n"
         "  shift\n"
         "done\n"
-        f'exec "{sys.executable}" "{FAKES / "vllm"}" serve "$alias" --host "$host" --port "$port"\n')
+        f'exec "{sys.executable}" "{FAKES / "vllm"}" serve "$alias" '
+        '--host "$host" --port "$port"\n')
     script.chmod(0o755)
     return str(script)
 
@@ -124,7 +125,8 @@ def test_a_backend_never_gets_more_connections_than_its_limit(
     limit = 2  # --threads-http 3, less one kept free for health probes
     workdir = swapper_factory.workdir  # type: ignore[attr-defined]
     swapper = swapper_factory(
-        models={"a": tiny_model(workdir, binary=llama_shim(tmp_path), args=["--threads-http", "3"])},
+        models={"a": tiny_model(workdir, binary=llama_shim(tmp_path),
+                                args=["--threads-http", "3"])},
         env={"FAKE_VLLM_STATS": "1", "FAKE_VLLM_TOKEN_DELAY": "0.2",
              "FAKE_VLLM_LOAD_SECONDS": "0.1"})
     assert chat(swapper, "a").status_code == 200
