@@ -1,4 +1,4 @@
-"""The fake backends of tests/fake_servers/ behave as CONTRACTS.md says the real ones do.
+"""The fake backends of tests/fake_servers/ behave as docs/backends.md says the real ones do.
 
 Each fake runs as a real subprocess on a free loopback port; every wait polls with a deadline.
 The fake ``pynvml`` is only ever imported inside subprocesses, never by this test process.

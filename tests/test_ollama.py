@@ -1,7 +1,7 @@
 """The Ollama backend through a real swapper, in front of the faithful fake ``ollama serve``.
 
 Ollama cannot run here (no weights are downloaded); ``tests/fake_servers/ollama`` is a real
-subprocess speaking Ollama's API as CONTRACTS.md describes it: preload and unload through
+subprocess speaking Ollama's API as docs/backends.md describes it: preload and unload through
 ``/api/generate`` keep_alive, ``/api/ps``, and the OpenAI-compatible ``/v1`` endpoints.
 """
 

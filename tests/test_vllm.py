@@ -1,6 +1,6 @@
 """The vLLM backend through a real swapper, in front of the faithful fake ``vllm serve``.
 
-vLLM needs a GPU; ``tests/fake_servers/vllm`` is a real subprocess that behaves as CONTRACTS.md
+vLLM needs a GPU; ``tests/fake_servers/vllm`` is a real subprocess that behaves as docs/backends.md
 says vLLM does: port closed while loading, ``/health``, sleep mode, and refusing to start while
 the (fake) GPU lacks the free memory its ``--gpu-memory-utilization`` asks for. swapper sees the
 fake GPU through a fake ``pynvml`` module put on its path.
