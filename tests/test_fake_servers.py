@@ -262,6 +262,24 @@ def test_vllm_port_closed_while_loading_then_serves_openai(procs: Spawner) -> No
     stop_gracefully(procs, proc, "Shutting down")
 
 
+def test_vllm_test_knobs_count_connections_and_drop_a_reused_one(procs: Spawner) -> None:
+    """The fake's own test knobs (not vLLM's): /fake/stats counts, DROP_IDLE=0 drops reuse."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    procs.fake("vllm", "serve", "org/m", "--host", "127.0.0.1", f"--port={port}",
+               env={"FAKE_VLLM_STATS": "1", "FAKE_VLLM_DROP_IDLE": "0"})
+    wait_until(lambda: status_of(f"{base}/health") == 200, 20, what="/health 200")
+    body = {"model": "org/m", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=base, timeout=5) as client:
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        # The same kept-alive connection again: the fake reads it and hangs up unanswered.
+        with pytest.raises(httpx.RemoteProtocolError):
+            client.post("/v1/chat/completions", json=body)
+    stats = httpx.get(f"{base}/fake/stats", timeout=5).json()
+    assert (stats["served"], stats["dropped"], stats["max_in_flight"]) == (1, 1, 1)
+    assert stats["max_connections"] == 1 and stats["in_flight"] == 0
+
+
 def test_vllm_api_key_and_flat_errors(procs: Spawner) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
