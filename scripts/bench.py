@@ -1,17 +1,26 @@
-"""`just bench`: swapper's added latency and its swap overhead, against a real llama-server.
+"""`just bench`: what swapper costs, side by side with the alternatives, in one run.
 
-1. Added latency: the same small non-stream chat, alternately straight to the llama-server
-   swapper is running and through swapper, in one run; p50 and p99 of each and the difference.
-2. Swap overhead: a request for an unloaded model until its response, minus the same work done
+Every figure is printed beside what it is compared with, measured in the same run on the same
+machine: machines differ by 3x, so only the ratios travel.
+
+1. Added latency: the same 1-token chat, in turn straight to the llama-server swapper runs,
+   through a plain TCP byte relay (``scripts/relay_floor.py``, the floor), and through swapper;
+   p50 and p99 of each, and what the relay and swapper add.
+2. swapper's own CPU per proxied request (user + system time of its process over the run).
+3. Streams: N concurrent 32-token streams, straight and through swapper: events/s and the ratio.
+4. Swap overhead: a request for an unloaded model until its response, minus the same work done
    by hand: exec llama-server, poll /health every millisecond until 200, send the request.
    Also a full swap (another model resident) against stop + start + request by hand.
+5. swapper's idle RSS.
 
 Usage: python scripts/bench.py --llama-server PATH --models DIR [--requests N] [--swaps N]
+       [--streams N]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import socket
@@ -74,27 +83,109 @@ def start_swapper(llama_server: str, models: Path, workdir: Path) -> tuple[subpr
     return proc, url
 
 
-def added_latency(client: httpx.Client, swapper: str, requests: int) -> None:
-    port = client.get(f"{swapper}/status").json()["models"]["tiny-a"]["port"]
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process (all its threads) has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def backend_port(client: httpx.Client, swapper: str) -> int:
+    return int(client.get(f"{swapper}/status").json()["models"]["tiny-a"]["port"])
+
+
+def start_floor(upstream_port: int) -> tuple[subprocess.Popen[bytes], int]:
+    """The byte relay in front of the same llama-server."""
+    port = free_port()
+    script = Path(__file__).with_name("relay_floor.py")
+    proc = subprocess.Popen([sys.executable, str(script), str(port), str(upstream_port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    proc.stdout.readline()  # "relaying ...": it listens
+    return proc, port
+
+
+def added_latency(client: httpx.Client, swapper: str, swapper_pid: int, requests: int) -> None:
+    port = backend_port(client, swapper)
+    floor, floor_port = start_floor(port)
+    try:
+        paths = {
+            "direct": (f"http://127.0.0.1:{port}/v1/chat/completions", CHAT),
+            "relay": (f"http://127.0.0.1:{floor_port}/v1/chat/completions", CHAT),
+            "swapper": (f"{swapper}/v1/chat/completions", {**CHAT, "model": "tiny-a"}),
+        }
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(50):  # warm every path and its connection pool
+            for url, body in paths.values():
+                client.post(url, json=body).raise_for_status()
+        cpu_before = cpu_seconds(swapper_pid)
+        for _ in range(requests):
+            for name, (url, body) in paths.items():
+                started = time.perf_counter()
+                client.post(url, json=body).raise_for_status()
+                times[name].append((time.perf_counter() - started) * 1000)
+        cpu = cpu_seconds(swapper_pid) - cpu_before
+    finally:
+        stop(floor)
+    p50 = {name: percentile(t, 50) for name, t in times.items()}
+    p99 = {name: percentile(t, 99) for name, t in times.items()}
+    for name in paths:
+        print(f"{name:8} p50 {p50[name]:6.2f} ms  p99 {p99[name]:6.2f} ms  ({requests} requests)")
+    floor50 = p50["relay"] - p50["direct"]
+    added50, added99 = p50["swapper"] - p50["direct"], p99["swapper"] - p99["direct"]
+    print(f"ADDED LATENCY: relay (floor) p50 {floor50:+.2f} ms; swapper p50 {added50:+.2f} ms, "
+          f"p99 {added99:+.2f} ms; swapper/floor {added50 / max(floor50, 0.01):.1f}x "
+          "(targets: p50 <= 2x floor, p99 <= 3 ms)")
+    print(f"SWAPPER CPU PER REQUEST: {cpu / requests * 1000:.2f} ms "
+          f"({cpu:.2f} s over {requests} proxied requests; target <= 1 ms)")
+
+
+async def _streams(url: str, body: dict[str, object], count: int) -> tuple[int, int, float]:
+    """``count`` concurrent streams to ``url``: (data events, failed streams, seconds)."""
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+        async def one() -> tuple[int, bool]:
+            events = 0
+            async with client.stream("POST", url, json=body) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    return 0, False
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        events += 1
+            return events, line == "data: [DONE]" or events > 0
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+        elapsed = time.perf_counter() - started
+    events = sum(r[0] for r in results if isinstance(r, tuple))
+    failed = sum(1 for r in results if not isinstance(r, tuple) or not r[1])
+    return events, failed, elapsed
+
+
+def streams(client: httpx.Client, swapper: str, swapper_pid: int, count: int) -> None:
+    port = backend_port(client, swapper)
+    body = {**CHAT, "max_tokens": 32, "stream": True, "ignore_eos": True}
     direct_url = f"http://127.0.0.1:{port}/v1/chat/completions"
     via_url = f"{swapper}/v1/chat/completions"
-    body_direct = CHAT
-    body_via = {**CHAT, "model": "tiny-a"}
-    for _ in range(50):  # warm both paths and their connection pools
-        client.post(direct_url, json=body_direct).raise_for_status()
-        client.post(via_url, json=body_via).raise_for_status()
-    direct: list[float] = []
-    via: list[float] = []
-    for _ in range(requests):
-        for url, body, sink in ((direct_url, body_direct, direct), (via_url, body_via, via)):
-            started = time.perf_counter()
-            client.post(url, json=body).raise_for_status()
-            sink.append((time.perf_counter() - started) * 1000)
-    d50, d99 = percentile(direct, 50), percentile(direct, 99)
-    v50, v99 = percentile(via, 50), percentile(via, 99)
-    print(f"direct  p50 {d50:6.2f} ms  p99 {d99:6.2f} ms  ({requests} requests)")
-    print(f"swapper p50 {v50:6.2f} ms  p99 {v99:6.2f} ms  ({requests} requests)")
-    print(f"ADDED LATENCY: p50 {v50 - d50:+.2f} ms, p99 {v99 - d99:+.2f} ms (target p50 <= 1 ms)")
+    asyncio.run(_streams(via_url, {**body, "model": "tiny-a"}, min(count, 32)))  # warm up
+    d_events, d_failed, d_s = asyncio.run(_streams(direct_url, body, count))
+    cpu_before = cpu_seconds(swapper_pid)
+    v_events, v_failed, v_s = asyncio.run(_streams(via_url, {**body, "model": "tiny-a"}, count))
+    cpu = cpu_seconds(swapper_pid) - cpu_before
+    d_rate, v_rate = d_events / d_s, v_events / v_s
+    print(f"streams direct  {count} x 32 tokens: {d_events} events in {d_s:.2f} s = "
+          f"{d_rate:.0f} events/s, {d_failed} failed")
+    print(f"streams swapper {count} x 32 tokens: {v_events} events in {v_s:.2f} s = "
+          f"{v_rate:.0f} events/s, {v_failed} failed; swapper CPU {cpu:.2f} s")
+    print(f"STREAMS: swapper delivers {v_rate / d_rate:.2f}x the direct events/s at {count} "
+          "concurrent (target >= 0.95)")
 
 
 def spawn_llama(llama_server: str, model: Path, port: int) -> subprocess.Popen[bytes]:
@@ -167,12 +258,17 @@ def main() -> None:
     parser.add_argument("--models", type=Path, required=True)
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--swaps", type=int, default=20)
+    parser.add_argument("--streams", type=int, default=256)
     args = parser.parse_args()
+    print(f"nproc {os.cpu_count()}")
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_swapper(args.llama_server, args.models.resolve(), Path(tmp))
         try:
             with httpx.Client(timeout=30) as client:
-                added_latency(client, url, args.requests)
+                print(f"IDLE RSS: swapper {rss_mb(proc.pid):.1f} MiB with one model resident "
+                      "(target <= 100 MiB)")
+                added_latency(client, url, proc.pid, args.requests)
+                streams(client, url, proc.pid, args.streams)
                 swap_overhead(client, url, args.llama_server, args.models.resolve(), args.swaps)
         finally:
             proc.send_signal(signal.SIGTERM)
