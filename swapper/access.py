@@ -104,7 +104,8 @@ class HostOriginGuard:
         self.any_host = "*" in server.allowed_hosts
         names = {"localhost", "127.0.0.1", "::1", server.host.lower(),
                  *(host.lower() for host in server.allowed_hosts)}
-        self.hosts = frozenset(name.encode() for name in names)
+        # A wildcard bind address is no name a client can ask for.
+        self.hosts = frozenset(name.encode() for name in names - {"0.0.0.0", "::", ""})
         self.any_origin = "*" in server.cors_origins
         self.origins = frozenset(origin.encode() for origin in server.cors_origins)
 
@@ -148,8 +149,12 @@ class HostOriginGuard:
         if name in self.hosts:
             return True
         local = scope.get("server")
-        if local is not None and name == str(local[0]).lower().encode():
-            return True  # the address this connection came in on (e.g. the LAN address)
+        if local is not None:
+            # The address this connection came in on (e.g. the LAN address); a dual-stack
+            # socket reports an IPv4 one as ::ffff:a.b.c.d.
+            address = str(local[0]).lower().removeprefix("::ffff:").encode()
+            if name == address:
+                return True
         # The rest of 127.0.0.0/8, written out as an address; rare, so parsed only here.
         return name.startswith(b"127.") and is_loopback(name.decode("latin-1"))
 

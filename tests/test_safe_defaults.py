@@ -10,7 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from swapper.config import load_config, parse_config, protected_mode_refusal
+from swapper.access import HostOriginGuard
+from swapper.config import ServerSettings, load_config, parse_config, protected_mode_refusal
 from swapper.errors import ConfigError
 from swapper.plugins import load_backends
 from tests.conftest import MESSAGES, FakeApp, SwapperProcess
@@ -164,6 +165,20 @@ async def test_allowed_hosts_star_accepts_any_host(fake_app: FakeApp) -> None:
     async with fake_app(server={"allowed_hosts": ["*"]}) as client:
         response = await client.get("/health", headers={"Host": "anything.example"})
         assert response.json() == {"status": "ok"}
+
+
+def test_the_address_a_connection_came_in_on_is_its_own_host() -> None:
+    guard = HostOriginGuard(None, ServerSettings(host="0.0.0.0"))  # type: ignore[arg-type]
+
+    def scope(host: bytes, local: str) -> dict[str, Any]:
+        return {"type": "http", "scheme": "http", "server": (local, 8890),
+                "headers": [(b"host", host), (b"accept", b"*/*")]}
+
+    assert guard._check(scope(b"192.168.1.5:8890", "192.168.1.5")) is None
+    assert guard._check(scope(b"192.168.1.5:8890", "::ffff:192.168.1.5")) is None  # dual stack
+    assert guard._check(scope(b"[fe80::1]:8890", "fe80::1")) is None
+    assert guard._check(scope(b"192.168.1.6:8890", "192.168.1.5")) is not None
+    assert guard._check(scope(b"0.0.0.0:8890", "192.168.1.5")) is not None  # no wildcard names
 
 
 def test_a_real_swapper_refuses_a_rebound_host_name(swapper_factory: Any) -> None:
