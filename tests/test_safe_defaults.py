@@ -89,6 +89,16 @@ def test_the_shipped_gpu_config_serves_the_network_with_keys_from_the_environmen
     assert "SWAPPER_ADMIN_KEY: ${SWAPPER_ADMIN_KEY:?" in compose
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_may_serve_on_its_own_host(
+    monkeypatch: pytest.MonkeyPatch, path: Path,
+) -> None:
+    monkeypatch.setenv("SWAPPER_API_KEY", "plain-1")
+    monkeypatch.setenv("SWAPPER_ADMIN_KEY", "admin-1")
+    config = load_config(path, SCHEMAS)
+    assert protected_mode_refusal(config, config.server.host) is None
+
+
 # -- Origin ---------------------------------------------------------------------------------------
 
 
