@@ -191,6 +191,26 @@ def test_the_address_a_connection_came_in_on_is_its_own_host() -> None:
     assert guard._check(scope(b"0.0.0.0:8890", "192.168.1.5")) is not None  # no wildcard names
 
 
+@pytest.mark.anyio
+async def test_a_refused_websocket_is_closed_before_the_app_sees_it() -> None:
+    reached: list[Any] = []
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    guard = HostOriginGuard(app, ServerSettings())
+    scope = {"type": "websocket", "scheme": "ws", "server": ("127.0.0.1", 8890),
+             "headers": [(b"host", b"127.0.0.1:8890"), (b"origin", b"http://evil.example")]}
+    await guard(scope, None, send)  # type: ignore[arg-type]
+    assert sent == [{"type": "websocket.close", "code": 1008}] and reached == []
+    await guard({**scope, "headers": scope["headers"][:1]}, None, send)  # type: ignore[arg-type]
+    assert len(reached) == 1
+
+
 def test_a_real_swapper_refuses_a_rebound_host_name(swapper_factory: Any) -> None:
     swapper: SwapperProcess = swapper_factory()
     port = swapper.port
