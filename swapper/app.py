@@ -16,12 +16,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from litestar import Litestar, Request, Response
+from litestar import Litestar, Request, Response, Router
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
-from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin, YamlRenderPlugin
+from litestar.status_codes import HTTP_400_BAD_REQUEST, HTTP_500_INTERNAL_SERVER_ERROR
 
+from swapper import __version__
+from swapper.access import HostOriginGuard, require_key
 from swapper.admin import ADMIN_HANDLERS
 from swapper.config import Config, load_config
 from swapper.coordinator import SwapCoordinator
@@ -54,6 +58,12 @@ def _render_error(request: Request[Any, Any, State], exc: Exception) -> Response
         error = {"message": exc.detail, "type": "invalid_request_error" if exc.status_code < 500
                  else "server_error", "param": None, "code": code}
         return json_response({"error": error}, exc.status_code, dict(exc.headers or {}))
+    if isinstance(exc, RecursionError) and "while deserializing" in str(exc):
+        # msgspec's answer to JSON nested deeper than the interpreter's recursion limit allows
+        # (about a thousand levels): the client's mistake, not ours.
+        error = {"message": "The request body is nested too deeply", "type": "invalid_request_error",
+                 "param": None, "code": "nested_too_deeply"}
+        return json_response({"error": error}, HTTP_400_BAD_REQUEST)
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     error = {"message": "Internal server error", "type": "server_error", "param": None,
              "code": "internal_error"}
@@ -118,10 +128,33 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
         request_max_body_size=config.server.max_request_bytes,
         cors_config=CORSConfig(allow_origins=cors, allow_headers=["*"]) if cors else None,
         logging_config=None,  # swapper configures logging itself (cli)
+        openapi_config=_openapi_config(),
     )
+    # Outermost, before CORS, routing and everything else: see HostOriginGuard.
+    app.asgi_handler = HostOriginGuard(app.asgi_handler, config.server)
     # The schema is built at startup: it names the models configured then.
     list_model_names(app, [name for mid, e in config.models.items() for name in (mid, *e.aliases)])
     return app
+
+
+def _openapi_config() -> OpenAPIConfig:
+    """The schema as JSON (also at ``/schema``) and YAML, behind the keys; no HTML viewers, as
+    those load their scripts and fonts from CDNs."""
+    return OpenAPIConfig(
+        title="swapper", version=__version__,
+        render_plugins=[JsonRenderPlugin(path=["/", "/openapi.json"]), YamlRenderPlugin()],
+        openapi_router=Router(path="/schema", guards=[require_key], route_handlers=[],
+                              after_request=_schema_not_found_as_json),
+    )
+
+
+async def _schema_not_found_as_json(response: Response[Any]) -> Response[Any]:
+    """Litestar answers unknown ``/schema/...`` paths with an HTML page; swapper speaks JSON."""
+    if response.status_code != 404:
+        return response
+    error = {"message": "Not found: the schema is at /schema/openapi.json and /schema/openapi.yaml",
+             "type": "invalid_request_error", "param": None, "code": "not_found"}
+    return json_response({"error": error}, 404)
 
 
 def begin_shutdown(app: Litestar) -> None:
@@ -139,7 +172,7 @@ async def _reload(app: Litestar, registry: BackendRegistry) -> dict[str, Any]:
     # What is fixed at startup (listening socket, CORS, body limit, timeouts of the pool) needs
     # a restart; say so rather than pretend.
     fixed = [name for name in ("server.host", "server.port", "server.cors_origins",
-                               "server.max_request_bytes", "timeouts")
+                               "server.allowed_hosts", "server.max_request_bytes", "timeouts")
              if _pick(old, name) != _pick(new, name)]
     if fixed:
         logger.warning("config reload: %s changed; restart swapper to apply", ", ".join(fixed))

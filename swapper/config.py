@@ -7,6 +7,7 @@ decoded with the schema of the backend it names, so a plugin's own keys are chec
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -25,8 +26,10 @@ __all__ = [
     "ServerSettings",
     "SwapperSettings",
     "TimeoutSettings",
+    "is_loopback",
     "load_config",
     "parse_config",
+    "protected_mode_refusal",
 ]
 
 
@@ -268,9 +271,12 @@ def _expand_env(node: Any, path: str, source: str, budget: list[int] | None = No
     if isinstance(node, str):
         def value(match: re.Match[str]) -> str:
             name = match[1]
-            if name not in os.environ:
-                raise ConfigError(f"{source}: {path}: environment variable {name} is not set")
-            return os.environ[name]
+            found = os.environ.get(name)
+            # Empty counts as missing: an empty key must never quietly become "no key".
+            if not found:
+                state = "not set" if found is None else "empty"
+                raise ConfigError(f"{source}: {path}: environment variable {name} is {state}")
+            return found
 
         return _ENV_REF.sub(value, node)
     if isinstance(node, dict):
@@ -280,6 +286,11 @@ def _expand_env(node: Any, path: str, source: str, budget: list[int] | None = No
         return [_expand_env(item, f"{path}[{i}]", source, budget, depth + 1)
                 for i, item in enumerate(node)]
     return node
+
+
+def _valid_name(name: str) -> bool:
+    """Model ids and aliases: what a client can send as ``model`` and see in a URL path."""
+    return bool(name) and name.isprintable() and not any(c.isspace() or c == "/" for c in name)
 
 
 def parse_config(
@@ -298,7 +309,7 @@ def parse_config(
     names: dict[str, str] = {}
     for model_id, entry in raw.models.items():
         where = f"$.models.{model_id}"
-        if not model_id or not model_id.isprintable() or any(c.isspace() or c == "/" for c in model_id):
+        if not _valid_name(model_id):
             raise ConfigError(f"{source}: {where}: a model id must be non-empty, printable, "
                               "without spaces or '/'")
         try:
@@ -321,6 +332,10 @@ def parse_config(
         vram = models[model_id].vram_mb
         if vram is not None and not (math.isfinite(vram) and vram >= 0):
             raise ConfigError(f"{source}: {where}.vram_mb: must be a number >= 0")
+        for index, alias in enumerate(models[model_id].aliases):
+            if not _valid_name(alias):
+                raise ConfigError(f"{source}: {where}.aliases[{index}]: an alias must be "
+                                  "non-empty, printable, without spaces or '/', like a model id")
         for name in (model_id, *models[model_id].aliases):
             owner = names.get(name, model_id if name == model_id or name not in raw.models else name)
             if owner != model_id:
@@ -358,3 +373,26 @@ def load_config(path: str | Path, backends: Mapping[str, type[ModelEntry]]) -> C
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(f"{source}: invalid YAML: {where}{problem}") from None
     return parse_config(data, source, backends)
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost``, 127.0.0.0/8 and ::1 (bracketed or not); False for the rest."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False  # a name other than localhost, or "" / "0.0.0.0"-like wildcards: not loopback
+
+
+def protected_mode_refusal(config: Config, host: str) -> str | None:
+    """Why ``swapper serve`` must not listen on ``host`` with this config, or None if it may.
+
+    Protected mode (after Redis's): an address other hosts can reach needs keys, unless the
+    operator says in so many words that an open server is meant.
+    """
+    server = config.server
+    if server.api_keys or server.admin_api_keys or server.allow_unauthenticated or is_loopback(host):
+        return None
+    return (f"{config.path}: refusing to listen on {host!r} with no keys: set server.api_keys, "
+            "or server.allow_unauthenticated: true to serve everyone on the network without keys")

@@ -3,46 +3,42 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-import respx
 from litestar.testing import AsyncTestClient
 
-from swapper.app import create_app
-from swapper.config import parse_config
-from swapper.plugins import load_backends
-from tests.fakes import FakePlugin, FakeWorld
+from tests.conftest import FakeApp
+from tests.fakes import FakeWorld
 
 pytestmark = pytest.mark.anyio
 
 CHAT = {"model": "a", "messages": [{"role": "user", "content": "a secret prompt"}]}
-REPLY = {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant",
-                                                                            "content": "hello"}}]}
+#: The fake backend's answer: its content must reach the client and never the log.
+REPLY = {"id": "r1", "object": "chat.completion", "created": 1, "model": "a",
+         "choices": [{"index": 0, "message": {"role": "assistant", "content": "a secret answer"},
+                      "finish_reason": "stop"}]}
 PLAIN, ADMIN = "plain-key-123", "admin-key-456"
 
 ClientFactory = Callable[..., contextlib.AbstractAsyncContextManager[AsyncTestClient[Any]]]
 
 
 @pytest.fixture
-def make_client(world: FakeWorld) -> ClientFactory:
-    @contextlib.asynccontextmanager
-    async def factory(server: dict[str, Any] | None = None,
-                      swapper: dict[str, Any] | None = None) -> AsyncIterator[AsyncTestClient[Any]]:
-        registry = load_backends(FakePlugin(world))
-        config = parse_config(
-            {"swapper": {"stop_timeout": 1, **(swapper or {})}, "server": server or {},
-             "models": {"a": {"backend": "fake"}, "b": {"backend": "fake"}}},
-            "access.yaml", registry.schemas())
-        with respx.mock(assert_all_called=False) as router:
-            router.post("http://a.fake.test/v1/chat/completions").respond(json=REPLY)
-            async with AsyncTestClient(create_app(config, registry)) as client:
-                yield client
+def make_client(fake_app: FakeApp) -> ClientFactory:
+    """conftest's fake_app with two models, a and b, whose backends answer :data:`REPLY`."""
+    return functools.partial(fake_app, {"a": {}, "b": {}}, reply=REPLY)
 
-    return factory
+
+def answer_of(response: httpx.Response) -> str:
+    """The assistant's content in a 200 chat reply, which must be the fake backend's."""
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "a"
+    return body["choices"][0]["message"]["content"]  # type: ignore[no-any-return]
 
 
 def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
@@ -54,8 +50,9 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
 
 async def test_without_keys_everything_is_open(make_client: ClientFactory) -> None:
     async with make_client() as client:
-        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
-        assert (await client.post("/models/a/unload")).status_code == 200
+        assert answer_of(await client.post("/v1/chat/completions", json=CHAT)) == "a secret answer"
+        unloaded = await client.post("/models/a/unload")
+        assert unloaded.status_code == 200 and unloaded.json()["status"] == "UNLOADED"
 
 
 async def test_keys_as_bearer_or_x_api_key(make_client: ClientFactory) -> None:
@@ -69,11 +66,12 @@ async def test_keys_as_bearer_or_x_api_key(make_client: ClientFactory) -> None:
         for headers in ({"Authorization": f"Bearer {PLAIN}"}, {"x-api-key": PLAIN},
                         {"Authorization": f"Bearer {ADMIN}"}):
             ok = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
-            assert ok.status_code == 200, headers
-        assert (await client.get("/v1/models", headers={"x-api-key": PLAIN})).status_code == 200
+            assert answer_of(ok) == "a secret answer", headers
+        listed = await client.get("/v1/models", headers={"x-api-key": PLAIN})
+        assert [model["id"] for model in listed.json()["data"]] == ["a", "b"]
         error_of(await client.get("/v1/models"), 401)
         error_of(await client.get("/status"), 401)
-        assert (await client.get("/health")).status_code == 200  # always open
+        assert (await client.get("/health")).json() == {"status": "ok"}  # always open
 
 
 async def test_plain_keys_cannot_use_admin_endpoints(make_client: ClientFactory) -> None:
@@ -101,12 +99,16 @@ async def test_keys_come_from_the_environment_and_never_show(
     caplog.set_level(logging.DEBUG)
     async with make_client(server={"api_keys": ["${env:SWAPPER_TEST_KEY}"]}) as client:
         headers = {"Authorization": "Bearer env-key-789"}
-        assert (await client.post("/v1/chat/completions", json=CHAT, headers=headers)).status_code == 200
+        reply = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
+        assert answer_of(reply) == "a secret answer"
+        error_of(await client.post("/v1/chat/completions", json=CHAT), 401)  # the key is needed
         status = await client.get("/status", headers=headers)
+        assert status.json()["models"]["a"]["status"] == "LOADED"
         assert "env-key-789" not in status.text
+    assert caplog.text  # something was logged, so the checks below look at real lines
     assert "env-key-789" not in caplog.text
     assert "a secret prompt" not in caplog.text  # prompts are not logged
-    assert "hello" not in caplog.text  # nor completions
+    assert "a secret answer" not in caplog.text  # nor completions
 
 
 async def test_cors_is_off_by_default_and_on_for_listed_origins(make_client: ClientFactory) -> None:
@@ -114,12 +116,15 @@ async def test_cors_is_off_by_default_and_on_for_listed_origins(make_client: Cli
     async with make_client() as client:
         response = await client.options("/v1/chat/completions", headers=preflight)
         assert "access-control-allow-origin" not in response.headers
+        assert error_of(response, 403)["code"] == "origin_not_allowed"  # a foreign page's call
     async with make_client(server={"cors_origins": ["http://ui.example"]}) as client:
         response = await client.options("/v1/chat/completions", headers=preflight)
+        assert response.status_code == 204, response.text
         assert response.headers["access-control-allow-origin"] == "http://ui.example"
         other = await client.options("/v1/chat/completions",
                                      headers={**preflight, "Origin": "http://evil.example"})
         assert other.headers.get("access-control-allow-origin") != "http://evil.example"
+        assert error_of(other, 403)["code"] == "origin_not_allowed"
 
 
 @pytest.mark.parametrize(
@@ -151,7 +156,7 @@ async def test_bad_input_is_a_4xx_openai_error(
 async def test_json_without_content_type_is_accepted(make_client: ClientFactory) -> None:
     async with make_client() as client:
         response = await client.post("/v1/chat/completions", content=b'{"model": "a"}')
-        assert response.status_code == 200
+        assert answer_of(response) == "a secret answer"
 
 
 async def test_queue_cap_answers_429_with_retry_after(

@@ -37,6 +37,13 @@ models:
 """
 
 
+@pytest.fixture(autouse=True)
+def _keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped GPU config reads its keys from the environment."""
+    monkeypatch.setenv("SWAPPER_API_KEY", "test-api-key")
+    monkeypatch.setenv("SWAPPER_ADMIN_KEY", "test-admin-key")
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "x.yaml"
     path.write_text(text)
@@ -94,6 +101,12 @@ def test_seed_models_are_in_the_gpu_config() -> None:
          "$.models.a b: a model id must be non-empty, printable, without spaces"),
         ("models:\n", "models:\n  qwen3: {backend: llamacpp, model_path: x}\n",
          "$.models.qwen3-8b.aliases: 'qwen3' is already the name of model 'qwen3'"),
+        # Aliases are names clients send, like model ids: the same rules.
+        ("aliases: [qwen3]", 'aliases: [qwen3, ""]',
+         "$.models.qwen3-8b.aliases[1]: an alias must be non-empty, printable, without spaces"),
+        ("aliases: [qwen3]", 'aliases: ["qwen 3"]', "$.models.qwen3-8b.aliases[0]: an alias must"),
+        ("aliases: [qwen3]", 'aliases: ["org/qwen3"]', "$.models.qwen3-8b.aliases[0]: an alias must"),
+        ("aliases: [qwen3]", 'aliases: ["qwen3\\x00"]', "$.models.qwen3-8b.aliases[0]: an alias must"),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path: Path, old: str, new: str, expected: str) -> None:
