@@ -63,6 +63,8 @@ async def test_keys_as_bearer_or_x_api_key(make_client: ClientFactory) -> None:
         wrong = await client.post("/v1/chat/completions", json=CHAT,
                                   headers={"Authorization": "Bearer nope"})
         error_of(wrong, 401)
+        wrong = await client.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": "nope"})
+        error_of(wrong, 401)
         for headers in ({"Authorization": f"Bearer {PLAIN}"}, {"x-api-key": PLAIN},
                         {"Authorization": f"Bearer {ADMIN}"}):
             ok = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
