@@ -41,6 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from swapper.app import begin_shutdown, create_app
+    from swapper.serving import guarded_protocol, raise_nofile_limit
 
     config, registry = _load(args.config)  # first: the log format comes from the config
     _setup_logging(config.server.log_format)
@@ -49,6 +50,8 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     app = create_app(config, registry)
+    open_files = raise_nofile_limit()
+    logger.info("Open-files limit: %d", open_files)
 
     class Server(uvicorn.Server):
         """uvicorn, ending swapper's event and log streams as soon as shutdown begins."""
@@ -63,7 +66,10 @@ def _serve(args: argparse.Namespace) -> int:
             host=host,
             port=port,
             loop="uvloop",
-            http="httptools",
+            # httptools under swapper's limits: a head deadline and size cap, a connection cap.
+            http=guarded_protocol(config.server),
+            # typed int, but only ever handed to loop.call_later, where a float is fine
+            timeout_keep_alive=config.server.keepalive_timeout,  # type: ignore[arg-type]
             lifespan="on",
             access_log=False,
             log_config=None,
