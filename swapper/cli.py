@@ -10,8 +10,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from swapper.config import Config, load_config
-from swapper.errors import SwapperError
+from swapper.config import Config, load_config, protected_mode_refusal
+from swapper.errors import ConfigError, SwapperError
 from swapper.logs import setup_logging
 from swapper.operator_cli import add_commands as add_operator_commands
 from swapper.plugins import BackendRegistry, load_backends
@@ -44,10 +44,12 @@ def _serve(args: argparse.Namespace) -> int:
     from swapper.serving import guarded_protocol, raise_nofile_limit
 
     config, registry = _load(args.config)  # first: the log format comes from the config
+    host = args.host or config.server.host
+    if (refusal := protected_mode_refusal(config, host)) is not None:
+        raise ConfigError(refusal)  # main() prints the one line and exits with status 2
     _setup_logging(config.server.log_format)
     logger.info("Initializing Swapper Service...")
     logger.info("Loaded %d models into Swapper", len(config.models))
-    host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     app = create_app(config, registry)
     open_files = raise_nofile_limit()

@@ -4,6 +4,8 @@ schema behind the keys with nothing from CDNs, and deeply nested JSON as a 400."
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from swapper.access import HostOriginGuard
 from swapper.config import ServerSettings, load_config, parse_config, protected_mode_refusal
 from swapper.errors import ConfigError
 from swapper.plugins import load_backends
-from tests.conftest import MESSAGES, FakeApp, SwapperProcess
+from tests.conftest import MESSAGES, FakeApp, SwapperProcess, free_port
 from tests.fakes import FakeWorld
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,3 +266,21 @@ async def test_json_nested_too_deeply_is_a_400(
         ok = await client.post("/v1/chat/completions", content=fine)
         assert ok.json()["choices"][0]["message"]["content"] == "ok"
     assert "RecursionError" not in caplog.text and "unhandled" not in caplog.text
+
+
+@pytest.mark.parametrize(("config_host", "flag"), [("192.0.2.1", []),
+                                                   ("127.0.0.1", ["--host", "192.0.2.1"])])
+def test_serve_refuses_a_network_address_without_keys(
+    tmp_path: Path, config_host: str, flag: list[str],
+) -> None:
+    # 192.0.2.1 (TEST-NET-1) is on no interface here: were protected mode broken, uvicorn would
+    # fail to bind it (exit 1) instead of opening an unauthenticated port to the network.
+    path = tmp_path / "open.yaml"
+    path.write_text(f"server: {{host: {config_host!r}, port: {free_port()}}}\nmodels: {{}}\n")
+    done = subprocess.run([sys.executable, "-m", "swapper", "serve", "--config", str(path), *flag],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "server.api_keys" in lines[0] and "server.allow_unauthenticated" in lines[0]
+    assert "192.0.2.1" in lines[0]
