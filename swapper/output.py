@@ -188,13 +188,11 @@ class OutputReader:
         """Mark the gap in the ring buffer once lines are kept again, or when the output ends."""
         if not self._dropped:
             return
-        marker = f"... {self._dropped:,} lines not shown"
-        self._dropped = 0
-        if self._on_line is not None:
-            self._on_line(marker)
-        self._logger.debug("[%s] %s", self.name, marker)
-        if at_end:  # how it ended matters: show the last lines of the flood
-            for line in self._last_dropped:
-                if self._on_line is not None:
-                    self._on_line(line)
-                self._logger.debug("[%s] %s", self.name, line)
+        # At the end, how it ended matters: the last lines of the flood are shown after the gap.
+        shown = self._last_dropped if at_end else []
+        self._last_dropped = []
+        hidden, self._dropped = self._dropped - len(shown), 0
+        for line in [f"... {hidden:,} lines not shown", *shown]:
+            if self._on_line is not None:
+                self._on_line(line)
+            self._logger.debug("[%s] %s", self.name, line)
