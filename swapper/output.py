@@ -112,7 +112,11 @@ class OutputReader:
                 self._grow(chunk)
                 return
             self._grow(chunk[:newline])
-            self._lines([self._take_partial()])
+            line = self._take_partial()
+            if self._budget.take(1):
+                self._lines([line])
+            else:
+                self._drop(1, line)
             chunk = chunk[newline + 1:]
         last = chunk.rfind(b"\n")
         if last < 0:
@@ -179,7 +183,7 @@ class OutputReader:
         now = time.monotonic()
         if now - self._warned >= _WARN_EVERY:
             self._logger.warning("[%s] prints more than %d lines a second: %s lines not kept "
-                                 "(this warning repeats at most once a minute)",
+                                 "since the last warning (it repeats at most once a minute)",
                                  self.name, int(self._budget.rate), f"{self._flood_lines:,}")
             self._warned = now
             self._flood_lines = 0
