@@ -20,7 +20,9 @@ backend's group is gone. Only swapper holds the pipe's write end (it is close-on
 backend inherits it). When swapper dies, however it dies, the kernel closes that end; the reaper
 reads end-of-file and SIGKILLs every registered process group, and every process still in one
 of those groups' sessions (a child that moved to a new process group but not a new session),
-then exits. Only a process that calls ``setsid`` itself escapes; that needs a cgroup.
+then exits. Only a process that calls ``setsid`` itself escapes; that needs a cgroup. The pipe
+closes only when the whole swapper process is gone, whereas ``PR_SET_PDEATHSIG`` fires when the
+*thread* that forked the child ends, one more reason not to lean on it alone.
 """
 
 from __future__ import annotations
