@@ -1,14 +1,16 @@
-"""Backend child processes: spawn, log, watch and stop them without leaving strays.
+"""Backend child processes: spawn, watch and stop them without leaving strays; keep their output.
 
-Every child runs in its own session (so a signal to its process group reaches everything it
-started) and, on Linux, with ``PR_SET_PDEATHSIG`` = SIGKILL, so it dies with swapper even when
-swapper is SIGKILLed and gets no chance to clean up.
+Strays: every child runs in its own session (so a signal to its process group reaches everything
+it started) and, on Linux, with ``PR_SET_PDEATHSIG`` = SIGKILL, so it dies with swapper even when
+swapper is SIGKILLed. That covers the direct child only, so each group is also registered with
+swapper's reaper (:mod:`swapper.reaper`), which kills the whole group when swapper dies.
+
+Output: :mod:`swapper.output` reads it (what is kept, and where it goes).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import ctypes
 import ctypes.util
@@ -19,10 +21,13 @@ import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
+from swapper.output import OutputReader, secret_values
+from swapper.reaper import Reaper
+
 __all__ = ["ManagedProcess", "free_port"]
 
 _PR_SET_PDEATHSIG = 1
-_TAIL_LINES = 40
+logger = logging.getLogger("swapper.process")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -51,19 +56,49 @@ def _child_setup(parent_pid: int) -> None:
             os._exit(1)
 
 
+class _ReaperSlot:
+    """The one reaper of this OS process, started with the first backend.
+
+    A process-wide object on purpose: the reaper belongs to the swapper process (it watches
+    that process's death), not to a coordinator or an app, of which a test may make several.
+    """
+
+    reaper: Reaper | None = None
+    failed = False
+
+    @classmethod
+    def get(cls) -> Reaper | None:
+        if cls.reaper is not None and cls.reaper.owner == os.getpid():
+            return cls.reaper
+        if cls.failed:
+            return None
+        try:
+            cls.reaper = Reaper()
+        except OSError as error:
+            cls.failed = True
+            logger.warning("could not start the reaper process (%s): backends' helper "
+                           "processes may outlive a swapper killed with SIGKILL", error)
+            return None
+        return cls.reaper
+
+
 class ManagedProcess:
-    """One backend process: its output goes to the log, line by line, prefixed with the model id."""
+    """One backend process: its group dies with swapper; its output is kept (swapper.output)."""
 
     def __init__(self, proc: asyncio.subprocess.Process, name: str, logger: logging.Logger,
-                 on_line: Callable[[str], None] | None = None) -> None:
+                 on_line: Callable[[str], None] | None = None, secrets: Sequence[str] = (),
+                 reaper: Reaper | None = None) -> None:
         self._proc = proc
         self.name = name
         self._logger = logger
-        self._on_line = on_line
-        self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
-        #: Set whenever the child prints a line; readiness polls use it to probe at once.
-        self.output_seen = asyncio.Event()
-        self._pump = asyncio.create_task(self._read_output(), name=f"output:{name}")
+        self._reaper = reaper
+        self._output = OutputReader(name, logger, on_line, secrets)
+        #: The last lines the child printed (bounded), for error messages.
+        self.tail = self._output.tail
+        #: Set whenever the child prints; readiness polls use it to probe at once.
+        self.output_seen = self._output.output_seen
+        assert proc.stdout is not None
+        self._pump = asyncio.create_task(self._output.run(proc.stdout), name=f"output:{name}")
 
     @classmethod
     async def spawn(
@@ -74,9 +109,15 @@ class ManagedProcess:
         env: Mapping[str, str] | None = None,
         logger: logging.Logger | None = None,
         on_line: Callable[[str], None] | None = None,
+        secrets: Sequence[str] = (),
     ) -> ManagedProcess:
-        """Start ``argv`` in a new session with stdout and stderr captured."""
+        """Start ``argv`` in a new session with stdout and stderr captured.
+
+        ``secrets`` are masked in its output, besides the values of ``--api-key`` and the
+        like in ``argv`` itself.
+        """
         parent = os.getpid()
+        reaper = _ReaperSlot.get()
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
@@ -86,7 +127,11 @@ class ManagedProcess:
             start_new_session=True,
             preexec_fn=lambda: _child_setup(parent),
         )
-        return cls(proc, name, logger or logging.getLogger("swapper.backend"), on_line)
+        # Until here only PDEATHSIG guards the child; it has had no time to start helpers.
+        if reaper is not None:
+            reaper.register(proc.pid)
+        return cls(proc, name, logger or logging.getLogger("swapper.backend"), on_line,
+                   [*secret_values(argv), *secrets], reaper)
 
     @property
     def pid(self) -> int:
@@ -101,24 +146,6 @@ class ManagedProcess:
     def output_tail(self, lines: int = 10) -> str:
         """The last lines the child printed, for error messages."""
         return "\n".join(list(self.tail)[-lines:])
-
-    async def _read_output(self) -> None:
-        stream = self._proc.stdout
-        assert stream is not None
-        while True:
-            try:
-                raw = await stream.readline()
-            except ValueError:  # a line longer than the stream limit: take what is buffered
-                raw = await stream.read(65536)
-            if not raw:
-                return
-            line = raw.decode("utf-8", "replace").rstrip()
-            if line:
-                self.tail.append(line)
-                self._logger.info("[%s] %s", self.name, line)
-                if self._on_line is not None:
-                    self._on_line(line)
-            self.output_seen.set()
 
     async def wait(self) -> int:
         """Wait for the child to exit and its output to be drained; return its exit status."""
@@ -144,4 +171,7 @@ class ManagedProcess:
                 self._logger.warning("[%s] did not stop in %.1fs; killing it", self.name, grace)
         # Kill what is left of the group too: helpers the backend started may outlive it.
         self._signal_group(signal.SIGKILL)
-        return await self.wait()
+        code = await self.wait()
+        if self._reaper is not None:
+            self._reaper.forget(self._proc.pid)
+        return code
