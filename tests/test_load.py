@@ -209,6 +209,12 @@ class EventLog:
         elif queued != before_queued:
             self.lost.append(f"{model}: queued {before_queued} -> {queued}")
 
+    def caught_up(self, status: dict[str, Any]) -> bool:
+        """True once the events seen add up to this settled ``/status`` document."""
+        with self._lock:
+            return all(self.status.get(mid) == m["status"] and self._queue.get(mid, (0, 0))
+                       == (m["queued"], m["in_flight"]) for mid, m in status["models"].items())
+
     def median_swap_s(self) -> float | None:
         """Median time a swap itself took (unload of the old model to the new one ready)."""
         with self._lock:
@@ -461,6 +467,8 @@ def test_mixed_load_with_swaps(swapper_factory: Any) -> None:
     # be under way: both end within a swap period, given the same slack as a hang.
     status = None if run.hang else wait_until(
         settled, events.hang_limit(), "nothing in flight or queued, no swap under way")
+    if status is not None:  # the reader has caught up with that state: no event is left out
+        wait_until(lambda: events.caught_up(status), events.hang_limit(), "/events to catch up")
     events.stop()
     loaded = [] if status is None else [
         (mid, m["pid"]) for mid, m in status["models"].items() if m["status"] == "LOADED"]
@@ -501,12 +509,12 @@ def test_mixed_load_with_swaps(swapper_factory: Any) -> None:
     summary = (f"report: {json.dumps(report)}"
                f"\nswapper warnings and errors:\n{warning_lines(output)}")
 
+    # None hangs: the watchdog never saw outstanding requests stall (see watchdog).
+    assert run.hang is None, f"hang: {run.hang}\n{summary}"
     # The event record is whole, or nothing below could be trusted.
     assert events.error is None, f"/events failed: {events.error!r}\n{summary}"
     assert not events.lost, f"events were lost: {events.lost[:5]}\n{summary}"
     assert len(events.swaps) == len(events.loaded_pids) == len(log_loads), summary
-    # None hangs: the watchdog never saw outstanding requests stall (see watchdog).
-    assert run.hang is None, f"hang: {run.hang}\n{summary}"
     # Every request completed correctly or was refused with 429/503 + Retry-After.
     bad = {k: v for k, v in tally.outcomes.items() if not (k == "ok" or k.startswith("refused_"))}
     assert not bad, f"bad outcomes {bad}\n{summary}"
