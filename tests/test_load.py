@@ -518,6 +518,8 @@ def test_mixed_load_with_swaps(swapper_factory: Any) -> None:
     # Every request completed correctly or was refused with 429/503 + Retry-After.
     bad = {k: v for k, v in tally.outcomes.items() if not (k == "ok" or k.startswith("refused_"))}
     assert not bad, f"bad outcomes {bad}\n{summary}"
+    # Single-active held at every event (the bounds below assume one slot).
+    assert not events.overlaps, f"two models held a backend at once\n{summary}"
     # No queued request waited more swaps than the scheduler promises (see SWAP_BOUND); every
     # one was admitted (nobody gives up here), and some did queue, or the bound tested nothing.
     assert waited and max(waited) <= SWAP_BOUND, f"a request waited too many swaps\n{summary}"
@@ -534,8 +536,7 @@ def test_mixed_load_with_swaps(swapper_factory: Any) -> None:
     # Every load started a fresh process.
     pids = [pid for _, pid in events.loaded_pids]
     assert None not in pids and len(set(pids)) == len(pids), f"a load reused a pid\n{summary}"
-    # Single-active held at every event, and holds now: at most one backend, the resident one.
-    assert not events.overlaps, f"two models held a backend at once\n{summary}"
+    # Single-active holds now too: at most one backend, the resident one.
     assert len(loaded) <= 1, f"{loaded}\n{summary}"
     assert sorted(swapper.backends()) == sorted(pid for _, pid in loaded), summary
     # Nothing went wrong inside swapper, even where the client could not see it.
