@@ -65,8 +65,8 @@ MAX_OVERTAKE = 8
 #: none is left, m is not loaded again before W. With c_m waiters per model ahead of W (W
 #: counted with its own model), sum(c_m) <= MAX_QUEUE and the swaps are at most
 #: sum(ceil(c_m / (k + 1))) <= (MAX_QUEUE + 3k) // (k + 1): 9 here, reached by 28, 28 and 8.
-#: (MAX_QUEUE + 2 also holds, but is this bound only without overtaking: k = 0 gives
-#: MAX_QUEUE.) Counted on swapper's own event sequence, so client or HTTP lag (seconds of it
+#: (MAX_QUEUE + 2 holds as well but is loose: only without overtaking, k = 0, does this bound
+#: reach MAX_QUEUE.) Counted on swapper's own event sequence, so client or HTTP lag (seconds of it
 #: on a busy machine, before swapper even reads a request) is not charged to the scheduler.
 SWAP_BOUND = (MAX_QUEUE + len(MODELS) * MAX_OVERTAKE) // (MAX_OVERTAKE + 1)
 #: No completion and no swap for this many median swap periods (swap to swap, measured in this
@@ -92,7 +92,7 @@ HOLDING = frozenset({"LOADING", "LOADED", "UNLOADING"})
 
 @dataclass
 class Tally:
-    """What happened to every request, by outcome and by model, with its send and end times."""
+    """What happened to every request, by outcome and by model; swapper's RSS over the run."""
 
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
     ok_by_model: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -113,7 +113,8 @@ class Tally:
 class EventLog:
     """swapper's ``/events``, read on a thread of its own so that a busy client loop cannot make
     it lag (swapper drops a slow subscriber's oldest events). Lost events are detected: every
-    status event names the previous status, which must be the one last seen."""
+    status event names the previous status, which must be the one last seen, and a model's
+    ``queued`` moves by one at a time."""
 
     def __init__(self, url: str, on_progress: Callable[[], None]) -> None:
         self._url, self._on_progress = url, on_progress
@@ -313,6 +314,7 @@ class Run:
     hang: str | None = None
 
     def swapped(self) -> None:
+        """A swap was seen (called on the loop, from the events thread)."""
         self.last_swap = time.monotonic()
 
 
@@ -425,8 +427,9 @@ async def run_load(swapper: SwapperProcess, tally: Tally) -> tuple[float, EventL
                    for i in range(CLIENTS)]
         # Ends when every client has ended (its last request answered) or the watchdog saw a
         # hang: both are events, no fixed timeout.
-        await asyncio.wait([asyncio.gather(*clients), guard], return_when=asyncio.FIRST_COMPLETED)
-        for task in [*clients, guard, sampler]:
+        everyone = asyncio.ensure_future(asyncio.wait(clients))
+        await asyncio.wait([everyone, guard], return_when=asyncio.FIRST_COMPLETED)
+        for task in [everyone, *clients, guard, sampler]:
             task.cancel()
         results = await asyncio.gather(*clients, guard, sampler, return_exceptions=True)
         for result in results[:CLIENTS]:
