@@ -22,7 +22,6 @@ changes the request mix (default 0). Everything stays on loopback.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
 import email.utils
 import json
@@ -30,9 +29,7 @@ import os
 import random
 import re
 import statistics
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +38,7 @@ import httpx
 import pytest
 
 from tests.conftest import SwapperProcess, wait_until
+from tests.load_events import EventLog
 
 pytestmark = [pytest.mark.integration, pytest.mark.load]
 
@@ -86,8 +84,6 @@ RETRY_AFTER_CAP = 1.0
 #: kept per request or per swap (at ~10 kB per request it would already trip).
 RSS_PEAK_LIMIT_KB = 200 * 1024
 RSS_GROWTH_FACTOR = 1.5
-#: Statuses in which a model holds a backend process that serves or may serve requests.
-HOLDING = frozenset({"LOADING", "LOADED", "UNLOADING"})
 
 
 @dataclass
@@ -110,135 +106,10 @@ class Tally:
             self.problems.append(f"{outcome}: {detail}")
 
 
-class EventLog:
-    """swapper's ``/events``, read on a thread of its own so that a busy client loop cannot make
-    it lag (swapper drops a slow subscriber's oldest events). Lost events are detected: every
-    status event names the previous status, which must be the one last seen, and a model's
-    ``queued`` moves by one at a time."""
-
-    def __init__(self, url: str, on_progress: Callable[[], None]) -> None:
-        self._url, self._on_progress = url, on_progress
-        self._lock = threading.Lock()
-        self._response: httpx.Response | None = None
-        self._stopping = False
-        self.subscribed = threading.Event()
-        self.status: dict[str, str] = {}
-        self.swaps: list[tuple[float, str | None, str, float]] = []  # time, from, to, seconds
-        self.loaded_pids: list[tuple[str, int | None]] = []
-        self.overlaps: list[str] = []  # moments two models held a backend
-        #: Swaps each queued request waited, from joining the queue to its admission.
-        self.waited: list[int] = []
-        self.drops = 0  # waiters that left the queue without being admitted
-        #: For each waiter that blocked the queue: later arrivals admitted from the queue past it.
-        self.overtakes: collections.Counter[int] = collections.Counter()
-        self._queue: dict[str, tuple[int, int]] = {}  # model: (queued, in_flight) last seen
-        #: Per model, its waiters in arrival order: (place in the global arrival order, swaps
-        #: seen when it joined).
-        self._joined: dict[str, collections.deque[tuple[int, int]]] = (
-            collections.defaultdict(collections.deque))
-        self._joins = 0
-        self.lost: list[str] = []
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._read, name="events", daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        try:
-            with httpx.Client(base_url=self._url, timeout=httpx.Timeout(30, read=None)) as http:
-                with http.stream("GET", "/events") as response:
-                    self._response = response
-                    kind = ""
-                    for line in response.iter_lines():
-                        if line.startswith("event: "):
-                            kind = line[len("event: "):]
-                        elif line.startswith("data: "):
-                            self._handle(kind, json.loads(line[len("data: "):]))
-        except BaseException as exc:  # noqa: BLE001 - reported by the test unless it stopped us
-            if not self._stopping:
-                self.error = exc
-        finally:
-            self.subscribed.set()
-
-    def _handle(self, kind: str, data: dict[str, Any]) -> None:
-        with self._lock:
-            if kind == "snapshot":
-                self.status = {mid: m["status"] for mid, m in data["models"].items()}
-                self._queue = {mid: (m["queued"], m["in_flight"])
-                               for mid, m in data["models"].items()}
-                self.subscribed.set()
-            elif kind == "status":
-                model, now = data["model"], data["status"]
-                if self.status.get(model) != data["previous"]:
-                    self.lost.append(f"{model}: {data['previous']} -> {now}, last seen "
-                                     f"{self.status.get(model)}")
-                self.status[model] = now
-                holders = sorted(m for m, s in self.status.items() if s in HOLDING)
-                if len(holders) > 1:
-                    self.overlaps.append(f"{data['time']:.3f}: {holders} after {model} -> {now}")
-                if now == "LOADED":
-                    self.loaded_pids.append((model, data["pid"]))
-            elif kind == "swap":
-                self.swaps.append((data["time"], data["from"], data["to"], data["seconds"]))
-            elif kind == "queue":
-                self._queue_changed(data["model"], data["queued"], data["in_flight"])
-        if kind == "swap":
-            self._on_progress()
-
-    def _queue_changed(self, model: str, queued: int, in_flight: int) -> None:
-        """Follow one model's queue: a waiter joins (+1), is admitted (-1 with in_flight up) or
-        leaves (-1, in_flight unchanged); a release changes in_flight only. Each step moves
-        ``queued`` by at most one, and a model's waiters are admitted in their arrival order
-        (SwapCoordinator._admit_queued walks the queue in order), so the n-th join of a model
-        is its n-th admission."""
-        before_queued, before_in_flight = self._queue.get(model, (0, 0))
-        self._queue[model] = (queued, in_flight)
-        joined = self._joined[model]
-        if queued == before_queued + 1:
-            joined.append((self._joins, len(self.swaps)))
-            self._joins += 1
-        elif queued == before_queued - 1 and joined:
-            place, at_join = joined.popleft()
-            if in_flight <= before_in_flight:
-                self.drops += 1
-                return
-            self.waited.append(len(self.swaps) - at_join)
-            # With one slot, the oldest waiter for another model is the one swapper's _place
-            # blocks on; a later arrival admitted while it waits overtakes it.
-            others = [queue[0][0] for other, queue in self._joined.items() if other != model and queue]
-            if others and place > min(others):
-                self.overtakes[min(others)] += 1
-        elif queued != before_queued:
-            self.lost.append(f"{model}: queued {before_queued} -> {queued}")
-
-    def caught_up(self, status: dict[str, Any]) -> bool:
-        """True once the events seen add up to this settled ``/status`` document."""
-        with self._lock:
-            return all(self.status.get(mid) == m["status"] and self._queue.get(mid, (0, 0))
-                       == (m["queued"], m["in_flight"]) for mid, m in status["models"].items())
-
-    def median_swap_s(self) -> float | None:
-        """Median time a swap itself took (unload of the old model to the new one ready)."""
-        with self._lock:
-            return statistics.median(s for *_, s in self.swaps) if self.swaps else None
-
-    def median_period_s(self) -> float | None:
-        """Median time from one swap to the next: a swap plus the residency before it (its
-        drain and generation included); None until a few periods were measured."""
-        with self._lock:
-            times = [t for t, *_ in self.swaps]
-        periods = [b - a for a, b in zip(times, times[1:])]
-        return statistics.median(periods) if len(periods) >= 3 else None
-
-    def hang_limit(self) -> float:
-        """No progress for this long is a hang (see HANG_FACTOR)."""
-        period = self.median_period_s()
-        return FIRST_SWAP_LIMIT if period is None else HANG_FACTOR * period
-
-    def stop(self) -> None:
-        self._stopping = True
-        if self._response is not None:
-            self._response.close()  # wakes the reader from its blocking read
-        self._thread.join(10)
+def hang_limit(events: EventLog) -> float:
+    """No progress for this long is a hang (see HANG_FACTOR)."""
+    period = events.median_period_s()
+    return FIRST_SWAP_LIMIT if period is None else HANG_FACTOR * period
 
 
 def rss_kb(pid: int) -> int | None:
@@ -389,7 +260,7 @@ async def watchdog(tally: Tally, run: Run, events: EventLog) -> None:
     """Return once requests are outstanding and stalled: no completion and no swap for the hang
     limit, or no completion for twice that (swapping without serving: a livelock)."""
     while True:
-        limit = events.hang_limit()
+        limit = hang_limit(events)
         await asyncio.sleep(limit / 4)  # a check of the clocks below, not a wait for a state
         now = time.monotonic()
         if not tally.outstanding:  # every client backing off: nothing to wait for
@@ -469,9 +340,9 @@ def test_mixed_load_with_swaps(swapper_factory: Any) -> None:
     # A stream's lease is released just after its last bytes went out, and an unload may still
     # be under way: both end within a swap period, given the same slack as a hang.
     status = None if run.hang else wait_until(
-        settled, events.hang_limit(), "nothing in flight or queued, no swap under way")
+        settled, hang_limit(events), "nothing in flight or queued, no swap under way")
     if status is not None:  # the reader has caught up with that state: no event is left out
-        wait_until(lambda: events.caught_up(status), events.hang_limit(), "/events to catch up")
+        wait_until(lambda: events.caught_up(status), hang_limit(events), "/events to catch up")
     events.stop()
     loaded = [] if status is None else [
         (mid, m["pid"]) for mid, m in status["models"].items() if m["status"] == "LOADED"]
