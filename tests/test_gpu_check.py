@@ -9,6 +9,7 @@ from a container, an idle GPU first in NVML's order under ``CUDA_VISIBLE_DEVICES
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -146,3 +147,35 @@ def test_fake_cuda_refuses_calls_not_declared_as_the_driver_api(tmp_path: Path) 
     assert len(lines) == 3 and all(line.startswith("refused: fake CUDA: ") for line in lines), \
         result.stdout
     assert "cuInit called with argtypes None" in lines[0]
+
+
+def _gpu_check_module() -> object:
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_release_order_is_judged_on_nvmls_timeline_not_on_pids() -> None:
+    check = _gpu_check_module()
+    memory = check.Memory  # type: ignore[attr-defined]
+
+    def sample(t: float, used: float, procs: dict[int, float]) -> tuple[float, object, dict]:
+        return (t, memory(80000, used, 80000 - used), procs)
+
+    # Host pids (none of them ours): a=901, b=902 leaves, c=903 comes.
+    before = [sample(0.0, 66000, {901: 33000, 902: 33000}),
+              sample(0.5, 66000, {901: 33000})]  # b left the list, its memory not yet free
+    patient = [*before, sample(1.5, 33000, {901: 33000}), sample(1.6, 66000, {901: 33000, 903: 33000})]
+    hasty = [*before, sample(0.6, 66512, {901: 33000, 903: 512}),
+             sample(1.5, 66000, {901: 33000, 903: 33000})]
+    ok, why = check.started_after_release(patient, 33000)  # type: ignore[attr-defined]
+    assert ok, why
+    assert "freed 1.00s after it left the list" in why
+    ok, why = check.started_after_release(hasty, 33000)  # type: ignore[attr-defined]
+    assert not ok
+    assert "a new process (pid 903) appeared at t=+0.60s, before 33000 MiB of pid 902" in why
+    ok, why = check.started_after_release([sample(0.0, 66000, {})], 33000)  # type: ignore[attr-defined]
+    assert not ok and "NVML lists no compute process" in why
