@@ -87,7 +87,7 @@ def test_device_run_installs_the_bundle_probes_nvml_and_runs_the_gpu_check(tmp_p
     # The built-in backends come from the metadata-only distribution the script wrote.
     site_info = tmp_path / "site" / "swapper-0.1.0.dist-info" / "entry_points.txt"
     assert "llamacpp = swapper_llamacpp" in site_info.read_text()
-    assert f"llamacpp (swapper 0.1.0 (swapper_llamacpp))" in log
+    assert "llamacpp (swapper 0.1.0 (swapper_llamacpp))" in log
     probe = json.loads((out / "probe.json").read_text())
     assert probe["pid_listed"] is True and probe["holder_pid"] in probe["nvml_pids"]
     # The fake GPU frees a dead process's memory 1 s after NVML first sees it gone.
