@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole check on a lent GPU machine, in one go and under 8 minutes; it installs nothing from
+# The whole check on a lent GPU machine, in one go: its step timeouts add up to 8 minutes; it installs nothing from
 # a registry. Run from the repository root after `just device-bundle` has filled .whl/ here:
 #
 #   scripts/device_run.sh            logs and the state file go under $OUT (else a temp dir)
@@ -36,9 +36,9 @@ echo "OUT=$OUT"
 echo "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-<unset>}"
 echo "NVIDIA_VISIBLE_DEVICES=${NVIDIA_VISIBLE_DEVICES-<unset>}"
 if command -v nvidia-smi >/dev/null; then
-    timeout 30 nvidia-smi || fail "nvidia-smi" "nvidia-smi exited $?"
+    timeout 20 nvidia-smi || fail "nvidia-smi" "nvidia-smi exited $?"
     echo "MIG mode (current, pending) per GPU:"
-    timeout 30 nvidia-smi --query-gpu=index,uuid,name,mig.mode.current,mig.mode.pending \
+    timeout 20 nvidia-smi --query-gpu=index,uuid,name,mig.mode.current,mig.mode.pending \
         --format=csv,noheader || echo "nvidia-smi cannot tell the MIG mode"
 else
     echo "nvidia-smi: not on PATH (no NVIDIA driver tools here)"
@@ -57,7 +57,7 @@ shopt -u nullglob
 if (( ${#wheels[@]} == 0 )); then
     echo "no wheels in $WHEELS: run \`just device-bundle\` on the development machine first;" \
          "going on with what $PY already has"
-elif ! PIP_ROOT_USER_ACTION=ignore timeout 180 "$PY" -m pip install --quiet --disable-pip-version-check --no-index \
+elif ! PIP_ROOT_USER_ACTION=ignore timeout 90 "$PY" -m pip install --quiet --disable-pip-version-check --no-index \
         --no-deps --upgrade --target "$SITE" "${wheels[@]}"; then
     fail "wheels" "pip could not install the ${#wheels[@]} wheels of $WHEELS"
 else
@@ -66,7 +66,7 @@ fi
 # A metadata-only distribution named swapper: importlib.metadata finds the built-in backends'
 # entry points in it without building or pip-installing the repository (no setuptools needed).
 # First on the path, it is the `swapper` distribution that counts.
-timeout 30 "$PY" - "$REPO/pyproject.toml" "$SITE" <<'PY' || fail "entry points" "could not write swapper's entry points"
+timeout 20 "$PY" - "$REPO/pyproject.toml" "$SITE" <<'PY' || fail "entry points" "could not write swapper's entry points"
 import sys, tomllib
 from pathlib import Path
 project = tomllib.loads(Path(sys.argv[1]).read_text())["project"]
@@ -83,7 +83,7 @@ PY
 export PYTHONPATH="$SITE:$REPO:$REPO/plugins${PYTHONPATH:+:$PYTHONPATH}"
 echo "PYTHONPATH=$PYTHONPATH"
 SWAPPER_OK=1
-if ! timeout 60 "$PY" - <<'PY'; then
+if ! timeout 40 "$PY" - <<'PY'; then
 import importlib
 missing = []
 for name in ("litestar", "msgspec", "uvicorn", "yaml", "prometheus_client", "httpx", "httpcore",
@@ -111,7 +111,7 @@ PY
 fi
 
 step "3. probe: a holder's PID in NVML's list, and how fast its memory shows free"
-timeout 120 "$PY" - "$REPO/scripts/vram_holder.py" "$OUT/probe.json" <<'PY'
+timeout 60 "$PY" - "$REPO/scripts/vram_holder.py" "$OUT/probe.json" <<'PY'
 import json, os, subprocess, sys, time
 holder, report = sys.argv[1], sys.argv[2]
 try:
@@ -153,14 +153,14 @@ else:
           "host PIDs (a container without `pid: host`?); swapper must measure by the change "
           f"in used memory (here +{held:.0f} MiB)")
 proc.terminate()
-proc.wait(30)
+proc.wait(20)
 exited = time.monotonic()
-while used() > before + 0.25 * held and time.monotonic() - exited < 30:
+while used() > before + 0.25 * held and time.monotonic() - exited < 20:
     time.sleep(0.02)
 lag = time.monotonic() - exited
 result["free_after_exit_s"] = round(lag, 3)
 print(f"NVML showed the memory free {lag:.3f}s after the holder exited"
-      + (" (gave up at 30 s)" if lag >= 30 else ""))
+      + (" (gave up at 20 s)" if lag >= 20 else ""))
 with open(report, "w") as f:
     json.dump(result, f, indent=2)
 PY
@@ -172,7 +172,7 @@ esac
 
 step "4. scripts/gpu_check.py"
 if (( SWAPPER_OK )); then
-    timeout 300 "$PY" scripts/gpu_check.py --keep --time-limit 240 > "$OUT/gpu_check.log" 2>&1
+    timeout 230 "$PY" scripts/gpu_check.py --keep --time-limit 200 > "$OUT/gpu_check.log" 2>&1
     status=$?
     cat "$OUT/gpu_check.log"
     (( status == 0 )) || fail "gpu_check" "gpu_check.py exited $status"
