@@ -49,6 +49,32 @@ bench: models
 gpu-check:
     $(test -x {{py}} && echo {{py}} || echo python3) scripts/gpu_check.py
 
+# the cp312 manylinux wheels a lent GPU's image lacks, into .whl/ (scripts/device_run.sh installs them there)
+device-bundle:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    py=$(test -x {{py}} && echo {{py}} || echo python3)
+    # The lent machine: CPython 3.12, x86_64 glibc, no network; it has these (and what they need).
+    image=(nvidia-ml-py httpx pluggy uvloop rich)
+    target=(--quiet --only-binary=:all: --python-version 3.12 --implementation cp
+            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64)
+    rm -rf .whl && mkdir .whl
+    "$py" -m pip download "${target[@]}" -d .whl "litestar>=2.12" "msgspec>=0.18" "pyyaml>=6" \
+        "uvicorn[standard]>=0.30" "prometheus-client>=0.20"
+    # Drop what the image already has: its packages and their own dependencies.
+    has=$(mktemp -d); trap 'rm -rf "$has"' EXIT
+    "$py" -m pip download "${target[@]}" -d "$has" "${image[@]}"
+    norm() { basename "$1" | cut -d- -f1 | tr 'A-Z-.' 'a-z__'; }
+    for wheel in "$has"/*.whl; do
+        name=$(norm "$wheel")
+        for ours in .whl/*.whl; do [[ $(norm "$ours") == "$name" ]] && rm -f "$ours"; done
+    done
+    ls -1 .whl
+    size=$(du -sm .whl | cut -f1)
+    echo ".whl/: $(ls .whl | wc -l) wheels, ${size} MiB (the device run carries at most 64 MiB with the working tree)"
+    (( size <= 48 )) || { echo "too big for the device run"; exit 1; }
+
 # restart the compose service on the server (docker compose or podman-compose)
 restart:
     ${COMPOSE:-docker compose} -f compose.yaml restart swapper

@@ -11,11 +11,16 @@ under ``swapper.vram_budget_mb`` and three do not. Then:
 3. a chat to ``a`` (so ``b`` is least recently used), then load ``c``: swapper must evict ``b``
    to stay under the budget, and ``c`` may start only once ``b``'s memory is really free again:
    with ``a`` and ``b`` resident the GPU's free memory is below what ``c`` asks for, and the
-   holder, like vLLM, refuses to start then. NVML is sampled every 0.1 s meanwhile, so the
-   release lag shows;
-4. swapper's log lines about waiting for GPU memory and about eviction;
-5. restart swapper: the learned sizes are kept in its state file;
+   holder, like vLLM, refuses to start then. NVML is sampled every 0.1 s meanwhile: in that
+   timeline ``c``'s process must appear only after ``b``'s memory shows free (pids are told
+   apart by coming and going, so host PIDs seen from a container do not matter);
+4. swapper's log lines about waiting for GPU memory and about eviction (shown, not judged);
+5. restart swapper: the learned sizes are in ``/status``'s ``vram.learned_mb`` and the state file;
 6. stop swapper: no holder process is left and NVML's used memory is back near the baseline.
+
+The GPU watched is the one the holders allocate on, CUDA's device 0, found in NVML by UUID, so
+``CUDA_VISIBLE_DEVICES`` may remap indexes. A GPU in MIG mode is refused: NVML's memory and
+process figures are for the whole GPU, not the slice CUDA sees.
 
 It ends with PASS/FAIL per check and exits 0 only when all pass. Without an NVIDIA GPU and
 driver it says so in one line and exits 1. Every wait has a deadline and the whole run is
@@ -25,6 +30,7 @@ bounded by ``--time-limit``; swapper and the holders are stopped whatever happen
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import re
@@ -63,7 +69,7 @@ CHECK_NAMES = (
     "b evicted (least recently used) to fit c, a kept",
     "c resident",
     "b's process gone",
-    "waited-for-release line in swapper's log",
+    "c started only after b's memory showed free (NVML timeline)",
     "learned VRAM sizes recorded",
     "no stray holder processes",
     "NVML used memory back near baseline",
@@ -89,9 +95,43 @@ class NoGpu(Exception):
     """NVML is missing or sees no GPU."""
 
 
+class MigEnabled(NoGpu):
+    """The GPU is in MIG mode: NVML's figures would not be the ones CUDA's slice sees."""
+
+
+def cuda_device0_uuid() -> str | None:
+    """The UUID of CUDA's device 0, which the holders allocate on; None without a CUDA driver.
+
+    CUDA orders devices after ``CUDA_VISIBLE_DEVICES`` (and by default fastest first), NVML by
+    PCI bus: only the UUID names the same GPU in both.
+    """
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+
+    class CUuuid(ctypes.Structure):
+        _fields_ = [("bytes", ctypes.c_char * 16)]
+
+    try:
+        get_uuid = lib.cuDeviceGetUuid_v2
+    except AttributeError:  # drivers before CUDA 11.4
+        get_uuid = lib.cuDeviceGetUuid
+    lib.cuInit.argtypes, lib.cuInit.restype = [ctypes.c_uint], ctypes.c_int
+    lib.cuDeviceGet.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+    lib.cuDeviceGet.restype = ctypes.c_int
+    get_uuid.argtypes, get_uuid.restype = [ctypes.POINTER(CUuuid), ctypes.c_int], ctypes.c_int
+    device, uuid = ctypes.c_int(), CUuuid()
+    if lib.cuInit(0) != 0 or lib.cuDeviceGet(ctypes.byref(device), 0) != 0 \
+            or get_uuid(ctypes.byref(uuid), device) != 0:
+        return None
+    raw = ctypes.string_at(ctypes.addressof(uuid), 16).hex()
+    return f"GPU-{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}"
+
+
 @dataclass(frozen=True)
 class Memory:
-    """GPU 0's memory as NVML reports it, in MiB."""
+    """The GPU's memory as NVML reports it, in MiB."""
 
     total_mb: float
     used_mb: float
@@ -103,7 +143,7 @@ class Memory:
 
 
 class Nvml:
-    """GPU 0 through pynvml (nvidia-ml-py): memory and per-process usage."""
+    """CUDA device 0 (found in NVML by UUID) through pynvml (nvidia-ml-py): memory and per-process usage."""
 
     def __init__(self) -> None:
         try:
@@ -118,19 +158,58 @@ class Nvml:
         if count < 1:
             raise NoGpu("NVML sees no GPU")
         self._nv: Any = pynvml
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.index, self.uuid, self.mapping = self._find_cuda_device(count)
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
         name = pynvml.nvmlDeviceGetName(self._handle)
         self.name: str = name.decode() if isinstance(name, bytes) else name
         self.driver: str = str(pynvml.nvmlSystemGetDriverVersion())
         self._process_error_shown = False
+        for index in range(count):
+            self._refuse_mig(index)
+
+    def _find_cuda_device(self, count: int) -> tuple[int, str, str]:
+        """NVML index and UUID of CUDA's device 0, and how that was decided."""
+        nv = self._nv
+        uuids = []
+        for index in range(count):
+            uuid = nv.nvmlDeviceGetUUID(nv.nvmlDeviceGetHandleByIndex(index))
+            uuids.append(uuid.decode() if isinstance(uuid, bytes) else str(uuid))
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        wanted = cuda_device0_uuid()
+        if wanted is None:
+            if count > 1 and visible:
+                raise NoGpu(f"cannot ask CUDA which GPU is its device 0 (no libcuda.so.1), and "
+                            f"CUDA_VISIBLE_DEVICES={visible} may remap NVML's {count} GPUs")
+            return 0, uuids[0], "NVML index 0 (CUDA not asked: no libcuda.so.1)"
+        if wanted in uuids:
+            index = uuids.index(wanted)
+            return index, wanted, f"CUDA device 0 is NVML index {index} ({wanted})"
+        self._refuse_mig(None)
+        raise NoGpu(f"CUDA's device 0 ({wanted}) is none of NVML's GPUs {uuids}")
+
+    def _refuse_mig(self, index: int | None) -> None:
+        """Raise :class:`MigEnabled` when GPU ``index`` (None: any) is in MIG mode."""
+        nv = self._nv
+        indexes = range(nv.nvmlDeviceGetCount()) if index is None else [index]
+        for i in indexes:
+            try:
+                current = nv.nvmlDeviceGetMigMode(nv.nvmlDeviceGetHandleByIndex(i))[0]
+            except (nv.NVMLError, AttributeError):
+                continue  # no MIG support (not an A100/H100-class GPU), or an old pynvml
+            if current == 1:
+                raise MigEnabled(
+                    f"MIG is enabled on NVML GPU {i}: CUDA sees a slice while NVML's memory and "
+                    f"process figures are for the whole GPU, so this check cannot judge "
+                    f"placement. Refusing: run it on a GPU with MIG disabled "
+                    f"(nvidia-smi -i {i} -mig 0, as root, with the GPU idle)")
 
     def memory(self) -> Memory:
-        """Total, used and free memory of GPU 0 now."""
+        """Total, used and free memory of the GPU now."""
         info = self._nv.nvmlDeviceGetMemoryInfo(self._handle)
         return Memory(info.total / _MIB, info.used / _MIB, info.free / _MIB)
 
     def processes(self) -> dict[int, float]:
-        """MiB used per compute process on GPU 0 (NVML's pids: the host's PID namespace)."""
+        """MiB used per compute process on the GPU (NVML's pids: the host's PID namespace)."""
         try:
             running = self._nv.nvmlDeviceGetComputeRunningProcesses(self._handle)
         except self._nv.NVMLError as exc:
@@ -149,7 +228,7 @@ class Nvml:
 
 
 def show_nvml(nvml: Nvml, label: str) -> Memory:
-    """Print GPU 0's memory and every compute process NVML lists; return the memory."""
+    """Print the GPU's memory and every compute process NVML lists; return the memory."""
     memory = nvml.memory()
     detail(f"NVML {label}: {memory}")
     processes = nvml.processes()
@@ -168,13 +247,14 @@ class Sampler(threading.Thread):
         self._nvml = nvml
         self._period = period
         self._stop_event = threading.Event()
-        self.samples: list[tuple[float, Memory, frozenset[int]]] = []
+        #: (time, memory, pid -> MiB) per sample
+        self.samples: list[tuple[float, Memory, dict[int, float]]] = []
 
     def run(self) -> None:
         while not self._stop_event.is_set():
             try:
                 self.samples.append((time.monotonic(), self._nvml.memory(),
-                                     frozenset(self._nvml.processes())))
+                                     self._nvml.processes()))
             except Exception:  # noqa: BLE001 - a failed sample must not end the check
                 pass
             self._stop_event.wait(self._period)
@@ -188,7 +268,8 @@ class Sampler(threading.Thread):
         """One line per change that matters: used memory moved by 256 MiB, or a process came
         or went (named through ``names``, pid -> model)."""
         last: tuple[Memory, frozenset[int]] | None = None
-        for moment, memory, pids in self.samples:
+        for moment, memory, processes in self.samples:
+            pids = frozenset(processes)
             if last is not None and abs(memory.used_mb - last[0].used_mb) < 256 and \
                     pids == last[1]:
                 continue
@@ -200,6 +281,46 @@ class Sampler(threading.Thread):
             yield f"t={moment - since:+6.2f}s  used {memory.used_mb:>8.0f} MiB  " \
                   f"free {memory.free_mb:>8.0f} MiB  processes {len(pids)}{change}"
             last = (memory, pids)
+
+
+def started_after_release(samples: list[tuple[float, Memory, dict[int, float]]],
+                          fallback_mb: float) -> tuple[bool, str]:
+    """Whether the first new process came only once the leaving one's memory showed free.
+
+    Pids are not compared with swapper's: seen from a container NVML gives host PIDs. The
+    leaving process is the one of the first sample that disappears; the new one is the first
+    pid no earlier sample had. "Free" means NVML's used memory, less what new processes hold,
+    fell by at least 3/4 of what the leaving one held (``fallback_mb`` where NVML gave no
+    figure). Returns the verdict and a line saying why.
+    """
+    if not samples:
+        return False, "no NVML sample was taken"
+    first_moment, first_memory, first = samples[0]
+    if not first:
+        return False, "NVML lists no compute process: the timeline cannot tell them apart"
+    leaving = next((pid for _, _, procs in samples for pid in first if pid not in procs), None)
+    if leaving is None:
+        return False, "no process of the first sample went away"
+    held = first.get(leaving) or fallback_mb
+    gone_at = freed_at = new_at = None
+    for moment, memory, procs in samples:
+        new = {pid: mb for pid, mb in procs.items() if pid not in first}
+        if gone_at is None and leaving not in procs:
+            gone_at = moment
+        if freed_at is None and \
+                memory.used_mb - sum(new.values()) <= first_memory.used_mb - 0.75 * held:
+            freed_at = moment
+        if new_at is None and new:
+            new_at = moment
+            if freed_at is None:
+                return False, (f"a new process (pid {min(new)}) appeared at "
+                               f"t={moment - first_moment:+.2f}s, before {held:.0f} MiB of "
+                               f"pid {leaving} showed free")
+    if new_at is None or freed_at is None:
+        return False, f"no new process appeared (freed at: {freed_at}, new at: {new_at})"
+    lag = "" if gone_at is None else f"; freed {freed_at - gone_at:.2f}s after it left the list"
+    return True, (f"pid {leaving}'s {held:.0f} MiB showed free at t={freed_at - first_moment:+.2f}s"
+                  f", the new process appeared at t={new_at - first_moment:+.2f}s{lag}")
 
 
 # --- processes ------------------------------------------------------------------------------
@@ -391,48 +512,23 @@ def show_status(doc: dict[str, Any], nvml: Nvml) -> None:
                f"used {gpu.get('used_mb')} MiB, free {gpu.get('free_mb')} MiB")
 
 
-def learned_sizes(node: Any) -> dict[str, float]:
-    """Model id -> a positive VRAM figure, wherever a JSON document keeps one.
-
-    The state file's layout is swapper's business; this accepts ``{"a": 123}``,
-    ``{"a": {"vram_mb": 123}}`` and ``[{"id": "a", "vram_mb": 123}]`` at any depth.
-    """
+def state_file_learned(state: Any) -> dict[str, float]:
+    """Model id -> learned MiB from swapper's state file (``{"models": {id: {"vram_mb": ..}}}``)."""
+    models = state.get("models") if isinstance(state, dict) else None
     found: dict[str, float] = {}
-
-    def size(value: Any) -> float | None:
+    for model_id, entry in (models or {}).items():
+        value = entry.get("vram_mb") if isinstance(entry, dict) else None
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-            return float(value)
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                if ("vram" in key.lower() or key.lower().endswith("mb")) and size(inner):
-                    return size(inner)
-        return None
-
-    def walk(item: Any) -> None:
-        if isinstance(item, dict):
-            named = next((item[k] for k in ("id", "model", "name") if k in item), None)
-            if named in MODELS and size(item):
-                found.setdefault(named, size(item) or 0.0)
-            for key, value in item.items():
-                if key in MODELS and size(value):
-                    found.setdefault(key, size(value) or 0.0)
-                walk(value)
-        elif isinstance(item, list):
-            for value in item:
-                walk(value)
-
-    walk(node)
+            found[model_id] = float(value)
     return found
 
 
 def status_learned(doc: dict[str, Any]) -> dict[str, float]:
-    """Sizes ``/status`` shows for models that are not resident (so learned, not measured)."""
-    found: dict[str, float] = {}
-    for model_id, model in (doc.get("models") or {}).items():
-        for key, value in (model or {}).items():
-            if "vram" in key.lower() and isinstance(value, (int, float)) and value > 0:
-                found.setdefault(model_id, float(value))
-    return found
+    """Model id -> learned MiB from ``/status``'s ``vram.learned_mb`` (measured, not configured:
+    ``predicted_vram_mb`` equals the configured ``vram_mb`` before any measurement)."""
+    learned = (doc.get("vram") or {}).get("learned_mb") if isinstance(doc, dict) else None
+    return {model_id: float(value) for model_id, value in (learned or {}).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0}
 
 
 # --- the check ------------------------------------------------------------------------------
@@ -493,7 +589,8 @@ def _on_term(signum: int, frame: FrameType | None) -> None:
 def run(args: argparse.Namespace, nvml: Nvml, workdir: Path,
         checks: dict[str, bool | None]) -> None:
     """Steps 1-6; fills ``checks`` as it goes (a step not reached leaves its checks None)."""
-    step(f"1. baseline: GPU 0 {nvml.name}, driver {nvml.driver}")
+    step(f"1. baseline: GPU {nvml.index} {nvml.name}, driver {nvml.driver}")
+    detail(f"{nvml.mapping}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}")
     baseline = show_nvml(nvml, "baseline")
     total = baseline.total_mb
     each = args.fraction * total
@@ -553,6 +650,9 @@ def run(args: argparse.Namespace, nvml: Nvml, workdir: Path,
             sampler.stop()
         detail(f"POST /models/c/load -> {code} in {loaded_in:.1f}s"
                + ("" if code == 200 else f": {json.dumps(body)[:600]}"))
+        waited, why = started_after_release(sampler.samples, each)
+        checks["c started only after b's memory showed free (NVML timeline)"] = waited
+        detail(f"release order: {why}")
         doc = swapper.status()
         pids["c"] = model_pid(doc, "c")
         names = {pid: f"holder-{mid}" for mid, pid in pids.items() if pid is not None}
@@ -576,8 +676,6 @@ def run(args: argparse.Namespace, nvml: Nvml, workdir: Path,
             detail(line)
         if not lines:
             detail("(no matching line)")
-        waits = [line for line in lines if "for GPU memory" in line]
-        checks["waited-for-release line in swapper's log"] = bool(waits)
 
         step("5. restart swapper: learned VRAM sizes survive")
         code = swapper.stop()
@@ -600,9 +698,12 @@ def run(args: argparse.Namespace, nvml: Nvml, workdir: Path,
                 detail(f"not JSON: {exc}")
         else:
             detail(f"state file {state_file} does not exist")
-        learned = {**status_learned(doc), **learned_sizes(state)}
-        detail(f"learned sizes found (MiB): {json.dumps(learned)}")
-        checks["learned VRAM sizes recorded"] = all(m in learned for m in MODELS)
+        from_status = status_learned(doc)
+        from_file = state_file_learned(state)
+        detail(f"learned sizes (MiB): /status vram.learned_mb {json.dumps(from_status)}, "
+               f"state file {json.dumps(from_file)}")
+        checks["learned VRAM sizes recorded"] = all(
+            m in from_status and m in from_file for m in MODELS)
         for line in tail(swapper.log_path, 500):
             if _LOG_PATTERN.search(line):
                 detail(line)
@@ -648,6 +749,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         nvml = Nvml()
+    except MigEnabled as exc:
+        print(f"refused: {exc}", flush=True)
+        return 1
     except NoGpu as exc:
         print(f"no NVIDIA GPU/driver: {exc}", flush=True)
         return 1
@@ -696,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"\n=== summary (GPU 0 {nvml.name}, {time.monotonic() - _START:.1f}s) ===")
+    print(f"\n=== summary (NVML GPU {nvml.index} {nvml.name}, {time.monotonic() - _START:.1f}s) ===")
     if error:
         print(f"ERROR   {error}")
     for name, passed in checks.items():

@@ -35,6 +35,7 @@ class GpuMonitor:
     def __init__(self) -> None:
         self._nvml: Any = None
         self._ready: bool | None = None  # None: not tried yet
+        self._foreign_pids_logged = False
 
     def _init(self) -> bool:
         if self._ready is None:
@@ -81,25 +82,46 @@ class GpuMonitor:
         return (sum(g.total_mb for g in gpus), sum(g.used_mb for g in gpus),
                 sum(g.free_mb for g in gpus))
 
-    def process_memory_mb(self, pid: int) -> float | None:
-        """GPU memory held by ``pid`` and its descendants; None when unknown (no GPU).
+    def used_mb(self) -> float | None:
+        """MiB used over every GPU now; None without NVML.
 
-        NVML reports host PIDs; inside a container with its own PID namespace they do not
-        match ours, and the answer is then 0 rather than a guess.
+        The fallback measurement where :meth:`process_memory_mb` cannot tell: the change in
+        this figure across a load (or a sleep) is what that model took (or gave back).
+        """
+        totals = self.totals_mb()
+        return None if totals is None else totals[1]
+
+    def process_memory_mb(self, pid: int) -> float | None:
+        """GPU memory held by ``pid`` and its descendants; None when unknown.
+
+        Unknown: no GPU, a failed read, or NVML lists compute processes of which none is ours.
+        The driver reports host PIDs and knows nothing of PID namespaces, so in a container
+        without ``pid: host`` no listed pid matches ours; 0 would then be a wrong answer.
         """
         if not self._init():
             return None
         nvml = self._nvml
         pids = _process_tree(pid)
         used = 0
+        listed = matched = 0
         try:
             for index in range(nvml.nvmlDeviceGetCount()):
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                    if process.pid in pids and process.usedGpuMemory is not None:
-                        used += process.usedGpuMemory
+                    listed += 1
+                    if process.pid in pids:
+                        matched += 1
+                        if process.usedGpuMemory is not None:
+                            used += process.usedGpuMemory
         except nvml.NVMLError as exc:
             logger.warning("NVML read failed: %s", exc)
+            return None
+        if listed and not matched:
+            if not self._foreign_pids_logged:
+                self._foreign_pids_logged = True
+                logger.warning("NVML reports no process of ours: in a container without "
+                               "`pid: host`? Per-process GPU memory is unknown; sizes come "
+                               "from the change in used memory instead")
             return None
         return used / _MB
 

@@ -2,7 +2,8 @@
 
 Layout of the directory named by ``$SWAPPER_FAKE_GPU_DIR``::
 
-    gpu.json          {"name": "Fake GPU", "total_mb": 16384, "release_lag": 1.0}
+    gpu.json          {"name": "Fake GPU", "total_mb": 16384, "release_lag": 1.0,
+                       "uuid": "GPU-..."}                (uuid optional: derived from the name)
     procs/<pid>.json  {"mb": 1234.0}                     memory held by a live process
                       {"mb": 1234.0, "dead_since": t}    its holder died at (about) time t
 
@@ -20,10 +21,11 @@ import contextlib
 import json
 import os
 import time
+import uuid as uuid_module
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ENV", "Snapshot", "configured", "hold", "setup", "snapshot"]
+__all__ = ["ENV", "Snapshot", "configured", "default_uuid", "hold", "setup", "snapshot"]
 
 ENV = "SWAPPER_FAKE_GPU_DIR"
 
@@ -37,6 +39,7 @@ class Snapshot:
     used_mb: float
     free_mb: float
     processes: dict[int, float] = field(default_factory=dict)  # live holders only: pid -> MiB
+    uuid: str = ""  # NVML's and CUDA's "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
 
 
 def _root(directory: str | os.PathLike[str] | None) -> Path | None:
@@ -50,12 +53,18 @@ def configured(directory: str | os.PathLike[str] | None = None) -> bool:
     return root is not None and (root / "gpu.json").is_file()
 
 
+def default_uuid(name: str) -> str:
+    """The UUID a fake GPU called ``name`` gets unless told otherwise (stable across runs)."""
+    return f"GPU-{uuid_module.uuid5(uuid_module.NAMESPACE_OID, 'fakegpu:' + name)}"
+
+
 def setup(directory: str | os.PathLike[str], total_mb: float = 16384, release_lag: float = 1.0,
-          name: str = "Fake GPU") -> None:
+          name: str = "Fake GPU", uuid: str | None = None) -> None:
     """Create (or reset the description of) a fake GPU in ``directory``."""
     root = Path(directory)
     (root / "procs").mkdir(parents=True, exist_ok=True)
-    _write(root / "gpu.json", {"name": name, "total_mb": total_mb, "release_lag": release_lag})
+    _write(root / "gpu.json", {"name": name, "total_mb": total_mb, "release_lag": release_lag,
+                               "uuid": uuid or default_uuid(name)})
 
 
 def _write(path: Path, data: dict[str, object]) -> None:
@@ -122,5 +131,6 @@ def snapshot(directory: str | os.PathLike[str] | None = None) -> Snapshot:
         else:
             path.unlink(missing_ok=True)
     total = float(gpu["total_mb"])
-    return Snapshot(name=str(gpu.get("name", "Fake GPU")), total_mb=total, used_mb=used,
-                    free_mb=max(0.0, total - used), processes=processes)
+    name = str(gpu.get("name", "Fake GPU"))
+    return Snapshot(name=name, total_mb=total, used_mb=used, free_mb=max(0.0, total - used),
+                    processes=processes, uuid=str(gpu.get("uuid") or default_uuid(name)))

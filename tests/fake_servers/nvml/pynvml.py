@@ -4,10 +4,19 @@ Only the calls swapper makes. This directory goes on the PYTHONPATH of a swapper
 that ``import pynvml`` finds this module instead of the real one; nothing else imports it.
 Without ``$SWAPPER_FAKE_GPU_DIR`` (or its gpu.json) ``nvmlInit`` fails like a machine with no
 NVIDIA driver: ``NVMLError_LibraryNotFound``.
+
+Knobs (environment, read at each call):
+  FAKE_NVML_PID_OFFSET (0)   report every pid plus this: the host PIDs NVML gives a process in a
+                             container with its own PID namespace, none of which is ours
+  FAKE_NVML_OTHER_GPUS (0)   that many idle GPUs come first in NVML's order, so the fake GPU is
+                             NVML index N; CUDA (the fake driver) sees only the fake GPU, as
+                             ordinal 0, as under ``CUDA_VISIBLE_DEVICES=N``
+  FAKE_NVML_MIG (unset)      "1": MIG mode is enabled on the fake GPU
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +27,7 @@ import fakegpu
 NVML_SUCCESS = 0
 NVML_ERROR_UNINITIALIZED = 1
 NVML_ERROR_INVALID_ARGUMENT = 2
+NVML_ERROR_NOT_SUPPORTED = 3
 NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
 NVML_ERROR_UNKNOWN = 999
@@ -48,6 +58,11 @@ class NVMLError_Uninitialized(NVMLError):  # noqa: N801 - the real module's name
 class NVMLError_InvalidArgument(NVMLError):  # noqa: N801
     value = NVML_ERROR_INVALID_ARGUMENT
     text = "Invalid Argument"
+
+
+class NVMLError_NotSupported(NVMLError):  # noqa: N801
+    value = NVML_ERROR_NOT_SUPPORTED
+    text = "Not Supported"
 
 
 class NVMLError_DriverNotLoaded(NVMLError):  # noqa: N801
@@ -112,31 +127,84 @@ def nvmlSystemGetDriverVersion() -> str:  # noqa: N802
     return "550.0-fake"
 
 
+NVML_DEVICE_MIG_DISABLE = 0
+NVML_DEVICE_MIG_ENABLE = 1
+
+
+def _knob(name: str) -> int:
+    try:
+        return int(os.environ.get(name, "0") or 0)
+    except ValueError:
+        return 0
+
+
+def _others() -> int:
+    return max(0, _knob("FAKE_NVML_OTHER_GPUS"))
+
+
+def _is_fake(handle: _Handle) -> bool:
+    return handle.index == _others()
+
+
+def _idle_uuid(index: int) -> str:
+    return f"GPU-1d1e0000-0000-4000-8000-{index:012x}"
+
+
 def nvmlDeviceGetCount() -> int:  # noqa: N802
     _check_init()
-    return 1
+    return _others() + 1
 
 
 def nvmlDeviceGetHandleByIndex(index: int) -> _Handle:  # noqa: N802
     _check_init()
-    if index != 0:
+    if not 0 <= index <= _others():
         raise NVMLError_InvalidArgument()
     return _Handle(index)
 
 
+def nvmlDeviceGetHandleByUUID(uuid: str | bytes) -> _Handle:  # noqa: N802
+    _check_init()
+    wanted = uuid.decode() if isinstance(uuid, bytes) else uuid
+    for index in range(_others() + 1):
+        if nvmlDeviceGetUUID(_Handle(index)) == wanted:
+            return _Handle(index)
+    raise NVMLError_InvalidArgument()
+
+
+def nvmlDeviceGetUUID(handle: _Handle) -> str:  # noqa: N802
+    _check_init()
+    return _snapshot().uuid if _is_fake(handle) else _idle_uuid(handle.index)
+
+
+def nvmlDeviceGetMigMode(handle: _Handle) -> list[int]:  # noqa: N802
+    """[current, pending]; a GPU without MIG support raises NotSupported, as consumer GPUs do."""
+    _check_init()
+    if not _is_fake(handle):
+        raise NVMLError_NotSupported()
+    mode = NVML_DEVICE_MIG_ENABLE if os.environ.get("FAKE_NVML_MIG") == "1" \
+        else NVML_DEVICE_MIG_DISABLE
+    return [mode, mode]
+
+
 def nvmlDeviceGetName(handle: _Handle) -> str:  # noqa: N802
     _check_init()
-    return _snapshot().name
+    return _snapshot().name if _is_fake(handle) else f"Fake idle GPU {handle.index}"
 
 
 def nvmlDeviceGetMemoryInfo(handle: _Handle) -> c_nvmlMemory_t:  # noqa: N802
     _check_init()
     snap = _snapshot()
     total = int(snap.total_mb * _MIB)
+    if not _is_fake(handle):
+        return c_nvmlMemory_t(total=total, free=total, used=0)
     used = min(total, int(snap.used_mb * _MIB))
     return c_nvmlMemory_t(total=total, free=total - used, used=used)
 
 
 def nvmlDeviceGetComputeRunningProcesses(handle: _Handle) -> list[c_nvmlProcessInfo_t]:  # noqa: N802
     _check_init()
-    return [c_nvmlProcessInfo_t(pid, int(mb * _MIB)) for pid, mb in sorted(_snapshot().processes.items())]
+    if not _is_fake(handle):
+        return []
+    offset = _knob("FAKE_NVML_PID_OFFSET")
+    return [c_nvmlProcessInfo_t(pid + offset, int(mb * _MIB))
+            for pid, mb in sorted(_snapshot().processes.items())]
