@@ -374,6 +374,32 @@ def expires_at(entry: dict[str, Any]) -> datetime:
     return datetime.fromisoformat(entry["expires_at"])
 
 
+@pytest.mark.parametrize("resets", [False, True], ids=["since-0.1.49", "before-0.1.49"])
+def test_ollama_v1_requests_keep_or_reset_the_keep_alive(procs: Spawner, resets: bool) -> None:
+    """Since v0.1.49 a /v1 request keeps the runner's keep_alive (a pin stays a pin); before,
+    it reset it to the 5-minute default (the fake's FAKE_OLLAMA_V1_RESETS_KEEP_ALIVE)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    procs.fake("ollama", "serve", env={
+        "OLLAMA_HOST": f"127.0.0.1:{port}", "FAKE_OLLAMA_MODELS": "qwen3:8b=5200",
+        "FAKE_OLLAMA_V1_RESETS_KEEP_ALIVE": "1" if resets else ""})
+    wait_until(lambda: status_of(f"{base}/api/version") == 200, 10, what="ollama to listen")
+    body = {"model": "qwen3:8b", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=base, timeout=10) as client:
+        def expires() -> datetime:
+            stamp = client.get("/api/ps").json()["models"][0]["expires_at"]
+            return datetime.fromisoformat(stamp)
+
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        fresh = expires()  # a load by /v1: the default keep_alive, about 5 minutes
+        assert timedelta(minutes=4) < fresh - datetime.now(fresh.tzinfo) <= timedelta(minutes=5)
+        assert client.post("/api/generate", json={"model": "qwen3:8b", "keep_alive": -1}).json()
+        assert expires().year > 2200  # pinned
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        after = expires()
+    assert (after.year < 2200) is resets
+
+
 def test_ollama_preload_ps_unload_and_keep_alive(procs: Spawner, gpu_dir: Path) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"

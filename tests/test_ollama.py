@@ -43,10 +43,12 @@ def client(swapper: SwapperProcess) -> openai.OpenAI:
 
 
 @pytest.fixture
-def external_ollama(tmp_path: Path) -> Iterator[str]:
-    """An Ollama that swapper does not own (as on most hosts): its base URL."""
+def external_ollama(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """An Ollama that swapper does not own (as on most hosts): its base URL. Parametrized
+    indirectly, the parameter is extra environment for the fake."""
     port = free_port()
-    env = {**os.environ, "OLLAMA_HOST": f"127.0.0.1:{port}", "FAKE_OLLAMA_MODELS": PULLED}
+    env = {**os.environ, "OLLAMA_HOST": f"127.0.0.1:{port}", "FAKE_OLLAMA_MODELS": PULLED,
+           **getattr(request, "param", {})}
     log = (tmp_path / "ollama.log").open("wb")
     proc = subprocess.Popen([sys.executable, OLLAMA, "serve"], env=env, stdout=log,
                             stderr=subprocess.STDOUT)
@@ -158,14 +160,27 @@ def test_ollama_errors_come_back_as_openai_errors(
     assert swapper.model("ghost")["status"] == "FAILED"
 
 
+def test_a_pinned_model_stays_pinned_through_v1_requests(
+    swapper_factory: Callable[..., SwapperProcess], external_ollama: str,
+) -> None:
+    """Ollama since v0.1.49: a /v1 request keeps the runner's keep_alive (swapper's pin)."""
+    swapper = swapper_factory(models={"qwen": on(external_ollama, "qwen3:8b")})
+    client(swapper).chat.completions.create(
+        model="qwen", messages=[{"role": "user", "content": "hi"}])
+    assert ps(external_ollama)["qwen3:8b"]["expires_at"] > "2200"
+
+
+@pytest.mark.parametrize("external_ollama", [{"FAKE_OLLAMA_V1_RESETS_KEEP_ALIVE": "1"}],
+                         indirect=True)
 def test_a_model_stays_pinned_although_each_request_resets_ollamas_keep_alive(
     swapper_factory: Callable[..., SwapperProcess], external_ollama: str,
 ) -> None:
+    """Ollama before v0.1.49: every /v1 request reset keep_alive to the 5-minute default."""
     swapper = swapper_factory(models={
         "qwen": on(external_ollama, "qwen3:8b")})
     client(swapper).chat.completions.create(
         model="qwen", messages=[{"role": "user", "content": "hi"}])
-    # Ollama's /v1 endpoints set keep_alive back to its 5-minute default...
+    # That Ollama's /v1 endpoints set keep_alive back to its 5-minute default...
     assert ps(external_ollama)["qwen3:8b"]["expires_at"] < "2100"
     # ...and swapper's watcher pins the model again, so Ollama never unloads it on its own.
     wait_until(lambda: ps(external_ollama)["qwen3:8b"]["expires_at"] > "2200", 10,
