@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
 
@@ -15,9 +16,9 @@ from tests.fakes import Behaviour, FakeWorld, queued, until
 pytestmark = pytest.mark.anyio
 
 
-def total_queued(coordinator: SwapCoordinator) -> int:
-    """Requests waiting for any model."""
-    return sum(m["queued"] for m in coordinator.status()["models"].values())
+def queued_at_least(coordinator: SwapCoordinator, count: int) -> bool:
+    """``count`` requests (or more) wait for models."""
+    return sum(m["queued"] for m in coordinator.status()["models"].values()) >= count
 
 
 async def finished(coordinator: SwapCoordinator, name: str) -> None:
@@ -118,7 +119,7 @@ async def test_interleaved_requests_are_batched_per_model(
     tasks = []
     for count, name in enumerate(order, 1):
         tasks.append(asyncio.create_task(coordinator.acquire(name)))
-        await until(coordinator, lambda n=count: total_queued(coordinator) == n,  # type: ignore[misc]
+        await until(coordinator, functools.partial(queued_at_least, coordinator, count),
                     f"request {count} to queue")
     world.gates["a"].set()
     served: list[str] = []
@@ -240,7 +241,9 @@ async def test_client_that_leaves_the_queue_is_forgotten(
     assert world.starts("b") == 0
 
 
-async def test_admin_load_and_unload(coordinator_factory: CoordinatorFactory, world: FakeWorld) -> None:
+async def test_admin_load_and_unload(
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
+) -> None:
     coordinator = coordinator_factory()
     await coordinator.load("b")
     assert coordinator.model_status("b") == ModelStatus.LOADED
@@ -303,7 +306,8 @@ async def test_crash_loop_backs_off_exponentially_and_manual_load_retries_at_onc
     coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
     world.queue("a", *[Behaviour.FAIL_START] * 4)
-    coordinator = coordinator_factory(max_start_failures=2, retry_backoff=60, retry_backoff_max=1000)
+    coordinator = coordinator_factory(max_start_failures=2, retry_backoff=60,
+                                      retry_backoff_max=1000)
     with pytest.raises(ModelUnavailable):
         await coordinator.acquire("a")
     assert coordinator.status()["models"]["a"]["retry_at"] is None  # one failure: retry freely

@@ -1,11 +1,11 @@
 """Random traffic against the placement rules: the invariants hold whatever the order.
 
-Hypothesis draws request bursts, releases, operator unloads, crashes and reloads over models of random
-sizes (some sleep-capable, one pinned, one too big to ever fit) and a random slot count. After
-every step: never more models in slots than ``max_concurrent_models``, never more VRAM held on
-the fake GPU than the budget; at every admission: the overtake bound (see ``admitted``). At the
-end every request has been answered (served, or refused with a clear error), nothing hangs, every
-operator unload has returned, and nothing outlives the coordinator.
+Hypothesis draws request bursts, releases, operator unloads, crashes and reloads over models of
+random sizes (some sleep-capable, one pinned, one too big to ever fit) and a random slot count.
+After every step: never more models in slots than ``max_concurrent_models``, never more VRAM held
+on the fake GPU than the budget; at every admission: the overtake bound (see ``admitted``). At
+the end every request has been answered (served, or refused with a clear error), nothing hangs,
+every operator unload has returned, and nothing outlives the coordinator.
 """
 
 from __future__ import annotations
