@@ -300,3 +300,8 @@ async def until(coordinator: SwapCoordinator, predicate: Callable[[], bool], wha
 def queued(coordinator: SwapCoordinator, model_id: str) -> int:
     """How many requests wait for ``model_id``."""
     return int(coordinator.status()["models"][model_id]["queued"])
+
+
+async def finished(coordinator: SwapCoordinator, name: str) -> None:
+    """Await the coordinator's background tasks called ``name`` (``probe:a``, ``measure:a``)."""
+    await asyncio.gather(*(t for t in coordinator._tasks if t.get_name() == name))

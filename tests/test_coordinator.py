@@ -11,7 +11,7 @@ from swapper.coordinator import Lease, ModelStatus, SwapCoordinator
 from swapper.errors import ModelNotFound, ModelUnavailable, QueueFull, ServiceUnavailable
 from swapper.model_state import Waiter
 from tests.conftest import CoordinatorFactory, fake_config
-from tests.fakes import Behaviour, FakeWorld, queued, until
+from tests.fakes import Behaviour, FakeWorld, finished, queued, until
 
 pytestmark = pytest.mark.anyio
 
@@ -19,11 +19,6 @@ pytestmark = pytest.mark.anyio
 def queued_at_least(coordinator: SwapCoordinator, count: int) -> bool:
     """``count`` requests (or more) wait for models."""
     return sum(m["queued"] for m in coordinator.status()["models"].values()) >= count
-
-
-async def finished(coordinator: SwapCoordinator, name: str) -> None:
-    """Await the coordinator's background tasks called ``name`` (e.g. ``probe:a``)."""
-    await asyncio.gather(*(t for t in coordinator._tasks if t.get_name() == name))
 
 
 async def test_resolve_ids_and_aliases(coordinator_factory: CoordinatorFactory) -> None:

@@ -15,7 +15,7 @@ import pytest
 from swapper.coordinator import Lease, ModelStatus, SwapCoordinator
 from swapper.errors import ModelUnavailable
 from tests.conftest import CoordinatorFactory, fake_config
-from tests.fakes import Behaviour, FakeGpu, FakeWorld, queued, until
+from tests.fakes import Behaviour, FakeGpu, FakeWorld, finished, queued, until
 
 pytestmark = pytest.mark.anyio
 
@@ -38,11 +38,6 @@ async def use(coordinator: SwapCoordinator, model_id: str) -> None:
     """One request to ``model_id``, start to end."""
     lease = await coordinator.acquire(model_id)
     lease.release()
-
-
-async def finished(coordinator: SwapCoordinator, name: str) -> None:
-    """Await the coordinator's background tasks called ``name`` (e.g. ``measure:a``)."""
-    await asyncio.gather(*(t for t in coordinator._tasks if t.get_name() == name))
 
 
 def statuses(coordinator: SwapCoordinator) -> dict[str, str]:
