@@ -10,12 +10,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from swapper.backend import Backend, BackendHandle
 from swapper.config import ModelEntry
+from swapper.gpu import GpuStats
 from swapper.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from swapper.coordinator import SwapCoordinator
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
@@ -60,24 +66,29 @@ class FakeWorld:
         self.exits: dict[str, asyncio.Future[str]] = {}
         self.frozen: set[str] = set()
         self._next_pid = 1000
-        #: VRAM each live fake holds, and memory freed but not yet shown free (CUDA's lag).
+        #: VRAM each live fake holds; what stopped fakes held, as [MiB, first seen freed (None:
+        #: not looked at yet)], until the lag passes; the lag (s) a FakeGpu applies to it.
         self.held: dict[str, float] = {}
-        self.releasing: list[tuple[float, float]] = []
+        self.releasing: list[list[Any]] = []
         self.release_lag = 0.0
+        #: The GPU is read from worker threads (placement reads NVML off the event loop).
+        self.gpu_lock = threading.Lock()
         self.max_held = 0.0
         self.pids: dict[int, str] = {}
         #: Fakes alive but asleep (they hold memory, and serve nothing).
         self.asleep: set[str] = set()
         self.max_awake = 0
 
-    def hold(self, model_id: str, mb: float) -> None:
-        """Set what ``model_id`` holds on the fake GPU; what it frees shows up after the lag."""
-        freed = self.held.pop(model_id, 0.0) - mb
-        if mb > 0:
-            self.held[model_id] = mb
-        self.max_held = max(self.max_held, sum(self.held.values()))
-        if freed > 0 and self.release_lag > 0:
-            self.releasing.append((time.monotonic() + self.release_lag, freed))
+    def hold(self, model_id: str, mb: float, *, died: bool = False) -> None:
+        """Set what ``model_id`` holds on the fake GPU. A live process's change shows at once;
+        what a process that ``died`` held shows free only after the lag (see :class:`FakeGpu`)."""
+        with self.gpu_lock:
+            freed = self.held.pop(model_id, 0.0) - mb
+            if mb > 0:
+                self.held[model_id] = mb
+            self.max_held = max(self.max_held, sum(self.held.values()))
+            if freed > 0 and died:
+                self.releasing.append([freed, None])
 
     def queue(self, model_id: str, *behaviours: Behaviour) -> None:
         """Behaviours for the next starts of ``model_id`` (READY once they run out)."""
@@ -103,7 +114,7 @@ class FakeWorld:
         ``wait_exit`` (a stop or a kill on the fake's own loop)."""
         self.alive.discard(model_id)
         self.asleep.discard(model_id)
-        self.hold(model_id, 0)
+        self.hold(model_id, 0, died=True)
         exit_ = self.exits.get(model_id)
         if outcome is not None and exit_ is not None and not exit_.done():
             exit_.set_result(outcome)
@@ -118,28 +129,59 @@ class FakeWorld:
 
 
 class FakeGpu:
-    """A GPU whose used memory follows which fakes hold what (the GpuView placement reads)."""
+    """One GPU in process, with everything swapper reads of :class:`swapper.gpu.GpuMonitor`.
+
+    Its used memory is ``extra_mb`` (other programs) plus what the live fakes hold. What a
+    stopped fake held still counts until ``release_lag`` seconds (default: the world's) after a
+    reader first sees it gone, as ``tests/fake_servers/fakegpu.py`` does for dead holders and as
+    CUDA's free figure lags an unload; a lag of 0 shows it free at once.
+    """
 
     available = True
 
-    def __init__(self, world: FakeWorld, total_mb: float = 16384.0) -> None:
+    def __init__(self, world: FakeWorld, total_mb: float = 16384.0, *, extra_mb: float = 0.0,
+                 name: str = "Fake GPU", release_lag: float | None = None) -> None:
         self.world = world
         self.total_mb = total_mb
-        self.reads = 0
+        self.extra_mb = extra_mb
+        self.name = name
+        self.release_lag = release_lag
 
     def used_mb(self) -> float:
+        """MiB in use now; this read starts the lag of releases no one had seen yet."""
+        world = self.world
+        lag = world.release_lag if self.release_lag is None else self.release_lag
         now = time.monotonic()
-        self.world.releasing = [(t, mb) for t, mb in self.world.releasing if t > now]
-        return sum(self.world.held.values()) + sum(mb for _, mb in self.world.releasing)
+        with world.gpu_lock:
+            for release in world.releasing:
+                if release[1] is None:
+                    release[1] = now
+            world.releasing = [r for r in world.releasing if now - r[1] < lag]
+            return (self.extra_mb + sum(world.held.values())
+                    + sum(r[0] for r in world.releasing))
+
+    def gpus(self) -> list[GpuStats]:
+        """The one GPU's memory."""
+        used = self.used_mb()
+        return [GpuStats(0, self.name, self.total_mb, used, max(0.0, self.total_mb - used))]
 
     def totals_mb(self) -> tuple[float, float, float]:
-        self.reads += 1
-        used = self.used_mb()
-        return self.total_mb, used, self.total_mb - used
+        """Total, used and free MiB."""
+        gpu = self.gpus()[0]
+        return gpu.total_mb, gpu.used_mb, gpu.free_mb
 
     def process_memory_mb(self, pid: int) -> float | None:
+        """What the fake started as ``pid`` holds (0 once it is gone, or for a stranger)."""
         model_id = self.world.pids.get(pid)
-        return self.world.held.get(model_id, 0.0) if model_id else 0.0
+        with self.world.gpu_lock:
+            return self.world.held.get(model_id, 0.0) if model_id else 0.0
+
+    def snapshot(self) -> dict[str, Any]:
+        """The ``gpu`` section of ``/status``, as GpuMonitor writes it."""
+        return {"available": True,
+                "gpus": [{"index": g.index, "name": g.name, "total_mb": round(g.total_mb),
+                          "used_mb": round(g.used_mb), "free_mb": round(g.free_mb)}
+                         for g in self.gpus()]}
 
 
 def fake_backend_class(world: FakeWorld) -> type[Backend]:
@@ -240,3 +282,26 @@ class FakePlugin:
     def register_backends(self, register: Callable[[type[Backend]], None]) -> None:
         """Provide the ``fake`` backend."""
         register(self.backend)
+
+
+async def until(coordinator: SwapCoordinator, predicate: Callable[[], bool], what: str,
+                timeout: float = 30.0) -> None:
+    """Return once ``predicate()`` holds, checking after each of the coordinator's events
+    (status, swap, load, unload, queue); fail after ``timeout`` seconds."""
+    with coordinator.events.subscribe() as events:  # subscribed: queue changes are sent too
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate():
+                    await events.get()
+        except TimeoutError:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+def queued(coordinator: SwapCoordinator, model_id: str) -> int:
+    """How many requests wait for ``model_id``."""
+    return int(coordinator.status()["models"][model_id]["queued"])
+
+
+async def finished(coordinator: SwapCoordinator, name: str) -> None:
+    """Await the coordinator's background tasks called ``name`` (``probe:a``, ``measure:a``)."""
+    await asyncio.gather(*(t for t in coordinator._tasks if t.get_name() == name))

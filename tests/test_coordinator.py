@@ -3,64 +3,34 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+import functools
 
 import pytest
 
-from swapper.config import Config, parse_config
 from swapper.coordinator import Lease, ModelStatus, SwapCoordinator
 from swapper.errors import ModelNotFound, ModelUnavailable, QueueFull, ServiceUnavailable
-from swapper.plugins import load_backends
-from tests.fakes import Behaviour, FakePlugin, FakeWorld
+from swapper.model_state import Waiter
+from tests.conftest import CoordinatorFactory, fake_config
+from tests.fakes import Behaviour, FakeWorld, finished, queued, until
 
 pytestmark = pytest.mark.anyio
 
 
-def make_config(world: FakeWorld, **swapper: Any) -> tuple[Config, Any]:
-    registry = load_backends(FakePlugin(world))
-    data = {
-        "swapper": {"model_swap_timeout": 5, "stop_timeout": 1, **swapper},
-        "models": {
-            "a": {"backend": "fake", "aliases": ["alpha"]},
-            "b": {"backend": "fake"},
-            "c": {"backend": "fake"},
-        },
-    }
-    return parse_config(data, "test.yaml", registry.schemas()), registry
+def queued_at_least(coordinator: SwapCoordinator, count: int) -> bool:
+    """``count`` requests (or more) wait for models."""
+    return sum(m["queued"] for m in coordinator.status()["models"].values()) >= count
 
 
-@pytest.fixture
-async def make(world: FakeWorld) -> AsyncIterator[Callable[..., SwapCoordinator]]:
-    made: list[SwapCoordinator] = []
-
-    def factory(**swapper: Any) -> SwapCoordinator:
-        config, registry = make_config(world, **swapper)
-        made.append(SwapCoordinator(config, registry))
-        return made[-1]
-
-    yield factory
-    for coordinator in made:
-        await coordinator.close()
-    assert world.alive == set(), "a fake backend outlived the coordinator"
-
-
-async def settle() -> None:
-    """Let every ready task run to its next await (no wall-clock waiting)."""
-    for _ in range(5):
-        await asyncio.sleep(0)
-
-
-async def test_resolve_ids_and_aliases(make: Callable[..., SwapCoordinator]) -> None:
-    coordinator = make()
+async def test_resolve_ids_and_aliases(coordinator_factory: CoordinatorFactory) -> None:
+    coordinator = coordinator_factory()
     assert coordinator.resolve("a") == "a"
     assert coordinator.resolve("alpha") == "a"
     with pytest.raises(ModelNotFound):
         coordinator.resolve("zeta")
 
 
-async def test_every_model_starts_unloaded(make: Callable[..., SwapCoordinator]) -> None:
-    coordinator = make()
+async def test_every_model_starts_unloaded(coordinator_factory: CoordinatorFactory) -> None:
+    coordinator = coordinator_factory()
     doc = coordinator.status()
     assert doc["active_model"] is None
     assert {m["status"] for m in doc["models"].values()} == {"UNLOADED"}
@@ -68,14 +38,13 @@ async def test_every_model_starts_unloaded(make: Callable[..., SwapCoordinator])
 
 
 async def test_concurrent_first_requests_cause_one_load(
-    make: Callable[..., SwapCoordinator], world: FakeWorld
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
     world.queue("a", Behaviour.GATED)
-    coordinator = make()
+    coordinator = coordinator_factory()
     tasks = [asyncio.create_task(coordinator.acquire("a")) for _ in range(10)]
     await coordinator.wait_for_status("a", ModelStatus.LOADING)
-    await settle()
-    assert coordinator.status()["models"]["a"]["queued"] == 10
+    await until(coordinator, lambda: queued(coordinator, "a") == 10, "10 requests queued for a")
     world.gates["a"].set()
     leases = await asyncio.gather(*tasks)
     assert world.starts("a") == 1
@@ -86,12 +55,13 @@ async def test_concurrent_first_requests_cause_one_load(
 
 
 async def test_swap_waits_for_in_flight_and_stops_old_before_starting_new(
-    make: Callable[..., SwapCoordinator], world: FakeWorld
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
-    coordinator = make()
+    coordinator = coordinator_factory()
     lease_a = await coordinator.acquire("a")
     want_b = asyncio.create_task(coordinator.acquire("b"))
-    await settle()
+    # Once b's request is queued the coordinator has decided (synchronously) what to do with it.
+    await until(coordinator, lambda: queued(coordinator, "b") == 1, "b's request to queue")
     # a is busy: b waits, a stays resident
     assert coordinator.model_status("a") == ModelStatus.LOADED
     assert coordinator.model_status("b") == ModelStatus.UNLOADED
@@ -107,27 +77,27 @@ async def test_swap_waits_for_in_flight_and_stops_old_before_starting_new(
 
 
 async def test_queued_requests_for_resident_model_are_served_before_the_swap(
-    make: Callable[..., SwapCoordinator], world: FakeWorld
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
     world.queue("a", Behaviour.GATED)
-    coordinator = make(max_overtake=0)
+    coordinator = coordinator_factory(max_overtake=0)
     # a1 a2 arrive while a loads, then b1, then a3: a1 and a2 were first and go before the swap;
     # a3 may not overtake b1 (bound 0) and waits for the swap back.
     a1 = asyncio.create_task(coordinator.acquire("a"))
     a2 = asyncio.create_task(coordinator.acquire("a"))
-    await settle()
+    await until(coordinator, lambda: queued(coordinator, "a") == 2, "a1 and a2 to queue")
     b1 = asyncio.create_task(coordinator.acquire("b"))
-    await settle()
+    await until(coordinator, lambda: queued(coordinator, "b") == 1, "b1 to queue")
     a3 = asyncio.create_task(coordinator.acquire("a"))
-    await settle()
+    await until(coordinator, lambda: queued(coordinator, "a") == 3, "a3 to queue")
     world.gates["a"].set()
     first = await asyncio.gather(a1, a2)
-    await settle()
-    assert not a3.done() and not b1.done()
+    # a1 and a2 were admitted in one pass at a's LOADED; a3 would have been admitted in it too.
+    assert queued(coordinator, "a") == 1 and queued(coordinator, "b") == 1
     for lease in first:
         lease.release()
     lease_b = await b1
-    assert not a3.done()
+    assert queued(coordinator, "a") == 1 and coordinator.model_status("a") == ModelStatus.UNLOADED
     lease_b.release()
     lease_a3 = await a3
     lease_a3.release()
@@ -136,22 +106,22 @@ async def test_queued_requests_for_resident_model_are_served_before_the_swap(
 
 
 async def test_interleaved_requests_are_batched_per_model(
-    make: Callable[..., SwapCoordinator], world: FakeWorld
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
     world.queue("a", Behaviour.GATED)
-    coordinator = make(max_overtake=2)
+    coordinator = coordinator_factory(max_overtake=2)
     order = ["a", "b", "a", "b", "a", "b"]
     tasks = []
-    for name in order:
+    for count, name in enumerate(order, 1):
         tasks.append(asyncio.create_task(coordinator.acquire(name)))
-        await settle()
+        await until(coordinator, functools.partial(queued_at_least, coordinator, count),
+                    f"request {count} to queue")
     world.gates["a"].set()
     served: list[str] = []
 
     async def serve(task: asyncio.Task[Lease]) -> None:
         lease = await task
         served.append(lease.model_id)
-        await settle()
         lease.release()
 
     await asyncio.gather(*(serve(t) for t in tasks))
@@ -162,15 +132,16 @@ async def test_interleaved_requests_are_batched_per_model(
 
 
 async def test_steady_traffic_cannot_starve_a_waiting_model(
-    make: Callable[..., SwapCoordinator], world: FakeWorld
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
-    coordinator = make(max_overtake=3)
+    coordinator = coordinator_factory(max_overtake=3)
     held = [await coordinator.acquire("a")]
     want_b = asyncio.create_task(coordinator.acquire("b"))
-    await settle()
+    await until(coordinator, lambda: queued(coordinator, "b") == 1, "b's request to queue")
     # New requests for the resident model keep coming; only 3 may overtake b.
     overtakers = [asyncio.create_task(coordinator.acquire("a")) for _ in range(6)]
-    await settle()
+    # Admitted ones finish in their first step; the others queue.
+    await until(coordinator, lambda: queued(coordinator, "a") == 3, "3 requests for a to queue")
     admitted = [t for t in overtakers if t.done()]
     assert len(admitted) == 3
     held += [t.result() for t in admitted]
@@ -178,17 +149,17 @@ async def test_steady_traffic_cannot_starve_a_waiting_model(
         lease.release()
     lease_b = await want_b
     assert lease_b.model_id == "b"
-    assert sum(t.done() for t in overtakers) == 3  # the rest wait their turn after b
+    assert queued(coordinator, "a") == 3  # the rest wait their turn after b
     lease_b.release()
     for lease in await asyncio.gather(*(t for t in overtakers if not t.done())):
         lease.release()
 
 
 async def test_load_timeout_fails_waiters_kills_process_and_next_request_retries(
-    make: Callable[..., SwapCoordinator], world: FakeWorld
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
     world.queue("a", Behaviour.NEVER_READY)
-    coordinator = make(model_swap_timeout=0.2)
+    coordinator = coordinator_factory(model_swap_timeout=0.2)
     with pytest.raises(ModelUnavailable) as info:
         await coordinator.acquire("a")
     assert info.value.status_code == 503 and info.value.retry_after
@@ -205,10 +176,10 @@ async def test_load_timeout_fails_waiters_kills_process_and_next_request_retries
 
 
 async def test_start_failure_and_exit_during_load_are_reported(
-    make: Callable[..., SwapCoordinator], world: FakeWorld
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
     world.queue("a", Behaviour.FAIL_START, Behaviour.EXIT_DURING_LOAD)
-    coordinator = make()
+    coordinator = coordinator_factory()
     with pytest.raises(ModelUnavailable, match="fake start failed"):
         await coordinator.acquire("a")
     with pytest.raises(ModelUnavailable, match="fake backend crashed"):
@@ -219,10 +190,10 @@ async def test_start_failure_and_exit_during_load_are_reported(
 
 
 async def test_failed_load_lets_other_queued_models_proceed(
-    make: Callable[..., SwapCoordinator], world: FakeWorld
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
     world.queue("a", Behaviour.FAIL_START)
-    coordinator = make()
+    coordinator = coordinator_factory()
     want_a = asyncio.create_task(coordinator.acquire("a"))
     want_b = asyncio.create_task(coordinator.acquire("b"))
     with pytest.raises(ModelUnavailable):
@@ -232,9 +203,9 @@ async def test_failed_load_lets_other_queued_models_proceed(
 
 
 async def test_crash_is_detected_and_next_request_restarts(
-    make: Callable[..., SwapCoordinator], world: FakeWorld
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
-    coordinator = make()
+    coordinator = coordinator_factory()
     (await coordinator.acquire("a")).release()
     world.crash("a")
     await coordinator.wait_for_status("a", ModelStatus.FAILED)
@@ -248,31 +219,39 @@ async def test_crash_is_detected_and_next_request_restarts(
 
 
 async def test_client_that_leaves_the_queue_is_forgotten(
-    make: Callable[..., SwapCoordinator], world: FakeWorld
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
-    coordinator = make()
+    coordinator = coordinator_factory()
     lease_a = await coordinator.acquire("a")
     want_b = asyncio.create_task(coordinator.acquire("b"))
-    await settle()
-    assert coordinator.status()["models"]["b"]["queued"] == 1
+    await until(coordinator, lambda: queued(coordinator, "b") == 1, "b's request to queue")
     want_b.cancel()
-    await settle()
-    assert coordinator.status()["models"]["b"]["queued"] == 0
+    await until(coordinator, lambda: queued(coordinator, "b") == 0, "b's request to leave")
+    # Releasing a's last request takes every decision at once (synchronously): a swap to b
+    # would already have begun, and a would no longer admit requests.
     lease_a.release()
-    await settle()
-    # nobody wants b any more: a stays resident, b was never started
     assert coordinator.model_status("a") == ModelStatus.LOADED
+    assert isinstance(again := coordinator.enqueue("a"), Lease)  # resident, admitted at once
+    again.release()
     assert world.starts("b") == 0
 
 
-async def test_admin_load_and_unload(make: Callable[..., SwapCoordinator], world: FakeWorld) -> None:
-    coordinator = make()
+async def test_admin_load_and_unload(
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
+) -> None:
+    coordinator = coordinator_factory()
     await coordinator.load("b")
     assert coordinator.model_status("b") == ModelStatus.LOADED
     lease = await coordinator.acquire("b")
     unload = asyncio.create_task(coordinator.unload("b"))
-    await settle()
+    # A request made after the unload (tasks run in order) must queue, not be admitted; once
+    # it is queued, the unload has taken its decision, and b must still be serving.
+    after = asyncio.create_task(coordinator.acquire("b"))
+    await until(coordinator, lambda: queued(coordinator, "b") == 1, "a request after the unload")
+    assert coordinator.model_status("b") == ModelStatus.LOADED and ("stop", "b") not in world.events
     assert not unload.done()  # waits for the in-flight request
+    after.cancel()
+    await until(coordinator, lambda: queued(coordinator, "b") == 0, "that request to leave")
     lease.release()
     await unload
     assert coordinator.model_status("b") == ModelStatus.UNLOADED
@@ -280,10 +259,10 @@ async def test_admin_load_and_unload(make: Callable[..., SwapCoordinator], world
 
 
 async def test_close_stops_everything_and_refuses_new_work(
-    make: Callable[..., SwapCoordinator], world: FakeWorld
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
     world.queue("b", Behaviour.GATED)
-    coordinator = make()
+    coordinator = coordinator_factory()
     (await coordinator.acquire("a")).release()
     want_b = asyncio.create_task(coordinator.acquire("b"))
     await coordinator.wait_for_status("b", ModelStatus.LOADING)
@@ -295,20 +274,20 @@ async def test_close_stops_everything_and_refuses_new_work(
         await coordinator.acquire("a")
 
 
-async def test_illegal_transition_is_refused(make: Callable[..., SwapCoordinator]) -> None:
-    coordinator = make()
+async def test_illegal_transition_is_refused(coordinator_factory: CoordinatorFactory) -> None:
+    coordinator = coordinator_factory()
     model = coordinator._models["a"]
     with pytest.raises(RuntimeError, match="illegal transition"):
         coordinator._transition(model, ModelStatus.LOADED)
 
 
 async def test_queue_cap_refuses_beyond_max_queue(
-    make: Callable[..., SwapCoordinator], world: FakeWorld
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
     world.queue("a", Behaviour.GATED)
-    coordinator = make(max_queue=2)
+    coordinator = coordinator_factory(max_queue=2)
     waiting = [asyncio.create_task(coordinator.acquire("a")) for _ in range(2)]
-    await settle()
+    await until(coordinator, lambda: queued(coordinator, "a") == 2, "2 requests to queue")
     with pytest.raises(QueueFull) as info:
         await coordinator.acquire("b")
     assert info.value.status_code == 429 and info.value.retry_after
@@ -319,10 +298,11 @@ async def test_queue_cap_refuses_beyond_max_queue(
 
 
 async def test_crash_loop_backs_off_exponentially_and_manual_load_retries_at_once(
-    make: Callable[..., SwapCoordinator], world: FakeWorld
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
     world.queue("a", *[Behaviour.FAIL_START] * 4)
-    coordinator = make(max_start_failures=2, retry_backoff=60, retry_backoff_max=1000)
+    coordinator = coordinator_factory(max_start_failures=2, retry_backoff=60,
+                                      retry_backoff_max=1000)
     with pytest.raises(ModelUnavailable):
         await coordinator.acquire("a")
     assert coordinator.status()["models"]["a"]["retry_at"] is None  # one failure: retry freely
@@ -349,12 +329,12 @@ async def test_crash_loop_backs_off_exponentially_and_manual_load_retries_at_onc
 
 
 async def test_frozen_backend_is_killed_after_a_silent_request(
-    make: Callable[..., SwapCoordinator], world: FakeWorld
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
-    coordinator = make()
+    coordinator = coordinator_factory()
     lease = await coordinator.acquire("a")
     lease.backend_silent()  # the backend still answers its health probe: not frozen
-    await settle()
+    await finished(coordinator, "probe:a")
     assert coordinator.model_status("a") == ModelStatus.LOADED
     world.freeze("a")
     lease.backend_silent()
@@ -367,17 +347,12 @@ async def test_frozen_backend_is_killed_after_a_silent_request(
 
 
 async def test_reload_keeps_unchanged_restarts_changed_on_next_use_and_unloads_removed(
-    make: Callable[..., SwapCoordinator], world: FakeWorld
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
-    coordinator = make(max_overtake=8)
+    coordinator = coordinator_factory(max_overtake=8)
     held = await coordinator.acquire("a")  # mid-request during the reload
-    config, _ = make_config(world)
-    changed = parse_config(
-        {"swapper": {"model_swap_timeout": 5, "stop_timeout": 1},
-         "models": {"a": {"backend": "fake", "aliases": ["alpha"]},
-                    "b": {"backend": "fake", "note": "changed"},
-                    "d": {"backend": "fake"}}},
-        "test.yaml", load_backends(FakePlugin(world)).schemas())
+    changed, _ = fake_config(world, {"a": {"aliases": ["alpha"]}, "b": {"note": "changed"},
+                                     "d": {}})
     summary = coordinator.reload(changed)
     assert summary == {"added": ["d"], "changed": ["b"], "removed": ["c"], "unchanged": ["a"]}
     assert coordinator.model_status("a") == ModelStatus.LOADED
@@ -392,16 +367,13 @@ async def test_reload_keeps_unchanged_restarts_changed_on_next_use_and_unloads_r
 
 
 async def test_reload_restarts_a_resident_changed_model_on_its_next_request(
-    make: Callable[..., SwapCoordinator], world: FakeWorld
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
-    coordinator = make()
+    coordinator = coordinator_factory()
     (await coordinator.acquire("a")).release()
-    changed = parse_config(
-        {"swapper": {"model_swap_timeout": 5, "stop_timeout": 1},
-         "models": {"a": {"backend": "fake", "note": "v2"}, "b": {"backend": "fake"}}},
-        "test.yaml", load_backends(FakePlugin(world)).schemas())
+    changed, _ = fake_config(world, {"a": {"note": "v2"}, "b": {}})
+    # reload() takes its decisions synchronously: a restart now would show as UNLOADING here.
     assert coordinator.reload(changed)["changed"] == ["a"]
-    await settle()
     assert coordinator.model_status("a") == ModelStatus.LOADED  # keeps running until used
     assert world.starts("a") == 1
     lease = await coordinator.acquire("a")
@@ -411,25 +383,27 @@ async def test_reload_restarts_a_resident_changed_model_on_its_next_request(
 
 
 async def test_reload_unloads_a_resident_removed_model_once_idle(
-    make: Callable[..., SwapCoordinator], world: FakeWorld
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
-    coordinator = make()
+    coordinator = coordinator_factory()
     lease = await coordinator.acquire("c")
-    smaller = parse_config({"models": {"a": {"backend": "fake"}}}, "test.yaml",
-                           load_backends(FakePlugin(world)).schemas())
-    assert coordinator.reload(smaller)["removed"] == ["b", "c"]
-    await settle()
-    assert "c" in world.alive  # its request is still running
+    smaller, _ = fake_config(world, {"a": {}})
+    # reload() takes its decisions synchronously, and status changes are sent as they happen:
+    # an unload of c begun now would already be in the events.
+    with coordinator.events.subscribe() as events:
+        assert coordinator.reload(smaller)["removed"] == ["b", "c"]
+        changes = [events.get_nowait().data for _ in range(events.qsize())]
+    assert not [c for c in changes if c.get("model") == "c"]  # its request still runs
+    assert "c" in world.alive
     lease.release()
-    await settle()
-    assert "c" not in world.alive
+    await until(coordinator, lambda: "c" not in world.alive, "c to stop")
     assert coordinator.active_model is None
 
 
 async def test_idle_model_unloads_after_its_ttl_but_never_while_in_flight(
-    make: Callable[..., SwapCoordinator], world: FakeWorld
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
-    coordinator = make(default_ttl=0.05)
+    coordinator = coordinator_factory(default_ttl=0.05)
     lease = await coordinator.acquire("a")
     assert coordinator._models["a"].idle_timer is None  # in flight: no idle clock at all
     lease.release()
@@ -440,15 +414,13 @@ async def test_idle_model_unloads_after_its_ttl_but_never_while_in_flight(
 
 
 async def test_a_request_resets_the_idle_clock_and_ttl_zero_means_never(
-    make: Callable[..., SwapCoordinator], world: FakeWorld
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
-    coordinator = make(default_ttl=0)
+    coordinator = coordinator_factory(default_ttl=0)
     (await coordinator.acquire("a")).release()
     assert coordinator._models["a"].idle_timer is None  # ttl 0: never unloads when idle
-    coordinator.config = parse_config(
-        {"swapper": {"default_ttl": 3600}, "models": {"a": {"backend": "fake", "ttl": 0.05},
-                                                      "b": {"backend": "fake"}, "c": {"backend": "fake"}}},
-        "ttl.yaml", load_backends(FakePlugin(world)).schemas())
+    coordinator.config, _ = fake_config(world, {"a": {"ttl": 0.05}, "b": {}, "c": {}},
+                                        swapper={"default_ttl": 3600}, name="ttl.yaml")
     lease = await coordinator.acquire("a")  # the model's own ttl wins over default_ttl
     lease.release()
     first = coordinator._models["a"].idle_timer
@@ -456,3 +428,42 @@ async def test_a_request_resets_the_idle_clock_and_ttl_zero_means_never(
     (await coordinator.acquire("a")).release()  # a new request restarts the clock
     assert first.cancelled()
     await coordinator.wait_for_status("a", ModelStatus.UNLOADED)
+
+
+async def test_three_models_are_served_in_arrival_order_with_bounded_overtakes(
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
+) -> None:
+    bound = 1
+    coordinator = coordinator_factory(max_overtake=bound)
+    busy = await coordinator.acquire("a")  # a is resident and busy while the requests arrive
+    arrivals = ["a", "b", "c", "b", "c", "a", "b", "a"]
+    admitted: list[int] = []  # arrival indexes, in the order the coordinator admitted them
+    tickets: list[Lease | Waiter] = []
+    for index, name in enumerate(arrivals):  # enqueue is synchronous: arrival order is exact
+        ticket = coordinator.enqueue(name)
+        if isinstance(ticket, Lease):
+            admitted.append(index)
+        else:  # done callbacks run in the order the coordinator admits
+            ticket.future.add_done_callback(lambda _, i=index: admitted.append(i))
+        tickets.append(ticket)
+
+    async def serve(ticket: Lease | Waiter) -> None:
+        (await coordinator.redeem(ticket)).release()
+
+    serving = [asyncio.create_task(serve(t)) for t in tickets]
+    busy.release()
+    await asyncio.gather(*serving)
+    # The first a came before anyone waited. b (arrival 1) waits first, so a is evicted for it;
+    # the second a (5) may overtake it (1 of 1); the third a (7) may not. b loads before c
+    # because it arrived first, and takes its later request (3) along, overtaking c (2) once;
+    # its third (6) waits for the next turn. Then c, b again, and a.
+    assert admitted == [0, 5, 1, 3, 2, 4, 6, 7]
+    assert [e[1] for e in world.events if e[0] == "start"] == ["a", "b", "c", "b", "a"]
+    # The bound, for every request: once every earlier arrival has been admitted (it heads the
+    # queue), at most max_overtake later arrivals are admitted before it.
+    for index in range(len(arrivals)):
+        earlier = [admitted.index(i) for i in range(index)]
+        heads_from = max(earlier, default=-1)
+        mine = admitted.index(index)
+        overtakers = [i for i in admitted[heads_from + 1:mine] if i > index]
+        assert len(overtakers) <= bound, (index, overtakers)

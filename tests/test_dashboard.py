@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,8 +11,8 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
-from tests.conftest import SwapperProcess, wait_until
-from tests.fakes import Behaviour, FakePlugin, FakeWorld
+from tests.conftest import fake_config, free_port, tiny_model, wait_until
+from tests.fakes import Behaviour, FakeGpu, FakeWorld
 
 pytestmark = [pytest.mark.integration]
 
@@ -106,68 +105,40 @@ def test_dashboard_loads_a_model(swapper_factory: Any, page: Page, tmp_path: Pat
     assert data[:8] == PNG_MAGIC and len(data) > 10_000
 
 
-def test_dashboard_asks_for_a_key_and_uses_the_admin_key(swapper_factory: Any, page: Page,
-                                                          llama_server: str) -> None:
-    workdir = swapper_factory.workdir
-    config = {"swapper": {"gpu_enabled": False, "stop_timeout": 5, "shutdown_timeout": 5},
-              "server": {"api_keys": [API_KEY], "admin_api_keys": [ADMIN_KEY]},
-              "models": {"tiny-a": {"backend": "llamacpp", "ctx_size": 512,
-                                    "model_path": str(workdir / "tiny-a.gguf")}}}
-    swapper = SwapperProcess(config, workdir, llama_server)
-    try:
-        response = page.goto(f"{swapper.url}/ui")  # the page itself is open, like /health
-        assert response is not None and response.status == 200
-        notice = page.get_by_test_id("notice")
-        expect(notice).to_contain_text("401")  # no key yet
-        expect(notice).to_contain_text("enter an API key")
-        expect(page.get_by_test_id("link")).to_contain_text("needs a key (401)")
+def test_dashboard_asks_for_a_key_and_uses_the_admin_key(swapper_factory: Any,
+                                                          page: Page) -> None:
+    swapper = swapper_factory(
+        server={"api_keys": [API_KEY], "admin_api_keys": [ADMIN_KEY]},
+        models={"tiny-a": tiny_model(swapper_factory.workdir, "a", ctx_size=512)})
+    response = page.goto(f"{swapper.url}/ui")  # the page itself is open, like /health
+    assert response is not None and response.status == 200
+    notice = page.get_by_test_id("notice")
+    expect(notice).to_contain_text("401")  # no key yet
+    expect(notice).to_contain_text("enter an API key")
+    expect(page.get_by_test_id("link")).to_contain_text("needs a key (401)")
 
-        page.get_by_test_id("key").fill(API_KEY)  # a plain key: may look, may not load
-        page.get_by_test_id("save-key").click()
-        expect(page.get_by_test_id("status-tiny-a")).to_have_text("UNLOADED")
-        expect(notice).to_be_empty()
-        expect(page.get_by_test_id("link")).to_have_text("events: live")
-        page.get_by_test_id("load-tiny-a").click()
-        expect(notice).to_contain_text("403")
-        expect(notice).to_contain_text("admin_api_keys")
-        assert swapper.http.get("/status", headers={"x-api-key": API_KEY}).json()[
-            "models"]["tiny-a"]["status"] == "UNLOADED"
+    page.get_by_test_id("key").fill(API_KEY)  # a plain key: may look, may not load
+    page.get_by_test_id("save-key").click()
+    expect(page.get_by_test_id("status-tiny-a")).to_have_text("UNLOADED")
+    expect(notice).to_be_empty()
+    expect(page.get_by_test_id("link")).to_have_text("events: live")
+    page.get_by_test_id("load-tiny-a").click()
+    expect(notice).to_contain_text("403")
+    expect(notice).to_contain_text("admin_api_keys")
+    assert swapper.http.get("/status", headers={"x-api-key": API_KEY}).json()[
+        "models"]["tiny-a"]["status"] == "UNLOADED"
 
-        page.get_by_test_id("key").fill(ADMIN_KEY)
-        page.get_by_test_id("save-key").click()
-        expect(notice).to_be_empty()
-        page.get_by_test_id("load-tiny-a").click()
-        expect(page.get_by_test_id("status-tiny-a")).to_have_text("LOADED")
-        expect(notice).to_be_empty()
-        assert swapper.http.get("/status", headers={"x-api-key": ADMIN_KEY}).json()[
-            "models"]["tiny-a"]["status"] == "LOADED"
-        # Kept in the browser's storage, never in the address.
-        assert page.evaluate("localStorage.getItem('swapper-key')") == ADMIN_KEY
-        assert ADMIN_KEY not in page.url and API_KEY not in page.url
-    finally:
-        swapper.stop()
-
-
-class _FakeGpu:
-    """One 20 GB GPU, with 6 GiB used by whatever backend runs."""
-
-    available = True
-
-    def gpus(self) -> list[Any]:
-        from swapper.gpu import GpuStats
-
-        return [GpuStats(0, "Fake RTX 4000", 20480.0, 6144.0, 14336.0)]
-
-    def totals_mb(self) -> tuple[float, float, float]:
-        return 20480.0, 6144.0, 14336.0
-
-    def process_memory_mb(self, pid: int) -> float:
-        return 5120.0
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"available": True, "gpus": [{"index": 0, "name": "Fake RTX 4000",
-                                             "total_mb": 20480, "used_mb": 6144,
-                                             "free_mb": 14336}]}
+    page.get_by_test_id("key").fill(ADMIN_KEY)
+    page.get_by_test_id("save-key").click()
+    expect(notice).to_be_empty()
+    page.get_by_test_id("load-tiny-a").click()
+    expect(page.get_by_test_id("status-tiny-a")).to_have_text("LOADED")
+    expect(notice).to_be_empty()
+    assert swapper.http.get("/status", headers={"x-api-key": ADMIN_KEY}).json()[
+        "models"]["tiny-a"]["status"] == "LOADED"
+    # Kept in the browser's storage, never in the address.
+    assert page.evaluate("localStorage.getItem('swapper-key')") == ADMIN_KEY
+    assert ADMIN_KEY not in page.url and API_KEY not in page.url
 
 
 @pytest.fixture
@@ -177,19 +148,15 @@ def fake_gpu_swapper(world: FakeWorld, monkeypatch: pytest.MonkeyPatch,
     import uvicorn
 
     import swapper.app
-    from swapper.config import parse_config
-    from swapper.plugins import load_backends
 
-    monkeypatch.setattr(swapper.app, "GpuMonitor", _FakeGpu)
-    registry = load_backends(FakePlugin(world))
-    config = parse_config({"swapper": {"stop_timeout": 1, "max_start_failures": 1,
-                                       "state_file": str(tmp_path / "state.json")},
-                           "models": {"qwen3-8b": {"backend": "fake"},
-                                      "broken": {"backend": "fake"}}},
-                          "gpu.yaml", registry.schemas())
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    # A 20 GB card with 1 GiB used by other programs; qwen3-8b takes 5 GiB more once loaded.
+    monkeypatch.setattr(swapper.app, "GpuMonitor", lambda: FakeGpu(
+        world, 20480.0, extra_mb=1024.0, name="Fake RTX 4000"))
+    config, registry = fake_config(
+        world, {"qwen3-8b": {"vram_mb": 5120}, "broken": {}},
+        swapper={"max_start_failures": 1, "state_file": str(tmp_path / "state.json")},
+        name="gpu.yaml")
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(swapper.app.create_app(config, registry),
                                            host="127.0.0.1", port=port, log_config=None,
                                            lifespan="on"))

@@ -6,17 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from swapper.config import parse_config
 from swapper.coordinator import Lease, ModelStatus, SwapCoordinator
 from swapper.errors import ModelUnavailable
-from swapper.plugins import load_backends
-from tests.fakes import FakeGpu, FakePlugin, FakeWorld
+from tests.conftest import CoordinatorFactory, fake_config
+from tests.fakes import Behaviour, FakeGpu, FakeWorld, finished, queued, until
 
 pytestmark = pytest.mark.anyio
 
@@ -24,25 +23,15 @@ Make = Callable[..., SwapCoordinator]
 
 
 @pytest.fixture
-async def make(world: FakeWorld, tmp_path: Path) -> AsyncIterator[Make]:
-    """Build a coordinator on fake backends and a fake 16 GiB GPU (or none)."""
-    made: list[SwapCoordinator] = []
+def make(coordinator_factory: CoordinatorFactory) -> Make:
+    """The shared factory, in multi-active mode on a fake 16 GiB GPU (``gpu=False``: none)."""
 
-    def factory(models: dict[str, dict[str, Any]], *, gpu: bool = True, total_mb: float = 16384,
+    def factory(models: dict[str, dict[str, Any]], *, gpu: bool = True,
                 **swapper: Any) -> SwapCoordinator:
-        registry = load_backends(FakePlugin(world))
-        data = {"swapper": {"mode": "multi-active", "model_swap_timeout": 5, "stop_timeout": 1,
-                            "vram_reserve_mb": 0, "state_file": str(tmp_path / "state.json"),
-                            **swapper},
-                "models": {mid: {"backend": "fake", **entry} for mid, entry in models.items()}}
-        config = parse_config(data, "test.yaml", registry.schemas())
-        made.append(SwapCoordinator(config, registry, FakeGpu(world, total_mb) if gpu else None))
-        return made[-1]
+        settings = {"mode": "multi-active", "vram_reserve_mb": 0, **swapper}
+        return coordinator_factory(models, gpu=gpu, **settings)
 
-    yield factory
-    for coordinator in made:
-        await coordinator.close()
-    assert world.alive == set(), "a fake backend outlived the coordinator"
+    return factory
 
 
 async def use(coordinator: SwapCoordinator, model_id: str) -> None:
@@ -104,10 +93,9 @@ async def test_eviction_waits_for_in_flight_requests(make: Make, world: FakeWorl
                        max_concurrent_models=2, vram_budget_mb=14000)
     lease = await coordinator.acquire("a")
     want_b = asyncio.create_task(coordinator.acquire("b"))
-    await coordinator.wait_for_status("a", ModelStatus.LOADED)
-    for _ in range(20):
-        await asyncio.sleep(0)
-    assert not want_b.done() and ("stop", "a") not in world.events
+    # Queued: the eviction is decided (synchronously); stopping a now would already show.
+    await until(coordinator, lambda: queued(coordinator, "b") == 1, "b's request to queue")
+    assert ("stop", "a") not in world.events
     assert coordinator.model_status("a") == ModelStatus.LOADED
     lease.release()
     (await want_b).release()
@@ -121,7 +109,7 @@ async def test_past_drain_timeout_in_flight_requests_are_cut_off_with_a_reason(
     coordinator = make({"a": {"vram_mb": 9000}, "b": {"vram_mb": 9000}},
                        max_concurrent_models=2, vram_budget_mb=14000, drain_timeout=0.2)
     lease = await coordinator.acquire("a")  # never released in time
-    lease_b = await asyncio.wait_for(coordinator.acquire("b"), 5)
+    lease_b = await coordinator.acquire("b")
     assert ("stop", "a") in world.events
     assert lease.cut_reason is not None
     assert "make room for 'b'" in lease.cut_reason and "drain_timeout" in lease.cut_reason
@@ -166,7 +154,7 @@ async def test_a_model_that_can_never_fit_is_refused_at_once(make: Make, world: 
                        max_concurrent_models=2)  # budget: the fake GPU's 16384 MiB
     await use(coordinator, "a")
     with pytest.raises(ModelUnavailable) as info:
-        await asyncio.wait_for(coordinator.acquire("huge"), 1)
+        coordinator.enqueue("huge")  # at once: refused before it could ever queue
     assert "20000 MiB" in info.value.message and "16384 MiB budget" in info.value.message
     assert world.starts("huge") == 0 and coordinator.model_status("a") == ModelStatus.LOADED
 
@@ -197,8 +185,12 @@ async def test_the_memory_wait_is_bounded_and_logged(
                        max_concurrent_models=2, vram_release_timeout=0.3)
     await use(coordinator, "a")
     caplog.set_level(logging.INFO, "swapper.placement")
-    await asyncio.wait_for(use(coordinator, "b"), 5)
+    gpu = coordinator.placement.gpu
+    assert isinstance(gpu, FakeGpu)
+    await use(coordinator, "b")
     assert any("gave up waiting" in r.message for r in caplog.records)
+    # b loaded while a's memory still showed used (for 30 s): the wait did not run to the end.
+    assert gpu.used_mb() == 20000
 
 
 async def test_measured_size_replaces_the_estimate_and_survives_a_restart(
@@ -207,11 +199,7 @@ async def test_measured_size_replaces_the_estimate_and_survives_a_restart(
     models = {"a": {"vram_mb": 4000, "actual_mb": 9000}, "b": {"vram_mb": 6000}}
     coordinator = make(models, max_concurrent_models=2, vram_budget_mb=14000)
     await use(coordinator, "a")
-    await coordinator.wait_for_status("a", ModelStatus.LOADED)
-    for _ in range(50):  # the measurement runs in a task after the load
-        if coordinator.status()["models"]["a"]["vram_mb"] is not None:
-            break
-        await asyncio.sleep(0.01)
+    await finished(coordinator, "measure:a")  # the measurement runs in a task after the load
     assert coordinator.status()["models"]["a"]["vram_mb"] == 9000
     saved = json.loads((tmp_path / "state.json").read_text())
     assert saved["models"]["a"]["vram_mb"] == 9000
@@ -274,7 +262,7 @@ async def test_a_backend_that_dies_asleep_is_failed(make: Make, world: FakeWorld
     await use(coordinator, "a")
     await use(coordinator, "b")
     world.crash("a")
-    await asyncio.wait_for(coordinator.wait_for_status("a", ModelStatus.FAILED), 2)
+    await coordinator.wait_for_status("a", ModelStatus.FAILED)
     assert "died" in (coordinator.status()["models"]["a"]["last_error"] or "")
     await use(coordinator, "a")  # the next request starts it again
     assert world.starts("a") == 2
@@ -287,12 +275,11 @@ async def test_requests_for_an_evicted_model_cannot_starve_the_waiting_one(
                        max_concurrent_models=2, vram_budget_mb=14000, max_overtake=2)
     first = await coordinator.acquire("a")
     want_b = asyncio.create_task(coordinator.acquire("b"))
-    await asyncio.sleep(0)
+    await until(coordinator, lambda: queued(coordinator, "b") == 1, "b's request to queue")
     # Later requests for a may overtake b twice; the third waits behind b.
     overtakers: list[Lease] = [await coordinator.acquire("a") for _ in range(2)]
     third = asyncio.create_task(coordinator.acquire("a"))
-    await asyncio.sleep(0)
-    assert not third.done()
+    await until(coordinator, lambda: queued(coordinator, "a") == 1, "the third to queue")
     for lease in [first, *overtakers]:
         lease.release()
     (await want_b).release()
@@ -304,18 +291,16 @@ async def test_requests_for_an_evicted_model_cannot_starve_the_waiting_one(
 async def test_the_drain_deadline_holds_for_requests_admitted_from_the_queue(
     make: Make, world: FakeWorld
 ) -> None:
-    from tests.fakes import Behaviour
-
     coordinator = make({"a": {"vram_mb": 1000}, "b": {"vram_mb": 1000}},
                        max_concurrent_models=1, drain_timeout=0.2)
     world.queue("a", Behaviour.GATED)
     want_a = asyncio.create_task(coordinator.acquire("a"))
     await coordinator.wait_for_status("a", ModelStatus.LOADING)
     want_b = asyncio.create_task(coordinator.acquire("b"))  # queued while a still loads
-    await asyncio.sleep(0)
+    await until(coordinator, lambda: queued(coordinator, "b") == 1, "b's request to queue")
     world.gates["a"].set()
     lease = await want_a  # admitted from the queue; it never ends in time
-    (await asyncio.wait_for(want_b, 5)).release()
+    (await want_b).release()
     assert lease.cut_reason is not None and "make room for 'b'" in lease.cut_reason
     lease.release()
 
@@ -327,9 +312,9 @@ async def test_an_operator_unload_keeps_the_eviction_deadline(
                        max_concurrent_models=1, drain_timeout=0.2)
     lease = await coordinator.acquire("a")
     want_c = asyncio.create_task(coordinator.acquire("c"))
-    await asyncio.sleep(0)
+    await until(coordinator, lambda: queued(coordinator, "c") == 1, "c's request to queue")
     unloading = asyncio.create_task(coordinator.unload("a"))
-    (await asyncio.wait_for(want_c, 5)).release()
+    (await want_c).release()
     assert lease.cut_reason is not None
     lease.release()
     await unloading
@@ -340,18 +325,15 @@ async def test_a_model_removed_while_it_loads_is_still_stopped(
 ) -> None:
     models = {"a": {"vram_mb": 9000}, "b": {"vram_mb": 9000}}
     coordinator = make(models, max_concurrent_models=2, vram_budget_mb=16000)
-    want_a = asyncio.create_task(coordinator.acquire("a"))
-    await asyncio.sleep(0)  # a is LOADING; its backend has not even started
+    want_a = coordinator.enqueue("a")  # synchronous: a is LOADING, its load task not yet run
     assert coordinator.model_status("a") == ModelStatus.LOADING
-    registry = load_backends(FakePlugin(world))
-    smaller = parse_config({"swapper": {"mode": "multi-active", "max_concurrent_models": 2,
-                                        "vram_budget_mb": 16000,
-                                        "state_file": str(tmp_path / "state.json")},
-                            "models": {"b": {"backend": "fake", "vram_mb": 9000}}},
-                           "test.yaml", registry.schemas())
+    smaller, _ = fake_config(world, {"b": {"vram_mb": 9000}},
+                             swapper={"mode": "multi-active", "max_concurrent_models": 2,
+                                      "vram_budget_mb": 16000,
+                                      "state_file": str(tmp_path / "state.json")})
     coordinator.reload(smaller)
     with pytest.raises(Exception, match="removed from the config"):
-        await want_a
+        await coordinator.redeem(want_a)
     await use(coordinator, "b")  # a must be gone (or counted) before b's 9000 MiB fit
     assert world.max_held <= 16000 and "a" not in world.alive
 
@@ -359,12 +341,16 @@ async def test_a_model_removed_while_it_loads_is_still_stopped(
 async def test_memory_seen_back_does_not_hold_up_later_loads(
     make: Make, world: FakeWorld, caplog: pytest.LogCaptureFixture
 ) -> None:
+    world.release_lag = 0.2  # c's load waits for a's memory to show free
+    release_timeout = 30.0
     coordinator = make({"a": {"vram_mb": 8000}, "c": {"vram_mb": 8000}, "d": {"vram_mb": 4000}},
-                       max_concurrent_models=3, vram_budget_mb=14000, vram_release_timeout=5)
+                       max_concurrent_models=3, vram_budget_mb=14000,
+                       vram_release_timeout=release_timeout)
     await use(coordinator, "a")
     await use(coordinator, "c")  # evicts a, and waits until its memory shows free
     caplog.set_level(logging.INFO, "swapper.placement")
     started = asyncio.get_running_loop().time()
     await use(coordinator, "d")  # fits beside c: nothing to wait for
-    assert asyncio.get_running_loop().time() - started < 1
+    # Held up, d would wait out the whole vram_release_timeout (and log it).
+    assert asyncio.get_running_loop().time() - started < release_timeout
     assert not [r for r in caplog.records if "GPU memory" in r.message]
