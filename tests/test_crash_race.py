@@ -62,3 +62,29 @@ def test_a_request_right_after_a_kill_mid_stream_is_served(swapper_factory: Any)
     # The stream that was cut off says so, in the OpenAI shape.
     errors = [json.loads(line[6:]) for line in tail if '"error"' in line]
     assert not errors or errors[-1]["error"]["type"] == "server_error"
+
+
+def test_a_model_that_cannot_start_never_evicts_the_resident_one(swapper_factory: Any) -> None:
+    workdir = swapper_factory.workdir
+    missing_file = workdir / "missing.gguf"
+    missing_binary = workdir / "no-such-dir" / "llama-server"
+    entry = {"backend": "llamacpp", "ctx_size": 512}
+    swapper = swapper_factory(models={
+        "tiny-a": {**entry, "model_path": str(workdir / "tiny-a.gguf")},
+        "no-file": {**entry, "model_path": str(missing_file)},
+        "no-binary": {**entry, "model_path": str(workdir / "tiny-b.gguf"),
+                      "binary": str(missing_binary)},
+    })
+    assert chat(swapper, "tiny-a").status_code == 200
+    pid = swapper.model("tiny-a")["pid"]
+    for model, path in [("no-file", missing_file), ("no-binary", missing_binary),
+                        ("no-file", missing_file)]:
+        response = chat(swapper, model)
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert error["type"] == "server_error" and str(path) in error["message"]
+        assert swapper.model(model)["status"] == "FAILED"
+        assert str(path) in swapper.model(model)["last_error"]
+    assert swapper.model("tiny-a")["status"] == "LOADED"
+    assert swapper.model("tiny-a")["pid"] == pid  # never unloaded, never restarted
+    assert "Starting no-" not in swapper.output()
