@@ -27,11 +27,11 @@ from swapper.process import ManagedProcess, free_port
 
 __all__ = [
     "Backend",
-    "executable_problem",
-    "readable_file_problem",
     "BackendHandle",
     "BackendSettings",
     "SubprocessBackend",
+    "executable_problem",
+    "readable_file_problem",
     "redact_argv",
 ]
 

@@ -32,7 +32,12 @@ from typing import Any
 
 from swapper.backend import Backend, BackendSettings
 from swapper.config import Config
-from swapper.errors import ModelNotFound, ModelUnavailable, QueueFull, ServiceUnavailable
+from swapper.errors import (
+    ModelNotFound,
+    ModelUnavailable,
+    QueueFull,
+    ServiceUnavailable,
+)
 from swapper.events import EventBus
 from swapper.lifecycle import ModelLifecycle
 from swapper.logbook import ModelLog

@@ -21,8 +21,6 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from swapper.access import require_key
 from swapper.coordinator import Lease
-from swapper.logs import note_model, note_stream_error
-from swapper.model_state import Waiter
 from swapper.errors import (
     BackendTimeout,
     BackendUnreachable,
@@ -32,6 +30,8 @@ from swapper.errors import (
     SwapperError,
     UnsupportedMediaType,
 )
+from swapper.logs import note_model, note_stream_error
+from swapper.model_state import Waiter
 from swapper.openapi import ChatOperation, CompletionOperation, EmbeddingOperation
 from swapper.rename import ModelRename
 from swapper.upstream import UpstreamResponse, error_event, normalise_error
@@ -190,7 +190,12 @@ async def _lease(request: Request[Any, Any, State], model_id: str,
     state = request.app.state
     coordinator = state.coordinator
     if ticket is None:
-        return await unless_stopping(state, coordinator.acquire(model_id))
+        await coordinator.preflight(model_id)  # (returns at once for a resident model)
+        if state.stopping.is_set():
+            coordinator.begin_shutdown()  # the enqueue below answers 503
+        ticket = coordinator.enqueue(model_id)
+    if isinstance(ticket, Lease):
+        return ticket  # the hot path: admitted at once, no task to race against shutdown
     return await unless_stopping(state, coordinator.redeem(ticket))
 
 

@@ -87,7 +87,7 @@ _OPENAI_TYPES = frozenset({"invalid_request_error", "authentication_error", "per
 
 
 def error_event(message: str, *, code: str | None = "backend_error",
-                type: str = "server_error") -> bytes:  # noqa: A002 - OpenAI's field name
+                type: str = "server_error") -> bytes:
     """An in-stream SSE error event; the OpenAI SDK raises APIError on it."""
     error = {"message": message, "type": type, "param": None, "code": code}
     return b"data: " + _ENCODE.encode({"error": error}) + b"\n\n"

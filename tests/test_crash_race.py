@@ -41,7 +41,7 @@ def test_requests_right_after_a_backend_is_killed_are_served(swapper_factory: An
         response = chat(swapper, "tiny-a")
         answers.append(response.status_code if response.status_code == 200
                        else (response.status_code, response.json()["error"]["message"]))
-        wait_until(lambda: process_state(pid) is None, 10, f"pid {pid} to be reaped")
+        wait_until(lambda pid=pid: process_state(pid) is None, 10, f"pid {pid} to be reaped")
     assert answers == [200] * ROUNDS
     assert swapper.model("tiny-a")["status"] == "LOADED"
 
@@ -50,14 +50,14 @@ def test_a_request_right_after_a_kill_mid_stream_is_served(swapper_factory: Any)
     swapper = swapper_factory()
     assert chat(swapper, "tiny-a").status_code == 200
     body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 400, "stream": True}
-    with httpx.Client(base_url=swapper.url, timeout=30) as client:
-        with client.stream("POST", "/v1/chat/completions", json=body) as stream:
-            assert stream.status_code == 200
-            lines = stream.iter_lines()
-            assert next(line for line in lines if line.startswith("data: "))
-            _kill_backend(swapper, "tiny-a")
-            after = chat(swapper, "tiny-a")
-            tail = [line for line in lines if line.startswith("data: ")]
+    with httpx.Client(base_url=swapper.url, timeout=30) as client, \
+            client.stream("POST", "/v1/chat/completions", json=body) as stream:
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        _kill_backend(swapper, "tiny-a")
+        after = chat(swapper, "tiny-a")
+        tail = [line for line in lines if line.startswith("data: ")]
     assert after.status_code == 200, after.text
     # The stream that was cut off says so, in the OpenAI shape.
     errors = [json.loads(line[6:]) for line in tail if '"error"' in line]

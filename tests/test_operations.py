@@ -23,8 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from swapper.app import create_app
 from swapper.config import parse_config
 from swapper.plugins import load_backends
-from tests.conftest import SwapperProcess, wait_until
 from swapper.upstream import normalise_error
+from tests.conftest import SwapperProcess, wait_until
 from tests.fakes import Behaviour, FakePlugin, FakeWorld
 
 MESSAGES = [{"role": "user", "content": "hi"}]

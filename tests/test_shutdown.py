@@ -46,15 +46,15 @@ def test_stop_during_a_load_answers_every_waiter(swapper_factory: Any, tmp_path:
             return client.post("/v1/chat/completions", json=body)
 
     def streamed() -> tuple[int, list[str]]:
-        with httpx.Client(base_url=swapper.url, timeout=GRACE) as client:
-            with client.stream("POST", "/v1/chat/completions",
-                               json={**body, "stream": True}) as response:
-                lines = []
-                for line in response.iter_lines():
-                    lines.append(line)
-                    if line.startswith(": loading") and not stream_seen.done():
-                        stream_seen.set_result(None)
-                return response.status_code, lines
+        with httpx.Client(base_url=swapper.url, timeout=GRACE) as client, \
+                client.stream("POST", "/v1/chat/completions",
+                              json={**body, "stream": True}) as response:
+            lines = []
+            for line in response.iter_lines():
+                lines.append(line)
+                if line.startswith(": loading") and not stream_seen.done():
+                    stream_seen.set_result(None)
+            return response.status_code, lines
 
     def admin_load() -> httpx.Response:
         with httpx.Client(base_url=swapper.url, timeout=GRACE) as client:

@@ -17,7 +17,12 @@ from typing import Literal
 
 import httpx
 
-from swapper.backend import Backend, BackendHandle, SubprocessBackend, executable_problem
+from swapper.backend import (
+    Backend,
+    BackendHandle,
+    SubprocessBackend,
+    executable_problem,
+)
 from swapper.config import ModelEntry
 from swapper.hookspecs import hookimpl
 
