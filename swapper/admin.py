@@ -15,7 +15,7 @@ from litestar.response import Stream
 from swapper.access import require_admin, require_key, require_metrics_key
 from swapper.coordinator import SwapCoordinator
 from swapper.events import STOPPED, next_event
-from swapper.forwarding import SSE_HEADERS, json_response
+from swapper.forwarding import SSE_HEADERS, json_response, unless_stopping
 from swapper.metrics import CONTENT_TYPE
 
 __all__ = ["ADMIN_HANDLERS", "status_document"]
@@ -58,8 +58,12 @@ async def status(state: State) -> Response[bytes]:
 async def _model_action(state: State, model: str, unload: bool) -> Response[bytes]:
     coordinator: SwapCoordinator = state.coordinator
     model_id = coordinator.resolve(model)
-    await (coordinator.unload(model_id) if unload else coordinator.load(model_id))
-    return json_response({"model": model_id, **status_document(state)["models"][model_id]})
+    await unless_stopping(state, coordinator.unload(model_id) if unload
+                          else coordinator.load(model_id))
+    # A reload may have removed the model meanwhile: it is then out, or on its way out.
+    entry = status_document(state)["models"].get(model_id, {"status": "UNLOADED",
+                                                            "removed": True})
+    return json_response({"model": model_id, **entry})
 
 
 @post("/models/{model:str}/load", guards=[require_admin], status_code=200)

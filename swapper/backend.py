@@ -12,6 +12,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import os
+import shutil
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +30,8 @@ __all__ = [
     "BackendHandle",
     "BackendSettings",
     "SubprocessBackend",
+    "executable_problem",
+    "readable_file_problem",
     "redact_argv",
 ]
 
@@ -102,6 +106,14 @@ class Backend(abc.ABC):
             await self._client.aclose()
             self._client = None
 
+    async def preflight(self) -> str | None:
+        """What would make a start fail for sure, checked before anything is evicted for it.
+
+        Return a one-line problem naming what was tried (a missing model file, a binary that is
+        not executable), or None when nothing local can be checked or all is well.
+        """
+        return None
+
     def accelerator_args(self) -> list[str]:
         """Command-line arguments for ``gpu_enabled`` / ``metal_acceleration``; none by default."""
         return []
@@ -167,6 +179,29 @@ class Backend(abc.ABC):
         while await self.alive(handle):
             await asyncio.sleep(1.0)
         return "backend stopped answering"
+
+
+def executable_problem(what: str, binary: str) -> str | None:
+    """Why ``binary`` (a path, or a name looked up on PATH) cannot be run; None when it can."""
+    if os.sep not in binary:
+        return None if shutil.which(binary) else (
+            f"{what} {binary!r} not found on PATH ({os.environ.get('PATH', '')})")
+    if not os.path.isfile(binary):
+        return f"{what} {binary!r} does not exist"
+    if not os.access(binary, os.X_OK):
+        return f"{what} {binary!r} is not executable"
+    return None
+
+
+def readable_file_problem(what: str, path: str) -> str | None:
+    """Why ``path`` cannot be read as a file; None when it can."""
+    if not os.path.exists(path):
+        return f"{what} {path!r} does not exist"
+    if not os.path.isfile(path):
+        return f"{what} {path!r} is not a file"
+    if not os.access(path, os.R_OK):
+        return f"{what} {path!r} is not readable"
+    return None
 
 
 _SECRET_FLAGS = ("--api-key", "--api-key-file", "--hf-token", "--token")

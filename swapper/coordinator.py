@@ -32,7 +32,12 @@ from typing import Any
 
 from swapper.backend import Backend, BackendSettings
 from swapper.config import Config
-from swapper.errors import ModelNotFound, ModelUnavailable, QueueFull, ServiceUnavailable
+from swapper.errors import (
+    ModelNotFound,
+    ModelUnavailable,
+    QueueFull,
+    ServiceUnavailable,
+)
 from swapper.events import EventBus
 from swapper.lifecycle import ModelLifecycle
 from swapper.logbook import ModelLog
@@ -69,6 +74,10 @@ class Lease:
         if not self.released:
             self.released = True
             self._coordinator._release(self._model, used=used)
+
+    async def backend_unreachable(self) -> None:
+        """The backend refused or dropped the connection: wait until a crash is noticed."""
+        await self._coordinator._settle_unreachable(self._model, self.base_url)
 
     def backend_silent(self) -> None:
         """The backend missed ``timeouts.read``: have the coordinator check whether it froze."""
@@ -143,7 +152,25 @@ class SwapCoordinator(ModelLifecycle):
 
         ``manual`` marks an operator's load (the swap's reason), not a client request.
         """
+        await self.preflight(model_id)
         return await self.redeem(self.enqueue(model_id, manual=manual))
+
+    async def preflight(self, model_id: str) -> None:
+        """Refuse at once (503) a model that would need a start its backend says cannot work.
+
+        Checked before the request queues, so a model whose file or binary is missing never
+        evicts the working one.
+        """
+        model = self._models.get(model_id)
+        if model is None or model.status not in (ModelStatus.UNLOADED, ModelStatus.FAILED):
+            return  # resident, loading or asleep: nothing to start from scratch
+        problem = await model.backend.preflight()
+        if problem is not None:
+            error = f"cannot start: {problem}"
+            if model.status == ModelStatus.UNLOADED:
+                self._transition(model, ModelStatus.FAILED, error=error)
+            model.last_error = error
+            raise ModelUnavailable(f"Model {model_id!r} cannot start: {problem}")
 
     def enqueue(self, model_id: str, *, manual: bool = False) -> Lease | Waiter:
         """Admit now (a Lease) or take a place in the queue (a Waiter for :meth:`redeem`).
@@ -219,7 +246,10 @@ class SwapCoordinator(ModelLifecycle):
 
         An operator's load retries at once, even while the model backs off after failures.
         """
-        self._models[model_id].retry_at = None
+        model = self._models.get(model_id)
+        if model is None:  # removed by a reload since the name was resolved
+            raise ModelNotFound(f"The model {model_id!r} does not exist")
+        model.retry_at = None
         lease = await self.acquire(model_id, manual=True)
         lease.release(used=False)  # an operator's load is not a use
 
@@ -227,8 +257,12 @@ class SwapCoordinator(ModelLifecycle):
         """Unload ``model_id`` once its in-flight requests finish; clears a FAILED state.
 
         A backend that can sleep is put to sleep; unloading a sleeping model stops it.
+        A model a reload removed meanwhile is unloading already: wait for that.
         """
-        model = self._models[model_id]
+        model = self._models.get(model_id) or next(
+            (m for m in self._retired if m.id == model_id), None)
+        if model is None:
+            return  # removed, and out already
         if model.status == ModelStatus.FAILED:
             self._transition(model, ModelStatus.UNLOADED)
         elif model.status == ModelStatus.SLEEPING:
@@ -364,14 +398,21 @@ class SwapCoordinator(ModelLifecycle):
         """The current status of one model."""
         return self._models[model_id].status
 
-    async def close(self) -> None:
-        """Refuse new work, fail queued requests and stop every backend."""
+    def begin_shutdown(self) -> None:
+        """Refuse new work and answer every queued request "shutting down" now; idempotent.
+
+        In-flight requests keep their backends until :meth:`close`.
+        """
         self._closing = True
         while self._waiters:
             waiter = self._waiters.popleft()
             waiter.model.queued -= 1
             if not waiter.future.done():
                 waiter.future.set_exception(ServiceUnavailable("swapper is shutting down"))
+
+    async def close(self) -> None:
+        """Refuse new work, fail queued requests and stop every backend."""
+        self.begin_shutdown()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -548,6 +589,33 @@ class SwapCoordinator(ModelLifecycle):
             self._drop_waiter(waiter)
             if not waiter.future.done():
                 waiter.future.set_exception(error)
+
+    async def _settle_unreachable(self, model: ModelRecord, base_url: str) -> None:
+        """After a refused or reset connection: if the backend died, wait until that is noticed.
+
+        The watcher marks a dead backend FAILED, and the next acquire restarts it; a backend
+        still alive gets its request again on a fresh connection.
+        """
+        handle = model.handle
+        if handle is None or handle.base_url != base_url or model.status != ModelStatus.LOADED:
+            return  # noticed already: a restart (or another model) is on its way
+        try:
+            async with asyncio.timeout(self.config.timeouts.health):
+                await model.backend.wait_exit(handle)
+                while model.handle is handle and model.status == ModelStatus.LOADED:
+                    await self._status_changed(model)
+        except TimeoutError:
+            pass  # it lives: a closed pooled connection, not a crash
+
+    async def _status_changed(self, model: ModelRecord) -> None:
+        future = asyncio.get_running_loop().create_future()
+        entry = (model, frozenset(ModelStatus), future)
+        self._status_waiters.append(entry)
+        try:
+            await future
+        finally:
+            with contextlib.suppress(ValueError):
+                self._status_waiters.remove(entry)
 
     def _next_seq(self) -> int:
         return next(self._seq)

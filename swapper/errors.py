@@ -16,6 +16,7 @@ layer turns them into OpenAI error JSON; nothing else reaches a client.
     ├── ModelUnavailable          503 + Retry-After: the load failed, timed out or backs off
     ├── ServiceUnavailable        503 + Retry-After: shutting down
     └── BackendFailure            502: the backend died or broke the connection
+        ├── BackendUnreachable    502: no byte came back (refused, reset): safe to send again
         └── BackendTimeout        504: the backend went silent past timeouts.read
 """
 
@@ -26,6 +27,7 @@ from typing import Any
 __all__ = [
     "BackendFailure",
     "BackendTimeout",
+    "BackendUnreachable",
     "ConfigError",
     "Forbidden",
     "InvalidRequest",
@@ -175,6 +177,13 @@ class BackendFailure(SwapperError):
     status_code = 502
     error_type = "server_error"
     code = "backend_error"
+
+
+class BackendUnreachable(BackendFailure):
+    """The backend refused or dropped the connection before answering a single byte.
+
+    Nothing was processed, so the request may be sent again once the backend is back.
+    """
 
 
 class BackendTimeout(BackendFailure):

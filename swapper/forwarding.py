@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from litestar import Request, Response, get, post
@@ -21,22 +21,26 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from swapper.access import require_key
 from swapper.coordinator import Lease
-from swapper.model_state import Waiter
 from swapper.errors import (
     BackendTimeout,
+    BackendUnreachable,
     InvalidRequest,
     ModelUnavailable,
+    ServiceUnavailable,
     SwapperError,
     UnsupportedMediaType,
 )
+from swapper.logs import note_model, note_stream_error
+from swapper.model_state import Waiter
 from swapper.openapi import ChatOperation, CompletionOperation, EmbeddingOperation
 from swapper.rename import ModelRename
 from swapper.upstream import UpstreamResponse, error_event, normalise_error
 
-__all__ = ["OPENAI_HANDLERS", "SSE_HEADERS", "json_response"]
+__all__ = ["OPENAI_HANDLERS", "SSE_HEADERS", "json_response", "unless_stopping"]
 
 logger = logging.getLogger("swapper")
 
+T = TypeVar("T")
 _ENCODE = msgspec.json.Encoder()
 _JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -96,7 +100,7 @@ def _rename(lease: Lease) -> ModelRename | None:
     return None if theirs is None else ModelRename(lease.model_id, theirs)
 
 
-async def _relay(lease: Lease, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
+async def _relay(scope: Scope, lease: Lease, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
     """Stream the backend's bytes as they arrive; a broken backend ends with an error event."""
     rename = _rename(lease)
     if rename is not None and not rename.responses:
@@ -107,12 +111,14 @@ async def _relay(lease: Lease, upstream: UpstreamResponse) -> AsyncIterator[byte
             yield chunk
         evicted = _evicted(lease)
         if evicted is not None:  # a backend stopped mid-stream may close it as if it were done
+            note_stream_error(scope)
             yield error_event(evicted.message, code=evicted.code or "model_evicted")
     except SwapperError as exc:
         exc = _evicted(lease) or exc  # evicted: say so rather than "broken pipe"
         logger.warning("stream from %s ended early: %s", lease.model_id, exc.message)
         if isinstance(exc, BackendTimeout):
             lease.backend_silent()
+        note_stream_error(scope)
         yield error_event(exc.message, code=exc.code or "backend_error")
     finally:
         lease.release()
@@ -145,13 +151,52 @@ class _GuardedStream(Stream):
         return guarded
 
 
-def _relay_stream(lease: Lease, upstream: UpstreamResponse) -> _GuardedStream:
+def _relay_stream(scope: Scope, lease: Lease, upstream: UpstreamResponse) -> _GuardedStream:
     async def cleanup() -> None:
         lease.release()
         await upstream.aclose()
 
-    return _GuardedStream(_relay(lease, upstream), cleanup, status=upstream.status,
+    return _GuardedStream(_relay(scope, lease, upstream), cleanup, status=upstream.status,
                           media_type=upstream.content_type)
+
+
+async def unless_stopping(state: State, work: Awaitable[T]) -> T:
+    """Await ``work`` (a wait for a model); once shutdown begins, give it up with a 503.
+
+    Requests still waiting for a model then hear "shutting down" at once instead of being cut
+    off when the grace period ends; requests a backend is already answering are left alone.
+    """
+    if state.stopping.is_set():
+        state.coordinator.begin_shutdown()
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(state.stopping.wait())
+    try:
+        await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not task.done():  # shutdown began, or this request was cancelled (client left)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if task.cancelled():
+        state.coordinator.begin_shutdown()  # every other waiter hears it too
+        raise ServiceUnavailable("swapper is shutting down")
+    return task.result()
+
+
+async def _lease(request: Request[Any, Any, State], model_id: str,
+                 ticket: Lease | Waiter | None) -> Lease:
+    """A lease on ``model_id``; a request still waiting when shutdown begins gets a 503."""
+    state = request.app.state
+    coordinator = state.coordinator
+    if ticket is None:
+        await coordinator.preflight(model_id)  # (returns at once for a resident model)
+        if state.stopping.is_set():
+            coordinator.begin_shutdown()  # the enqueue below answers 503
+        ticket = coordinator.enqueue(model_id)
+    if isinstance(ticket, Lease):
+        return ticket  # the hot path: admitted at once, no task to race against shutdown
+    return await unless_stopping(state, coordinator.redeem(ticket))
 
 
 async def _exchange(request: Request[Any, Any, State], path: str, body: bytes, model_id: str,
@@ -159,40 +204,52 @@ async def _exchange(request: Request[Any, Any, State], path: str, body: bytes, m
                     ) -> tuple[Lease, UpstreamResponse, bytes | None]:
     """Get a lease and the backend's answer: headers only for a stream, the body otherwise.
 
-    ``requested`` is the name the body gives (an id or an alias of ``model_id``).
+    ``requested`` is the name the body gives (an id or an alias of ``model_id``). A backend
+    that refused or dropped the connection before answering a byte never saw the request: it
+    is sent once more, after the crash is noticed and the model restarted.
     """
     state = request.app.state
     started = time.perf_counter()
-    coordinator = state.coordinator
-    lease = await (coordinator.acquire(model_id) if ticket is None else coordinator.redeem(ticket))
-    rename = _rename(lease)
-    try:
-        if rename is not None:
-            body = rename.request(body, requested)
-        upstream = await state.upstream.send(model_id, lease.base_url, path, body,
-                                             keep_alive=not stream,
-                                             max_connections=lease.max_connections)
-        state.metrics.ttfb.labels(model_id).observe(time.perf_counter() - started)
-        if upstream.is_stream and upstream.status == 200:
-            return lease, upstream, None  # the relay releases the lease when the stream ends
-        content = await upstream.read()
-    except BackendTimeout:
-        lease.backend_silent()
+    for attempt in (1, 2):
+        lease = await _lease(request, model_id, ticket)
+        ticket = None
+        try:
+            sent = body if (rename := _rename(lease)) is None else rename.request(body, requested)
+            upstream = await state.upstream.send(model_id, lease.base_url, path, sent,
+                                                 keep_alive=not stream,
+                                                 max_connections=lease.max_connections)
+            state.metrics.ttfb.labels(model_id).observe(time.perf_counter() - started)
+            if upstream.is_stream and upstream.status == 200:
+                return lease, upstream, None  # the relay releases the lease when the stream ends
+            content = await upstream.read()
+        except BackendUnreachable as exc:
+            lease.release(used=False)
+            evicted = _evicted(lease)
+            if evicted is not None:
+                raise evicted from exc
+            if attempt == 2:
+                raise
+            logger.warning("%s; sending the request again once it is back", exc.message)
+            await lease.backend_unreachable()
+            continue
+        except BackendTimeout:
+            lease.backend_silent()
+            lease.release()
+            raise
+        except SwapperError as exc:
+            lease.release()
+            evicted = _evicted(lease)
+            if evicted is not None:
+                raise evicted from exc
+            raise
+        except BaseException:
+            lease.release()
+            raise
         lease.release()
-        raise
-    except SwapperError as exc:
-        lease.release()
-        evicted = _evicted(lease)
-        if evicted is not None:
-            raise evicted from exc
-        raise
-    except BaseException:
-        lease.release()
-        raise
-    lease.release()
-    if rename is not None and rename.responses and upstream.status < 400:
-        content = rename.response(content)
-    return lease, upstream, content
+        if rename is not None and rename.responses and upstream.status < 400:
+            content = rename.response(content)
+        return lease, upstream, content
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
 
 async def _until_disconnect(request: Request[Any, Any, State]) -> None:
@@ -213,30 +270,24 @@ def _check_content_type(request: Request[Any, Any, State]) -> None:
 async def _forward(request: Request[Any, Any, State], path: str) -> Response[Any]:
     """Route one OpenAI request to its model's backend and relay the answer."""
     state = request.app.state
-    model_label, status = "", 500
-    try:
-        _check_content_type(request)
-        body = await request.body()
-        routing = _route(body)
-        model_id = state.coordinator.resolve(routing.model)
-        model_label = model_id
-        stream = routing.stream is True
-        feedback = state.config.swapper.loading_feedback
-        if stream and feedback != "none" and not state.coordinator.admits_now(model_id):
-            # Queue now, so that a full queue or a backing-off model is still a 429/503;
-            # only then commit to a 200 whose stream carries the loading progress.
-            ticket = state.coordinator.enqueue(model_id)
-            status = 200
-            mode = feedback if path == "/v1/chat/completions" else "comments"
-            return _loading_stream(request, path, body, model_id, routing.model, mode, ticket)
-        response = await _forward_now(request, path, body, model_id, routing.model, stream)
-        status = response.status_code
-        return response
-    except SwapperError as exc:
-        status = exc.status_code
-        raise
-    finally:
-        state.metrics.requests.labels(model_label, path, str(status)).inc()
+    _check_content_type(request)
+    body = await request.body()
+    routing = _route(body)
+    model_id = state.coordinator.resolve(routing.model)
+    note_model(request.scope, model_id)
+    stream = routing.stream is True
+    feedback = state.config.swapper.loading_feedback
+    if stream and feedback != "none" and not state.coordinator.admits_now(model_id):
+        # Check and queue now, so that a model that cannot start, a full queue or a
+        # backing-off model is still a 503/429; only then commit to a 200 whose stream
+        # carries the loading progress.
+        await state.coordinator.preflight(model_id)
+        if state.stopping.is_set():
+            state.coordinator.begin_shutdown()  # the enqueue below answers 503
+        ticket = state.coordinator.enqueue(model_id)
+        mode = feedback if path == "/v1/chat/completions" else "comments"
+        return _loading_stream(request, path, body, model_id, routing.model, mode, ticket)
+    return await _forward_now(request, path, body, model_id, routing.model, stream)
 
 
 async def _forward_now(request: Request[Any, Any, State], path: str, body: bytes, model_id: str,
@@ -258,7 +309,7 @@ async def _forward_now(request: Request[Any, Any, State], path: str, body: bytes
         return Response(b"", status_code=499)
     lease, upstream, content = exchange.result()
     if content is None:
-        return _relay_stream(lease, upstream)
+        return _relay_stream(request.scope, lease, upstream)
     if upstream.status >= 400:
         content = normalise_error(upstream.status, content)
         return Response(content, status_code=upstream.status, media_type=_JSON)
@@ -308,13 +359,16 @@ async def _loading_then_relay(request: Request[Any, Any, State], path: str, body
         try:
             lease, upstream, content = exchange.result()
         except SwapperError as exc:
-            yield error_event(exc.message, code=exc.code or "backend_error")
+            note_stream_error(request.scope)
+            yield error_event(exc.message, code=exc.code or "backend_error",
+                              type=exc.error_type)
             return
         if content is not None:  # the backend refused the request itself (an error JSON)
             error = msgspec.json.decode(normalise_error(upstream.status, content))["error"]
-            yield error_event(error["message"], code=str(error.get("code") or "backend_error"))
+            note_stream_error(request.scope)
+            yield error_event(error["message"], code=error["code"], type=error["type"])
             return
-        relay = _relay(lease, upstream)
+        relay = _relay(request.scope, lease, upstream)
         async for chunk in relay:
             yield chunk
     finally:

@@ -2,6 +2,8 @@
 
 Each HTTP request gets an id (the client's ``X-Request-Id`` when it is sane, else a new one),
 returned in the ``X-Request-Id`` header and attached to every log record made while serving it.
+The same middleware writes the access log (one line per request, ``server.access_log``) and
+counts ``swapper_requests_total``: it sees every request, so nothing escapes either.
 """
 
 from __future__ import annotations
@@ -17,11 +19,28 @@ from typing import Any
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["REQUEST_ID", "request_id_middleware", "setup_logging"]
+__all__ = ["REQUEST_ID", "note_model", "note_stream_error", "request_id_middleware",
+           "setup_logging"]
 
 #: The id of the request being served in this context ("-" outside requests).
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _SANE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
+_ACCESS = logging.getLogger("swapper.access")
+#: Keys of the ASGI scope's ``state`` the endpoints fill in for the access log and metrics.
+_MODEL_KEY = "swapper.model"
+_STREAM_ERROR_KEY = "swapper.stream_error"
+#: The status label of a stream that began with 200 and ended with an in-stream error event.
+STREAM_ERROR = "stream_error"
+
+
+def note_model(scope: Scope, model_id: str) -> None:
+    """Record the model a request resolved to, for its access-log line and metrics."""
+    scope.setdefault("state", {})[_MODEL_KEY] = model_id
+
+
+def note_stream_error(scope: Scope) -> None:
+    """Record that a stream is ending with an error event (counted as such, not as 200)."""
+    scope.setdefault("state", {})[_STREAM_ERROR_KEY] = True
 
 
 class _RequestIdFilter(logging.Filter):
@@ -40,6 +59,9 @@ class _JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", "-"),
         }
+        access = getattr(record, "access", None)
+        if access is not None:
+            entry.update(access)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
@@ -60,27 +82,58 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
 
 
 def request_id_middleware(app: ASGIApp) -> ASGIApp:
-    """ASGI middleware: set the request id for the request's logs and return it as a header."""
+    """ASGI middleware: request id (logs and header), access-log line, request metrics."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
+        started = time.perf_counter()
         incoming = next((value for name, value in scope["headers"] if name == b"x-request-id"),
                         None)
         request_id = (incoming.decode() if incoming is not None and _SANE_ID.match(incoming)
                       else secrets.token_hex(8))
         token = REQUEST_ID.set(request_id)
         header = (b"x-request-id", request_id.encode())
+        status = 500  # unless a response starts: the app raised past every handler
+        sent = 0
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status, sent
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message["headers"] = [*message.get("headers", []), header]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
             await send(message)
 
         try:
             await app(scope, receive, send_with_id)
         finally:
+            _record(scope, request_id, status, sent, time.perf_counter() - started)
             REQUEST_ID.reset(token)
 
     return middleware
+
+
+def _record(scope: Scope, request_id: str, status: int, sent: int, seconds: float) -> None:
+    """Count the request and write its access-log line."""
+    state = scope.get("state") or {}
+    model = state.get(_MODEL_KEY, "")
+    outcome = STREAM_ERROR if state.get(_STREAM_ERROR_KEY) else str(status)
+    app_state = getattr(scope.get("app"), "state", None)
+    metrics = getattr(app_state, "metrics", None) if app_state is not None else None
+    # The route's template, not the path: unknown paths must not grow the label set.
+    endpoint = scope.get("path_template") or "unmatched"
+    if metrics is not None:
+        metrics.requests.labels(model, endpoint, outcome).inc()
+    config = getattr(app_state, "config", None) if app_state is not None else None
+    if config is not None and not config.server.access_log:
+        return
+    method, path = scope.get("method", "-"), scope.get("path", "-")
+    if _ACCESS.isEnabledFor(logging.INFO):
+        _ACCESS.info('%s %s %s model=%s %.3fs %dB id=%s', method, path, outcome, model or "-",
+                     seconds, sent, request_id,
+                     extra={"access": {"method": method, "path": path, "status": status,
+                                       "outcome": outcome, "model": model or None,
+                                       "duration_s": round(seconds, 6), "bytes": sent}})

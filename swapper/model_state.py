@@ -27,8 +27,8 @@ class ModelStatus(enum.StrEnum):
 _S = ModelStatus
 #: Every legal edge of the model state machine; anything else is a bug and is refused.
 TRANSITIONS: dict[ModelStatus, frozenset[ModelStatus]] = {
-    # a request or an admin load starts it
-    _S.UNLOADED: frozenset({_S.LOADING}),
+    # a request or an admin load starts it; a failed preflight check (file missing) → FAILED
+    _S.UNLOADED: frozenset({_S.LOADING, _S.FAILED}),
     # ready → LOADED; died, timed out or start failed → FAILED; stopped while loading → UNLOADING
     _S.LOADING: frozenset({_S.LOADED, _S.FAILED, _S.UNLOADING}),
     # swapped out, unloaded or shut down → UNLOADING; the process died → FAILED

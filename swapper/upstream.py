@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import httpcore
 import msgspec
 
-from swapper.errors import BackendFailure, BackendTimeout
+from swapper.errors import BackendFailure, BackendTimeout, BackendUnreachable
 
 __all__ = ["UpstreamClient", "UpstreamResponse", "error_event", "normalise_error"]
 
@@ -27,12 +27,16 @@ _ENCODE = msgspec.json.Encoder()
 
 
 @contextlib.contextmanager
-def _map_transport_errors(model_id: str) -> Iterator[None]:
-    """The single boundary where httpcore's exceptions become swapper's."""
+def _map_transport_errors(model_id: str, *, answered: bool = True) -> Iterator[None]:
+    """The single boundary where httpcore's exceptions become swapper's.
+
+    ``answered=False``: no byte of the response has arrived yet, so a broken connection is
+    :class:`BackendUnreachable` (the request may be sent again) rather than a broken answer.
+    """
     try:
         yield
     except httpcore.ConnectError as exc:
-        raise BackendFailure(f"Backend for {model_id!r} refused the connection: {exc}") from exc
+        raise BackendUnreachable(f"Backend for {model_id!r} refused the connection: {exc}") from exc
     except httpcore.ConnectTimeout as exc:
         raise BackendTimeout(f"Backend for {model_id!r} did not accept a connection in time "
                              "(timeouts.connect)") from exc
@@ -40,7 +44,8 @@ def _map_transport_errors(model_id: str) -> Iterator[None]:
         raise BackendTimeout(f"Backend for {model_id!r} went silent for longer than "
                              "timeouts.read") from exc
     except _TRANSPORT_ERRORS as exc:
-        raise BackendFailure(f"Backend for {model_id!r} broke the connection: {exc}") from exc
+        failure = BackendFailure if answered else BackendUnreachable
+        raise failure(f"Backend for {model_id!r} broke the connection: {exc}") from exc
 
 
 def normalise_error(status: int, body: bytes) -> bytes:
@@ -61,18 +66,30 @@ def normalise_error(status: int, body: bytes) -> bytes:
     else:
         text = body.decode("utf-8", "replace").strip() or f"upstream returned HTTP {status}"
         detail = {"message": text if not isinstance(error, str) else error}
+    kind = detail.get("type")
+    if kind not in _OPENAI_TYPES:  # llama.cpp's "not_found_error" and the like
+        kind = "invalid_request_error" if status < 500 else "server_error"
+    code = detail.get("code")
+    param = detail.get("param")
     normalised = {
         "message": str(detail.get("message") or f"upstream returned HTTP {status}"),
-        "type": str(detail.get("type") or ("invalid_request_error" if status < 500 else "server_error")),
-        "param": detail.get("param"),
-        "code": detail.get("code"),
+        "type": kind,
+        "param": param if isinstance(param, str) else None,
+        # OpenAI's code is a string or null; llama.cpp repeats the HTTP status as a number.
+        "code": code if isinstance(code, str) else None,
     }
     return _ENCODE.encode({"error": normalised})
 
 
-def error_event(message: str, *, code: str = "backend_error") -> bytes:
+#: The error types OpenAI's clients know; anything else is mapped by the HTTP status.
+_OPENAI_TYPES = frozenset({"invalid_request_error", "authentication_error", "permission_error",
+                           "rate_limit_error", "server_error"})
+
+
+def error_event(message: str, *, code: str | None = "backend_error",
+                type: str = "server_error") -> bytes:
     """An in-stream SSE error event; the OpenAI SDK raises APIError on it."""
-    error = {"message": message, "type": "server_error", "param": None, "code": code}
+    error = {"message": message, "type": type, "param": None, "code": code}
     return b"data: " + _ENCODE.encode({"error": error}) + b"\n\n"
 
 
@@ -165,7 +182,7 @@ class UpstreamClient:
         request = httpcore.Request(b"POST", url, headers=headers, content=body,
                                    extensions={"timeout": self._timeouts})
         pool = self._pool(base_url, max_connections)
-        with _map_transport_errors(model_id):
+        with _map_transport_errors(model_id, answered=False):
             try:
                 response = await pool.handle_async_request(request)
             except httpcore.RemoteProtocolError as exc:

@@ -6,7 +6,13 @@ import os
 import shutil
 from collections.abc import Callable
 
-from swapper.backend import Backend, BackendHandle, SubprocessBackend
+from swapper.backend import (
+    Backend,
+    BackendHandle,
+    SubprocessBackend,
+    executable_problem,
+    readable_file_problem,
+)
 from swapper.config import ModelEntry
 from swapper.hookspecs import hookimpl
 
@@ -42,6 +48,12 @@ class LlamaCppBackend(SubprocessBackend):
         assert isinstance(self.entry, LlamaCppModel)
         binary = self.entry.binary or os.environ.get("SWAPPER_LLAMA_SERVER") or "llama-server"
         return shutil.which(binary) or binary
+
+    async def preflight(self) -> str | None:
+        """The llama-server binary must be executable and the model file readable."""
+        assert isinstance(self.entry, LlamaCppModel)
+        return (executable_problem("llama-server binary", self.binary())
+                or readable_file_problem("model file", self.entry.model_path))
 
     def accelerator_args(self) -> list[str]:
         """``-ngl 999`` offloads every layer to the GPU; ``-ngl 0`` keeps the model on the CPU.

@@ -17,7 +17,12 @@ from typing import Literal
 
 import httpx
 
-from swapper.backend import Backend, BackendHandle, SubprocessBackend
+from swapper.backend import (
+    Backend,
+    BackendHandle,
+    SubprocessBackend,
+    executable_problem,
+)
 from swapper.config import ModelEntry
 from swapper.hookspecs import hookimpl
 
@@ -78,6 +83,10 @@ class VllmBackend(SubprocessBackend):
     def upstream_model(self) -> str:
         """vLLM refuses requests naming anything but its served name."""
         return self.served_name()
+
+    async def preflight(self) -> str | None:
+        """The ``vllm`` binary must be executable; the model may be a Hugging Face id."""
+        return executable_problem("vllm binary", shutil.which(self.spec.binary) or self.spec.binary)
 
     def command(self, port: int) -> list[str]:
         """The ``vllm serve`` command line; the entry's own ``args`` come last."""
