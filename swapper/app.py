@@ -122,7 +122,6 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
     cors = config.server.cors_origins
     app = Litestar(
         route_handlers=[*OPENAI_HANDLERS, *ADMIN_HANDLERS, *UI_HANDLERS],
-        middleware=[request_id_middleware],
         lifespan=[lifespan],
         exception_handlers={Exception: _render_error},
         request_max_body_size=config.server.max_request_bytes,
@@ -130,8 +129,11 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
         logging_config=None,  # swapper configures logging itself (cli)
         openapi_config=_openapi_config(),
     )
-    # Outermost, before CORS, routing and everything else: see HostOriginGuard.
+    # Before CORS, routing and everything else: see HostOriginGuard.
     app.asgi_handler = HostOriginGuard(app.asgi_handler, config.server)
+    # Outermost, around the router and the guard too: unknown paths and refused requests also
+    # get a request id, an access-log line and a count.
+    app.asgi_handler = request_id_middleware(app.asgi_handler)
     # The schema is built at startup: it names the models configured then.
     list_model_names(app, [name for mid, e in config.models.items() for name in (mid, *e.aliases)])
     return app

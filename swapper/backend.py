@@ -23,6 +23,7 @@ import httpcore
 import httpx
 
 from swapper.config import ModelEntry
+from swapper.output import SECRET_FLAGS as _SECRET_FLAGS
 from swapper.process import ManagedProcess, free_port
 
 __all__ = [
@@ -204,7 +205,6 @@ def readable_file_problem(what: str, path: str) -> str | None:
     return None
 
 
-_SECRET_FLAGS = ("--api-key", "--api-key-file", "--hf-token", "--token")
 
 
 def redact_argv(argv: list[str]) -> list[str]:

@@ -21,6 +21,13 @@ from tests.conftest import MESSAGES, chat, process_state, seconds, tiny_model, w
 pytestmark = pytest.mark.integration
 
 
+def not_a_model(workdir: Path) -> Path:
+    """A file that passes the preflight check (it exists) but that llama-server cannot load."""
+    path = workdir / "not-a-model.gguf"
+    path.write_bytes(b"not a GGUF model")
+    return path
+
+
 def one_model(swapper_factory: Any, name: str = "tiny-a", **entry: Any) -> dict[str, Any]:
     return {name: tiny_model(swapper_factory.workdir, "a", **entry)}
 
@@ -80,7 +87,7 @@ def test_exit_during_load_reports_the_backends_last_lines(
     swapper_factory: Any, broken: str, words: str,
 ) -> None:
     if broken == "path":
-        models = one_model(swapper_factory, model_path=str(swapper_factory.workdir / "missing.gguf"))
+        models = one_model(swapper_factory, model_path=str(not_a_model(swapper_factory.workdir)))
     else:
         models = one_model(swapper_factory, args=["--no-such-flag"])
     swapper = swapper_factory(models=models)
@@ -93,7 +100,7 @@ def test_exit_during_load_reports_the_backends_last_lines(
 
 
 def test_crash_loop_backs_off_and_manual_load_retries(swapper_factory: Any) -> None:
-    models = one_model(swapper_factory, model_path=str(swapper_factory.workdir / "missing.gguf"))
+    models = one_model(swapper_factory, model_path=str(not_a_model(swapper_factory.workdir)))
     swapper = swapper_factory(models=models, swapper={"max_start_failures": 2,
                                                       "retry_backoff": 120})
     starts = lambda: swapper.output().count("Starting tiny-a")  # noqa: E731

@@ -199,7 +199,8 @@ def test_in_flight_stream_finishes_on_sigterm(swapper_factory: Any) -> None:
 
 
 def test_load_failure_is_503_with_the_backends_words(swapper_factory: Any, tmp_path: Any) -> None:
-    missing = tmp_path / "run" / "missing.gguf"
+    missing = tmp_path / "run" / "not-a-model.gguf"
+    missing.write_bytes(b"not a GGUF model")  # it exists, so only llama-server can refuse it
     swapper = swapper_factory(models={
         "broken": {"backend": "llamacpp", "model_path": str(missing)},
     })

@@ -133,8 +133,6 @@ async def test_requests_total_counts_every_request_and_failed_streams(
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(strict=True, reason="needs app.py to wrap the whole ASGI app, router included, "
-                   "in request_id_middleware; remove this mark with that change")
 async def test_requests_total_counts_unknown_paths(fake_client: AsyncTestClient[Any]) -> None:
     assert (await fake_client.get("/no/such/path")).status_code == 404
     got = samples((await fake_client.get("/metrics")).text)
