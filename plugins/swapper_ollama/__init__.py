@@ -10,7 +10,9 @@ endpoints with ``model`` rewritten to the tag.
 Ollama's ``/v1`` endpoints reset a model's keep-alive to the server default (5 minutes) on every
 request, after which Ollama unloads it behind swapper's back. So the watcher re-pins the model
 (keep_alive -1) whenever ``/api/ps`` shows it expiring, and reports it gone if Ollama dropped it
-anyway; a server swapper runs itself gets ``OLLAMA_KEEP_ALIVE=-1`` from the start.
+anyway (its scheduler evicts idle runners, pinned or not, to fit another model past
+``OLLAMA_MAX_LOADED_MODELS``); a server swapper runs itself gets ``OLLAMA_KEEP_ALIVE=-1`` from
+the start. ``/api/ps`` lists names normalised (:func:`shortest_name`), matched case-insensitively.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from swapper.config import ModelEntry
 from swapper.hookspecs import hookimpl
 from swapper.process import ManagedProcess, free_port
 
-__all__ = ["OllamaBackend", "OllamaModel", "register_backends"]
+__all__ = ["OllamaBackend", "OllamaModel", "register_backends", "same_model", "shortest_name"]
 
 logger = logging.getLogger("swapper.backend.ollama")
 
@@ -65,9 +67,34 @@ def _pinned(expires_at: object) -> bool:
     return int(expires_at[:4]) > time.gmtime().tm_year + 50
 
 
-def _names(tag: str) -> set[str]:
-    """The spellings Ollama may list a tag under (``llama3`` is ``llama3:latest``)."""
-    return {tag, f"{tag}:latest"} if ":" not in tag else {tag}
+#: Where a bare model name lives, as Ollama's ``ParseName`` fills it in.
+_DEFAULT_HOST = "registry.ollama.ai"
+_DEFAULT_NAMESPACE = "library"
+
+
+def shortest_name(name: str) -> str:
+    """A tag as ``/api/ps`` lists it: Ollama's ``ParseName(name).DisplayShortest()``.
+
+    ``llama3.2`` is ``llama3.2:latest``; ``registry.ollama.ai/library/qwen3:8b`` is ``qwen3:8b``;
+    ``registry.ollama.ai/me/m:1`` is ``me/m:1``; another host keeps the full name. A digest
+    (``@sha256:...``) is dropped. Compare results with :func:`same_model` (case-insensitive).
+    """
+    name = name.strip().split("@", 1)[0]
+    *path, last = name.split("/")
+    model, _, tag = last.partition(":")
+    namespace = path[-1] if path else _DEFAULT_NAMESPACE
+    host = "/".join(path[:-1]) or _DEFAULT_HOST
+    short = f"{model}:{tag or 'latest'}"
+    if host.casefold() != _DEFAULT_HOST:
+        return f"{host}/{namespace}/{short}"
+    if namespace.casefold() != _DEFAULT_NAMESPACE:
+        return f"{namespace}/{short}"
+    return short
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two spellings name one Ollama model (Ollama compares names case-insensitively)."""
+    return shortest_name(a).casefold() == shortest_name(b).casefold()
 
 
 class OllamaBackend(SubprocessBackend):
@@ -134,9 +161,9 @@ class OllamaBackend(SubprocessBackend):
             models = response.json().get("models") or []
         except (httpx.HTTPError, ValueError, AttributeError):
             return None
-        names = _names(self.tag)
-        return next((m for m in models if isinstance(m, dict)
-                     and (m.get("name") in names or m.get("model") in names)), None)
+        return next((m for m in models if isinstance(m, dict) and any(
+            isinstance(m.get(key), str) and same_model(m[key], self.tag)
+            for key in ("name", "model"))), None)
 
     async def ready(self, handle: BackendHandle) -> bool:
         """Preload once the server answers; ready when the preload is done and ps lists it."""
@@ -198,7 +225,11 @@ class OllamaBackend(SubprocessBackend):
                 continue  # not answering just now: the process check (or alive) decides
             listed = await self._listed(handle)
             if listed is None:
-                return f"Ollama no longer lists {self.tag!r}: it unloaded the model itself"
+                # Ollama's scheduler evicts idle runners, whatever their keep_alive, to fit a
+                # model loaded past OLLAMA_MAX_LOADED_MODELS (or another client unloaded it).
+                return (f"Ollama no longer lists {self.tag!r}: it unloaded the model itself "
+                        "(to fit another model past OLLAMA_MAX_LOADED_MODELS, or at another "
+                        "client's request)")
             if not _pinned(listed.get("expires_at")):
                 with contextlib.suppress(RuntimeError):
                     await self._generate(handle, -1)
