@@ -13,6 +13,7 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -24,7 +25,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, YamlRenderPlugin
 from litestar.status_codes import HTTP_400_BAD_REQUEST, HTTP_500_INTERNAL_SERVER_ERROR
 
-from swapper import __version__
+from swapper import __version__, leftovers
 from swapper.access import HostOriginGuard, require_key
 from swapper.admin import ADMIN_HANDLERS
 from swapper.config import Config, load_config
@@ -36,6 +37,7 @@ from swapper.gpu import GpuMonitor
 from swapper.logs import request_id_middleware
 from swapper.metrics import Metrics
 from swapper.openapi import list_model_names
+from swapper.placement import default_state_file
 from swapper.plugins import BackendRegistry
 from swapper.upstream import UpstreamClient
 
@@ -85,6 +87,10 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        # Before any backend starts: a swapper killed outright may have left some on the GPU.
+        state = config.swapper.state_file
+        await asyncio.to_thread(leftovers.reclaim,
+                                (Path(state) if state else default_state_file()).parent)
         gpu = GpuMonitor()
         coordinator = SwapCoordinator(config, registry, gpu)
         upstream = UpstreamClient(connect_timeout=config.timeouts.connect,

@@ -20,7 +20,9 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
+from swapper import leftovers
 from swapper.output import OutputReader, secret_values
 from swapper.reaper import Reaper
 
@@ -92,6 +94,8 @@ class ManagedProcess:
         self.name = name
         self._logger = logger
         self._reaper = reaper
+        #: Where :mod:`swapper.leftovers` recorded the group (None: not recorded).
+        self._book: Path | None = None
         self._output = OutputReader(name, logger, on_line, secrets)
         #: The last lines the child printed (bounded), for error messages.
         self.tail = self._output.tail
@@ -130,8 +134,12 @@ class ManagedProcess:
         # Until here only PDEATHSIG guards the child; it has had no time to start helpers.
         if reaper is not None:
             reaper.register(proc.pid)
-        return cls(proc, name, logger or logging.getLogger("swapper.backend"), on_line,
-                   [*secret_values(argv), *secrets], reaper)
+        # Should the reaper die with swapper, the next start kills the group.
+        book = leftovers.record(proc.pid, name)
+        process = cls(proc, name, logger or logging.getLogger("swapper.backend"), on_line,
+                      [*secret_values(argv), *secrets], reaper)
+        process._book = book
+        return process
 
     @property
     def pid(self) -> int:
@@ -174,4 +182,6 @@ class ManagedProcess:
         code = await self.wait()
         if self._reaper is not None:
             self._reaper.forget(self._proc.pid)
+        leftovers.forget(self._book, self._proc.pid)
+        self._book = None
         return code
