@@ -182,6 +182,11 @@ class Backend(abc.ABC):
         return "backend stopped answering"
 
 
+class Unloaded(str):
+    """A :meth:`Backend.wait_exit` reason meaning the backend's own server unloaded the model
+    (Ollama's scheduler evicting it to fit another): swapper marks it UNLOADED, not FAILED."""
+
+
 def executable_problem(what: str, binary: str) -> str | None:
     """Why ``binary`` (a path, or a name looked up on PATH) cannot be run; None when it can."""
     if os.sep not in binary:

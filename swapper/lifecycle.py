@@ -17,7 +17,7 @@ import math
 import time
 from typing import Any
 
-from swapper.backend import BackendHandle
+from swapper.backend import BackendHandle, Unloaded
 from swapper.config import Config
 from swapper.errors import ModelUnavailable
 from swapper.events import EventBus
@@ -278,6 +278,14 @@ class ModelLifecycle(abc.ABC):
         if model.handle is not handle or model.status not in (ModelStatus.LOADED,
                                                               ModelStatus.SLEEPING):
             return  # we stopped it ourselves
+        if isinstance(reason, Unloaded):
+            # Its server unloaded the model itself (Ollama's scheduler, to fit another one):
+            # an unload like ours, not a crash; the next request loads it again.
+            logger.warning("%s: %s", model.id, reason)
+            model.watcher = None
+            model.last_error = f"unloaded by its backend: {reason}"
+            self._start_unload(model, full=True)
+            return
         logger.error("%s: backend died unexpectedly: %s", model.id, reason)
         model.watcher = None
         await self._fail_resident(model, f"backend died: {reason}")

@@ -194,8 +194,6 @@ def test_a_model_stays_pinned_although_each_request_resets_ollamas_keep_alive(
                "the model to be pinned again")
 
 
-@pytest.mark.xfail(strict=True, reason="FAILED until the lifecycle takes swapper.backend.Unloaded "
-                   "(the plugin's watcher returns it): a lifecycle change the lead applies")
 def test_a_model_ollama_dropped_on_its_own_is_reported_unloaded_and_reloaded(
     swapper_factory: Callable[..., SwapperProcess], external_ollama: str,
 ) -> None:
@@ -234,8 +232,6 @@ def test_a_tag_in_any_spelling_matches_the_normalised_name_ollama_lists(
 
 
 @pytest.mark.parametrize("external_ollama", [{"OLLAMA_MAX_LOADED_MODELS": "1"}], indirect=True)
-@pytest.mark.xfail(strict=True, reason="FAILED until the lifecycle takes swapper.backend.Unloaded "
-                   "(the plugin's watcher returns it): a lifecycle change the lead applies")
 def test_a_model_ollamas_scheduler_evicts_is_reported_unloaded_by_ollama(
     swapper_factory: Callable[..., SwapperProcess], external_ollama: str, tmp_path: Path,
 ) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from swapper.backend import Backend, BackendHandle, SubprocessBackend
+from swapper.backend import Backend, BackendHandle, SubprocessBackend, Unloaded
 from swapper.config import ModelEntry
 from swapper.hookspecs import hookimpl
 from swapper.process import ManagedProcess, free_port
@@ -227,9 +227,9 @@ class OllamaBackend(SubprocessBackend):
             if listed is None:
                 # Ollama's scheduler evicts idle runners, whatever their keep_alive, to fit a
                 # model loaded past OLLAMA_MAX_LOADED_MODELS (or another client unloaded it).
-                return (f"Ollama no longer lists {self.tag!r}: it unloaded the model itself "
-                        "(to fit another model past OLLAMA_MAX_LOADED_MODELS, or at another "
-                        "client's request)")
+                return Unloaded(
+                    f"Ollama no longer lists {self.tag!r}: it unloaded the model itself (to fit "
+                    "another model past OLLAMA_MAX_LOADED_MODELS, or at another client's request)")
             if not _pinned(listed.get("expires_at")):
                 with contextlib.suppress(RuntimeError):
                     await self._generate(handle, -1)
