@@ -8,18 +8,15 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MESSAGES, SwapperProcess, wait_until
+from tests.conftest import MESSAGES, SwapperProcess, tiny_model, wait_until
 
 pytestmark = pytest.mark.integration
 
 
-def _swapper(swapper_factory: Any, llama_server: str, **server: Any) -> SwapperProcess:
-    workdir = swapper_factory.workdir
-    config = {"swapper": {"gpu_enabled": False, "stop_timeout": 5},
-              "server": server,
-              "models": {"tiny-a": {"backend": "llamacpp", "ctx_size": 512,
-                                    "model_path": str(workdir / "tiny-a.gguf")}}}
-    return SwapperProcess(config, workdir, llama_server)
+def _swapper(swapper_factory: Any, **server: Any) -> SwapperProcess:
+    """swapper with one tiny model and these ``server:`` settings."""
+    return swapper_factory(server=server,
+                           models={"tiny-a": tiny_model(swapper_factory.workdir, "a")})
 
 
 def _requests(swapper: SwapperProcess) -> list[tuple[int, str, int]]:
@@ -42,8 +39,8 @@ def _requests(swapper: SwapperProcess) -> list[tuple[int, str, int]]:
     return sent
 
 
-def test_access_log_text(swapper_factory: Any, llama_server: str) -> None:
-    swapper = _swapper(swapper_factory, llama_server)
+def test_access_log_text(swapper_factory: Any) -> None:
+    swapper = _swapper(swapper_factory)
     try:
         sent = _requests(swapper)
         wait_until(lambda: "id=req-404" in swapper.output(), 10, "the last access line")
@@ -66,8 +63,8 @@ def test_access_log_text(swapper_factory: Any, llama_server: str) -> None:
         swapper.stop()
 
 
-def test_access_log_json(swapper_factory: Any, llama_server: str) -> None:
-    swapper = _swapper(swapper_factory, llama_server, log_format="json")
+def test_access_log_json(swapper_factory: Any) -> None:
+    swapper = _swapper(swapper_factory, log_format="json")
     try:
         sent = _requests(swapper)
         wait_until(lambda: "req-404" in swapper.output(), 10, "the last access line")
@@ -86,8 +83,8 @@ def test_access_log_json(swapper_factory: Any, llama_server: str) -> None:
         swapper.stop()
 
 
-def test_access_log_can_be_turned_off(swapper_factory: Any, llama_server: str) -> None:
-    swapper = _swapper(swapper_factory, llama_server, access_log=False)
+def test_access_log_can_be_turned_off(swapper_factory: Any) -> None:
+    swapper = _swapper(swapper_factory, access_log=False)
     try:
         _requests(swapper)
         wait_until(lambda: "loaded in" in swapper.output(), 10, "the load to be logged")

@@ -11,10 +11,8 @@ import pytest
 import respx
 from litestar.testing import AsyncTestClient
 
-from swapper.app import create_app
-from swapper.config import parse_config
-from swapper.plugins import load_backends
-from tests.fakes import Behaviour, FakePlugin, FakeWorld
+from tests.conftest import FakeApp
+from tests.fakes import Behaviour, FakeWorld
 
 pytestmark = pytest.mark.anyio
 
@@ -28,19 +26,10 @@ COMPLETION = {
 
 
 @pytest.fixture
-async def client(world: FakeWorld) -> AsyncIterator[AsyncTestClient[Any]]:
-    registry = load_backends(FakePlugin(world))
-    config = parse_config(
-        {
-            "swapper": {"model_swap_timeout": 5, "stop_timeout": 1},
-            "models": {"a": {"backend": "fake", "aliases": ["alpha"]}, "b": {"backend": "fake"}},
-        },
-        "test.yaml",
-        registry.schemas(),
-    )
-    async with AsyncTestClient(create_app(config, registry)) as test_client:
+async def client(fake_app: FakeApp) -> AsyncIterator[AsyncTestClient[Any]]:
+    """Models a (alias alpha) and b; the upstream is each test's own respx router."""
+    async with fake_app({"a": {"aliases": ["alpha"]}, "b": {}}, reply=None) as test_client:
         yield test_client
-    assert world.alive == set()
 
 
 @pytest.fixture

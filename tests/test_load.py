@@ -46,6 +46,7 @@ CLIENTS = 200
 DURATION = float(os.environ.get("SWAPPER_LOAD_SECONDS", "60"))
 SEED = int(os.environ.get("SWAPPER_LOAD_SEED", "0"))
 MODELS = ("tiny-a", "tiny-b", "tiny-c")
+#: A prompt that makes the tiny models talk a little (the shared "hi" often ends at once).
 MESSAGES = [{"role": "user", "content": "Say something."}]
 #: Waiters beyond this get 429 + Retry-After: far below the 200 clients, so the cap is hit all
 #: the time.

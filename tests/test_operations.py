@@ -15,39 +15,25 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import respx
 import yaml
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from swapper.app import create_app
-from swapper.config import parse_config
-from swapper.plugins import load_backends
 from swapper.upstream import normalise_error
-from tests.conftest import SwapperProcess, wait_until
-from tests.fakes import Behaviour, FakePlugin, FakeWorld
+from tests.conftest import MESSAGES, FakeApp, SwapperProcess, tiny_model, wait_until
+from tests.fakes import Behaviour, FakeWorld
 
-MESSAGES = [{"role": "user", "content": "hi"}]
-REPLY = {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant",
-                                                                            "content": "ok"}}]}
 
 
 # -- metrics, on fakes ----------------------------------------------------------------------------
 
 
 @pytest.fixture
-async def fake_client(world: FakeWorld) -> AsyncIterator[AsyncTestClient[Any]]:
-    registry = load_backends(FakePlugin(world))
-    config = parse_config(
-        {"swapper": {"stop_timeout": 1}, "server": {"admin_api_keys": ["k"]},
-         "models": {"a": {"backend": "fake"}, "b": {"backend": "fake"}}},
-        "ops.yaml", registry.schemas())
-    with respx.mock(assert_all_called=False) as router:
-        for host in "ab":
-            router.post(f"http://{host}.fake.test/v1/chat/completions").respond(json=REPLY)
-        async with AsyncTestClient(create_app(config, registry)) as client:
-            client.headers["Authorization"] = "Bearer k"
-            yield client
+async def fake_client(fake_app: FakeApp) -> AsyncIterator[AsyncTestClient[Any]]:
+    """Models a and b answering REPLY, with an admin key sent on every request."""
+    async with fake_app({"a": {}, "b": {}}, server={"admin_api_keys": ["k"]}) as client:
+        client.headers["Authorization"] = "Bearer k"
+        yield client
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -183,11 +169,9 @@ def test_upstream_errors_keep_an_openai_type_and_a_string_or_null_code() -> None
 
 
 @pytest.mark.anyio
-async def test_metrics_can_require_a_key(world: FakeWorld) -> None:
-    registry = load_backends(FakePlugin(world))
-    config = parse_config({"server": {"api_keys": ["k"], "metrics_require_key": True},
-                           "models": {"a": {"backend": "fake"}}}, "m.yaml", registry.schemas())
-    async with AsyncTestClient(create_app(config, registry)) as client:
+async def test_metrics_can_require_a_key(fake_app: FakeApp) -> None:
+    server = {"api_keys": ["k"], "metrics_require_key": True}
+    async with fake_app({"a": {}}, server=server, reply=None) as client:
         assert (await client.get("/metrics")).status_code == 401
         assert (await client.get("/metrics", headers={"x-api-key": "k"})).status_code == 200
 
@@ -316,13 +300,10 @@ def test_loading_feedback_keeps_the_answer_unchanged(
 
 
 @pytest.mark.integration
-def test_json_logs_carry_the_request_id(swapper_factory: Any, llama_server: str) -> None:
-    workdir = swapper_factory.workdir
-    config = {"swapper": {"gpu_enabled": False, "stop_timeout": 5},
-              "server": {"log_format": "json"},
-              "models": {"tiny-a": {"backend": "llamacpp", "ctx_size": 512,
-                                    "model_path": str(workdir / "tiny-a.gguf")}}}
-    swapper = SwapperProcess(config, workdir, llama_server)
+def test_json_logs_carry_the_request_id(swapper_factory: Any) -> None:
+    swapper = swapper_factory(
+        server={"log_format": "json"},
+        models={"tiny-a": tiny_model(swapper_factory.workdir, "a", ctx_size=512)})
     try:
         response = swapper.http.post("/v1/chat/completions", headers={"X-Request-Id": "req-42"},
                                      json={"model": "tiny-a", "messages": MESSAGES,

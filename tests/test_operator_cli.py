@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +17,7 @@ from rich.console import Console
 
 from swapper import operator_cli
 from swapper.cli import main
-from tests.conftest import SwapperProcess, free_port, wait_until
+from tests.conftest import free_port, tiny_model, wait_until
 
 ADMIN_KEY, PLAIN_KEY = "admin-secret", "plain-secret"
 
@@ -232,8 +231,9 @@ def test_unknown_model_is_the_404_message(swapper_factory: Any) -> None:
 
 @pytest.mark.integration
 def test_failed_load_shows_the_error_then_the_backends_last_lines(swapper_factory: Any) -> None:
-    swapper = swapper_factory(models={"broken": {
-        "backend": "llamacpp", "model_path": str(swapper_factory.workdir / "missing.gguf")}})
+    broken = swapper_factory.workdir / "not-a-model.gguf"
+    broken.write_bytes(b"not a GGUF model")  # passes the preflight; llama-server refuses it
+    swapper = swapper_factory(models={"broken": {"backend": "llamacpp", "model_path": str(broken)}})
     result = swapper_cli("load", "broken", "--url", swapper.url)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     first, *rest = result.stderr.splitlines()
@@ -244,17 +244,10 @@ def test_failed_load_shows_the_error_then_the_backends_last_lines(swapper_factor
 
 
 @pytest.mark.integration
-def test_keys_plain_and_admin(tmp_path: Path, llama_server: str,
-                              tiny_models: dict[str, Path]) -> None:
-    # Linked into this test's folder, as swapper_factory does, so stop() can find strays.
-    (tmp_path / "tiny-a.gguf").symlink_to(tiny_models["a"])
-    config = {
-        "swapper": {"model_swap_timeout": 30, "gpu_enabled": False, "stop_timeout": 5},
-        "server": {"api_keys": [PLAIN_KEY], "admin_api_keys": [ADMIN_KEY]},
-        "models": {"tiny-a": {"backend": "llamacpp", "model_path": str(tmp_path / "tiny-a.gguf"),
-                              "ctx_size": 512}},
-    }
-    swapper = SwapperProcess(config, tmp_path, llama_server)
+def test_keys_plain_and_admin(swapper_factory: Any) -> None:
+    swapper = swapper_factory(
+        server={"api_keys": [PLAIN_KEY], "admin_api_keys": [ADMIN_KEY]},
+        models={"tiny-a": tiny_model(swapper_factory.workdir, "a", ctx_size=512)})
     try:
         url = ["--url", swapper.url]
         line = one_error_line(swapper_cli("status", *url))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import subprocess
 import sys
@@ -19,11 +20,34 @@ from swapper.plugins import load_backends
 from swapper_llamacpp import LlamaCppBackend, LlamaCppModel
 
 
+def _hookspecs() -> set[str]:
+    """Every hook swapper declares (functions its hookspec marker marked)."""
+    return {name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "swapper_spec")}
+
+
+def _test_names() -> set[str]:
+    """Every test function in tests/, by name."""
+    names: set[str] = set()
+    for path in Path(__file__).parent.glob("test_*.py"):
+        names |= {node.name for node in ast.walk(ast.parse(path.read_text()))
+                  if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                  and node.name.startswith("test_")}
+    return names
+
+
 def test_every_hook_has_a_test() -> None:
-    """Guard: a new hookspec must come with a test that names it here."""
-    hooks = {name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "swapper_spec")}
-    tested = {"register_backends"}
-    assert hooks == tested
+    """Guard (as datasette's): each hookspec needs a test named ``test_hook_<name>``."""
+    hooks = _hookspecs()
+    assert hooks, "no hookspecs found: the guard would check nothing"
+    untested = {hook for hook in hooks if f"test_hook_{hook}" not in _test_names()}
+    assert not untested, f"hooks without a test_hook_<name> test: {sorted(untested)}"
+
+
+def test_hook_register_backends() -> None:
+    """A plugin's register_backends hook hands its Backend classes to swapper by kind."""
+    registry = load_backends(_plugin(_Complete))
+    assert registry.backends["complete"] is _Complete
+    assert {"llamacpp", "ollama", "vllm"} <= set(registry.backends)  # built-ins, same hook
 
 
 def test_builtin_backend_comes_through_the_entry_point_group() -> None:

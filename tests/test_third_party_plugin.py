@@ -7,12 +7,11 @@ import subprocess
 import sys
 from typing import Any
 
-import openai
 import pytest
 
 from swapper.cli import main
 from swapper.plugins import load_backends
-from tests.conftest import SwapperProcess
+from tests.conftest import MESSAGES, sdk
 
 
 def test_swapper_plugins_lists_backends_and_their_packages() -> None:
@@ -25,15 +24,12 @@ def test_swapper_plugins_lists_backends_and_their_packages() -> None:
 
 
 @pytest.mark.integration
-def test_a_config_can_name_the_plugins_backend(swapper_factory: Any, llama_server: str) -> None:
-    workdir = swapper_factory.workdir
-    config = {"swapper": {"gpu_enabled": False, "stop_timeout": 5},
-              "models": {"plug": {"backend": "example", "gguf": str(workdir / "tiny-b.gguf")}}}
-    swapper = SwapperProcess(config, workdir, llama_server)
+def test_a_config_can_name_the_plugins_backend(swapper_factory: Any) -> None:
+    gguf = str(swapper_factory.workdir / "tiny-b.gguf")
+    swapper = swapper_factory(models={"plug": {"backend": "example", "gguf": gguf}})
     try:
-        client = openai.OpenAI(base_url=f"{swapper.url}/v1", api_key="x", max_retries=0)
-        reply = client.chat.completions.create(model="plug", max_tokens=3,
-                                               messages=[{"role": "user", "content": "hi"}])
+        reply = sdk(swapper).chat.completions.create(model="plug", max_tokens=3,
+                                                     messages=MESSAGES)
         assert reply.choices[0].message.role == "assistant"
         status = swapper.model("plug")
         assert status["status"] == "LOADED" and status["backend"] == "example"
