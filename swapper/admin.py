@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import msgspec
 from litestar import Response, get, post
 from litestar.datastructures import State
 from litestar.params import FromPath, FromQuery
@@ -15,14 +14,15 @@ from litestar.response import Stream
 from swapper.access import require_admin, require_key, require_metrics_key
 from swapper.coordinator import SwapCoordinator
 from swapper.events import STOPPED, next_event
-from swapper.forwarding import SSE_HEADERS, json_response, unless_stopping
+from swapper.exchange import unless_stopping
 from swapper.metrics import CONTENT_TYPE
+from swapper.responses import SSE, SSE_HEADERS, json_response, sse_comment, sse_event
 
 __all__ = ["ADMIN_HANDLERS", "status_document"]
 
-_ENCODE = msgspec.json.Encoder()
 #: Seconds of silence after which an SSE stream sends a comment, so proxies keep it open.
 _PING = 15.0
+_PING_COMMENT = sse_comment("ping")
 
 
 def status_document(state: State) -> dict[str, Any]:
@@ -84,10 +84,6 @@ async def reload_config(state: State) -> Response[bytes]:
     return json_response(await state.reload())
 
 
-def _sse(event: str, data: Any) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + _ENCODE.encode(data) + b"\n\n"
-
-
 async def _until_shutdown(state: State, queue: asyncio.Queue[Any],
                           render: Callable[[Any], bytes]) -> AsyncIterator[bytes]:
     """Render items as they come, a ``: ping`` after silence, and end when shutdown begins."""
@@ -95,14 +91,14 @@ async def _until_shutdown(state: State, queue: asyncio.Queue[Any],
         item = await next_event(queue, _PING, state.stopping)
         if item is STOPPED:
             return
-        yield b": ping\n\n" if item is None else render(item)
+        yield _PING_COMMENT if item is None else render(item)
 
 
 async def _event_stream(state: State) -> AsyncIterator[bytes]:
     with state.coordinator.events.subscribe() as queue:
-        yield _sse("snapshot", status_document(state))
+        yield sse_event(status_document(state), "snapshot")
         async for chunk in _until_shutdown(
-                state, queue, lambda event: _sse(event.type, {**event.data, "time": event.time})):
+                state, queue, lambda event: sse_event({**event.data, "time": event.time}, event.type)):
             yield chunk
 
 
@@ -113,11 +109,11 @@ async def events(state: State) -> Stream:
     Server-sent events: a ``snapshot`` (the ``/status`` document) first, then one event per
     change, and a ``: ping`` comment after 15 s of silence.
     """
-    return Stream(_event_stream(state), media_type="text/event-stream", headers=SSE_HEADERS)
+    return Stream(_event_stream(state), media_type=SSE, headers=SSE_HEADERS)
 
 
 def _log_line(line: str) -> bytes:
-    return b"data: " + _ENCODE.encode({"line": line}) + b"\n\n"
+    return sse_event({"line": line})
 
 
 async def _log_stream(state: State, model_id: str, lines: int) -> AsyncIterator[bytes]:
@@ -135,7 +131,7 @@ async def model_logs(state: State, model: FromPath[str], lines: FromQuery[int] =
     """The tail of a model's backend output (kept across restarts); ``?follow=1`` streams it."""
     model_id = state.coordinator.resolve(model)
     if follow:
-        return Stream(_log_stream(state, model_id, lines), media_type="text/event-stream",
+        return Stream(_log_stream(state, model_id, lines), media_type=SSE,
                       headers=SSE_HEADERS)
     return json_response({"model": model_id,
                           "lines": state.coordinator.model_log(model_id).tail(lines)})

@@ -32,13 +32,14 @@ from swapper.config import Config, load_config
 from swapper.coordinator import SwapCoordinator
 from swapper.dashboard import UI_HANDLERS
 from swapper.errors import SwapperError
-from swapper.forwarding import OPENAI_HANDLERS, json_response
+from swapper.forwarding import OPENAI_HANDLERS
 from swapper.gpu import GpuMonitor
 from swapper.logs import request_id_middleware
 from swapper.metrics import Metrics
 from swapper.openapi import list_model_names
 from swapper.placement import default_state_file
 from swapper.plugins import BackendRegistry
+from swapper.responses import json_response
 from swapper.upstream import UpstreamClient
 
 __all__ = ["begin_shutdown", "create_app"]

@@ -19,7 +19,7 @@ import msgspec
 
 from swapper.errors import BackendFailure, BackendTimeout, BackendUnreachable
 
-__all__ = ["UpstreamClient", "UpstreamResponse", "error_event", "normalise_error"]
+__all__ = ["UpstreamClient", "UpstreamResponse", "normalise_error"]
 
 _TRANSPORT_ERRORS = (httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError)
 _JSON = msgspec.json.Decoder()
@@ -84,13 +84,6 @@ def normalise_error(status: int, body: bytes) -> bytes:
 #: The error types OpenAI's clients know; anything else is mapped by the HTTP status.
 _OPENAI_TYPES = frozenset({"invalid_request_error", "authentication_error", "permission_error",
                            "rate_limit_error", "server_error"})
-
-
-def error_event(message: str, *, code: str | None = "backend_error",
-                type: str = "server_error") -> bytes:
-    """An in-stream SSE error event; the OpenAI SDK raises APIError on it."""
-    error = {"message": message, "type": type, "param": None, "code": code}
-    return b"data: " + _ENCODE.encode({"error": error}) + b"\n\n"
 
 
 @dataclass
