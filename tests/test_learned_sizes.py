@@ -11,7 +11,7 @@ import pytest
 
 from swapper.coordinator import ModelStatus, SwapCoordinator
 from tests.conftest import fake_config
-from tests.fakes import Behaviour, FakeGpu, FakeWorld, finished, until
+from tests.fakes import Behaviour, FakeGpu, FakeWorld, finished
 
 pytestmark = pytest.mark.anyio
 
@@ -33,8 +33,10 @@ async def test_a_size_comes_from_used_memory_only_when_nothing_else_moved(
         world.queue("b", Behaviour.GATED)
         want_b = asyncio.create_task(coordinator.acquire("b"))
         await coordinator.wait_for_status("b", ModelStatus.LOADING)
-        # b's process holds its memory from its start on.
-        await until(coordinator, lambda: "b" in world.alive, "b's start")
+        # b's process holds its memory from its start on (no coordinator event marks it: poll).
+        async with asyncio.timeout(30):
+            while "b" not in world.alive:
+                await asyncio.sleep(0.01)
         await use(coordinator, "a")  # a starts, and is measured, while b still loads
         await finished(coordinator, "measure:a")
         world.gates["b"].set()
