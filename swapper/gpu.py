@@ -1,12 +1,15 @@
 """Every NVML call swapper makes, in one place; no driver means "no GPU", never a crash.
 
 NVML is initialised once, on first use. On a machine without an NVIDIA driver the monitor says
-so once in the log and then reports ``available: false``.
+so once in the log and then reports ``available: false``. NVML lists every GPU of the machine;
+when ``CUDA_VISIBLE_DEVICES`` is set, only the GPUs it names (by index or UUID) count, since
+the backends cannot use the others.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ class GpuMonitor:
         self._nvml: Any = None
         self._ready: bool | None = None  # None: not tried yet
         self._foreign_pids_logged = False
+        self._visible_logged: str | None = None
 
     def _init(self) -> bool:
         if self._ready is None:
@@ -63,7 +67,7 @@ class GpuMonitor:
         nvml = self._nvml
         try:
             stats = []
-            for index in range(nvml.nvmlDeviceGetCount()):
+            for index in self._indexes():
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 memory = nvml.nvmlDeviceGetMemoryInfo(handle)
                 name = nvml.nvmlDeviceGetName(handle)
@@ -105,7 +109,7 @@ class GpuMonitor:
         used = 0
         listed = matched = 0
         try:
-            for index in range(nvml.nvmlDeviceGetCount()):
+            for index in self._indexes():
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
                     listed += 1
@@ -124,6 +128,38 @@ class GpuMonitor:
                                "from the change in used memory instead")
             return None
         return used / _MB
+
+    def _indexes(self) -> list[int]:
+        """NVML indexes of the GPUs CUDA may use: those ``CUDA_VISIBLE_DEVICES`` names, else all.
+
+        Like CUDA, the list ends at the first entry that names no GPU (``-1`` hides them all).
+        An index is NVML's, which is CUDA's only under ``CUDA_DEVICE_ORDER=PCI_BUS_ID``; UUIDs
+        (or their unique prefixes) are unambiguous. May raise ``NVMLError``.
+        """
+        nvml = self._nvml
+        count = nvml.nvmlDeviceGetCount()
+        setting = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if setting is None:
+            return list(range(count))
+        uuids: list[str] = []
+        for index in range(count):
+            uuid = nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(index))
+            uuids.append(uuid.decode() if isinstance(uuid, bytes) else uuid)
+        chosen: list[int] = []
+        for token in (t.strip() for t in setting.split(",")):
+            if token.isdigit() and int(token) < count:
+                found = [int(token)]
+            else:
+                found = [i for i, u in enumerate(uuids)
+                         if token and (u == token or u.startswith(token) and token.startswith("GPU-"))]
+            if len(found) != 1 or found[0] in chosen:
+                break
+            chosen.extend(found)
+        if self._visible_logged != setting:
+            self._visible_logged = setting
+            logger.info("CUDA_VISIBLE_DEVICES=%r: counting NVML GPU(s) %s of %d", setting,
+                        chosen or "none", count)
+        return chosen
 
     def snapshot(self) -> dict[str, Any]:
         """The ``gpu`` section of ``/status``."""

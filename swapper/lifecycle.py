@@ -157,7 +157,7 @@ class ModelLifecycle(abc.ABC):
                 if waking and await self._wake(model):
                     reason = "wake" if reason == "request" else reason
                 else:
-                    await self.placement.wait_for_memory(model, self.placement.predicted_mb(model))
+                    await self.placement.wait_for_memory(model, self.placement.start_need_mb(model))
                     await self._start_until_ready(model)
         except asyncio.CancelledError:
             await self._stop_backend(model)
@@ -192,8 +192,10 @@ class ModelLifecycle(abc.ABC):
         """Wake a sleeping backend; False (process stopped) when that fails: start it cold."""
         handle = model.handle
         assert handle is not None
-        extra = self.placement.predicted_mb(model) - self.placement.sleep_mb(model)
+        asleep = self.placement.sleep_mb(model)
+        extra = self.placement.predicted_mb(model) - asleep
         await self.placement.wait_for_memory(model, extra)
+        await self._set_baseline(model, holds_mb=asleep)
         try:
             await model.backend.wake(handle)
             await self._wait_ready(model, handle)
@@ -212,6 +214,8 @@ class ModelLifecycle(abc.ABC):
             measured = await model.backend.measure_vram_mb(handle)
             if measured is None:
                 measured = await self.placement.process_mb(handle.pid)
+            if measured is None:
+                measured = await self._used_since_baseline(model)
         except Exception:  # noqa: BLE001 - a failed measurement leaves the estimate in use
             logger.exception("%s: measuring VRAM failed", model.id)
             return
@@ -223,9 +227,29 @@ class ModelLifecycle(abc.ABC):
         if self.placement.sizes.record(model.id, entry, measured):
             await asyncio.to_thread(self.placement.sizes.save)
 
+    async def _set_baseline(self, model: ModelRecord, holds_mb: float = 0.0) -> None:
+        """Before a start (or wake): note NVML's used memory less what ``model`` holds now."""
+        used = await self.placement.used_mb()
+        mark = self.placement.note_change()
+        model.load_baseline = None if used is None else (used - holds_mb, mark)
+
+    async def _used_since_baseline(self, model: ModelRecord) -> float | None:
+        """What the device's used memory grew by since :meth:`_set_baseline`, when no other
+        backend started, stopped, slept or woke meanwhile; else None (unknown)."""
+        baseline, model.load_baseline = model.load_baseline, None
+        if baseline is None:
+            return None
+        used = await self.placement.used_mb()
+        if used is None or self.placement.gpu_changes != baseline[1]:
+            logger.info("%s: size not learned: NVML cannot tell its process apart and another "
+                        "backend changed the GPU's memory while it loaded", model.id)
+            return None
+        return max(0.0, used - baseline[0])
+
     async def _start_until_ready(self, model: ModelRecord) -> None:
         """Start the backend and wait for it; start again if another process took its port."""
         for attempt in range(1, _PORT_ATTEMPTS + 1):
+            await self._set_baseline(model)
             model.handle = await model.backend.start()
             try:
                 await self._wait_ready(model, model.handle)
@@ -327,7 +351,7 @@ class ModelLifecycle(abc.ABC):
     async def _unload(self, model: ModelRecord, sleep: bool, charge: float) -> None:
         placement = self.placement
         used_before = await placement.used_mb()
-        if sleep and await self._sleep(model):
+        if sleep and await self._sleep(model, used_before, charge):
             freed = charge - placement.sleep_mb(model)
             self._transition(model, ModelStatus.SLEEPING)
             verb = "put to sleep"
@@ -342,10 +366,16 @@ class ModelLifecycle(abc.ABC):
                          model.status == ModelStatus.SLEEPING)
         self._schedule()
 
-    async def _sleep(self, model: ModelRecord) -> bool:
-        """Put a backend to sleep and measure what it still holds; False when it failed."""
+    async def _sleep(self, model: ModelRecord, used_before: float | None, charge: float) -> bool:
+        """Put a backend to sleep and measure what it still holds; False when it failed.
+
+        What it holds: its processes' memory, or where NVML cannot tell them apart, ``charge``
+        less the drop in the device's used memory (when no other backend changed it meanwhile).
+        """
         handle = model.handle
         assert handle is not None
+        placement = self.placement
+        mark = placement.note_change()
         try:
             # Bounded like a load: a backend that hangs going to sleep is stopped instead.
             await asyncio.wait_for(model.backend.sleep(handle),
@@ -354,7 +384,14 @@ class ModelLifecycle(abc.ABC):
             logger.warning("%s: sleep failed (%s); stopping it instead", model.id,
                            str(exc) or type(exc).__name__)
             return False
-        model.sleep_vram_mb = await self.placement.process_mb(handle.pid)
+        residual = await placement.process_mb(handle.pid)
+        if residual is None and used_before is not None:
+            used_after = await placement.used_mb()
+            if used_after is not None and placement.gpu_changes == mark:
+                residual = max(0.0, charge - (used_before - used_after))
+        model.sleep_vram_mb = residual
+        if residual is not None:
+            logger.info("%s holds %.0f MiB of VRAM asleep", model.id, residual)
         return True
 
     async def _stop_backend(self, model: ModelRecord, *, kill: bool = False) -> None:
@@ -362,6 +399,7 @@ class ModelLifecycle(abc.ABC):
         if watcher is not None and watcher is not asyncio.current_task():
             watcher.cancel()
         if model.handle is not None:
+            self.placement.note_change()
             try:
                 if kill:
                     await model.backend.kill(model.handle)

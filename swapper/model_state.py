@@ -89,6 +89,9 @@ class ModelRecord:
     #: VRAM in MiB measured while LOADED / while SLEEPING (None: not measured).
     vram_mb: float | None = None
     sleep_vram_mb: float | None = None
+    #: NVML's used MiB without this model, and :attr:`Placement.gpu_changes` once its start (or
+    #: wake) was counted: the fallback measurement where NVML cannot tell our processes apart.
+    load_baseline: tuple[float, int] | None = None
     #: The swap that brings this model in: which model left for it, and when that began.
     swap_from: str | None = None
     swap_started: float | None = None

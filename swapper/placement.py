@@ -161,6 +161,14 @@ class Placement:
         state = config.swapper.state_file
         self.sizes = SizeBook(Path(state) if state else default_state_file())
         self._releases: list[_Release] = []
+        #: Counts backend starts, stops, sleeps and wakes: a change in NVML's used memory across a
+        #: span in which it moved by one only is that one model's doing (see :meth:`note_change`).
+        self.gpu_changes = 0
+
+    def note_change(self) -> int:
+        """A backend is about to start, stop, sleep or wake; return the new count."""
+        self.gpu_changes += 1
+        return self.gpu_changes
 
     @property
     def budget_mb(self) -> float | None:
@@ -183,6 +191,13 @@ class Placement:
         if entry.vram_mb is not None:
             return entry.vram_mb
         return model.backend.estimate_vram_mb(self.total_mb) or 0.0
+
+    def start_need_mb(self, model: ModelRecord) -> float:
+        """Free memory ``model``'s backend needs to start: its predicted size, or more when the
+        backend reserves a share of the GPU up front (vLLM refuses to start below
+        ``gpu_memory_utilization`` × total, however small the model)."""
+        reserved = model.backend.estimate_vram_mb(self.total_mb) or 0.0
+        return max(self.predicted_mb(model), reserved)
 
     def charge_mb(self, model: ModelRecord) -> float:
         """What ``model`` holds (or is about to) now."""
@@ -312,7 +327,9 @@ class Placement:
             return
         reserve = self.config.swapper.vram_reserve_mb
         started = time.monotonic()
-        deadline = started + self.config.swapper.vram_release_timeout
+        timeout = self.config.swapper.vram_release_timeout
+        deadline = started + timeout
+        announced = False
         while True:
             now = time.monotonic()
             self._releases = [r for r in self._releases if r.deadline > now]
@@ -329,9 +346,12 @@ class Placement:
                     logger.info("%s: waited %.2fs for GPU memory to be released (%.0f MiB free)",
                                 model.id, waited, free)
                 return
+            why = (f"still waiting for {', '.join(r.model_id for r in pending)} to release"
+                   if pending else f"{free:.0f} MiB free, {need_mb:.0f} MiB wanted")
+            if not announced:
+                announced = True
+                logger.info("%s: waiting up to %gs for free VRAM (%s)", model.id, timeout, why)
             if now >= deadline:
-                why = (f"still waiting for {', '.join(r.model_id for r in pending)} to release"
-                       if pending else f"{free:.0f} MiB free, {need_mb:.0f} MiB wanted")
                 logger.warning("%s: gave up waiting %.1fs for GPU memory (%s); starting anyway",
                                model.id, now - started, why)
                 self._releases = []

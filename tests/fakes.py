@@ -134,14 +134,17 @@ class FakeGpu:
     Its used memory is ``extra_mb`` (other programs) plus what the live fakes hold. What a
     stopped fake held still counts until ``release_lag`` seconds (default: the world's) after a
     reader first sees it gone, as ``tests/fake_servers/fakegpu.py`` does for dead holders and as
-    CUDA's free figure lags an unload; a lag of 0 shows it free at once.
+    CUDA's free figure lags an unload; a lag of 0 shows it free at once. ``host_pids``: NVML
+    lists only pids of another PID namespace (a container), so per-process memory is unknown.
     """
 
     available = True
 
     def __init__(self, world: FakeWorld, total_mb: float = 16384.0, *, extra_mb: float = 0.0,
-                 name: str = "Fake GPU", release_lag: float | None = None) -> None:
+                 name: str = "Fake GPU", release_lag: float | None = None,
+                 host_pids: bool = False) -> None:
         self.world = world
+        self.host_pids = host_pids
         self.total_mb = total_mb
         self.extra_mb = extra_mb
         self.name = name
@@ -171,7 +174,10 @@ class FakeGpu:
         return gpu.total_mb, gpu.used_mb, gpu.free_mb
 
     def process_memory_mb(self, pid: int) -> float | None:
-        """What the fake started as ``pid`` holds (0 once it is gone, or for a stranger)."""
+        """What the fake started as ``pid`` holds (0 once it is gone, or for a stranger; None
+        with ``host_pids``)."""
+        if self.host_pids:
+            return None
         model_id = self.world.pids.get(pid)
         with self.world.gpu_lock:
             return self.world.held.get(model_id, 0.0) if model_id else 0.0

@@ -4,8 +4,11 @@ vLLM keeps its port closed while it loads (connection refused is normal) and ans
 ``GET /health`` with 200 once ready. It reserves ``gpu_memory_utilization`` of the GPU's total
 memory up front and refuses to start when that much is not free, so swapper's placement counts
 that share as its size until it has measured the real one. With ``sleep_mode``, an unload is
-``POST /sleep`` (weights and KV cache off the GPU, the process and its CUDA context stay) and a
-load is ``POST /wake_up``: far faster than a cold start.
+``POST /sleep?level=N`` (weights and KV cache off the GPU, the process and its CUDA context stay)
+and a load is ``POST /wake_up``: far faster than a cold start. Level 2 discards the weights
+instead of keeping them in host memory, so its wake is vLLM's documented three steps: wake the
+weights' memory, ``reload_weights`` from disk through ``/collective_rpc``, wake the KV cache. A
+plain ``/wake_up`` there would serve a model with uninitialised weights.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class VllmModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only=Tru
     sleep_level: Literal[1, 2] = 1
 
     def __post_init__(self) -> None:
+        if self.sleep_level != 1 and not self.sleep_mode:
+            raise ValueError("sleep_level: needs sleep_mode: true")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization: must be > 0 and <= 1")
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -118,9 +123,9 @@ class VllmBackend(SubprocessBackend):
         """The port is closed while loading; ``/health`` is 200 once the engine serves."""
         return await self.http_status(f"{handle.base_url}/health") == 200
 
-    async def _post(self, handle: BackendHandle, path: str) -> None:
+    async def _post(self, handle: BackendHandle, path: str, body: object = None) -> None:
         try:
-            response = await self.http().post(f"{handle.base_url}{path}")
+            response = await self.http().post(f"{handle.base_url}{path}", json=body)
         except httpx.HTTPError as exc:
             raise RuntimeError(f"vLLM did not answer {path}: {exc}") from None
         if response.status_code != 200:
@@ -132,8 +137,14 @@ class VllmBackend(SubprocessBackend):
         await self._post(handle, f"/sleep?level={self.spec.sleep_level}")
 
     async def wake(self, handle: BackendHandle) -> None:
-        """``POST /wake_up``; readiness is then ``/health`` as after a start."""
-        await self._post(handle, "/wake_up")
+        """``POST /wake_up`` (level 2: weights, ``reload_weights``, KV cache); readiness is then
+        ``/health`` as after a start."""
+        if self.spec.sleep_level == 1:
+            await self._post(handle, "/wake_up")
+            return
+        await self._post(handle, "/wake_up?tags=weights")
+        await self._post(handle, "/collective_rpc", {"method": "reload_weights"})
+        await self._post(handle, "/wake_up?tags=kv_cache")
 
 
 @hookimpl

@@ -74,12 +74,16 @@ def _write(path: Path, data: dict[str, object]) -> None:
     os.replace(tmp, path)
 
 
-def hold(mb: float, directory: str | os.PathLike[str] | None = None) -> None:
-    """Set the memory the calling process holds (0 releases it at once). No-op without a fake GPU."""
+def hold(mb: float, directory: str | os.PathLike[str] | None = None, pid: int | None = None) -> None:
+    """Set the memory the calling process (or its child ``pid``) holds (0 releases it at once).
+
+    No-op without a fake GPU. ``pid`` lets a server account its memory to a worker child, as
+    vLLM's API server does for its EngineCore process.
+    """
     root = _root(directory)
     if root is None or not configured(root):
         return
-    path = root / "procs" / f"{os.getpid()}.json"
+    path = root / "procs" / f"{os.getpid() if pid is None else pid}.json"
     if mb <= 0:
         path.unlink(missing_ok=True)
     else:
