@@ -171,7 +171,7 @@ def test_reload_keeps_unchanged_models_running_mid_request(swapper_factory: Any)
     for name in ("tiny-b", "tiny-c"):
         assert chat(swapper, name).status_code == 200
     pid_b, pid_c = swapper.model("tiny-b")["pid"], swapper.model("tiny-c")["pid"]
-    body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 3000, "stream": True}
+    body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 12000, "stream": True}
     with swapper.http.stream("POST", "/v1/chat/completions", json=body) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
