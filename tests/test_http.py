@@ -11,12 +11,12 @@ import pytest
 import respx
 from litestar.testing import AsyncTestClient
 
-from tests.conftest import FakeApp
+from tests.conftest import MESSAGES, FakeApp
 from tests.fakes import Behaviour, FakeWorld
 
 pytestmark = pytest.mark.anyio
 
-CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+CHAT = {"model": "a", "messages": MESSAGES, "max_tokens": 4}
 COMPLETION = {
     "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "a",
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "yo"},

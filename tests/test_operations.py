@@ -13,17 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 import yaml
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from swapper.upstream import normalise_error
-from tests.conftest import MESSAGES, FakeApp, SwapperProcess, tiny_model, wait_until
+from tests.conftest import (
+    MESSAGES,
+    FakeApp,
+    SwapperProcess,
+    chat,
+    sdk,
+    tiny_model,
+    wait_until,
+)
 from tests.fakes import Behaviour, FakeWorld
-
-
 
 # -- metrics, on fakes ----------------------------------------------------------------------------
 
@@ -46,21 +51,21 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 async def test_metrics_count_a_scripted_sequence_of_swaps(
     fake_client: AsyncTestClient[Any], world: FakeWorld
 ) -> None:
-    async def chat(model: str) -> int:
+    async def ask(model: str) -> int:
         response = await fake_client.post("/v1/chat/completions",
                                           json={"model": model, "messages": MESSAGES})
         return response.status_code
 
-    assert await chat("a") == 200            # load a (request)
-    assert await chat("a") == 200
-    assert await chat("b") == 200            # swap a -> b (request)
+    assert await ask("a") == 200            # load a (request)
+    assert await ask("a") == 200
+    assert await ask("b") == 200            # swap a -> b (request)
     assert (await fake_client.post("/models/a/load")).status_code == 200  # b -> a (manual)
     world.crash("a")  # the app runs on the test client's own loop and thread
     deadline = time.monotonic() + 10
     while (await fake_client.get("/status")).json()["models"]["a"]["status"] != "FAILED":
         assert time.monotonic() < deadline, "the crash was not noticed"
-    assert await chat("a") == 200            # restart after the crash
-    assert await chat("nope") == 404
+    assert await ask("a") == 200            # restart after the crash
+    assert await ask("nope") == 404
 
     del fake_client.headers["Authorization"]
     metrics = await fake_client.get("/metrics")
@@ -133,10 +138,9 @@ def test_unload_racing_a_reload_that_removes_the_model(swapper_factory: Any,
     slow = tmp_path / "slow-llama-server"
     slow.write_text("#!/bin/sh\necho loading a very large model\nexec sleep 600\n")
     slow.chmod(slow.stat().st_mode | stat.S_IEXEC)
-    workdir = swapper_factory.workdir
-    entry = {"backend": "llamacpp", "ctx_size": 512, "binary": str(slow)}
-    models = {name: {**entry, "model_path": str(workdir / f"{name}.gguf")}
-              for name in ("tiny-a", "tiny-b")}
+    models = {f"tiny-{name}": tiny_model(swapper_factory.workdir, name, ctx_size=512,
+                                         binary=str(slow))
+              for name in "ab"}
     swapper = swapper_factory(models=models, swapper={"model_swap_timeout": 3})
     with httpx.Client(base_url=swapper.url, timeout=30) as client, \
             concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -241,8 +245,7 @@ def test_model_logs_tail_and_follow(swapper_factory: Any) -> None:
                            params={"follow": 1, "lines": 0}) as response:
             lines = response.iter_lines()
             # Cause new output: a request makes llama-server log its slot work.
-            threading.Thread(target=lambda: swapper.http.post("/v1/chat/completions", json={
-                "model": "tiny-a", "messages": MESSAGES, "max_tokens": 2})).start()
+            threading.Thread(target=lambda: chat(swapper, "tiny-a")).start()
             followed = []
             for line in lines:
                 if line.startswith("data: "):
@@ -266,11 +269,10 @@ def test_loading_feedback_keeps_the_answer_unchanged(
     swapper_factory: Any, tmp_path: Path, llama_server: str, mode: str
 ) -> None:
     binary = slow_llama_server(tmp_path, llama_server, 1.5)
-    models = {"tiny-a": {"backend": "llamacpp", "binary": binary, "ctx_size": 512,
-                         "model_path": str(swapper_factory.workdir / "tiny-a.gguf")}}
+    models = {"tiny-a": tiny_model(swapper_factory.workdir, "a", binary=binary, ctx_size=512)}
     swapper = swapper_factory(models=models, swapper={"loading_feedback": mode,
                                                       "loading_feedback_interval": 0.2})
-    client = openai.OpenAI(base_url=f"{swapper.url}/v1", api_key="x", max_retries=0)
+    client = sdk(swapper)
     request = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 12, "temperature": 0,
                "stream": True}
     raw: list[str] = []
@@ -301,29 +303,25 @@ def test_loading_feedback_keeps_the_answer_unchanged(
 
 @pytest.mark.integration
 def test_json_logs_carry_the_request_id(swapper_factory: Any) -> None:
-    swapper = swapper_factory(
-        server={"log_format": "json"},
-        models={"tiny-a": tiny_model(swapper_factory.workdir, "a", ctx_size=512)})
-    try:
-        response = swapper.http.post("/v1/chat/completions", headers={"X-Request-Id": "req-42"},
-                                     json={"model": "tiny-a", "messages": MESSAGES,
-                                           "max_tokens": 2})
-        assert response.status_code == 200
-        assert response.headers["x-request-id"] == "req-42"
-        generated = swapper.http.get("/health").headers["x-request-id"]
-        assert len(generated) == 16 and generated != "req-42"
-        wait_until(lambda: "Default" in swapper.output() or "loaded in" in swapper.output(), 10,
-                   "the load to be logged")
-        records = [json.loads(line) for line in swapper.output().splitlines()
-                   if line.startswith("{")]
-        assert records and all({"time", "level", "logger", "message", "request_id"} <= set(r)
-                               for r in records)
-        assert any(r["request_id"] == "req-42" and "Starting tiny-a" in r["message"]
-                   for r in records)
-        assert not [line for line in swapper.output().splitlines()
-                    if line.strip() and not line.startswith("{")]
-    finally:
-        swapper.stop()
+    swapper = swapper_factory(models={"tiny-a": tiny_model(swapper_factory.workdir, "a",
+                                                           ctx_size=512)},
+                              server={"log_format": "json"})
+    response = swapper.http.post("/v1/chat/completions", headers={"X-Request-Id": "req-42"},
+                                 json={"model": "tiny-a", "messages": MESSAGES, "max_tokens": 2})
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "req-42"
+    generated = swapper.http.get("/health").headers["x-request-id"]
+    assert len(generated) == 16 and generated != "req-42"
+    wait_until(lambda: "Default" in swapper.output() or "loaded in" in swapper.output(), 10,
+               "the load to be logged")
+    records = [json.loads(line) for line in swapper.output().splitlines()
+               if line.startswith("{")]
+    assert records and all({"time", "level", "logger", "message", "request_id"} <= set(r)
+                           for r in records)
+    assert any(r["request_id"] == "req-42" and "Starting tiny-a" in r["message"]
+               for r in records)
+    assert not [line for line in swapper.output().splitlines()
+                if line.strip() and not line.startswith("{")]
 
 
 @pytest.mark.integration

@@ -246,27 +246,24 @@ def test_failed_load_shows_the_error_then_the_backends_last_lines(swapper_factor
 @pytest.mark.integration
 def test_keys_plain_and_admin(swapper_factory: Any) -> None:
     swapper = swapper_factory(
-        server={"api_keys": [PLAIN_KEY], "admin_api_keys": [ADMIN_KEY]},
-        models={"tiny-a": tiny_model(swapper_factory.workdir, "a", ctx_size=512)})
-    try:
-        url = ["--url", swapper.url]
-        line = one_error_line(swapper_cli("status", *url))
-        assert line.startswith("swapper: Missing API key") and "SWAPPER_API_KEY" in line
-        assert "Invalid API key" in one_error_line(swapper_cli("status", *url, "--key", "wrong"))
-        assert swapper_cli("status", *url, env={"SWAPPER_API_KEY": PLAIN_KEY}).returncode == 0
+        models={"tiny-a": tiny_model(swapper_factory.workdir, "a", ctx_size=512)},
+        server={"api_keys": [PLAIN_KEY], "admin_api_keys": [ADMIN_KEY]})
+    url = ["--url", swapper.url]
+    line = one_error_line(swapper_cli("status", *url))
+    assert line.startswith("swapper: Missing API key") and "SWAPPER_API_KEY" in line
+    assert "Invalid API key" in one_error_line(swapper_cli("status", *url, "--key", "wrong"))
+    assert swapper_cli("status", *url, env={"SWAPPER_API_KEY": PLAIN_KEY}).returncode == 0
 
-        line = one_error_line(swapper_cli("load", "tiny-a", *url, "--key", PLAIN_KEY))
-        assert line.startswith("swapper: This endpoint needs a key from server.admin_api_keys")
-        assert PLAIN_KEY not in line
+    line = one_error_line(swapper_cli("load", "tiny-a", *url, "--key", PLAIN_KEY))
+    assert line.startswith("swapper: This endpoint needs a key from server.admin_api_keys")
+    assert PLAIN_KEY not in line
 
-        # load prefers $SWAPPER_ADMIN_KEY over $SWAPPER_API_KEY
-        both = {"SWAPPER_API_KEY": PLAIN_KEY, "SWAPPER_ADMIN_KEY": ADMIN_KEY}
-        loaded = swapper_cli("load", "tiny-a", *url, env=both)
-        assert loaded.returncode == 0, loaded.stderr
-        assert loaded.stdout.startswith("tiny-a LOADED")
-        assert swapper_cli("unload", "tiny-a", *url, "--key", ADMIN_KEY).returncode == 0
-    finally:
-        swapper.stop()
+    # load prefers $SWAPPER_ADMIN_KEY over $SWAPPER_API_KEY
+    both = {"SWAPPER_API_KEY": PLAIN_KEY, "SWAPPER_ADMIN_KEY": ADMIN_KEY}
+    loaded = swapper_cli("load", "tiny-a", *url, env=both)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.startswith("tiny-a LOADED")
+    assert swapper_cli("unload", "tiny-a", *url, "--key", ADMIN_KEY).returncode == 0
 
 
 @pytest.mark.integration

@@ -13,6 +13,7 @@ import swapper.backend
 from swapper.app import create_app
 from swapper.config import parse_config
 from swapper.plugins import load_backends
+from tests.conftest import MESSAGES
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -46,7 +47,7 @@ async def test_port_taken_before_the_backend_binds_is_retried(
         "ports.yaml", registry.schemas())
     async with AsyncTestClient(create_app(config, registry), timeout=30) as client:
         response = await client.post("/v1/chat/completions", json={
-            "model": "tiny-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            "model": "tiny-a", "messages": MESSAGES, "max_tokens": 2})
         assert response.status_code == 200, response.text
         status = (await client.get("/status")).json()["models"]["tiny-a"]
         assert status["status"] == "LOADED" and status["port"] != squatted_port

@@ -16,6 +16,7 @@ from swapper.app import create_app
 from swapper.config import parse_config
 from swapper.errors import ConfigError
 from swapper.plugins import load_backends
+from tests.conftest import MESSAGES
 
 pytestmark = pytest.mark.anyio
 
@@ -67,7 +68,7 @@ def test_readme_plugin_registers_its_backend(readme_plugin: ModuleType) -> None:
 
 async def test_readme_plugin_serves_a_chat(client: AsyncTestClient[Any]) -> None:
     response = await client.post("/v1/chat/completions", json={
-        "model": "my-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        "model": "my-model", "messages": MESSAGES, "max_tokens": 4})
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["role"] == "assistant"
     status = (await client.get("/status")).json()["models"]["my-model"]

@@ -27,14 +27,10 @@ def test_swapper_plugins_lists_backends_and_their_packages() -> None:
 def test_a_config_can_name_the_plugins_backend(swapper_factory: Any) -> None:
     gguf = str(swapper_factory.workdir / "tiny-b.gguf")
     swapper = swapper_factory(models={"plug": {"backend": "example", "gguf": gguf}})
-    try:
-        reply = sdk(swapper).chat.completions.create(model="plug", max_tokens=3,
-                                                     messages=MESSAGES)
-        assert reply.choices[0].message.role == "assistant"
-        status = swapper.model("plug")
-        assert status["status"] == "LOADED" and status["backend"] == "example"
-    finally:
-        swapper.stop()
+    reply = sdk(swapper).chat.completions.create(model="plug", max_tokens=3, messages=MESSAGES)
+    assert reply.choices[0].message.role == "assistant"
+    status = swapper.model("plug")
+    assert status["status"] == "LOADED" and status["backend"] == "example"
 
 
 def test_a_plugin_that_fails_to_import_is_reported_and_the_others_load(
