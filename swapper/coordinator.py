@@ -392,11 +392,6 @@ class SwapCoordinator(ModelLifecycle):
         """The ring buffer of one model's backend output."""
         return self._models[model_id].log
 
-    def resident_pids(self) -> dict[str, int]:
-        """Backend pids by model id, for models that hold a process."""
-        return {m.id: m.handle.pid for m in self._models.values()
-                if m.handle is not None and m.handle.pid is not None}
-
     def model_status(self, model_id: str) -> ModelStatus:
         """The current status of one model."""
         return self._models[model_id].status
