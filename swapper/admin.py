@@ -78,8 +78,8 @@ def _read_gpu(gpu: GpuMonitor, pids: Mapping[str, int]
 
 
 async def read_status(state: State) -> dict[str, Any]:
-    """``/status`` now: the snapshot taken on the loop, NVML read off it (a slow driver stalls
-    only this request, never the event loop)."""
+    """``/status`` now: the snapshot taken on the loop, NVML read in a worker thread."""
+    # A slow or hung driver then stalls only this request, never the event loop.
     snapshot: Snapshot = state.coordinator.status()
     pids = {mid: m.pid for mid, m in snapshot.models.items() if m.pid is not None}
     gpus, measured = await asyncio.to_thread(_read_gpu, state.gpu, pids)
