@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import datetime as dt
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from litestar import Response, get, post
@@ -15,32 +16,84 @@ from swapper.access import require_admin, require_key, require_metrics_key
 from swapper.coordinator import SwapCoordinator
 from swapper.events import STOPPED, next_event
 from swapper.exchange import unless_stopping
+from swapper.gpu import GpuMonitor, GpuStats
 from swapper.metrics import CONTENT_TYPE
 from swapper.responses import SSE, SSE_HEADERS, json_response, sse_comment, sse_event
+from swapper.snapshot import Snapshot
 
-__all__ = ["ADMIN_HANDLERS", "status_document"]
+__all__ = ["ADMIN_HANDLERS", "read_status", "status_document"]
 
 #: Seconds of silence after which an SSE stream sends a comment, so proxies keep it open.
 _PING = 15.0
 _PING_COMMENT = sse_comment("ping")
 
 
-def status_document(state: State) -> dict[str, Any]:
-    """``/status``: the coordinator's view, each resident model's measured VRAM, and the GPUs."""
-    doc = state.coordinator.status()
-    gpu = state.gpu
-    pids = state.coordinator.resident_pids()
-    for model_id, model in doc["models"].items():
-        pid = pids.get(model_id)
-        measured = None if pid is None else gpu.process_memory_mb(pid)
-        # NVML's live figure; else what the backend reported when it loaded (Ollama's /api/ps).
-        model["vram_mb"] = _round(measured if measured is not None else model["vram_mb"])
-    doc["gpu"] = gpu.snapshot()
-    return doc
+def status_document(snapshot: Snapshot, gpus: list[GpuStats],
+                    measured_mb: Mapping[str, float | None]) -> dict[str, Any]:
+    """The ``/status`` JSON: a coordinator snapshot, NVML's per-process VRAM, and the GPUs.
+
+    Times are ISO 8601 UTC with milliseconds, the coordinator's MiB rounded to 0.1, the GPUs'
+    to whole MiB. ``tests/test_status_document.py`` pins this shape: clients parse it.
+    """
+    models = {}
+    for model_id, model in snapshot.models.items():
+        measured = measured_mb.get(model_id)
+        retry_at = (None if model.retry_at is None
+                    else snapshot.wall_time + model.retry_at - snapshot.monotonic_time)
+        models[model_id] = {
+            "status": model.status.value,
+            "backend": model.backend,
+            "pid": model.pid,
+            "port": model.port,
+            "loaded_at": _iso(model.loaded_at),
+            "last_error": model.last_error,
+            "in_flight": model.in_flight,
+            "queued": model.queued,
+            "last_used": _iso(model.last_used),
+            "failures": model.failures,
+            "retry_at": _iso(retry_at),
+            # NVML's live figure; else what the backend reported when it loaded (Ollama's /api/ps).
+            "vram_mb": _round(measured if measured is not None else model.vram_mb),
+            "predicted_vram_mb": round(model.predicted_vram_mb, 1),
+            "pinned": model.pinned,
+        }
+    vram = snapshot.vram
+    return {"mode": snapshot.mode, "active_model": snapshot.active_model,
+            "resident": list(snapshot.resident),
+            "max_concurrent_models": snapshot.max_concurrent_models,
+            "vram": {"budget_mb": _round(vram.budget_mb),
+                     "committed_mb": round(vram.committed_mb, 1),
+                     "learned_mb": dict(vram.learned_mb)},
+            "models": models,
+            "gpu": {"available": bool(gpus),
+                    "gpus": [{"index": g.index, "name": g.name, "total_mb": round(g.total_mb),
+                              "used_mb": round(g.used_mb), "free_mb": round(g.free_mb)}
+                             for g in gpus]}}
+
+
+def _read_gpu(gpu: GpuMonitor, pids: Mapping[str, int]
+              ) -> tuple[list[GpuStats], dict[str, float | None]]:
+    """Every NVML read ``/status`` needs; blocking, so it runs in a worker thread."""
+    return gpu.gpus(), {model_id: gpu.process_memory_mb(pid) for model_id, pid in pids.items()}
+
+
+async def read_status(state: State) -> dict[str, Any]:
+    """``/status`` now: the snapshot taken on the loop, NVML read in a worker thread."""
+    # A slow or hung driver then stalls only this request, never the event loop.
+    snapshot: Snapshot = state.coordinator.status()
+    pids = {mid: m.pid for mid, m in snapshot.models.items() if m.pid is not None}
+    gpus, measured = await asyncio.to_thread(_read_gpu, state.gpu, pids)
+    return status_document(snapshot, gpus, measured)
 
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="milliseconds")
 
 
 @get("/health")
@@ -52,7 +105,7 @@ async def health() -> Response[bytes]:
 @get("/status", guards=[require_key])
 async def status(state: State) -> Response[bytes]:
     """Every model's status, backend, pid, port, VRAM, load time and last error; the GPUs."""
-    return json_response(status_document(state))
+    return json_response(await read_status(state))
 
 
 async def _model_action(state: State, model: str, unload: bool) -> Response[bytes]:
@@ -61,7 +114,7 @@ async def _model_action(state: State, model: str, unload: bool) -> Response[byte
     await unless_stopping(state, coordinator.unload(model_id) if unload
                           else coordinator.load(model_id))
     # A reload may have removed the model meanwhile: it is then out, or on its way out.
-    entry = status_document(state)["models"].get(model_id, {"status": "UNLOADED",
+    entry = (await read_status(state))["models"].get(model_id, {"status": "UNLOADED",
                                                             "removed": True})
     return json_response({"model": model_id, **entry})
 
@@ -96,7 +149,7 @@ async def _until_shutdown(state: State, queue: asyncio.Queue[Any],
 
 async def _event_stream(state: State) -> AsyncIterator[bytes]:
     with state.coordinator.events.subscribe() as queue:
-        yield sse_event(status_document(state), "snapshot")
+        yield sse_event(await read_status(state), "snapshot")
         async for chunk in _until_shutdown(
                 state, queue, lambda event: sse_event({**event.data, "time": event.time}, event.type)):
             yield chunk
@@ -140,7 +193,7 @@ async def model_logs(state: State, model: FromPath[str], lines: FromQuery[int] =
 @get("/metrics", guards=[require_metrics_key])
 async def metrics(state: State) -> Response[bytes]:
     """Prometheus metrics; open unless ``server.metrics_require_key``."""
-    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+    return Response(await state.metrics.render(), media_type=CONTENT_TYPE)
 
 
 ADMIN_HANDLERS = [health, status, load_model, unload_model, reload_config, events, model_logs,

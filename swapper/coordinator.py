@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import datetime as dt
 import itertools
 import logging
 import math
@@ -44,6 +43,7 @@ from swapper.logbook import ModelLog
 from swapper.model_state import ModelRecord, ModelStatus, Waiter
 from swapper.placement import HOLDING_STATUSES, GpuView, Placement, holds_slot
 from swapper.plugins import BackendRegistry
+from swapper.snapshot import ModelLoad, ModelSnapshot, Snapshot, VramSnapshot
 
 __all__ = ["Lease", "ModelStatus", "SwapCoordinator"]
 
@@ -351,48 +351,46 @@ class SwapCoordinator(ModelLifecycle):
         holders = [m for m in self._all_models() if holds_slot(m)]
         return [m.id for m in sorted(holders, key=lambda m: m.started_seq)]
 
-    def status(self) -> dict[str, Any]:
-        """The ``/status`` document."""
+    def status(self) -> Snapshot:
+        """Every model's state and placement's accounting, in raw values (see :mod:`swapper.snapshot`)."""
+        placement = self.placement
         models = {}
         for model in self._models.values():
             handle = model.handle
-            models[model.id] = {
-                "status": model.status.value,
-                "backend": model.backend.name,
-                "pid": handle.pid if handle else None,
-                "port": handle.port if handle else None,
-                "loaded_at": _iso(model.loaded_at),
-                "last_error": model.last_error,
-                "in_flight": model.in_flight,
-                "queued": model.queued,
-                "last_used": _iso(model.last_used),
-                "failures": model.failures,
-                "retry_at": _iso(None if model.retry_at is None
-                                 else time.time() + model.retry_at - time.monotonic()),
-                "vram_mb": (model.sleep_vram_mb if model.status == ModelStatus.SLEEPING
-                            else model.vram_mb if model.status == ModelStatus.LOADED else None),
-                "predicted_vram_mb": round(self.placement.predicted_mb(model), 1),
-                "pinned": self.placement.pinned(model),
-            }
-        placement = self.placement
-        budget = placement.budget_mb
-        return {"mode": self.config.swapper.mode, "active_model": self.active_model,
-                "resident": self.resident_models,
-                "max_concurrent_models": self.config.swapper.max_concurrent_models,
-                "vram": {"budget_mb": None if budget is None else round(budget, 1),
-                         "committed_mb": round(sum(placement.charge_mb(m)
-                                                   for m in self._holders()), 1),
-                         "learned_mb": placement.sizes.snapshot()},
-                "models": models}
+            models[model.id] = ModelSnapshot(
+                status=model.status,
+                backend=model.backend.name,
+                pid=handle.pid if handle else None,
+                port=handle.port if handle else None,
+                loaded_at=model.loaded_at,
+                last_error=model.last_error,
+                in_flight=model.in_flight,
+                queued=model.queued,
+                last_used=model.last_used,
+                failures=model.failures,
+                retry_at=model.retry_at,
+                vram_mb=(model.sleep_vram_mb if model.status == ModelStatus.SLEEPING
+                         else model.vram_mb if model.status == ModelStatus.LOADED else None),
+                predicted_vram_mb=placement.predicted_mb(model),
+                pinned=placement.pinned(model),
+            )
+        vram = VramSnapshot(
+            budget_mb=placement.budget_mb,
+            committed_mb=sum(placement.charge_mb(m) for m in self._holders()),
+            learned_mb=placement.sizes.snapshot())
+        return Snapshot(mode=self.config.swapper.mode, active_model=self.active_model,
+                        resident=self.resident_models,
+                        max_concurrent_models=self.config.swapper.max_concurrent_models,
+                        vram=vram, models=models,
+                        wall_time=time.time(), monotonic_time=time.monotonic())
+
+    def loads(self) -> dict[str, ModelLoad]:
+        """Each model's status, queued and in-flight requests: the cheap part of :meth:`status`."""
+        return {m.id: ModelLoad(m.status, m.queued, m.in_flight) for m in self._models.values()}
 
     def model_log(self, model_id: str) -> ModelLog:
         """The ring buffer of one model's backend output."""
         return self._models[model_id].log
-
-    def resident_pids(self) -> dict[str, int]:
-        """Backend pids by model id, for models that hold a process."""
-        return {m.id: m.handle.pid for m in self._models.values()
-                if m.handle is not None and m.handle.pid is not None}
 
     def model_status(self, model_id: str) -> ModelStatus:
         """The current status of one model."""
@@ -626,8 +624,3 @@ class SwapCoordinator(ModelLifecycle):
         task.add_done_callback(self._tasks.discard)
         return task
 
-
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="milliseconds")

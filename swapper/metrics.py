@@ -1,12 +1,14 @@
 """Prometheus metrics (prometheus-client): swaps, loads, requests, queues, statuses, GPU memory.
 
 Counters and histograms are fed by the coordinator's events and by the HTTP layer; queue depth,
-model status and GPU memory are read from the coordinator and NVML when scraped. Each app has a
+model status and GPU memory are read from the coordinator and NVML when scraped (NVML in a
+worker thread: a slow driver must not stall the event loop). Each app has a
 registry of its own, so several apps in one process (tests) never collide.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -19,37 +21,36 @@ from swapper.model_state import ModelStatus
 
 if TYPE_CHECKING:
     from swapper.coordinator import SwapCoordinator
-    from swapper.gpu import GpuMonitor
+    from swapper.gpu import GpuMonitor, GpuStats
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-_STATUSES = tuple(status.value for status in ModelStatus)
 
 
 class _StateCollector(Collector):
     """Values read at scrape time rather than tracked on every change."""
 
-    def __init__(self, coordinator: SwapCoordinator, gpu: GpuMonitor) -> None:
+    def __init__(self, coordinator: SwapCoordinator) -> None:
         self._coordinator = coordinator
-        self._gpu = gpu
+        #: NVML's reading for the scrape being rendered, taken off the loop by Metrics.render.
+        self.gpus: list[GpuStats] = []
 
     def collect(self) -> Iterator[Metric]:
-        doc = self._coordinator.status()
         queue = GaugeMetricFamily("swapper_queue_depth", "Requests waiting for each model",
                                   labels=["model"])
         status = GaugeMetricFamily("swapper_model_status",
                                    "1 for each model's current status, 0 for the others",
                                    labels=["model", "status"])
-        for model_id, model in doc["models"].items():
-            queue.add_metric([model_id], model["queued"])
-            for name in _STATUSES:
-                status.add_metric([model_id, name], 1.0 if model["status"] == name else 0.0)
+        for model_id, model in self._coordinator.loads().items():
+            queue.add_metric([model_id], model.queued)
+            for name in ModelStatus:
+                status.add_metric([model_id, name.value], 1.0 if model.status == name else 0.0)
         yield queue
         yield status
-        gpus = self._gpu.gpus()
+        gpus = self.gpus
         if gpus:
             used = GaugeMetricFamily("swapper_gpu_memory_used_bytes", "GPU memory in use",
                                      labels=["gpu"])
@@ -81,7 +82,9 @@ class Metrics:
                               ["model"], buckets=_TTFB_BUCKETS, registry=r)
         self.restarts = Counter("swapper_backend_restarts_total",
                                 "Backends started again after dying", ["model"], registry=r)
-        r.register(_StateCollector(coordinator, gpu))
+        self._gpu = gpu
+        self._state = _StateCollector(coordinator)
+        r.register(self._state)
         coordinator.events.add_listener(self.on_event)
 
     def on_event(self, event: Event) -> None:
@@ -96,6 +99,10 @@ class Metrics:
         elif event.type == "unloaded":
             self.unload_seconds.labels(data["model"]).observe(data["seconds"])
 
-    def render(self) -> bytes:
-        """The Prometheus text exposition."""
+    async def render(self) -> bytes:
+        """The Prometheus text exposition; NVML is read in a worker thread."""
+        gpus = await asyncio.to_thread(self._gpu.gpus)
+        # No await from here to the end: the reading and the coordinator's state are rendered
+        # together, on the loop, so a concurrent scrape cannot swap the reading in between.
+        self._state.gpus = gpus
         return generate_latest(self.registry)

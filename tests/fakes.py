@@ -305,7 +305,7 @@ async def until(coordinator: SwapCoordinator, predicate: Callable[[], bool], wha
 
 def queued(coordinator: SwapCoordinator, model_id: str) -> int:
     """How many requests wait for ``model_id``."""
-    return int(coordinator.status()["models"][model_id]["queued"])
+    return int(coordinator.status().models[model_id].queued)
 
 
 async def finished(coordinator: SwapCoordinator, name: str) -> None:

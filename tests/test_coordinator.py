@@ -18,7 +18,7 @@ pytestmark = pytest.mark.anyio
 
 def queued_at_least(coordinator: SwapCoordinator, count: int) -> bool:
     """``count`` requests (or more) wait for models."""
-    return sum(m["queued"] for m in coordinator.status()["models"].values()) >= count
+    return sum(m.queued for m in coordinator.status().models.values()) >= count
 
 
 async def test_resolve_ids_and_aliases(coordinator_factory: CoordinatorFactory) -> None:
@@ -32,9 +32,9 @@ async def test_resolve_ids_and_aliases(coordinator_factory: CoordinatorFactory) 
 async def test_every_model_starts_unloaded(coordinator_factory: CoordinatorFactory) -> None:
     coordinator = coordinator_factory()
     doc = coordinator.status()
-    assert doc["active_model"] is None
-    assert {m["status"] for m in doc["models"].values()} == {"UNLOADED"}
-    assert doc["models"]["a"]["backend"] == "fake"
+    assert doc.active_model is None
+    assert {m.status for m in doc.models.values()} == {ModelStatus.UNLOADED}
+    assert doc.models["a"].backend == "fake"
 
 
 async def test_concurrent_first_requests_cause_one_load(
@@ -48,10 +48,10 @@ async def test_concurrent_first_requests_cause_one_load(
     world.gates["a"].set()
     leases = await asyncio.gather(*tasks)
     assert world.starts("a") == 1
-    assert coordinator.status()["models"]["a"]["in_flight"] == 10
+    assert coordinator.status().models["a"].in_flight == 10
     for lease in leases:
         lease.release()
-    assert coordinator.status()["models"]["a"]["in_flight"] == 0
+    assert coordinator.status().models["a"].in_flight == 0
 
 
 async def test_swap_waits_for_in_flight_and_stops_old_before_starting_new(
@@ -71,7 +71,7 @@ async def test_swap_waits_for_in_flight_and_stops_old_before_starting_new(
     assert lease_b.base_url == "http://b.fake.test"
     assert world.events == [("start", "a"), ("stop", "a"), ("start", "b")]
     assert world.max_alive == 1
-    assert coordinator.status()["active_model"] == "b"
+    assert coordinator.status().active_model == "b"
     assert coordinator.model_status("a") == ModelStatus.UNLOADED
     lease_b.release()
 
@@ -164,14 +164,14 @@ async def test_load_timeout_fails_waiters_kills_process_and_next_request_retries
         await coordinator.acquire("a")
     assert info.value.status_code == 503 and info.value.retry_after
     assert "model_swap_timeout" in info.value.message
-    doc = coordinator.status()["models"]["a"]
-    assert doc["status"] == "FAILED"
-    assert "not ready within" in doc["last_error"]
+    doc = coordinator.status().models["a"]
+    assert doc.status == ModelStatus.FAILED
+    assert "not ready within" in (doc.last_error or "")
     assert world.events == [("start", "a"), ("stop", "a")]
     assert world.alive == set()
     lease = await coordinator.acquire("a")  # the next request tries again
     assert coordinator.model_status("a") == ModelStatus.LOADED
-    assert coordinator.status()["models"]["a"]["last_error"] is None
+    assert coordinator.status().models["a"].last_error is None
     lease.release()
 
 
@@ -184,7 +184,7 @@ async def test_start_failure_and_exit_during_load_are_reported(
         await coordinator.acquire("a")
     with pytest.raises(ModelUnavailable, match="fake backend crashed"):
         await coordinator.acquire("a")
-    assert "fake backend crashed" in coordinator.status()["models"]["a"]["last_error"]
+    assert "fake backend crashed" in (coordinator.status().models["a"].last_error or "")
     (await coordinator.acquire("a")).release()
     assert world.starts("a") == 3
 
@@ -199,7 +199,7 @@ async def test_failed_load_lets_other_queued_models_proceed(
     with pytest.raises(ModelUnavailable):
         await want_a
     (await want_b).release()
-    assert coordinator.status()["active_model"] == "b"
+    assert coordinator.status().active_model == "b"
 
 
 async def test_crash_is_detected_and_next_request_restarts(
@@ -210,9 +210,9 @@ async def test_crash_is_detected_and_next_request_restarts(
     world.crash("a")
     await coordinator.wait_for_status("a", ModelStatus.FAILED)
     doc = coordinator.status()
-    assert doc["active_model"] is None
-    assert doc["models"]["a"]["pid"] is None
-    assert "backend died" in doc["models"]["a"]["last_error"]
+    assert doc.active_model is None
+    assert doc.models["a"].pid is None
+    assert "backend died" in (doc.models["a"].last_error or "")
     (await coordinator.acquire("a")).release()
     assert world.starts("a") == 2
     assert coordinator.model_status("a") == ModelStatus.LOADED
@@ -305,12 +305,12 @@ async def test_crash_loop_backs_off_exponentially_and_manual_load_retries_at_onc
                                       retry_backoff_max=1000)
     with pytest.raises(ModelUnavailable):
         await coordinator.acquire("a")
-    assert coordinator.status()["models"]["a"]["retry_at"] is None  # one failure: retry freely
+    assert coordinator.status().models["a"].retry_at is None  # one failure: retry freely
     with pytest.raises(ModelUnavailable) as second:
         await coordinator.acquire("a")
     assert second.value.retry_after == 60
-    doc = coordinator.status()["models"]["a"]
-    assert doc["status"] == "FAILED" and doc["failures"] == 2 and doc["retry_at"] is not None
+    doc = coordinator.status().models["a"]
+    assert doc.status == ModelStatus.FAILED and doc.failures == 2 and doc.retry_at is not None
     # Backing off: refused at once, no new start (no tight restart loop).
     with pytest.raises(ModelUnavailable, match="backing off") as refused:
         await coordinator.acquire("a")
@@ -324,8 +324,8 @@ async def test_crash_loop_backs_off_exponentially_and_manual_load_retries_at_onc
     with pytest.raises(ModelUnavailable):
         await coordinator.load("a")
     await coordinator.load("a")  # the fifth start succeeds and clears the record
-    doc = coordinator.status()["models"]["a"]
-    assert doc["failures"] == 0 and doc["retry_at"] is None and doc["status"] == "LOADED"
+    doc = coordinator.status().models["a"]
+    assert doc.failures == 0 and doc.retry_at is None and doc.status == ModelStatus.LOADED
 
 
 async def test_frozen_backend_is_killed_after_a_silent_request(
@@ -339,7 +339,7 @@ async def test_frozen_backend_is_killed_after_a_silent_request(
     world.freeze("a")
     lease.backend_silent()
     await coordinator.wait_for_status("a", ModelStatus.FAILED)
-    assert "froze" in coordinator.status()["models"]["a"]["last_error"]
+    assert "froze" in (coordinator.status().models["a"].last_error or "")
     assert world.events[-1] == ("kill", "a")
     lease.release()
     (await coordinator.acquire("a")).release()  # restarted on the next request

@@ -94,7 +94,7 @@ def _state(coordinator: SwapCoordinator, upstream: FakeUpstream) -> Any:
 
 
 def _in_flight(coordinator: SwapCoordinator) -> int:
-    return int(coordinator.status()["models"]["a"]["in_flight"])
+    return coordinator.status().models["a"].in_flight
 
 
 @pytest.fixture
@@ -199,7 +199,7 @@ async def test_a_queue_place_never_used_is_given_back(
     ticket = coordinator.enqueue("a")  # not resident: a place in the queue
     assert isinstance(ticket, Waiter)
     await _exchange(coordinator, FakeUpstream(), ticket=ticket).close()
-    assert coordinator.status()["models"]["a"]["queued"] == 0
+    assert coordinator.status().models["a"].queued == 0
 
 
 async def test_loading_feedback_then_the_stream_then_one_release(

@@ -43,10 +43,10 @@ async def test_a_size_comes_from_used_memory_only_when_nothing_else_moved(
         (await want_b).release()
         await finished(coordinator, "measure:b")
         # a's start moved the used memory while b loaded: b's difference (7000) is not b's.
-        assert coordinator.status()["vram"]["learned_mb"] == {"a": 4000}
+        assert coordinator.status().vram.learned_mb == {"a": 4000}
         await coordinator.unload("b")
         await use(coordinator, "b")  # alone this time
         await finished(coordinator, "measure:b")
-        assert coordinator.status()["vram"]["learned_mb"] == {"a": 4000, "b": 3000}
+        assert coordinator.status().vram.learned_mb == {"a": 4000, "b": 3000}
     finally:
         await coordinator.close()

@@ -41,7 +41,7 @@ async def use(coordinator: SwapCoordinator, model_id: str) -> None:
 
 
 def statuses(coordinator: SwapCoordinator) -> dict[str, str]:
-    return {mid: m["status"] for mid, m in coordinator.status()["models"].items()}
+    return {mid: m.status.value for mid, m in coordinator.status().models.items()}
 
 
 async def test_models_that_fit_load_alongside(make: Make, world: FakeWorld) -> None:
@@ -51,8 +51,8 @@ async def test_models_that_fit_load_alongside(make: Make, world: FakeWorld) -> N
     await use(coordinator, "b")
     assert statuses(coordinator) == {"a": "LOADED", "b": "LOADED"}
     assert world.max_alive == 2 and ("stop", "a") not in world.events
-    assert coordinator.status()["resident"] == ["a", "b"]
-    assert coordinator.status()["vram"]["committed_mb"] == 12000
+    assert coordinator.status().resident == ["a", "b"]
+    assert coordinator.status().vram.committed_mb == 12000
 
 
 async def test_least_recently_used_idle_model_is_evicted_to_fit(
@@ -70,7 +70,7 @@ async def test_least_recently_used_idle_model_is_evicted_to_fit(
 
 async def test_the_count_limit_evicts_without_a_gpu(make: Make, world: FakeWorld) -> None:
     coordinator = make({m: {} for m in "abc"}, gpu=False, max_concurrent_models=2)
-    assert coordinator.status()["vram"]["budget_mb"] is None
+    assert coordinator.status().vram.budget_mb is None
     await use(coordinator, "b")
     await use(coordinator, "a")
     await use(coordinator, "c")
@@ -125,7 +125,7 @@ async def test_pinned_models_are_evicted_last(make: Make, world: FakeWorld) -> N
     await use(coordinator, "b")
     await use(coordinator, "c")
     assert statuses(coordinator) == {"a": "LOADED", "b": "UNLOADED", "c": "LOADED"}
-    assert coordinator.status()["models"]["a"]["pinned"] is True
+    assert coordinator.status().models["a"].pinned is True
 
 
 
@@ -200,21 +200,21 @@ async def test_measured_size_replaces_the_estimate_and_survives_a_restart(
     coordinator = make(models, max_concurrent_models=2, vram_budget_mb=14000)
     await use(coordinator, "a")
     await finished(coordinator, "measure:a")  # the measurement runs in a task after the load
-    assert coordinator.status()["models"]["a"]["vram_mb"] == 9000
+    assert coordinator.status().models["a"].vram_mb == 9000
     saved = json.loads((tmp_path / "state.json").read_text())
     assert saved["models"]["a"]["vram_mb"] == 9000
     await coordinator.close()
     # A new coordinator (a restart) plans with the learned 9000, not the estimate of 4000:
     # a and b no longer fit together in 14000.
     again = make(models, max_concurrent_models=2, vram_budget_mb=14000)
-    assert again.status()["models"]["a"]["predicted_vram_mb"] == 9000
+    assert again.status().models["a"].predicted_vram_mb == 9000
     await use(again, "a")
     await use(again, "b")
     assert statuses(again) == {"a": "UNLOADED", "b": "LOADED"}
     # A changed entry is another setup: its old measurement no longer applies.
     changed = make({"a": {"vram_mb": 4000, "note": "q8"}, "b": {"vram_mb": 6000}},
                    max_concurrent_models=2, vram_budget_mb=14000)
-    assert changed.status()["models"]["a"]["predicted_vram_mb"] == 4000
+    assert changed.status().models["a"].predicted_vram_mb == 4000
 
 
 async def test_a_sleeping_backend_sleeps_instead_of_stopping_and_wakes(
@@ -227,7 +227,7 @@ async def test_a_sleeping_backend_sleeps_instead_of_stopping_and_wakes(
     await use(coordinator, "b")
     assert statuses(coordinator) == {"a": "SLEEPING", "b": "LOADED"}
     assert "a" in world.alive and ("sleep", "a") in world.events
-    assert coordinator.status()["models"]["a"]["vram_mb"] == 500
+    assert coordinator.status().models["a"].vram_mb == 500
     await use(coordinator, "a")
     assert statuses(coordinator) == {"a": "LOADED", "b": "UNLOADED"}
     assert world.starts("a") == 1 and ("wake", "a") in world.events
@@ -263,7 +263,7 @@ async def test_a_backend_that_dies_asleep_is_failed(make: Make, world: FakeWorld
     await use(coordinator, "b")
     world.crash("a")
     await coordinator.wait_for_status("a", ModelStatus.FAILED)
-    assert "died" in (coordinator.status()["models"]["a"]["last_error"] or "")
+    assert "died" in (coordinator.status().models["a"].last_error or "")
     await use(coordinator, "a")  # the next request starts it again
     assert world.starts("a") == 2
 

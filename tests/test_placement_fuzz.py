@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from swapper.config import Config
 from swapper.coordinator import Lease, SwapCoordinator
 from swapper.errors import SwapperError
-from swapper.model_state import ModelRecord, Waiter
+from swapper.model_state import ModelRecord, ModelStatus, Waiter
 from tests.conftest import fake_config
 from tests.fakes import FakeGpu, FakeWorld
 
@@ -138,8 +138,8 @@ async def _run(slots: int, sizes: list[float], sleepy: list[bool],
         requests.append(asyncio.ensure_future(coordinator.redeem(ticket)))
 
     def check() -> None:
-        serving = [m for m, d in coordinator.status()["models"].items()
-                   if d["status"] in ("LOADING", "LOADED")]
+        serving = [m for m, d in coordinator.status().models.items()
+                   if d.status in (ModelStatus.LOADING, ModelStatus.LOADED)]
         assert len(serving) <= slots, serving
         # Processes that are up and not asleep: never more than the slots, at any moment.
         assert world.max_awake <= slots, (world.alive, world.asleep)
@@ -184,8 +184,8 @@ async def _run(slots: int, sizes: list[float], sleepy: list[bool],
                         lease.release()
                     held.clear()
                     check()
-        counts = {m: (d["in_flight"], d["queued"])
-                  for m, d in coordinator.status()["models"].items()}
+        counts = {m: (d.in_flight, d.queued)
+                  for m, d in coordinator.status().models.items()}
         assert set(counts.values()) == {(0, 0)}, counts  # every lease and place given back
     finally:
         for task in requests:

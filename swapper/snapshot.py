@@ -1,0 +1,71 @@
+"""Typed snapshots of the coordinator's state, in raw values; the edges format them.
+
+The coordinator fills these on the event loop, in one go, so a snapshot is consistent. Times are
+the clocks' own floats (epoch seconds, or ``time.monotonic()`` where stated), sizes unrounded
+MiB and statuses enums: turning them into ISO strings and rounded figures is the HTTP layer's
+job (:func:`swapper.admin.status_document`), not the domain's.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from swapper.model_state import ModelStatus
+
+__all__ = ["ModelLoad", "ModelSnapshot", "Snapshot", "VramSnapshot"]
+
+
+class ModelSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """One configured model as the coordinator sees it."""
+
+    status: ModelStatus
+    backend: str
+    pid: int | None
+    port: int | None
+    #: Epoch seconds.
+    loaded_at: float | None
+    last_error: str | None
+    in_flight: int
+    queued: int
+    #: Epoch seconds of the last request that used it.
+    last_used: float | None
+    failures: int
+    #: ``time.monotonic()`` at which a backed-off model may be tried again.
+    retry_at: float | None
+    #: MiB measured (or reported by the backend) while LOADED, or while SLEEPING; else None.
+    vram_mb: float | None
+    predicted_vram_mb: float
+    pinned: bool
+
+
+class VramSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """Placement's accounting, in MiB."""
+
+    #: What models may use together; None: unknown (no GPU, no configured budget).
+    budget_mb: float | None
+    #: What the models holding VRAM are charged.
+    committed_mb: float
+    #: Sizes measured on earlier loads, by model id.
+    learned_mb: dict[str, float]
+
+
+class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """The coordinator's whole state at one moment."""
+
+    mode: str
+    active_model: str | None
+    resident: list[str]
+    max_concurrent_models: int
+    vram: VramSnapshot
+    models: dict[str, ModelSnapshot]
+    #: Both clocks when it was taken, to turn a monotonic deadline into wall time.
+    wall_time: float
+    monotonic_time: float
+
+
+class ModelLoad(msgspec.Struct, frozen=True):
+    """What a metrics scrape reads of one model: its status and its requests."""
+
+    status: ModelStatus
+    queued: int
+    in_flight: int
