@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
+import weakref
 
 import pytest
 
@@ -467,3 +469,25 @@ async def test_three_models_are_served_in_arrival_order_with_bounded_overtakes(
         mine = admitted.index(index)
         overtakers = [i for i in admitted[heads_from + 1:mine] if i > index]
         assert len(overtakers) <= bound, (index, overtakers)
+
+
+async def test_a_removed_models_log_is_freed(
+    coordinator_factory: CoordinatorFactory, world: FakeWorld
+) -> None:
+    """A reload that removes a model frees its ring buffer of backend output (no leak per
+    removed model); one that keeps the model keeps the buffer."""
+    coordinator = coordinator_factory()
+    (await coordinator.acquire("c")).release()
+    log_c, log_a = weakref.ref(coordinator.model_log("c")), coordinator.model_log("a")
+    log_a.append("kept")
+    smaller, _ = fake_config(world, {"a": {"aliases": ["alpha"]}})
+    assert coordinator.reload(smaller)["removed"] == ["b", "c"]
+    await until(coordinator, lambda: coordinator.active_model is None, "c to unload")
+    # Its watcher task ends (seeing the stop, or cancelled by it): then nothing holds the model.
+    watchers = [t for t in coordinator._tasks if t.get_name() == "watch:c"]
+    if watchers:
+        await asyncio.wait(watchers)
+    del watchers  # a cancelled task's traceback holds its frame, and so the model
+    gc.collect()
+    assert log_c() is None, "the removed model's log is still referenced"
+    assert coordinator.model_log("a") is log_a and list(log_a.lines) == ["kept"]
