@@ -41,6 +41,12 @@ browser:
 test *ARGS: install browser
     SWAPPER_LLAMA_SERVER="{{llama}}" {{py}} -m pytest {{ARGS}}
 
+# ruff (lint and format check) on everything, mypy --strict on swapper/ and plugins/
+lint: install
+    {{venv}}/bin/ruff check swapper plugins tests scripts
+    {{venv}}/bin/ruff format --check swapper plugins tests scripts
+    {{venv}}/bin/mypy
+
 # added latency (p50/p99) and swap overhead against a real llama-server
 bench: models
     {{py}} scripts/bench.py --llama-server "{{llama}}" --models models

@@ -59,19 +59,31 @@ def wait_health(client: httpx.Client, url: str, interval: float, deadline: float
     raise SystemExit(f"{url} not healthy in time")
 
 
-def start_swapper(llama_server: str, models: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_swapper(
+    llama_server: str, models: Path, workdir: Path
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     config = {
         "swapper": {"model_swap_timeout": 30, "gpu_enabled": False, "default_model": "tiny-a"},
         "server": {"host": "127.0.0.1", "port": port},
-        "models": {f"tiny-{n}": {"backend": "llamacpp", "model_path": str(models / f"tiny-{n}.gguf"),
-                                 "ctx_size": 512} for n in "ab"},
+        "models": {
+            f"tiny-{n}": {
+                "backend": "llamacpp",
+                "model_path": str(models / f"tiny-{n}.gguf"),
+                "ctx_size": 512,
+            }
+            for n in "ab"
+        },
     }
     path = workdir / "bench.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "SWAPPER_LLAMA_SERVER": llama_server, "SWAPPER_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "swapper", "serve", "--config", str(path)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swapper", "serve", "--config", str(path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     with httpx.Client() as client:
         wait_health(client, f"{url}/health", 0.05, time.monotonic() + 30)
@@ -105,8 +117,11 @@ def start_floor(upstream_port: int) -> tuple[subprocess.Popen[bytes], int]:
     """The byte relay in front of the same llama-server."""
     port = free_port()
     script = Path(__file__).with_name("relay_floor.py")
-    proc = subprocess.Popen([sys.executable, str(script), str(port), str(upstream_port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(port), str(upstream_port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     assert proc.stdout is not None
     proc.stdout.readline()  # "relaying ...": it listens
     return proc, port
@@ -140,17 +155,22 @@ def added_latency(client: httpx.Client, swapper: str, swapper_pid: int, requests
         print(f"{name:8} p50 {p50[name]:6.2f} ms  p99 {p99[name]:6.2f} ms  ({requests} requests)")
     floor50 = p50["relay"] - p50["direct"]
     added50, added99 = p50["swapper"] - p50["direct"], p99["swapper"] - p99["direct"]
-    print(f"ADDED LATENCY: relay (floor) p50 {floor50:+.2f} ms; swapper p50 {added50:+.2f} ms, "
-          f"p99 {added99:+.2f} ms; swapper/floor {added50 / max(floor50, 0.01):.1f}x "
-          "(targets: p50 <= 2x floor, p99 <= 3 ms)")
-    print(f"SWAPPER CPU PER REQUEST: {cpu / requests * 1000:.2f} ms "
-          f"({cpu:.2f} s over {requests} proxied requests; target <= 1 ms)")
+    print(
+        f"ADDED LATENCY: relay (floor) p50 {floor50:+.2f} ms; swapper p50 {added50:+.2f} ms, "
+        f"p99 {added99:+.2f} ms; swapper/floor {added50 / max(floor50, 0.01):.1f}x "
+        "(targets: p50 <= 2x floor, p99 <= 3 ms)"
+    )
+    print(
+        f"SWAPPER CPU PER REQUEST: {cpu / requests * 1000:.2f} ms "
+        f"({cpu:.2f} s over {requests} proxied requests; target <= 1 ms)"
+    )
 
 
 async def _streams(url: str, body: dict[str, object], count: int) -> tuple[int, int, float]:
     """``count`` concurrent streams to ``url``: (data events, failed streams, seconds)."""
     limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
     async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+
         async def one() -> tuple[int, bool]:
             events = 0
             async with client.stream("POST", url, json=body) as response:
@@ -161,6 +181,7 @@ async def _streams(url: str, body: dict[str, object], count: int) -> tuple[int, 
                     if line.startswith("data: "):
                         events += 1
             return events, line == "data: [DONE]" or events > 0
+
         started = time.perf_counter()
         results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
         elapsed = time.perf_counter() - started
@@ -180,19 +201,41 @@ def streams(client: httpx.Client, swapper: str, swapper_pid: int, count: int) ->
     v_events, v_failed, v_s = asyncio.run(_streams(via_url, {**body, "model": "tiny-a"}, count))
     cpu = cpu_seconds(swapper_pid) - cpu_before
     d_rate, v_rate = d_events / d_s, v_events / v_s
-    print(f"streams direct  {count} x 32 tokens: {d_events} events in {d_s:.2f} s = "
-          f"{d_rate:.0f} events/s, {d_failed} failed")
-    print(f"streams swapper {count} x 32 tokens: {v_events} events in {v_s:.2f} s = "
-          f"{v_rate:.0f} events/s, {v_failed} failed; swapper CPU {cpu:.2f} s")
-    print(f"STREAMS: swapper delivers {v_rate / d_rate:.2f}x the direct events/s at {count} "
-          "concurrent (target >= 0.95)")
+    print(
+        f"streams direct  {count} x 32 tokens: {d_events} events in {d_s:.2f} s = "
+        f"{d_rate:.0f} events/s, {d_failed} failed"
+    )
+    print(
+        f"streams swapper {count} x 32 tokens: {v_events} events in {v_s:.2f} s = "
+        f"{v_rate:.0f} events/s, {v_failed} failed; swapper CPU {cpu:.2f} s"
+    )
+    print(
+        f"STREAMS: swapper delivers {v_rate / d_rate:.2f}x the direct events/s at {count} "
+        "concurrent (target >= 0.95)"
+    )
 
 
 def spawn_llama(llama_server: str, model: Path, port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [llama_server, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c", "512",
-         "-ngl", "0", "--alias", "direct", "--threads-http", "32"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            llama_server,
+            "-m",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-c",
+            "512",
+            "-ngl",
+            "0",
+            "--alias",
+            "direct",
+            "--threads-http",
+            "32",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -201,8 +244,12 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def by_hand(client: httpx.Client, llama_server: str, model: Path,
-            resident: subprocess.Popen[bytes] | None = None) -> tuple[float, subprocess.Popen[bytes]]:
+def by_hand(
+    client: httpx.Client,
+    llama_server: str,
+    model: Path,
+    resident: subprocess.Popen[bytes] | None = None,
+) -> tuple[float, subprocess.Popen[bytes]]:
     """[Stop the resident server,] exec llama-server, poll /health every ms, send the request."""
     port = free_port()
     started = time.perf_counter()
@@ -220,8 +267,9 @@ def timed_request(client: httpx.Client, swapper: str, model: str) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def swap_overhead(client: httpx.Client, swapper: str, llama_server: str, models: Path,
-                  swaps: int) -> None:
+def swap_overhead(
+    client: httpx.Client, swapper: str, llama_server: str, models: Path, swaps: int
+) -> None:
     direct_cold: list[float] = []
     via_cold: list[float] = []
     direct_swap: list[float] = []
@@ -249,7 +297,9 @@ def swap_overhead(client: httpx.Client, swapper: str, llama_server: str, models:
     ds, vs = statistics.median(direct_swap), statistics.median(via_swap)
     print(f"cold load by hand {dc:6.1f} ms   through swapper {vc:6.1f} ms  (median of {swaps})")
     print(f"full swap by hand {ds:6.1f} ms   through swapper {vs:6.1f} ms  (median of {swaps})")
-    print(f"SWAP OVERHEAD: {vc - dc:+.1f} ms cold load, {vs - ds:+.1f} ms full swap (target <= 50 ms)")
+    print(
+        f"SWAP OVERHEAD: {vc - dc:+.1f} ms cold load, {vs - ds:+.1f} ms full swap (target <= 50 ms)"
+    )
 
 
 def main() -> None:
@@ -265,8 +315,10 @@ def main() -> None:
         proc, url = start_swapper(args.llama_server, args.models.resolve(), Path(tmp))
         try:
             with httpx.Client(timeout=30) as client:
-                print(f"IDLE RSS: swapper {rss_mb(proc.pid):.1f} MiB with one model resident "
-                      "(target <= 100 MiB)")
+                print(
+                    f"IDLE RSS: swapper {rss_mb(proc.pid):.1f} MiB with one model resident "
+                    "(target <= 100 MiB)"
+                )
                 added_latency(client, url, proc.pid, args.requests)
                 streams(client, url, proc.pid, args.streams)
                 swap_overhead(client, url, args.llama_server, args.models.resolve(), args.swaps)

@@ -59,8 +59,10 @@ _MIB = 1024 * 1024
 _START = time.monotonic()
 #: Log lines worth showing: the wait for released memory, eviction, the budget, learned sizes,
 #: and each holder's startup line (the free memory it found) or vLLM-style refusal.
-_LOG_PATTERN = re.compile(r"for GPU memory|[Ee]vict|[Bb]udget|[Ll]earn|state file|VRAM"
-                          r"|taking \d+ MiB|Free memory on device")
+_LOG_PATTERN = re.compile(
+    r"for GPU memory|[Ee]vict|[Bb]udget|[Ll]earn|state file|VRAM"
+    r"|taking \d+ MiB|Free memory on device"
+)
 #: How far above the baseline NVML's used memory may stay once everything has stopped.
 _BASELINE_SLACK_MB = 1024.0
 
@@ -78,10 +80,12 @@ CHECK_NAMES = (
 
 # --- output ---------------------------------------------------------------------------------
 
+
 def step(message: str) -> None:
     """A timestamped headline: wall clock and seconds since the check started."""
-    print(f"\n[{time.strftime('%H:%M:%S')} +{time.monotonic() - _START:6.1f}s] {message}",
-          flush=True)
+    print(
+        f"\n[{time.strftime('%H:%M:%S')} +{time.monotonic() - _START:6.1f}s] {message}", flush=True
+    )
 
 
 def detail(message: str) -> None:
@@ -90,6 +94,7 @@ def detail(message: str) -> None:
 
 
 # --- NVML -----------------------------------------------------------------------------------
+
 
 class NoGpu(Exception):
     """NVML is missing or sees no GPU."""
@@ -122,8 +127,11 @@ def cuda_device0_uuid() -> str | None:
     lib.cuDeviceGet.restype = ctypes.c_int
     get_uuid.argtypes, get_uuid.restype = [ctypes.POINTER(CUuuid), ctypes.c_int], ctypes.c_int
     device, uuid = ctypes.c_int(), CUuuid()
-    if lib.cuInit(0) != 0 or lib.cuDeviceGet(ctypes.byref(device), 0) != 0 \
-            or get_uuid(ctypes.byref(uuid), device) != 0:
+    if (
+        lib.cuInit(0) != 0
+        or lib.cuDeviceGet(ctypes.byref(device), 0) != 0
+        or get_uuid(ctypes.byref(uuid), device) != 0
+    ):
         return None
     raw = ctypes.string_at(ctypes.addressof(uuid), 16).hex()
     return f"GPU-{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}"
@@ -138,8 +146,10 @@ class Memory:
     free_mb: float
 
     def __str__(self) -> str:
-        return (f"total {self.total_mb:.0f} MiB, used {self.used_mb:.0f} MiB, "
-                f"free {self.free_mb:.0f} MiB")
+        return (
+            f"total {self.total_mb:.0f} MiB, used {self.used_mb:.0f} MiB, "
+            f"free {self.free_mb:.0f} MiB"
+        )
 
 
 class Nvml:
@@ -149,12 +159,14 @@ class Nvml:
         try:
             import pynvml
         except ImportError as exc:
-            raise NoGpu(f"pynvml (nvidia-ml-py) is not importable by {sys.executable}: {exc}")
+            raise NoGpu(
+                f"pynvml (nvidia-ml-py) is not importable by {sys.executable}: {exc}"
+            ) from None
         try:
             pynvml.nvmlInit()
             count = pynvml.nvmlDeviceGetCount()
         except pynvml.NVMLError as exc:
-            raise NoGpu(str(exc) or type(exc).__name__)
+            raise NoGpu(str(exc) or type(exc).__name__) from None
         if count < 1:
             raise NoGpu("NVML sees no GPU")
         self._nv: Any = pynvml
@@ -178,8 +190,10 @@ class Nvml:
         wanted = cuda_device0_uuid()
         if wanted is None:
             if count > 1 and visible:
-                raise NoGpu(f"cannot ask CUDA which GPU is its device 0 (no libcuda.so.1), and "
-                            f"CUDA_VISIBLE_DEVICES={visible} may remap NVML's {count} GPUs")
+                raise NoGpu(
+                    f"cannot ask CUDA which GPU is its device 0 (no libcuda.so.1), and "
+                    f"CUDA_VISIBLE_DEVICES={visible} may remap NVML's {count} GPUs"
+                )
             return 0, uuids[0], "NVML index 0 (CUDA not asked: no libcuda.so.1)"
         if wanted in uuids:
             index = uuids.index(wanted)
@@ -201,7 +215,8 @@ class Nvml:
                     f"MIG is enabled on NVML GPU {i}: CUDA sees a slice while NVML's memory and "
                     f"process figures are for the whole GPU, so this check cannot judge "
                     f"placement. Refusing: run it on a GPU with MIG disabled "
-                    f"(nvidia-smi -i {i} -mig 0, as root, with the GPU idle)")
+                    f"(nvidia-smi -i {i} -mig 0, as root, with the GPU idle)"
+                )
 
     def memory(self) -> Memory:
         """Total, used and free memory of the GPU now."""
@@ -253,8 +268,7 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.is_set():
             try:
-                self.samples.append((time.monotonic(), self._nvml.memory(),
-                                     self._nvml.processes()))
+                self.samples.append((time.monotonic(), self._nvml.memory(), self._nvml.processes()))
             except Exception:  # noqa: BLE001 - a failed sample must not end the check
                 pass
             self._stop_event.wait(self._period)
@@ -270,21 +284,23 @@ class Sampler(threading.Thread):
         last: tuple[Memory, frozenset[int]] | None = None
         for moment, memory, processes in self.samples:
             pids = frozenset(processes)
-            if last is not None and abs(memory.used_mb - last[0].used_mb) < 256 and \
-                    pids == last[1]:
+            if last is not None and abs(memory.used_mb - last[0].used_mb) < 256 and pids == last[1]:
                 continue
             change = ""
             if last is not None:
                 gone = ", ".join(names.get(p, str(p)) for p in sorted(last[1] - pids))
                 came = ", ".join(names.get(p, str(p)) for p in sorted(pids - last[1]))
                 change = (f"  gone: {gone}" if gone else "") + (f"  new: {came}" if came else "")
-            yield f"t={moment - since:+6.2f}s  used {memory.used_mb:>8.0f} MiB  " \
-                  f"free {memory.free_mb:>8.0f} MiB  processes {len(pids)}{change}"
+            yield (
+                f"t={moment - since:+6.2f}s  used {memory.used_mb:>8.0f} MiB  "
+                f"free {memory.free_mb:>8.0f} MiB  processes {len(pids)}{change}"
+            )
             last = (memory, pids)
 
 
-def started_after_release(samples: list[tuple[float, Memory, dict[int, float]]],
-                          fallback_mb: float) -> tuple[bool, str]:
+def started_after_release(
+    samples: list[tuple[float, Memory, dict[int, float]]], fallback_mb: float
+) -> tuple[bool, str]:
     """Whether the first new process came only once the leaving one's memory showed free.
 
     Pids are not compared with swapper's: seen from a container NVML gives host PIDs. The
@@ -307,23 +323,30 @@ def started_after_release(samples: list[tuple[float, Memory, dict[int, float]]],
         new = {pid: mb for pid, mb in procs.items() if pid not in first}
         if gone_at is None and leaving not in procs:
             gone_at = moment
-        if freed_at is None and \
-                memory.used_mb - sum(new.values()) <= first_memory.used_mb - 0.75 * held:
+        if (
+            freed_at is None
+            and memory.used_mb - sum(new.values()) <= first_memory.used_mb - 0.75 * held
+        ):
             freed_at = moment
         if new_at is None and new:
             new_at = moment
             if freed_at is None:
-                return False, (f"a new process (pid {min(new)}) appeared at "
-                               f"t={moment - first_moment:+.2f}s, before {held:.0f} MiB of "
-                               f"pid {leaving} showed free")
+                return False, (
+                    f"a new process (pid {min(new)}) appeared at "
+                    f"t={moment - first_moment:+.2f}s, before {held:.0f} MiB of "
+                    f"pid {leaving} showed free"
+                )
     if new_at is None or freed_at is None:
         return False, f"no new process appeared (freed at: {freed_at}, new at: {new_at})"
     lag = "" if gone_at is None else f"; freed {freed_at - gone_at:.2f}s after it left the list"
-    return True, (f"pid {leaving}'s {held:.0f} MiB showed free at t={freed_at - first_moment:+.2f}s"
-                  f", the new process appeared at t={new_at - first_moment:+.2f}s{lag}")
+    return True, (
+        f"pid {leaving}'s {held:.0f} MiB showed free at t={freed_at - first_moment:+.2f}s"
+        f", the new process appeared at t={new_at - first_moment:+.2f}s{lag}"
+    )
 
 
 # --- processes ------------------------------------------------------------------------------
+
 
 def cmdline(pid: int) -> list[str]:
     """A process's argv from /proc; empty when gone, a zombie, or not ours to see."""
@@ -358,9 +381,13 @@ def holder_pids() -> list[int]:
     """Live processes running this repository's vram_holder.py."""
     found = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            if str(HOLDER) in cmdline(int(entry.name)) and alive(int(entry.name)):
-                found.append(int(entry.name))
+        if (
+            entry.name.isdigit()
+            and int(entry.name) != os.getpid()
+            and str(HOLDER) in cmdline(int(entry.name))
+            and alive(int(entry.name))
+        ):
+            found.append(int(entry.name))
     return sorted(found)
 
 
@@ -402,25 +429,35 @@ class Swapper:
     def start(self, timeout: float = 60.0) -> None:
         """Start swapper and wait until ``/health`` answers; RuntimeError if it does not."""
         self.port = free_port()
-        env = dict(os.environ, PYTHONUNBUFFERED="1",
-                   SWAPPER_LOG_LEVEL=os.environ.get("SWAPPER_LOG_LEVEL", "INFO"))
+        env = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            SWAPPER_LOG_LEVEL=os.environ.get("SWAPPER_LOG_LEVEL", "INFO"),
+        )
         # The holder's shebang is `env python3`: let it find this interpreter first.
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         with open(self.log_path, "ab") as log:
             # A session of its own: a final killpg reaches swapper, never this script.
             self.proc = subprocess.Popen(
-                [*SWAPPER_COMMAND, "serve", "--config", str(self.config),
-                 "--port", str(self.port)],
-                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                [*SWAPPER_COMMAND, "serve", "--config", str(self.config), "--port", str(self.port)],
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         proc = self.proc
         _STARTED.append(proc)
-        if not wait_until(lambda: proc.poll() is not None or self.get("/health", 2)[0] == 200,
-                          timeout):
+        if not wait_until(
+            lambda: proc.poll() is not None or self.get("/health", 2)[0] == 200, timeout
+        ):
             raise RuntimeError(f"swapper did not answer /health within {timeout:.0f}s")
         if proc.poll() is not None:
-            raise RuntimeError(f"swapper exited with status {proc.returncode}:\n"
-                               + "\n".join(tail(self.log_path, 15)))
+            raise RuntimeError(
+                f"swapper exited with status {proc.returncode}:\n"
+                + "\n".join(tail(self.log_path, 15))
+            )
         detail(f"swapper pid {proc.pid} on 127.0.0.1:{self.port}, log {self.log_path}")
 
     def stop(self, timeout: float = 45.0) -> int | None:
@@ -440,13 +477,17 @@ class Swapper:
             pass
         return proc.wait(10)
 
-    def request(self, method: str, path: str, body: Any = None,
-                timeout: float = 10.0) -> tuple[int, Any]:
+    def request(
+        self, method: str, path: str, body: Any = None, timeout: float = 10.0
+    ) -> tuple[int, Any]:
         """(HTTP status, decoded JSON or text); status 0 when nothing answered."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
-                                         method=method,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with _OPENER.open(request, timeout=timeout) as response:
                 status, raw = response.status, response.read()
@@ -501,15 +542,22 @@ def show_status(doc: dict[str, Any], nvml: Nvml) -> None:
         pid = model.get("pid")
         vram = {k: v for k, v in model.items() if "vram" in k.lower()}
         nvml_mb = f"{processes[pid]:.0f} MiB" if pid in processes else "-"
-        detail(f"    {model_id}: {str(model.get('status')):<9} pid {str(pid):>7}  "
-               f"{json.dumps(vram)}  NVML for pid: {nvml_mb}")
-    extra = {k: v for k, v in doc.items() if k not in ("models", "gpu", "mode")
-             and ("vram" in k.lower() or "budget" in k.lower())}
+        detail(
+            f"    {model_id}: {model.get('status')!s:<9} pid {pid!s:>7}  "
+            f"{json.dumps(vram)}  NVML for pid: {nvml_mb}"
+        )
+    extra = {
+        k: v
+        for k, v in doc.items()
+        if k not in ("models", "gpu", "mode") and ("vram" in k.lower() or "budget" in k.lower())
+    }
     if extra:
         detail(f"    {json.dumps(extra)[:300]}")
     for gpu in (doc.get("gpu") or {}).get("gpus", []):
-        detail(f"    swapper's gpu[{gpu.get('index')}]: total {gpu.get('total_mb')} MiB, "
-               f"used {gpu.get('used_mb')} MiB, free {gpu.get('free_mb')} MiB")
+        detail(
+            f"    swapper's gpu[{gpu.get('index')}]: total {gpu.get('total_mb')} MiB, "
+            f"used {gpu.get('used_mb')} MiB, free {gpu.get('free_mb')} MiB"
+        )
 
 
 def state_file_learned(state: Any) -> dict[str, float]:
@@ -527,11 +575,15 @@ def status_learned(doc: dict[str, Any]) -> dict[str, float]:
     """Model id -> learned MiB from ``/status``'s ``vram.learned_mb`` (measured, not configured:
     ``predicted_vram_mb`` equals the configured ``vram_mb`` before any measurement)."""
     learned = (doc.get("vram") or {}).get("learned_mb") if isinstance(doc, dict) else None
-    return {model_id: float(value) for model_id, value in (learned or {}).items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0}
+    return {
+        model_id: float(value)
+        for model_id, value in (learned or {}).items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    }
 
 
 # --- the check ------------------------------------------------------------------------------
+
 
 def to_yaml(doc: dict[str, Any], indent: int = 0) -> str:
     """Nested dicts of scalars as block YAML (scalars JSON-encoded, which YAML reads)."""
@@ -548,9 +600,13 @@ def to_yaml(doc: dict[str, Any], indent: int = 0) -> str:
 def write_config(workdir: Path, total_mb: float, fraction: float, budget_fraction: float) -> Path:
     """swapper's config: multi-active, three holders of ``fraction`` x total VRAM each."""
     models = {
-        model_id: {"backend": "vllm", "model": f"holder-{model_id}", "binary": str(HOLDER),
-                   "gpu_memory_utilization": fraction,
-                   "vram_mb": round(fraction * total_mb)}
+        model_id: {
+            "backend": "vllm",
+            "model": f"holder-{model_id}",
+            "binary": str(HOLDER),
+            "gpu_memory_utilization": fraction,
+            "vram_mb": round(fraction * total_mb),
+        }
         for model_id in MODELS
     }
     config = {
@@ -586,8 +642,9 @@ def _on_term(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop the children
 
 
-def run(args: argparse.Namespace, nvml: Nvml, workdir: Path,
-        checks: dict[str, bool | None]) -> None:
+def run(
+    args: argparse.Namespace, nvml: Nvml, workdir: Path, checks: dict[str, bool | None]
+) -> None:
     """Steps 1-6; fills ``checks`` as it goes (a step not reached leaves its checks None)."""
     step(f"1. baseline: GPU {nvml.index} {nvml.name}, driver {nvml.driver}")
     detail(f"{nvml.mapping}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}")
@@ -595,23 +652,35 @@ def run(args: argparse.Namespace, nvml: Nvml, workdir: Path,
     total = baseline.total_mb
     each = args.fraction * total
     budget = args.budget_fraction * total
-    detail(f"plan: each holder takes {args.fraction:g} x total = {each:.0f} MiB (+ its CUDA "
-           f"context); budget {budget:.0f} MiB: two fit, three do not")
-    detail(f"      with a and b resident ~{baseline.free_mb - 2 * each:.0f} MiB stays free, "
-           f"less than c asks for: c can start only once b's memory is released")
+    detail(
+        f"plan: each holder takes {args.fraction:g} x total = {each:.0f} MiB (+ its CUDA "
+        f"context); budget {budget:.0f} MiB: two fit, three do not"
+    )
+    detail(
+        f"      with a and b resident ~{baseline.free_mb - 2 * each:.0f} MiB stays free, "
+        f"less than c asks for: c can start only once b's memory is released"
+    )
     if baseline.free_mb < 2 * each + 2048:
-        raise RuntimeError(f"the GPU is not free enough: {baseline.free_mb:.0f} MiB free, "
-                           f"{2 * each + 2048:.0f} MiB needed")
+        raise RuntimeError(
+            f"the GPU is not free enough: {baseline.free_mb:.0f} MiB free, "
+            f"{2 * each + 2048:.0f} MiB needed"
+        )
 
     config = write_config(workdir, total, args.fraction, args.budget_fraction)
     detail(f"config {config}:")
     for line in config.read_text().splitlines():
         detail(f"    {line}")
-    checked = subprocess.run([*SWAPPER_COMMAND, "check-config", str(config)],
-                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    checked = subprocess.run(
+        [*SWAPPER_COMMAND, "check-config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if checked.returncode != 0:
-        raise RuntimeError("swapper refuses the config: "
-                           + (checked.stderr or checked.stdout).strip())
+        raise RuntimeError(
+            "swapper refuses the config: " + (checked.stderr or checked.stdout).strip()
+        )
 
     swapper = Swapper(config, workdir / "swapper-1.log")
     logs = [swapper.log_path]
@@ -622,8 +691,10 @@ def run(args: argparse.Namespace, nvml: Nvml, workdir: Path,
         for model_id in ("a", "b"):
             began = time.monotonic()
             code, body = swapper.request("POST", f"/models/{model_id}/load", timeout=150)
-            detail(f"POST /models/{model_id}/load -> {code} in {time.monotonic() - began:.1f}s"
-                   + ("" if code == 200 else f": {json.dumps(body)[:400]}"))
+            detail(
+                f"POST /models/{model_id}/load -> {code} in {time.monotonic() - began:.1f}s"
+                + ("" if code == 200 else f": {json.dumps(body)[:400]}")
+            )
         doc = swapper.status()
         show_status(doc, nvml)
         show_nvml(nvml, "with a and b")
@@ -633,11 +704,20 @@ def run(args: argparse.Namespace, nvml: Nvml, workdir: Path,
 
         step("3. chat to a (b becomes least recently used), then load c")
         code, body = swapper.request(
-            "POST", "/v1/chat/completions",
-            {"model": "a", "messages": [{"role": "user", "content": "who holds the memory?"}],
-             "max_tokens": 16}, timeout=30)
-        reply = body.get("choices", [{}])[0].get("message", {}).get("content") \
-            if isinstance(body, dict) and body.get("choices") else body
+            "POST",
+            "/v1/chat/completions",
+            {
+                "model": "a",
+                "messages": [{"role": "user", "content": "who holds the memory?"}],
+                "max_tokens": 16,
+            },
+            timeout=30,
+        )
+        reply = (
+            body.get("choices", [{}])[0].get("message", {}).get("content")
+            if isinstance(body, dict) and body.get("choices")
+            else body
+        )
         detail(f"chat to a -> {code}: {reply!r}")
         sampler = Sampler(nvml)
         sampler.start()
@@ -648,8 +728,10 @@ def run(args: argparse.Namespace, nvml: Nvml, workdir: Path,
             time.sleep(0.5)  # a few samples after the load, so the timeline ends settled
         finally:
             sampler.stop()
-        detail(f"POST /models/c/load -> {code} in {loaded_in:.1f}s"
-               + ("" if code == 200 else f": {json.dumps(body)[:600]}"))
+        detail(
+            f"POST /models/c/load -> {code} in {loaded_in:.1f}s"
+            + ("" if code == 200 else f": {json.dumps(body)[:600]}")
+        )
         waited, why = started_after_release(sampler.samples, each)
         checks["c started only after b's memory showed free (NVML timeline)"] = waited
         detail(f"release order: {why}")
@@ -662,12 +744,14 @@ def run(args: argparse.Namespace, nvml: Nvml, workdir: Path,
         show_status(doc, nvml)
         show_nvml(nvml, "with a and c")
         states = model_states(doc)
-        checks["b evicted (least recently used) to fit c, a kept"] = \
+        checks["b evicted (least recently used) to fit c, a kept"] = (
             states["b"] == "UNLOADED" and states["a"] == "LOADED"
+        )
         checks["c resident"] = states["c"] == "LOADED"
         b_pid = pids["b"]
-        checks["b's process gone"] = b_pid is not None and not alive(b_pid) \
-            and b_pid not in nvml.processes()
+        checks["b's process gone"] = (
+            b_pid is not None and not alive(b_pid) and b_pid not in nvml.processes()
+        )
         detail(f"b's process {b_pid}: {'still running' if b_pid and alive(b_pid) else 'gone'}")
 
         step("4. swapper's log: waiting for GPU memory, eviction")
@@ -700,10 +784,13 @@ def run(args: argparse.Namespace, nvml: Nvml, workdir: Path,
             detail(f"state file {state_file} does not exist")
         from_status = status_learned(doc)
         from_file = state_file_learned(state)
-        detail(f"learned sizes (MiB): /status vram.learned_mb {json.dumps(from_status)}, "
-               f"state file {json.dumps(from_file)}")
+        detail(
+            f"learned sizes (MiB): /status vram.learned_mb {json.dumps(from_status)}, "
+            f"state file {json.dumps(from_file)}"
+        )
         checks["learned VRAM sizes recorded"] = all(
-            m in from_status and m in from_file for m in MODELS)
+            m in from_status and m in from_file for m in MODELS
+        )
         for line in tail(swapper.log_path, 500):
             if _LOG_PATTERN.search(line):
                 detail(line)
@@ -715,12 +802,15 @@ def run(args: argparse.Namespace, nvml: Nvml, workdir: Path,
         leftover = holder_pids()
         checks["no stray holder processes"] = not leftover
         detail(f"holder processes left: {leftover or 'none'}")
-        back = wait_until(lambda: nvml.memory().used_mb <= baseline.used_mb + _BASELINE_SLACK_MB,
-                          20, period=0.25)
+        back = wait_until(
+            lambda: nvml.memory().used_mb <= baseline.used_mb + _BASELINE_SLACK_MB, 20, period=0.25
+        )
         checks["NVML used memory back near baseline"] = back
         after = show_nvml(nvml, "after stop")
-        detail(f"used {after.used_mb:.0f} MiB vs baseline {baseline.used_mb:.0f} MiB "
-               f"(slack {_BASELINE_SLACK_MB:.0f})")
+        detail(
+            f"used {after.used_mb:.0f} MiB vs baseline {baseline.used_mb:.0f} MiB "
+            f"(slack {_BASELINE_SLACK_MB:.0f})"
+        )
         if args.verbose:
             for path in logs:
                 step(f"full log {path}")
@@ -730,21 +820,37 @@ def run(args: argparse.Namespace, nvml: Nvml, workdir: Path,
 
 def main(argv: list[str] | None = None) -> int:
     """Run the check; 0 when every check passes, 1 otherwise (or without a GPU)."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fraction", type=float, default=0.4,
-                        help="share of total VRAM each holder takes (default %(default)s)")
-    parser.add_argument("--budget-fraction", type=float, default=0.9,
-                        help="swapper.vram_budget_mb as a share of total (default %(default)s)")
-    parser.add_argument("--time-limit", type=int, default=210,
-                        help="seconds the whole check may take (default %(default)s)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--fraction",
+        type=float,
+        default=0.4,
+        help="share of total VRAM each holder takes (default %(default)s)",
+    )
+    parser.add_argument(
+        "--budget-fraction",
+        type=float,
+        default=0.9,
+        help="swapper.vram_budget_mb as a share of total (default %(default)s)",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=int,
+        default=210,
+        help="seconds the whole check may take (default %(default)s)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("-v", "--verbose", action="store_true", help="print swapper's full logs")
     args = parser.parse_args(argv)
     # Two holders (plus their CUDA contexts) must fit the budget, three must not, and with two
     # resident the GPU must be too full for the third: that is what makes the wait matter.
-    if not (2 * args.fraction < args.budget_fraction - 0.02 < 3 * args.fraction
-            and 3 * args.fraction > 1.0 and args.budget_fraction <= 1.0):
+    if not (
+        2 * args.fraction < args.budget_fraction - 0.02 < 3 * args.fraction
+        and 3 * args.fraction > 1.0
+        and args.budget_fraction <= 1.0
+    ):
         parser.error("need 2 x fraction < budget-fraction < 3 x fraction, 3 x fraction > 1")
 
     try:
@@ -800,7 +906,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"\n=== summary (NVML GPU {nvml.index} {nvml.name}, {time.monotonic() - _START:.1f}s) ===")
+    print(
+        f"\n=== summary (NVML GPU {nvml.index} {nvml.name}, {time.monotonic() - _START:.1f}s) ==="
+    )
     if error:
         print(f"ERROR   {error}")
     for name, passed in checks.items():

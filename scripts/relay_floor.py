@@ -26,8 +26,9 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
             writer.write_eof()
 
 
-async def relay(upstream_port: int, client_r: asyncio.StreamReader,
-                client_w: asyncio.StreamWriter) -> None:
+async def relay(
+    upstream_port: int, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
+) -> None:
     """One client connection: one upstream connection, bytes both ways."""
     try:
         up_r, up_w = await asyncio.open_connection("127.0.0.1", upstream_port)
@@ -41,7 +42,8 @@ async def relay(upstream_port: int, client_r: asyncio.StreamReader,
 
 async def main(listen_port: int, upstream_port: int) -> None:
     server = await asyncio.start_server(
-        lambda r, w: relay(upstream_port, r, w), "127.0.0.1", listen_port)
+        lambda r, w: relay(upstream_port, r, w), "127.0.0.1", listen_port
+    )
     print(f"relaying 127.0.0.1:{listen_port} -> 127.0.0.1:{upstream_port}", flush=True)
     async with server:
         await server.serve_forever()

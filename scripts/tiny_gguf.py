@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, PoolingType, TokenType
 
-__all__ = ["write_tiny_model", "main"]
+__all__ = ["main", "write_tiny_model"]
 
 N_EMBD = 64
 N_LAYER = 2
@@ -114,17 +114,19 @@ def _tensors(rng: np.random.Generator, emit: Sequence[bool]) -> dict[str, np.nda
         # Row 0 is the bias channel: keep the layers from writing into it.
         attn_out[0] = 0.0
         ffn_down[0] = 0.0
-        tensors.update({
-            f"{blk}.attn_norm.weight": ones(N_EMBD),
-            f"{blk}.attn_q.weight": rand(N_EMBD, N_EMBD, scale=0.2),
-            f"{blk}.attn_k.weight": rand(n_embd_kv, N_EMBD, scale=0.2),
-            f"{blk}.attn_v.weight": rand(n_embd_kv, N_EMBD, scale=0.2),
-            f"{blk}.attn_output.weight": attn_out,
-            f"{blk}.ffn_norm.weight": ones(N_EMBD),
-            f"{blk}.ffn_gate.weight": rand(N_FF, N_EMBD, scale=0.2),
-            f"{blk}.ffn_up.weight": rand(N_FF, N_EMBD, scale=0.2),
-            f"{blk}.ffn_down.weight": ffn_down,
-        })
+        tensors.update(
+            {
+                f"{blk}.attn_norm.weight": ones(N_EMBD),
+                f"{blk}.attn_q.weight": rand(N_EMBD, N_EMBD, scale=0.2),
+                f"{blk}.attn_k.weight": rand(n_embd_kv, N_EMBD, scale=0.2),
+                f"{blk}.attn_v.weight": rand(n_embd_kv, N_EMBD, scale=0.2),
+                f"{blk}.attn_output.weight": attn_out,
+                f"{blk}.ffn_norm.weight": ones(N_EMBD),
+                f"{blk}.ffn_gate.weight": rand(N_FF, N_EMBD, scale=0.2),
+                f"{blk}.ffn_up.weight": rand(N_FF, N_EMBD, scale=0.2),
+                f"{blk}.ffn_down.weight": ffn_down,
+            }
+        )
     tensors["output_norm.weight"] = out_norm
     tensors["output.weight"] = output
     return tensors
@@ -195,7 +197,9 @@ def _write_if_changed(path: pathlib.Path, *, seed: int, name: str) -> bool:
         tmp.unlink(missing_ok=True)
 
 
-def write_tiny_model(path: str | os.PathLike[str], *, seed: int = 0, name: str = "tiny") -> pathlib.Path:
+def write_tiny_model(
+    path: str | os.PathLike[str], *, seed: int = 0, name: str = "tiny"
+) -> pathlib.Path:
     """Write a tiny random llama GGUF to ``path``, deterministically from ``seed``.
 
     ``name`` is stored as general.name.  An existing identical file is left untouched.
@@ -218,8 +222,12 @@ def _model_name(index: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(description="Write tiny random llama GGUF models for tests.")
-    parser.add_argument("outdir", type=pathlib.Path, help="directory to write tiny-a.gguf, ... into")
-    parser.add_argument("--count", type=int, default=3, help="number of models, seeds 0..N-1 (default: 3)")
+    parser.add_argument(
+        "outdir", type=pathlib.Path, help="directory to write tiny-a.gguf, ... into"
+    )
+    parser.add_argument(
+        "--count", type=int, default=3, help="number of models, seeds 0..N-1 (default: 3)"
+    )
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be at least 1")
@@ -232,7 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             written = _write_if_changed(path, seed=seed, name=name)
         except OSError as exc:
-            print(f"tiny_gguf.py: error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+            print(
+                f"tiny_gguf.py: error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr
+            )
             return 1
         if written:
             print(path, flush=True)

@@ -143,8 +143,10 @@ class Holder:
 
     def answer(self) -> str:
         """The chat reply: which holder answered and what it holds."""
-        return (f"{self.served_name} (vram_holder pid {os.getpid()}) holds "
-                f"{self.held_mib:.0f} MiB on {self.gpu_name}")
+        return (
+            f"{self.served_name} (vram_holder pid {os.getpid()}) holds "
+            f"{self.held_mib:.0f} MiB on {self.gpu_name}"
+        )
 
 
 def make_handler(holder: Holder) -> type[BaseHTTPRequestHandler]:
@@ -166,18 +168,31 @@ def make_handler(holder: Holder) -> type[BaseHTTPRequestHandler]:
         def _json(self, status: int, document: Any) -> None:
             self._send(status, json.dumps(document).encode(), "application/json")
 
-        def do_GET(self) -> None:  # noqa: N802 - stdlib's name
+        def do_GET(self) -> None:
             if self.path == "/health":
                 self._send(200, b"", "text/plain")
             elif self.path == "/v1/models":
-                self._json(200, {"object": "list", "data": [{
-                    "id": holder.served_name, "object": "model", "created": holder.created,
-                    "owned_by": "vllm", "root": holder.model, "parent": None,
-                    "max_model_len": 2048}]})
+                self._json(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [
+                            {
+                                "id": holder.served_name,
+                                "object": "model",
+                                "created": holder.created,
+                                "owned_by": "vllm",
+                                "root": holder.model,
+                                "parent": None,
+                                "max_model_len": 2048,
+                            }
+                        ],
+                    },
+                )
             else:
                 self._not_found()
 
-        def do_POST(self) -> None:  # noqa: N802 - stdlib's name
+        def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
             if self.path != "/v1/chat/completions":
@@ -187,35 +202,71 @@ def make_handler(holder: Holder) -> type[BaseHTTPRequestHandler]:
                 request = json.loads(raw or b"{}")
                 stream = bool(request.get("stream"))
             except (ValueError, AttributeError):
-                self._json(400, {"object": "error", "message": "invalid JSON body",
-                                 "type": "BadRequestError", "param": None, "code": 400})
+                self._json(
+                    400,
+                    {
+                        "object": "error",
+                        "message": "invalid JSON body",
+                        "type": "BadRequestError",
+                        "param": None,
+                        "code": 400,
+                    },
+                )
                 return
             completion_id = f"chatcmpl-{uuid.uuid4().hex}"
             if stream:
                 self._stream(completion_id)
                 return
-            self._json(200, {
-                "id": completion_id, "object": "chat.completion", "created": int(time.time()),
-                "model": holder.served_name,
-                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                             "message": {"role": "assistant", "content": holder.answer()}}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+            self._json(
+                200,
+                {
+                    "id": completion_id,
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": holder.served_name,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "logprobs": None,
+                            "message": {"role": "assistant", "content": holder.answer()},
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                },
+            )
 
         def _stream(self, completion_id: str) -> None:
             """The same answer as server-sent events: one content chunk, a stop, ``[DONE]``."""
+
             def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
-                event = {"id": completion_id, "object": "chat.completion.chunk",
-                         "created": int(time.time()), "model": holder.served_name,
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                event = {
+                    "id": completion_id,
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": holder.served_name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                }
                 return b"data: " + json.dumps(event).encode() + b"\n\n"
 
-            body = (chunk({"role": "assistant", "content": holder.answer()}, None)
-                    + chunk({}, "stop") + b"data: [DONE]\n\n")
+            body = (
+                chunk({"role": "assistant", "content": holder.answer()}, None)
+                + chunk({}, "stop")
+                + b"data: [DONE]\n\n"
+            )
             self._send(200, body, "text/event-stream")
 
         def _not_found(self) -> None:
-            self._json(404, {"object": "error", "message": f"no route {self.path}",
-                             "type": "NotFoundError", "param": None, "code": 404})
+            self._json(
+                404,
+                {
+                    "object": "error",
+                    "message": f"no route {self.path}",
+                    "type": "NotFoundError",
+                    "param": None,
+                    "code": 404,
+                },
+            )
 
     return Handler
 
@@ -224,8 +275,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """vLLM's flags that matter here; every other flag is accepted and ignored."""
     if argv and argv[0] == "serve":
         argv = argv[1:]
-    parser = argparse.ArgumentParser(prog="vram_holder.py serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vram_holder.py serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("model", nargs="?", help="model name (only reported back)")
     parser.add_argument("--model", dest="model_flag", help="the same, vLLM's older spelling")
     parser.add_argument("--host", default="127.0.0.1")
@@ -247,8 +301,11 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     cuda = Cuda.load()
     if cuda is None:
-        print("vram_holder: no CUDA driver (libcuda.so.1 cannot be loaded)", file=sys.stderr,
-              flush=True)
+        print(
+            "vram_holder: no CUDA driver (libcuda.so.1 cannot be loaded)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     stop = threading.Event()
     # Handlers first: a SIGTERM that arrives while memory is being taken still ends cleanly.
@@ -260,23 +317,28 @@ def main(argv: list[str]) -> int:
         gpu_name = cuda.open_device(0)
         free, total = cuda.memory()
         wanted = int(args.gpu_memory_utilization * total)
-        log(f"GPU 0 {gpu_name}: total {total / _MIB:.0f} MiB, free {free / _MIB:.0f} MiB; "
+        log(
+            f"GPU 0 {gpu_name}: total {total / _MIB:.0f} MiB, free {free / _MIB:.0f} MiB; "
             f"taking {wanted / _MIB:.0f} MiB ({args.gpu_memory_utilization:g} of total) "
-            f"for {args.served_name}")
+            f"for {args.served_name}"
+        )
         if free < wanted:
             # vLLM's own startup check, in its words: it does not wait for memory either.
-            print(f"ValueError: Free memory on device ({free / 2**30:.2f}/{total / 2**30:.2f} "
-                  f"GiB) on startup is less than desired GPU memory utilization "
-                  f"({args.gpu_memory_utilization:g}, {wanted / 2**30:.2f} GiB). Decrease GPU "
-                  f"memory utilization or reduce GPU memory used by other processes.",
-                  flush=True)
+            print(
+                f"ValueError: Free memory on device ({free / 2**30:.2f}/{total / 2**30:.2f} "
+                f"GiB) on startup is less than desired GPU memory utilization "
+                f"({args.gpu_memory_utilization:g}, {wanted / 2**30:.2f} GiB). Decrease GPU "
+                f"memory utilization or reduce GPU memory used by other processes.",
+                flush=True,
+            )
             return 1
         held = cuda.hold(wanted)
     except CudaError as exc:
         print(f"vram_holder: CUDA error: {exc}", flush=True)
         return 1
-    log(f"holding {wanted / _MIB:.0f} MiB in {len(held)} chunks "
-        f"({time.monotonic() - started:.2f}s)")
+    log(
+        f"holding {wanted / _MIB:.0f} MiB in {len(held)} chunks ({time.monotonic() - started:.2f}s)"
+    )
     if stop.is_set():
         return 0
 

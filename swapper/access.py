@@ -8,8 +8,17 @@ from typing import Any
 
 import msgspec
 from litestar.connection import ASGIConnection
+from litestar.enums import ScopeType
 from litestar.handlers.base import BaseRouteHandler
-from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.types import (
+    ASGIApp,
+    HTTPResponseBodyEvent,
+    HTTPResponseStartEvent,
+    Receive,
+    Scope,
+    Send,
+    WebSocketCloseEvent,
+)
 
 from swapper.config import ServerSettings, is_loopback
 from swapper.errors import Forbidden, Unauthorized
@@ -70,8 +79,9 @@ def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHa
     raise Unauthorized("Invalid API key")
 
 
-def require_metrics_key(connection: ASGIConnection[Any, Any, Any, Any],
-                        handler: BaseRouteHandler) -> None:
+def require_metrics_key(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
     """Guard: ``/metrics`` needs a key only when ``server.metrics_require_key`` says so."""
     if connection.app.state.config.server.metrics_require_key:
         require_key(connection, handler)
@@ -102,8 +112,13 @@ class HostOriginGuard:
     def __init__(self, app: ASGIApp, server: ServerSettings) -> None:
         self.app = app
         self.any_host = "*" in server.allowed_hosts
-        names = {"localhost", "127.0.0.1", "::1", server.host.lower(),
-                 *(host.lower() for host in server.allowed_hosts)}
+        names = {
+            "localhost",
+            "127.0.0.1",
+            "::1",
+            server.host.lower(),
+            *(host.lower() for host in server.allowed_hosts),
+        }
         # A wildcard bind address is no name a client can ask for.
         self.hosts = frozenset(name.encode() for name in names - {"0.0.0.0", "::", ""})
         self.any_origin = "*" in server.cors_origins
@@ -127,14 +142,19 @@ class HostOriginGuard:
                 origin = value
         if host is not None and not self.any_host and not self._host_allowed(host, scope):
             shown = host.decode("latin-1")[:200]
-            return _refusal(f"Host {shown!r} is not allowed: add its name to server.allowed_hosts",
-                            "host_not_allowed")
+            return _refusal(
+                f"Host {shown!r} is not allowed: add its name to server.allowed_hosts",
+                "host_not_allowed",
+            )
         if origin is not None and not self.any_origin and origin not in self.origins:
             own = host is not None and origin == scope["scheme"].encode() + b"://" + host.lower()
             if not own:
                 shown = origin.decode("latin-1")[:200]
-                return _refusal(f"Origin {shown!r} is not allowed: add it to server.cors_origins "
-                                "to let that site's pages use swapper", "origin_not_allowed")
+                return _refusal(
+                    f"Origin {shown!r} is not allowed: add it to server.cors_origins "
+                    "to let that site's pages use swapper",
+                    "origin_not_allowed",
+                )
         return None
 
     def _host_allowed(self, host: bytes, scope: Scope) -> bool:
@@ -159,9 +179,19 @@ class HostOriginGuard:
         return name.startswith(b"127.") and is_loopback(name.decode("latin-1"))
 
     async def _refuse(self, scope: Scope, send: Send, body: bytes) -> None:
-        if scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008})
+        if scope["type"] == ScopeType.WEBSOCKET:
+            close: WebSocketCloseEvent = {"type": "websocket.close", "code": 1008, "reason": None}
+            await send(close)
             return
-        await send({"type": "http.response.start", "status": 403,
-                    "headers": [*_REFUSED_HEADERS, (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        start: HTTPResponseStartEvent = {
+            "type": "http.response.start",
+            "status": 403,
+            "headers": [*_REFUSED_HEADERS, (b"content-length", str(len(body)).encode())],
+        }
+        await send(start)
+        end: HTTPResponseBodyEvent = {
+            "type": "http.response.body",
+            "body": body,
+            "more_body": False,
+        }
+        await send(end)

@@ -28,8 +28,9 @@ _PING = 15.0
 _PING_COMMENT = sse_comment("ping")
 
 
-def status_document(snapshot: Snapshot, gpus: list[GpuStats],
-                    measured_mb: Mapping[str, float | None]) -> dict[str, Any]:
+def status_document(
+    snapshot: Snapshot, gpus: list[GpuStats], measured_mb: Mapping[str, float | None]
+) -> dict[str, Any]:
     """The ``/status`` JSON: a coordinator snapshot, NVML's per-process VRAM, and the GPUs.
 
     Times are ISO 8601 UTC with milliseconds, the coordinator's MiB rounded to 0.1, the GPUs'
@@ -38,8 +39,11 @@ def status_document(snapshot: Snapshot, gpus: list[GpuStats],
     models = {}
     for model_id, model in snapshot.models.items():
         measured = measured_mb.get(model_id)
-        retry_at = (None if model.retry_at is None
-                    else snapshot.wall_time + model.retry_at - snapshot.monotonic_time)
+        retry_at = (
+            None
+            if model.retry_at is None
+            else snapshot.wall_time + model.retry_at - snapshot.monotonic_time
+        )
         models[model_id] = {
             "status": model.status.value,
             "backend": model.backend,
@@ -58,21 +62,36 @@ def status_document(snapshot: Snapshot, gpus: list[GpuStats],
             "pinned": model.pinned,
         }
     vram = snapshot.vram
-    return {"mode": snapshot.mode, "active_model": snapshot.active_model,
-            "resident": list(snapshot.resident),
-            "max_concurrent_models": snapshot.max_concurrent_models,
-            "vram": {"budget_mb": _round(vram.budget_mb),
-                     "committed_mb": round(vram.committed_mb, 1),
-                     "learned_mb": dict(vram.learned_mb)},
-            "models": models,
-            "gpu": {"available": bool(gpus),
-                    "gpus": [{"index": g.index, "name": g.name, "total_mb": round(g.total_mb),
-                              "used_mb": round(g.used_mb), "free_mb": round(g.free_mb)}
-                             for g in gpus]}}
+    return {
+        "mode": snapshot.mode,
+        "active_model": snapshot.active_model,
+        "resident": list(snapshot.resident),
+        "max_concurrent_models": snapshot.max_concurrent_models,
+        "vram": {
+            "budget_mb": _round(vram.budget_mb),
+            "committed_mb": round(vram.committed_mb, 1),
+            "learned_mb": dict(vram.learned_mb),
+        },
+        "models": models,
+        "gpu": {
+            "available": bool(gpus),
+            "gpus": [
+                {
+                    "index": g.index,
+                    "name": g.name,
+                    "total_mb": round(g.total_mb),
+                    "used_mb": round(g.used_mb),
+                    "free_mb": round(g.free_mb),
+                }
+                for g in gpus
+            ],
+        },
+    }
 
 
-def _read_gpu(gpu: GpuMonitor, pids: Mapping[str, int]
-              ) -> tuple[list[GpuStats], dict[str, float | None]]:
+def _read_gpu(
+    gpu: GpuMonitor, pids: Mapping[str, int]
+) -> tuple[list[GpuStats], dict[str, float | None]]:
     """Every NVML read ``/status`` needs; blocking, so it runs in a worker thread."""
     return gpu.gpus(), {model_id: gpu.process_memory_mb(pid) for model_id, pid in pids.items()}
 
@@ -111,11 +130,13 @@ async def status(state: State) -> Response[bytes]:
 async def _model_action(state: State, model: str, unload: bool) -> Response[bytes]:
     coordinator: SwapCoordinator = state.coordinator
     model_id = coordinator.resolve(model)
-    await unless_stopping(state, coordinator.unload(model_id) if unload
-                          else coordinator.load(model_id))
+    await unless_stopping(
+        state, coordinator.unload(model_id) if unload else coordinator.load(model_id)
+    )
     # A reload may have removed the model meanwhile: it is then out, or on its way out.
-    entry = (await read_status(state))["models"].get(model_id, {"status": "UNLOADED",
-                                                            "removed": True})
+    entry = (await read_status(state))["models"].get(
+        model_id, {"status": "UNLOADED", "removed": True}
+    )
     return json_response({"model": model_id, **entry})
 
 
@@ -137,8 +158,9 @@ async def reload_config(state: State) -> Response[bytes]:
     return json_response(await state.reload())
 
 
-async def _until_shutdown(state: State, queue: asyncio.Queue[Any],
-                          render: Callable[[Any], bytes]) -> AsyncIterator[bytes]:
+async def _until_shutdown(
+    state: State, queue: asyncio.Queue[Any], render: Callable[[Any], bytes]
+) -> AsyncIterator[bytes]:
     """Render items as they come, a ``: ping`` after silence, and end when shutdown begins."""
     while True:
         item = await next_event(queue, _PING, state.stopping)
@@ -151,7 +173,8 @@ async def _event_stream(state: State) -> AsyncIterator[bytes]:
     with state.coordinator.events.subscribe() as queue:
         yield sse_event(await read_status(state), "snapshot")
         async for chunk in _until_shutdown(
-                state, queue, lambda event: sse_event({**event.data, "time": event.time}, event.type)):
+            state, queue, lambda event: sse_event({**event.data, "time": event.time}, event.type)
+        ):
             yield chunk
 
 
@@ -179,15 +202,16 @@ async def _log_stream(state: State, model_id: str, lines: int) -> AsyncIterator[
 
 
 @get("/models/{model:str}/logs", guards=[require_key])
-async def model_logs(state: State, model: FromPath[str], lines: FromQuery[int] = 200,
-                     follow: FromQuery[bool] = False) -> Response[Any]:
+async def model_logs(
+    state: State, model: FromPath[str], lines: FromQuery[int] = 200, follow: FromQuery[bool] = False
+) -> Response[Any]:
     """The tail of a model's backend output (kept across restarts); ``?follow=1`` streams it."""
     model_id = state.coordinator.resolve(model)
     if follow:
-        return Stream(_log_stream(state, model_id, lines), media_type=SSE,
-                      headers=SSE_HEADERS)
-    return json_response({"model": model_id,
-                          "lines": state.coordinator.model_log(model_id).tail(lines)})
+        return Stream(_log_stream(state, model_id, lines), media_type=SSE, headers=SSE_HEADERS)
+    return json_response(
+        {"model": model_id, "lines": state.coordinator.model_log(model_id).tail(lines)}
+    )
 
 
 @get("/metrics", guards=[require_metrics_key])
@@ -196,5 +220,13 @@ async def metrics(state: State) -> Response[bytes]:
     return Response(await state.metrics.render(), media_type=CONTENT_TYPE)
 
 
-ADMIN_HANDLERS = [health, status, load_model, unload_model, reload_config, events, model_logs,
-                  metrics]
+ADMIN_HANDLERS = [
+    health,
+    status,
+    load_model,
+    unload_model,
+    reload_config,
+    events,
+    model_logs,
+    metrics,
+]

@@ -58,18 +58,30 @@ def _render_error(request: Request[Any, Any, State], exc: Exception) -> Response
         return json_response(exc.to_openai(), exc.status_code, exc.headers())
     if isinstance(exc, HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        error = {"message": exc.detail, "type": "invalid_request_error" if exc.status_code < 500
-                 else "server_error", "param": None, "code": code}
+        error = {
+            "message": exc.detail,
+            "type": "invalid_request_error" if exc.status_code < 500 else "server_error",
+            "param": None,
+            "code": code,
+        }
         return json_response({"error": error}, exc.status_code, dict(exc.headers or {}))
     if isinstance(exc, RecursionError) and "while deserializing" in str(exc):
         # msgspec's answer to JSON nested deeper than the interpreter's recursion limit allows
         # (about a thousand levels): the client's mistake, not ours.
-        error = {"message": "The request body is nested too deeply", "type": "invalid_request_error",
-                 "param": None, "code": "nested_too_deeply"}
+        error = {
+            "message": "The request body is nested too deeply",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "nested_too_deeply",
+        }
         return json_response({"error": error}, HTTP_400_BAD_REQUEST)
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    error = {"message": "Internal server error", "type": "server_error", "param": None,
-             "code": "internal_error"}
+    error = {
+        "message": "Internal server error",
+        "type": "server_error",
+        "param": None,
+        "code": "internal_error",
+    }
     return json_response({"error": error}, HTTP_500_INTERNAL_SERVER_ERROR)
 
 
@@ -78,8 +90,10 @@ def _render_error(request: Request[Any, Any, State], exc: Exception) -> Response
 
 def _models_document(config: Config) -> bytes:
     created = int(time.time())
-    data = [{"id": model_id, "object": "model", "created": created, "owned_by": "swapper"}
-            for model_id in config.models]
+    data = [
+        {"id": model_id, "object": "model", "created": created, "owned_by": "swapper"}
+        for model_id in config.models
+    ]
     return _ENCODE.encode({"object": "list", "data": data})
 
 
@@ -90,12 +104,14 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         # Before any backend starts: a swapper killed outright may have left some on the GPU.
         state = config.swapper.state_file
-        await asyncio.to_thread(leftovers.reclaim,
-                                (Path(state) if state else default_state_file()).parent)
+        await asyncio.to_thread(
+            leftovers.reclaim, (Path(state) if state else default_state_file()).parent
+        )
         gpu = GpuMonitor()
         coordinator = SwapCoordinator(config, registry, gpu)
-        upstream = UpstreamClient(connect_timeout=config.timeouts.connect,
-                                  read_timeout=config.timeouts.read)
+        upstream = UpstreamClient(
+            connect_timeout=config.timeouts.connect, read_timeout=config.timeouts.read
+        )
         app.state.config = config
         app.state.coordinator = coordinator
         app.state.upstream = upstream
@@ -109,7 +125,9 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
         loop = asyncio.get_running_loop()
         # No SIGHUP where signals cannot be had: Windows, or a server run outside the main thread.
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload_logged(app)))
+            loop.add_signal_handler(
+                signal.SIGHUP, lambda: asyncio.ensure_future(_reload_logged(app))
+            )
         warmup = None
         if config.swapper.default_model:
             warmup = asyncio.create_task(_warm(coordinator, config.swapper.default_model))
@@ -150,10 +168,15 @@ def _openapi_config() -> OpenAPIConfig:
     """The schema as JSON (also at ``/schema``) and YAML, behind the keys; no HTML viewers, as
     those load their scripts and fonts from CDNs."""
     return OpenAPIConfig(
-        title="swapper", version=__version__,
+        title="swapper",
+        version=__version__,
         render_plugins=[JsonRenderPlugin(path=["/", "/openapi.json"]), YamlRenderPlugin()],
-        openapi_router=Router(path="/schema", guards=[require_key], route_handlers=[],
-                              after_request=_schema_not_found_as_json),
+        openapi_router=Router(
+            path="/schema",
+            guards=[require_key],
+            route_handlers=[],
+            after_request=_schema_not_found_as_json,
+        ),
     )
 
 
@@ -161,8 +184,12 @@ async def _schema_not_found_as_json(response: Response[Any]) -> Response[Any]:
     """Litestar answers unknown ``/schema/...`` paths with an HTML page; swapper speaks JSON."""
     if response.status_code != 404:
         return response
-    error = {"message": "Not found: the schema is at /schema/openapi.json and /schema/openapi.yaml",
-             "type": "invalid_request_error", "param": None, "code": "not_found"}
+    error = {
+        "message": "Not found: the schema is at /schema/openapi.json and /schema/openapi.yaml",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "not_found",
+    }
     return json_response({"error": error}, 404)
 
 
@@ -180,9 +207,18 @@ async def _reload(app: Litestar, registry: BackendRegistry) -> dict[str, Any]:
     new = load_config(old.path, registry.schemas())
     # What is fixed at startup (listening socket, CORS, body limit, timeouts of the pool) needs
     # a restart; say so rather than pretend.
-    fixed = [name for name in ("server.host", "server.port", "server.cors_origins",
-                               "server.allowed_hosts", "server.max_request_bytes", "timeouts")
-             if _pick(old, name) != _pick(new, name)]
+    fixed = [
+        name
+        for name in (
+            "server.host",
+            "server.port",
+            "server.cors_origins",
+            "server.allowed_hosts",
+            "server.max_request_bytes",
+            "timeouts",
+        )
+        if _pick(old, name) != _pick(new, name)
+    ]
     if fixed:
         logger.warning("config reload: %s changed; restart swapper to apply", ", ".join(fixed))
     summary = app.state.coordinator.reload(new)

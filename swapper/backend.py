@@ -81,8 +81,9 @@ class Backend(abc.ABC):
         """A client for the backend's control calls (load, unload, sleep): not the hot path."""
         if self._client is None:
             # trust_env off: a proxy set for the outside world must not catch loopback calls.
-            self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None),
-                                             trust_env=False)
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(10.0, read=None), trust_env=False
+            )
         return self._client
 
     async def http_status(self, url: str, timeout: float = 1.0) -> int | None:
@@ -190,8 +191,11 @@ class Unloaded(str):
 def executable_problem(what: str, binary: str) -> str | None:
     """Why ``binary`` (a path, or a name looked up on PATH) cannot be run; None when it can."""
     if os.sep not in binary:
-        return None if shutil.which(binary) else (
-            f"{what} {binary!r} not found on PATH ({os.environ.get('PATH', '')})")
+        return (
+            None
+            if shutil.which(binary)
+            else (f"{what} {binary!r} not found on PATH ({os.environ.get('PATH', '')})")
+        )
     if not os.path.isfile(binary):
         return f"{what} {binary!r} does not exist"
     if not os.access(binary, os.X_OK):
@@ -208,8 +212,6 @@ def readable_file_problem(what: str, path: str) -> str | None:
     if not os.access(path, os.R_OK):
         return f"{what} {path!r} is not readable"
     return None
-
-
 
 
 def redact_argv(argv: list[str]) -> list[str]:
@@ -246,10 +248,14 @@ class SubprocessBackend(Backend):
         port = free_port(self.host)
         argv = self.command(port)
         logger.info("Starting %s: %s", self.model_id, " ".join(redact_argv(argv)))
-        process = await ManagedProcess.spawn(argv, name=self.model_id, env=self.environment(),
-                                             on_line=self.log_sink)
+        process = await ManagedProcess.spawn(
+            argv, name=self.model_id, env=self.environment(), on_line=self.log_sink
+        )
         return BackendHandle(
-            base_url=f"http://{self.host}:{port}", pid=process.pid, port=port, process=process,
+            base_url=f"http://{self.host}:{port}",
+            pid=process.pid,
+            port=port,
+            process=process,
             max_connections=self.max_connections(),
         )
 

@@ -103,8 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument("--config", default=_default_config(),
-                       help="config file (default: $SWAPPER_CONFIG, else %(default)s)")
+    serve.add_argument(
+        "--config",
+        default=_default_config(),
+        help="config file (default: $SWAPPER_CONFIG, else %(default)s)",
+    )
     serve.add_argument("--host", help="listen address (default: server.host)")
     serve.add_argument("--port", type=int, help="listen port (default: server.port)")
     serve.set_defaults(run=_serve)
@@ -119,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_operator_commands(commands)  # status, load, unload, logs: against a running swapper
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv.insert(0, "serve")  # plain `swapper` / `python -m swapper` serves
     args = parser.parse_args(argv)
     try:

@@ -88,15 +88,24 @@ class SwapperSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         if self.max_concurrent_models < 1:
             raise ValueError("max_concurrent_models: must be >= 1")
         if self.mode == "single-active" and self.max_concurrent_models != 1:
-            raise ValueError("max_concurrent_models: single-active mode needs exactly 1 "
-                             "(use mode: multi-active for more)")
+            raise ValueError(
+                "max_concurrent_models: single-active mode needs exactly 1 "
+                "(use mode: multi-active for more)"
+            )
         if self.vram_budget_mb is not None and not _positive(self.vram_budget_mb):
             raise ValueError("vram_budget_mb: must be a number > 0")
         if not (math.isfinite(self.vram_reserve_mb) and self.vram_reserve_mb >= 0):
             raise ValueError("vram_reserve_mb: must be a number >= 0")
-        for name in ("model_swap_timeout", "stop_timeout", "shutdown_timeout", "retry_backoff",
-                     "retry_backoff_max", "loading_feedback_interval", "vram_release_timeout",
-                     "drain_timeout"):
+        for name in (
+            "model_swap_timeout",
+            "stop_timeout",
+            "shutdown_timeout",
+            "retry_backoff",
+            "retry_backoff_max",
+            "loading_feedback_interval",
+            "vram_release_timeout",
+            "drain_timeout",
+        ):
             if not _positive(getattr(self, name)):
                 raise ValueError(f"{name}: must be a number > 0")
         if self.max_overtake < 0:
@@ -159,10 +168,12 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     def __repr__(self) -> str:
         # Never print the keys, wherever a config ends up being logged.
-        return (f"ServerSettings(host={self.host!r}, port={self.port}, "
-                f"api_keys=<{len(self.api_keys)} hidden>, "
-                f"admin_api_keys=<{len(self.admin_api_keys)} hidden>, "
-                f"cors_origins={self.cors_origins!r}, max_request_bytes={self.max_request_bytes})")
+        return (
+            f"ServerSettings(host={self.host!r}, port={self.port}, "
+            f"api_keys=<{len(self.api_keys)} hidden>, "
+            f"admin_api_keys=<{len(self.admin_api_keys)} hidden>, "
+            f"cors_origins={self.cors_origins!r}, max_request_bytes={self.max_request_bytes})"
+        )
 
 
 class TimeoutSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -258,17 +269,21 @@ _MAX_DEPTH = 64
 _MAX_NODES = 100_000
 
 
-def _expand_env(node: Any, path: str, source: str, budget: list[int] | None = None,
-                depth: int = 0) -> Any:
+def _expand_env(
+    node: Any, path: str, source: str, budget: list[int] | None = None, depth: int = 0
+) -> Any:
     """Replace ``${env:NAME}`` in every string with the variable's value (secrets stay out of files)."""
     budget = [_MAX_NODES] if budget is None else budget
     budget[0] -= 1
     if depth > _MAX_DEPTH:
-        raise ConfigError(f"{source}: {path}: nested deeper than {_MAX_DEPTH} levels "
-                          "(a YAML alias that refers to itself?)")
+        raise ConfigError(
+            f"{source}: {path}: nested deeper than {_MAX_DEPTH} levels "
+            "(a YAML alias that refers to itself?)"
+        )
     if budget[0] < 0:
         raise ConfigError(f"{source}: more than {_MAX_NODES} values (YAML aliases expanding?)")
     if isinstance(node, str):
+
         def value(match: re.Match[str]) -> str:
             name = match[1]
             found = os.environ.get(name)
@@ -280,11 +295,15 @@ def _expand_env(node: Any, path: str, source: str, budget: list[int] | None = No
 
         return _ENV_REF.sub(value, node)
     if isinstance(node, dict):
-        return {key: _expand_env(item, f"{path}.{key}", source, budget, depth + 1)
-                for key, item in node.items()}
+        return {
+            key: _expand_env(item, f"{path}.{key}", source, budget, depth + 1)
+            for key, item in node.items()
+        }
     if isinstance(node, list):
-        return [_expand_env(item, f"{path}[{i}]", source, budget, depth + 1)
-                for i, item in enumerate(node)]
+        return [
+            _expand_env(item, f"{path}[{i}]", source, budget, depth + 1)
+            for i, item in enumerate(node)
+        ]
     return node
 
 
@@ -293,9 +312,7 @@ def _valid_name(name: str) -> bool:
     return bool(name) and name.isprintable() and not any(c.isspace() or c == "/" for c in name)
 
 
-def parse_config(
-    data: Any, source: str, backends: Mapping[str, type[ModelEntry]]
-) -> Config:
+def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]]) -> Config:
     """Validate an already-parsed YAML tree. ``backends`` maps backend names to their schemas."""
     if data is None:
         raise ConfigError(f"{source}: the file is empty")
@@ -310,8 +327,9 @@ def parse_config(
     for model_id, entry in raw.models.items():
         where = f"$.models.{model_id}"
         if not _valid_name(model_id):
-            raise ConfigError(f"{source}: {where}: a model id must be non-empty, printable, "
-                              "without spaces or '/'")
+            raise ConfigError(
+                f"{source}: {where}: a model id must be non-empty, printable, without spaces or '/'"
+            )
         try:
             backend = msgspec.convert(entry, _RawModelEntry).backend
         except msgspec.ValidationError as exc:
@@ -334,10 +352,14 @@ def parse_config(
             raise ConfigError(f"{source}: {where}.vram_mb: must be a number >= 0")
         for index, alias in enumerate(models[model_id].aliases):
             if not _valid_name(alias):
-                raise ConfigError(f"{source}: {where}.aliases[{index}]: an alias must be "
-                                  "non-empty, printable, without spaces or '/', like a model id")
+                raise ConfigError(
+                    f"{source}: {where}.aliases[{index}]: an alias must be "
+                    "non-empty, printable, without spaces or '/', like a model id"
+                )
         for name in (model_id, *models[model_id].aliases):
-            owner = names.get(name, model_id if name == model_id or name not in raw.models else name)
+            owner = names.get(
+                name, model_id if name == model_id or name not in raw.models else name
+            )
             if owner != model_id:
                 raise ConfigError(
                     f"{source}: {where}.aliases: {name!r} is already the name of model {owner!r}"
@@ -352,8 +374,9 @@ def parse_config(
     settings = raw.swapper
     if default is not None and names[default] != default:
         settings = msgspec.structs.replace(settings, default_model=names[default])
-    return Config(path=source, swapper=settings, server=raw.server, timeouts=raw.timeouts,
-                  models=models)
+    return Config(
+        path=source, swapper=settings, server=raw.server, timeouts=raw.timeouts, models=models
+    )
 
 
 def load_config(path: str | Path, backends: Mapping[str, type[ModelEntry]]) -> Config:
@@ -392,7 +415,14 @@ def protected_mode_refusal(config: Config, host: str) -> str | None:
     operator says in so many words that an open server is meant.
     """
     server = config.server
-    if server.api_keys or server.admin_api_keys or server.allow_unauthenticated or is_loopback(host):
+    if (
+        server.api_keys
+        or server.admin_api_keys
+        or server.allow_unauthenticated
+        or is_loopback(host)
+    ):
         return None
-    return (f"{config.path}: refusing to listen on {host!r} with no keys: set server.api_keys, "
-            "or server.allow_unauthenticated: true to serve everyone on the network without keys")
+    return (
+        f"{config.path}: refusing to listen on {host!r} with no keys: set server.api_keys, "
+        "or server.allow_unauthenticated: true to serve everyone on the network without keys"
+    )

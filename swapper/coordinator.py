@@ -50,7 +50,6 @@ __all__ = ["Lease", "ModelStatus", "SwapCoordinator"]
 logger = logging.getLogger("swapper.coordinator")
 
 
-
 class Lease:
     """Permission to send one request to a resident model; release it when the response ends."""
 
@@ -97,8 +96,9 @@ class Lease:
 class SwapCoordinator(ModelLifecycle):
     """Owns every model's state and decides what is resident."""
 
-    def __init__(self, config: Config, registry: BackendRegistry,
-                 gpu: GpuView | None = None) -> None:
+    def __init__(
+        self, config: Config, registry: BackendRegistry, gpu: GpuView | None = None
+    ) -> None:
         self.config = config
         self.placement = Placement(config, gpu)
         self._registry = registry
@@ -116,7 +116,9 @@ class SwapCoordinator(ModelLifecycle):
         self._waiters: collections.deque[Waiter] = collections.deque()
         self._seq = itertools.count()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._status_waiters: list[tuple[ModelRecord, frozenset[ModelStatus], asyncio.Future[None]]] = []
+        self._status_waiters: list[
+            tuple[ModelRecord, frozenset[ModelStatus], asyncio.Future[None]]
+        ] = []
         self._closing = False
 
     def _make_backend(self, model_id: str, config: Config) -> Backend:
@@ -260,7 +262,8 @@ class SwapCoordinator(ModelLifecycle):
         A model a reload removed meanwhile is unloading already: wait for that.
         """
         model = self._models.get(model_id) or next(
-            (m for m in self._retired if m.id == model_id), None)
+            (m for m in self._retired if m.id == model_id), None
+        )
         if model is None:
             return  # removed, and out already
         if model.status == ModelStatus.FAILED:
@@ -284,38 +287,51 @@ class SwapCoordinator(ModelLifecycle):
         self.config = config
         self.placement.config = config  # budget, pinning and slots apply from the next decision
         backend_settings_changed = (
-            (old.swapper.gpu_enabled, old.swapper.metal_acceleration, old.swapper.stop_timeout)
-            != (config.swapper.gpu_enabled, config.swapper.metal_acceleration,
-                config.swapper.stop_timeout))
+            old.swapper.gpu_enabled,
+            old.swapper.metal_acceleration,
+            old.swapper.stop_timeout,
+        ) != (
+            config.swapper.gpu_enabled,
+            config.swapper.metal_acceleration,
+            config.swapper.stop_timeout,
+        )
         summary: dict[str, list[str]] = {"added": [], "changed": [], "removed": [], "unchanged": []}
         for model_id in [m for m in self._models if m not in config.models]:
             model = self._models.pop(model_id)
             model.removed = True
-            self._fail_waiters(model, ModelNotFound(f"The model {model_id!r} was removed from the config"))
+            self._fail_waiters(
+                model, ModelNotFound(f"The model {model_id!r} was removed from the config")
+            )
             if model.status not in (ModelStatus.UNLOADED, ModelStatus.FAILED):
                 # Loading (maybe without a process yet), loaded, unloading or asleep: it still
                 # holds, or will hold, a process and memory until it is out.
                 self._retired.add(model)
             summary["removed"].append(model_id)
         for model_id, entry in config.models.items():
-            model = self._models.get(model_id)
-            if model is None:
+            current = self._models.get(model_id)
+            if current is None:
                 self._models[model_id] = self._new_model(model_id, config)
                 summary["added"].append(model_id)
             elif entry == old.models[model_id] and not backend_settings_changed:
                 summary["unchanged"].append(model_id)
             else:
                 backend = self._make_backend(model_id, config)
-                backend.log_sink = model.log.append
-                if model.handle is None and model.status in (ModelStatus.UNLOADED, ModelStatus.FAILED):
-                    self._spawn(model.backend.aclose(), f"close:{model_id}")
-                    model.backend, model.failures, model.retry_at = backend, 0, None
+                backend.log_sink = current.log.append
+                if current.handle is None and current.status in (
+                    ModelStatus.UNLOADED,
+                    ModelStatus.FAILED,
+                ):
+                    self._spawn(current.backend.aclose(), f"close:{model_id}")
+                    current.backend, current.failures, current.retry_at = backend, 0, None
                 else:
-                    model.pending = backend  # swapped in when the running process stops
+                    current.pending = backend  # swapped in when the running process stops
                 summary["changed"].append(model_id)
         self._names = self._name_index(config)
-        logger.info("config reloaded from %s: %s", config.path,
-                    ", ".join(f"{k} {v}" for k, v in summary.items() if v) or "no model changed")
+        logger.info(
+            "config reloaded from %s: %s",
+            config.path,
+            ", ".join(f"{k} {v}" for k, v in summary.items() if v) or "no model changed",
+        )
         self._schedule()
         return summary
 
@@ -369,20 +385,31 @@ class SwapCoordinator(ModelLifecycle):
                 last_used=model.last_used,
                 failures=model.failures,
                 retry_at=model.retry_at,
-                vram_mb=(model.sleep_vram_mb if model.status == ModelStatus.SLEEPING
-                         else model.vram_mb if model.status == ModelStatus.LOADED else None),
+                vram_mb=(
+                    model.sleep_vram_mb
+                    if model.status == ModelStatus.SLEEPING
+                    else model.vram_mb
+                    if model.status == ModelStatus.LOADED
+                    else None
+                ),
                 predicted_vram_mb=placement.predicted_mb(model),
                 pinned=placement.pinned(model),
             )
         vram = VramSnapshot(
             budget_mb=placement.budget_mb,
             committed_mb=sum(placement.charge_mb(m) for m in self._holders()),
-            learned_mb=placement.sizes.snapshot())
-        return Snapshot(mode=self.config.swapper.mode, active_model=self.active_model,
-                        resident=self.resident_models,
-                        max_concurrent_models=self.config.swapper.max_concurrent_models,
-                        vram=vram, models=models,
-                        wall_time=time.time(), monotonic_time=time.monotonic())
+            learned_mb=placement.sizes.snapshot(),
+        )
+        return Snapshot(
+            mode=self.config.swapper.mode,
+            active_model=self.active_model,
+            resident=self.resident_models,
+            max_concurrent_models=self.config.swapper.max_concurrent_models,
+            vram=vram,
+            models=models,
+            wall_time=time.time(),
+            monotonic_time=time.monotonic(),
+        )
 
     def loads(self) -> dict[str, ModelLoad]:
         """Each model's status, queued and in-flight requests: the cheap part of :meth:`status`."""
@@ -425,11 +452,15 @@ class SwapCoordinator(ModelLifecycle):
 
     def _may_admit(self, model: ModelRecord) -> bool:
         """Fast path: the model is resident, takes requests, and no one it must let pass waits."""
-        if (model.status != ModelStatus.LOADED or model.draining or model.queued
-                or model.pending is not None or self._closing):
+        if (
+            model.status != ModelStatus.LOADED
+            or model.draining
+            or model.queued
+            or model.pending is not None
+            or self._closing
+        ):
             return False
-        return (model.evicting_for is None
-                or self._overtaken < self.config.swapper.max_overtake)
+        return model.evicting_for is None or self._overtaken < self.config.swapper.max_overtake
 
     def _admit(self, model: ModelRecord) -> Lease:
         model.in_flight += 1
@@ -448,8 +479,9 @@ class SwapCoordinator(ModelLifecycle):
 
     def _queue_changed(self, model: ModelRecord) -> None:
         if self.events.subscribed:
-            self.events.emit("queue", model=model.id, queued=model.queued,
-                             in_flight=model.in_flight)
+            self.events.emit(
+                "queue", model=model.id, queued=model.queued, in_flight=model.in_flight
+            )
 
     def _release(self, model: ModelRecord, *, used: bool = True) -> None:
         model.in_flight -= 1
@@ -491,7 +523,7 @@ class SwapCoordinator(ModelLifecycle):
                 continue
             if model.status != ModelStatus.LOADED:
                 continue  # a load or unload is running; its end calls us again
-            if model.removed or model.pending is not None and model.queued:
+            if model.removed or (model.pending is not None and model.queued):
                 # Removed by a reload: unload once idle. Changed by a reload: restart on next use.
                 model.draining = True
             if not model.draining:
@@ -547,7 +579,8 @@ class SwapCoordinator(ModelLifecycle):
         """Start the drain deadline of a model chosen for eviction that still serves requests."""
         if model.in_flight and model.drain_timer is None:
             model.drain_timer = asyncio.get_running_loop().call_later(
-                self.config.swapper.drain_timeout, self._drain_expired, model)
+                self.config.swapper.drain_timeout, self._drain_expired, model
+            )
 
     def _drain_expired(self, model: ModelRecord) -> None:
         """An evicted model's requests ran past drain_timeout: cut them off, with a reason."""
@@ -558,9 +591,16 @@ class SwapCoordinator(ModelLifecycle):
         timeout = self.config.swapper.drain_timeout
         model.cut_reason = (
             f"Model {model.id!r} was unloaded to make room for {target.id!r}: its requests did "
-            f"not finish within swapper.drain_timeout ({timeout:g}s)")
-        logger.warning("%s: %d request(s) still running after drain_timeout (%gs); cutting "
-                       "them off to load %s", model.id, model.in_flight, timeout, target.id)
+            f"not finish within swapper.drain_timeout ({timeout:g}s)"
+        )
+        logger.warning(
+            "%s: %d request(s) still running after drain_timeout (%gs); cutting "
+            "them off to load %s",
+            model.id,
+            model.in_flight,
+            timeout,
+            target.id,
+        )
         self._start_unload(model)
 
     def _admit_queued(self, model: ModelRecord) -> None:
@@ -623,4 +663,3 @@ class SwapCoordinator(ModelLifecycle):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-

@@ -23,16 +23,18 @@ def content_security_policy(page: bytes) -> str:
         digest = base64.b64encode(hashlib.sha256(match.group(2)).digest()).decode()
         hashes[match.group(1)].append(f"'sha256-{digest}'")
     # Hashes instead of 'unsafe-inline': an injected <script> or <style> would not match them.
-    return "; ".join([
-        "default-src 'none'",
-        "script-src " + (" ".join(hashes[b"script"]) or "'none'"),
-        "style-src " + (" ".join(hashes[b"style"]) or "'none'"),
-        "connect-src 'self'",
-        "img-src 'self' data:",
-        "base-uri 'none'",
-        "form-action 'none'",
-        "frame-ancestors 'none'",
-    ])
+    return "; ".join(
+        [
+            "default-src 'none'",
+            "script-src " + (" ".join(hashes[b"script"]) or "'none'"),
+            "style-src " + (" ".join(hashes[b"style"]) or "'none'"),
+            "connect-src 'self'",
+            "img-src 'self' data:",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        ]
+    )
 
 
 @functools.cache

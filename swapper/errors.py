@@ -153,8 +153,9 @@ class ModelUnavailable(SwapperError):
     code = "model_unavailable"
     retry_after = 5
 
-    def __init__(self, message: str, *, retry_after: int | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: int | None = None, code: str | None = None
+    ) -> None:
         super().__init__(message)
         if retry_after is not None:
             self.retry_after = max(1, retry_after)

@@ -75,8 +75,9 @@ class EventBus:
 STOPPED = object()
 
 
-async def next_event(queue: asyncio.Queue[Any], timeout: float,
-                     stop: asyncio.Event | None = None) -> Any:
+async def next_event(
+    queue: asyncio.Queue[Any], timeout: float, stop: asyncio.Event | None = None
+) -> Any:
     """The next item; None after ``timeout`` seconds (time for a keep-alive ping); STOPPED
     once ``stop`` is set, so long-lived streams end when shutdown begins instead of holding
     it up."""

@@ -81,11 +81,23 @@ async def unless_stopping(state: State, work: Awaitable[T]) -> T:
 class Exchange:
     """One forwarded request; :meth:`close` releases all it holds, once, however it ends."""
 
-    __slots__ = ("_closed", "_opening", "_rename", "_scope", "_state", "_ticket", "_unclosed",
-                 "content", "forward", "lease", "upstream")
+    __slots__ = (
+        "_closed",
+        "_opening",
+        "_rename",
+        "_scope",
+        "_state",
+        "_ticket",
+        "_unclosed",
+        "content",
+        "forward",
+        "lease",
+        "upstream",
+    )
 
-    def __init__(self, state: State, scope: Scope, forward: Forward,
-                 ticket: Lease | Waiter | None = None) -> None:
+    def __init__(
+        self, state: State, scope: Scope, forward: Forward, ticket: Lease | Waiter | None = None
+    ) -> None:
         self.forward = forward
         self._state = state
         self._scope = scope
@@ -104,8 +116,9 @@ class Exchange:
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     def start(self) -> asyncio.Future[None]:
@@ -156,11 +169,19 @@ class Exchange:
             lease = await self._take_lease()
             rename = self._rename
             try:
-                body = (forward.body if rename is None
-                        else rename.request(forward.body, forward.requested))
+                body = (
+                    forward.body
+                    if rename is None
+                    else rename.request(forward.body, forward.requested)
+                )
                 upstream = self.upstream = await state.upstream.send(
-                    forward.model_id, lease.base_url, forward.path, body,
-                    keep_alive=not forward.stream, max_connections=lease.max_connections)
+                    forward.model_id,
+                    lease.base_url,
+                    forward.path,
+                    body,
+                    keep_alive=not forward.stream,
+                    max_connections=lease.max_connections,
+                )
                 state.metrics.ttfb.labels(forward.model_id).observe(time.perf_counter() - started)
                 if upstream.is_stream and upstream.status == 200:
                     self._unclosed = upstream  # the relay streams it; close() ends it
@@ -227,7 +248,7 @@ class Exchange:
             rename = None
         chunks = upstream.iter_bytes()
         try:
-            async for chunk in (chunks if rename is None else rename.stream(chunks)):
+            async for chunk in chunks if rename is None else rename.stream(chunks):
                 yield chunk
             evicted = self.evicted()
             if evicted is not None:  # a backend stopped mid-stream may close it as if it were done
@@ -250,10 +271,15 @@ class Exchange:
         assert upstream is not None, "response() of an exchange not open"
         content = self.content
         if content is None:
-            return GuardedStream(self.relay(), self.close, status=upstream.status,
-                                 media_type=upstream.content_type)
+            return GuardedStream(
+                self.relay(), self.close, status=upstream.status, media_type=upstream.content_type
+            )
         if upstream.status >= 400:
-            return Response(normalise_error(upstream.status, content),
-                            status_code=upstream.status, media_type=JSON)
-        return Response(content, status_code=upstream.status,
-                        media_type=upstream.content_type or JSON)
+            return Response(
+                normalise_error(upstream.status, content),
+                status_code=upstream.status,
+                media_type=JSON,
+            )
+        return Response(
+            content, status_code=upstream.status, media_type=upstream.content_type or JSON
+        )

@@ -74,8 +74,9 @@ def _check_content_type(request: Request[Any, Any, State]) -> None:
         return  # curl -d without -H, and other lax clients: the body is parsed as JSON anyway
     media = content_type.partition(";")[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
-        raise UnsupportedMediaType(f"Content-Type must be application/json, not {media!r}",
-                                   code="unsupported_media_type")
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, not {media!r}", code="unsupported_media_type"
+        )
 
 
 async def _forward(request: Request[Any, Any, State], path: str) -> Response[Any]:
@@ -125,22 +126,19 @@ async def _forward_now(request: Request[Any, Any, State], forward: Forward) -> R
 # -- OpenAI endpoints ---------------------------------------------------------------------------
 
 
-@post("/v1/chat/completions", guards=[require_key], operation_class=ChatOperation,
-      status_code=200)
+@post("/v1/chat/completions", guards=[require_key], operation_class=ChatOperation, status_code=200)
 async def chat_completions(request: Request[Any, Any, State]) -> Response[Any]:
     """OpenAI chat completions, routed by the body's ``model``; streams pass through as SSE."""
     return await _forward(request, "/v1/chat/completions")
 
 
-@post("/v1/completions", guards=[require_key], operation_class=CompletionOperation,
-      status_code=200)
+@post("/v1/completions", guards=[require_key], operation_class=CompletionOperation, status_code=200)
 async def completions(request: Request[Any, Any, State]) -> Response[Any]:
     """OpenAI legacy completions, routed by the body's ``model``."""
     return await _forward(request, "/v1/completions")
 
 
-@post("/v1/embeddings", guards=[require_key], operation_class=EmbeddingOperation,
-      status_code=200)
+@post("/v1/embeddings", guards=[require_key], operation_class=EmbeddingOperation, status_code=200)
 async def embeddings(request: Request[Any, Any, State]) -> Response[Any]:
     """OpenAI embeddings, routed by the body's ``model``."""
     return await _forward(request, "/v1/embeddings")

@@ -71,8 +71,15 @@ class GpuMonitor:
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 memory = nvml.nvmlDeviceGetMemoryInfo(handle)
                 name = nvml.nvmlDeviceGetName(handle)
-                stats.append(GpuStats(index, name.decode() if isinstance(name, bytes) else name,
-                                      memory.total / _MB, memory.used / _MB, memory.free / _MB))
+                stats.append(
+                    GpuStats(
+                        index,
+                        name.decode() if isinstance(name, bytes) else name,
+                        memory.total / _MB,
+                        memory.used / _MB,
+                        memory.free / _MB,
+                    )
+                )
             return stats
         except nvml.NVMLError as exc:
             logger.warning("NVML read failed: %s", exc)
@@ -83,8 +90,11 @@ class GpuMonitor:
         gpus = self.gpus()
         if not gpus:
             return None
-        return (sum(g.total_mb for g in gpus), sum(g.used_mb for g in gpus),
-                sum(g.free_mb for g in gpus))
+        return (
+            sum(g.total_mb for g in gpus),
+            sum(g.used_mb for g in gpus),
+            sum(g.free_mb for g in gpus),
+        )
 
     def used_mb(self) -> float | None:
         """MiB used over every GPU now; None without NVML.
@@ -123,9 +133,11 @@ class GpuMonitor:
         if listed and not matched:
             if not self._foreign_pids_logged:
                 self._foreign_pids_logged = True
-                logger.warning("NVML reports no process of ours: in a container without "
-                               "`pid: host`? Per-process GPU memory is unknown; sizes come "
-                               "from the change in used memory instead")
+                logger.warning(
+                    "NVML reports no process of ours: in a container without "
+                    "`pid: host`? Per-process GPU memory is unknown; sizes come "
+                    "from the change in used memory instead"
+                )
             return None
         return used / _MB
 
@@ -150,24 +162,40 @@ class GpuMonitor:
             if token.isdigit() and int(token) < count:
                 found = [int(token)]
             else:
-                found = [i for i, u in enumerate(uuids)
-                         if token and (u == token or u.startswith(token) and token.startswith("GPU-"))]
+                found = [
+                    i
+                    for i, u in enumerate(uuids)
+                    if token and (u == token or (u.startswith(token) and token.startswith("GPU-")))
+                ]
             if len(found) != 1 or found[0] in chosen:
                 break
             chosen.extend(found)
         if self._visible_logged != setting:
             self._visible_logged = setting
-            logger.info("CUDA_VISIBLE_DEVICES=%r: counting NVML GPU(s) %s of %d", setting,
-                        chosen or "none", count)
+            logger.info(
+                "CUDA_VISIBLE_DEVICES=%r: counting NVML GPU(s) %s of %d",
+                setting,
+                chosen or "none",
+                count,
+            )
         return chosen
 
     def snapshot(self) -> dict[str, Any]:
         """The ``gpu`` section of ``/status``."""
         gpus = self.gpus()
-        return {"available": bool(gpus),
-                "gpus": [{"index": g.index, "name": g.name, "total_mb": round(g.total_mb),
-                          "used_mb": round(g.used_mb), "free_mb": round(g.free_mb)}
-                         for g in gpus]}
+        return {
+            "available": bool(gpus),
+            "gpus": [
+                {
+                    "index": g.index,
+                    "name": g.name,
+                    "total_mb": round(g.total_mb),
+                    "used_mb": round(g.used_mb),
+                    "free_mb": round(g.free_mb),
+                }
+                for g in gpus
+            ],
+        }
 
 
 def _process_tree(root: int) -> set[int]:

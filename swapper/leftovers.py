@@ -72,9 +72,12 @@ def _book(path: Path) -> Iterator[list[dict[str, Any]]]:
             entries = []
         if not isinstance(entries, list):
             entries = []
-        entries = [e for e in entries if isinstance(e, dict)
-                   and all(isinstance(e.get(k), int) for k in ("pgid", "start", "owner",
-                                                               "owner_start"))]
+        entries = [
+            e
+            for e in entries
+            if isinstance(e, dict)
+            and all(isinstance(e.get(k), int) for k in ("pgid", "start", "owner", "owner_start"))
+        ]
         yield entries
         handle.seek(0)
         handle.truncate()
@@ -106,11 +109,16 @@ def reclaim(state_dir: Path) -> list[dict[str, Any]]:
                     killed.append(entry)
                     logger.warning(
                         "killed backend process group %d (%s) left running by swapper pid %d, "
-                        "which is gone", entry["pgid"], entry.get("name", "?"), entry["owner"])
+                        "which is gone",
+                        entry["pgid"],
+                        entry.get("name", "?"),
+                        entry["owner"],
+                    )
             entries[:] = keep
     except OSError as exc:
-        logger.warning("cannot use %s (%s): backends left by a killed swapper are not "
-                       "looked for", path, exc)
+        logger.warning(
+            "cannot use %s (%s): backends left by a killed swapper are not looked for", path, exc
+        )
         return killed
     _path = path
     return killed
@@ -128,8 +136,15 @@ def record(pgid: int, name: str) -> Path | None:
     owner, owner_start = _me()
     try:
         with _book(path) as entries:
-            entries.append({"pgid": pgid, "start": started, "name": name, "owner": owner,
-                            "owner_start": owner_start})
+            entries.append(
+                {
+                    "pgid": pgid,
+                    "start": started,
+                    "name": name,
+                    "owner": owner,
+                    "owner_start": owner_start,
+                }
+            )
     except OSError:
         return None
     return path

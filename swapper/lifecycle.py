@@ -78,7 +78,9 @@ class ModelLifecycle(abc.ABC):
             model.drain_timer.cancel()
             model.drain_timer = None
 
-    def _transition(self, model: ModelRecord, new: ModelStatus, *, error: str | None = None) -> None:
+    def _transition(
+        self, model: ModelRecord, new: ModelStatus, *, error: str | None = None
+    ) -> None:
         """The only place a model's status changes; illegal edges are refused."""
         old = model.status
         if new not in TRANSITIONS[old]:
@@ -116,9 +118,14 @@ class ModelLifecycle(abc.ABC):
                 self._retired.discard(model)
         log = logger.warning if new == ModelStatus.FAILED else logger.debug
         log("%s: %s -> %s%s", model.id, old, new, f" ({error})" if error else "")
-        self.events.emit("status", model=model.id, status=new.value, previous=old.value,
-                         pid=model.handle.pid if model.handle else None,
-                         last_error=model.last_error)
+        self.events.emit(
+            "status",
+            model=model.id,
+            status=new.value,
+            previous=old.value,
+            pid=model.handle.pid if model.handle else None,
+            last_error=model.last_error,
+        )
         for watched, statuses, future in self._status_waiters:
             if watched is model and new in statuses and not future.done():
                 future.set_result(None)
@@ -142,8 +149,15 @@ class ModelLifecycle(abc.ABC):
             # Unloading to make room: the swap starts now.
             target.swap_from, target.swap_started = model.id, model.unload_started
         asleep = model.status == ModelStatus.SLEEPING
-        sleep = (model.backend.can_sleep and not asleep and not full and not model.stop_fully
-                 and not model.removed and model.pending is None and not self._closing)
+        sleep = (
+            model.backend.can_sleep
+            and not asleep
+            and not full
+            and not model.stop_fully
+            and not model.removed
+            and model.pending is None
+            and not self._closing
+        )
         charge = self.placement.charge_mb(model)
         model.unload_to_sleep, model.leaving_sleep = sleep, asleep
         self._transition(model, ModelStatus.UNLOADING)
@@ -179,8 +193,15 @@ class ModelLifecycle(abc.ABC):
         now = time.monotonic()
         logger.info("%s loaded in %.3fs (pid %s)", model.id, now - started, model.handle.pid)
         self.events.emit("loaded", model=model.id, seconds=now - started)
-        self.events.emit("swap", **{"from": model.swap_from, "to": model.id, "reason": reason,
-                                    "seconds": now - (model.swap_started or started)})
+        self.events.emit(
+            "swap",
+            **{
+                "from": model.swap_from,
+                "to": model.id,
+                "reason": reason,
+                "seconds": now - (model.swap_started or started),
+            },
+        )
         model.swap_started = model.swap_from = None
         if model.watcher is None:  # a woken model kept its watcher
             model.watcher = self._spawn(self._watch(model, model.handle), f"watch:{model.id}")
@@ -216,7 +237,7 @@ class ModelLifecycle(abc.ABC):
                 measured = await self.placement.process_mb(handle.pid)
             if measured is None:
                 measured = await self._used_since_baseline(model)
-        except Exception:  # noqa: BLE001 - a failed measurement leaves the estimate in use
+        except Exception:
             logger.exception("%s: measuring VRAM failed", model.id)
             return
         if not measured or model.handle is not handle or model.status != ModelStatus.LOADED:
@@ -241,8 +262,11 @@ class ModelLifecycle(abc.ABC):
             return None
         used = await self.placement.used_mb()
         if used is None or self.placement.gpu_changes != baseline[1]:
-            logger.info("%s: size not learned: NVML cannot tell its process apart and another "
-                        "backend changed the GPU's memory while it loaded", model.id)
+            logger.info(
+                "%s: size not learned: NVML cannot tell its process apart and another "
+                "backend changed the GPU's memory while it loaded",
+                model.id,
+            )
             return None
         return max(0.0, used - baseline[0])
 
@@ -257,8 +281,12 @@ class ModelLifecycle(abc.ABC):
             except _BackendExited:
                 if attempt == _PORT_ATTEMPTS or not model.backend.port_taken(model.handle):
                     raise
-                logger.warning("%s: port %s was taken before the backend could bind it; "
-                               "starting again on another port", model.id, model.handle.port)
+                logger.warning(
+                    "%s: port %s was taken before the backend could bind it; "
+                    "starting again on another port",
+                    model.id,
+                    model.handle.port,
+                )
                 await self._stop_backend(model)
 
     def _load_failed(self, model: ModelRecord, reason: str) -> None:
@@ -268,13 +296,17 @@ class ModelLifecycle(abc.ABC):
         retry_after: int | None = None
         if model.failures >= settings.max_start_failures:
             exponent = model.failures - settings.max_start_failures
-            delay = min(settings.retry_backoff * 2 ** exponent, settings.retry_backoff_max)
+            delay = min(settings.retry_backoff * 2**exponent, settings.retry_backoff_max)
             model.retry_at = time.monotonic() + delay
             retry_after = math.ceil(delay)
             reason += f" ({model.failures} failed starts in a row; next try in {delay:g}s)"
         self._transition(model, ModelStatus.FAILED, error=f"load failed: {reason}")
-        self._fail_waiters(model, ModelUnavailable(f"Model {model.id!r} failed to load: {reason}",
-                                                   retry_after=retry_after))
+        self._fail_waiters(
+            model,
+            ModelUnavailable(
+                f"Model {model.id!r} failed to load: {reason}", retry_after=retry_after
+            ),
+        )
         self._schedule()
 
     async def _wait_ready(self, model: ModelRecord, handle: BackendHandle) -> None:
@@ -299,8 +331,10 @@ class ModelLifecycle(abc.ABC):
     async def _watch(self, model: ModelRecord, handle: BackendHandle) -> None:
         """Notice a backend that dies while resident (or asleep)."""
         reason = await model.backend.wait_exit(handle)
-        if model.handle is not handle or model.status not in (ModelStatus.LOADED,
-                                                              ModelStatus.SLEEPING):
+        if model.handle is not handle or model.status not in (
+            ModelStatus.LOADED,
+            ModelStatus.SLEEPING,
+        ):
             return  # we stopped it ourselves
         if isinstance(reason, Unloaded):
             # Its server unloaded the model itself (Ollama's scheduler, to fit another one):
@@ -316,8 +350,12 @@ class ModelLifecycle(abc.ABC):
 
     def _check_frozen(self, model: ModelRecord, base_url: str) -> None:
         handle = model.handle
-        if (handle is None or handle.base_url != base_url or model.probing
-                or model.status != ModelStatus.LOADED):
+        if (
+            handle is None
+            or handle.base_url != base_url
+            or model.probing
+            or model.status != ModelStatus.LOADED
+        ):
             return
         model.probing = True
         self._spawn(self._probe_frozen(model, handle), f"probe:{model.id}")
@@ -332,11 +370,18 @@ class ModelLifecycle(abc.ABC):
                 healthy = False
             if healthy or model.handle is not handle or model.status != ModelStatus.LOADED:
                 return
-            logger.error("%s: backend frozen (silent past timeouts.read, no health answer in "
-                         "%gs); killing it", model.id, timeouts.health)
+            logger.error(
+                "%s: backend frozen (silent past timeouts.read, no health answer in "
+                "%gs); killing it",
+                model.id,
+                timeouts.health,
+            )
             await self._fail_resident(
-                model, f"backend froze: silent for {timeouts.read:g}s (timeouts.read) and no "
-                f"health answer within {timeouts.health:g}s; killed", kill=True)
+                model,
+                f"backend froze: silent for {timeouts.read:g}s (timeouts.read) and no "
+                f"health answer within {timeouts.health:g}s; killed",
+                kill=True,
+            )
         finally:
             model.probing = False
 
@@ -362,8 +407,12 @@ class ModelLifecycle(abc.ABC):
         placement.expect_release(model.id, used_before, freed)
         seconds = time.monotonic() - model.unload_started
         logger.info("%s %s in %.3fs", model.id, verb, seconds)
-        self.events.emit("unloaded", model=model.id, seconds=seconds, sleeping=sleep and
-                         model.status == ModelStatus.SLEEPING)
+        self.events.emit(
+            "unloaded",
+            model=model.id,
+            seconds=seconds,
+            sleeping=sleep and model.status == ModelStatus.SLEEPING,
+        )
         self._schedule()
 
     async def _sleep(self, model: ModelRecord, used_before: float | None, charge: float) -> bool:
@@ -378,11 +427,15 @@ class ModelLifecycle(abc.ABC):
         mark = placement.note_change()
         try:
             # Bounded like a load: a backend that hangs going to sleep is stopped instead.
-            await asyncio.wait_for(model.backend.sleep(handle),
-                                   self.config.swapper.model_swap_timeout)
+            await asyncio.wait_for(
+                model.backend.sleep(handle), self.config.swapper.model_swap_timeout
+            )
         except Exception as exc:  # noqa: BLE001 - a backend that cannot sleep is stopped instead
-            logger.warning("%s: sleep failed (%s); stopping it instead", model.id,
-                           str(exc) or type(exc).__name__)
+            logger.warning(
+                "%s: sleep failed (%s); stopping it instead",
+                model.id,
+                str(exc) or type(exc).__name__,
+            )
             return False
         residual = await placement.process_mb(handle.pid)
         if residual is None and used_before is not None:

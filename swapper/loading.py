@@ -30,14 +30,29 @@ def _progress(mode: str, model_id: str, elapsed: float) -> bytes:
     """One loading-progress event: an SSE comment, or a reasoning delta Open WebUI shows."""
     if mode == "comments":
         return sse_comment(f"loading {model_id} {elapsed:.1f}s")
-    return sse_event({
-        "id": "swapper-loading", "object": "chat.completion.chunk", "created": int(time.time()),
-        "model": model_id, "choices": [{"index": 0, "finish_reason": None, "delta": {
-            "role": "assistant", "reasoning_content": f"Loading {model_id}… {elapsed:.0f}s\n"}}]})
+    return sse_event(
+        {
+            "id": "swapper-loading",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": None,
+                    "delta": {
+                        "role": "assistant",
+                        "reasoning_content": f"Loading {model_id}… {elapsed:.0f}s\n",
+                    },
+                }
+            ],
+        }
+    )
 
 
-def loading_stream(state: State, scope: Scope, forward: Forward, mode: str,
-                   ticket: Lease | Waiter) -> GuardedStream:
+def loading_stream(
+    state: State, scope: Scope, forward: Forward, mode: str, ticket: Lease | Waiter
+) -> GuardedStream:
     """The SSE response for a stream whose model is not resident yet (``ticket``: its place
     in the queue); ``mode`` is ``comments`` or ``reasoning``."""
     exchange = Exchange(state, scope, forward, ticket)
@@ -45,8 +60,9 @@ def loading_stream(state: State, scope: Scope, forward: Forward, mode: str,
     return GuardedStream(_loading_then_relay(exchange, scope, mode, interval), exchange.close)
 
 
-async def _loading_then_relay(exchange: Exchange, scope: Scope, mode: str,
-                              interval: float) -> AsyncIterator[bytes]:
+async def _loading_then_relay(
+    exchange: Exchange, scope: Scope, mode: str, interval: float
+) -> AsyncIterator[bytes]:
     """Progress every ``interval`` seconds until the backend answers, then its stream; a load
     that fails ends the stream with an error event."""
     model_id = exchange.forward.model_id
@@ -61,14 +77,14 @@ async def _loading_then_relay(exchange: Exchange, scope: Scope, mode: str,
         except SwapperError as exc:
             await exchange.close()
             note_stream_error(scope)
-            yield error_event(exc.message, code=exc.code or "backend_error", type=exc.error_type)
+            yield error_event(exc.message, code=exc.code or "backend_error", kind=exc.error_type)
             return
         content, upstream = exchange.content, exchange.upstream
         if content is not None and upstream is not None:  # the backend refused the request
             await exchange.close()
             error = msgspec.json.decode(normalise_error(upstream.status, content))["error"]
             note_stream_error(scope)
-            yield error_event(error["message"], code=error["code"], type=error["type"])
+            yield error_event(error["message"], code=error["code"], kind=error["type"])
             return
         relay = exchange.relay()
         async for chunk in relay:

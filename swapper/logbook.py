@@ -30,7 +30,7 @@ class ModelLog:
     def append(self, line: str) -> None:
         """Record one line (called by the backend's output reader)."""
         if len(line) > self.max_line:
-            line = f"{line[:self.max_line]}... ({len(line) - self.max_line:,} characters cut)"
+            line = f"{line[: self.max_line]}... ({len(line) - self.max_line:,} characters cut)"
         self.lines.append(line)
         self.held += len(line)
         while self.lines and (len(self.lines) > self.size or self.held > self.max_bytes):

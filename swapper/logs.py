@@ -17,10 +17,16 @@ import sys
 import time
 from typing import Any
 
+from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["REQUEST_ID", "note_model", "note_stream_error", "request_id_middleware",
-           "setup_logging"]
+__all__ = [
+    "REQUEST_ID",
+    "note_model",
+    "note_stream_error",
+    "request_id_middleware",
+    "setup_logging",
+]
 
 #: The id of the request being served in this context ("-" outside requests).
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -74,8 +80,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -85,14 +90,18 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
     """ASGI middleware: request id (logs and header), access-log line, request metrics."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
             return
         started = time.perf_counter()
-        incoming = next((value for name, value in scope["headers"] if name == b"x-request-id"),
-                        None)
-        request_id = (incoming.decode() if incoming is not None and _SANE_ID.match(incoming)
-                      else secrets.token_hex(8))
+        incoming = next(
+            (value for name, value in scope["headers"] if name == b"x-request-id"), None
+        )
+        request_id = (
+            incoming.decode()
+            if incoming is not None and _SANE_ID.match(incoming)
+            else secrets.token_hex(8)
+        )
         token = REQUEST_ID.set(request_id)
         header = (b"x-request-id", request_id.encode())
         status = 500  # unless a response starts: the app raised past every handler
@@ -132,8 +141,24 @@ def _record(scope: Scope, request_id: str, status: int, sent: int, seconds: floa
         return
     method, path = scope.get("method", "-"), scope.get("path", "-")
     if _ACCESS.isEnabledFor(logging.INFO):
-        _ACCESS.info('%s %s %s model=%s %.3fs %dB id=%s', method, path, outcome, model or "-",
-                     seconds, sent, request_id,
-                     extra={"access": {"method": method, "path": path, "status": status,
-                                       "outcome": outcome, "model": model or None,
-                                       "duration_s": round(seconds, 6), "bytes": sent}})
+        _ACCESS.info(
+            "%s %s %s model=%s %.3fs %dB id=%s",
+            method,
+            path,
+            outcome,
+            model or "-",
+            seconds,
+            sent,
+            request_id,
+            extra={
+                "access": {
+                    "method": method,
+                    "path": path,
+                    "status": status,
+                    "outcome": outcome,
+                    "model": model or None,
+                    "duration_s": round(seconds, 6),
+                    "bytes": sent,
+                }
+            },
+        )

@@ -39,11 +39,14 @@ class _StateCollector(Collector):
         self.gpus: list[GpuStats] = []
 
     def collect(self) -> Iterator[Metric]:
-        queue = GaugeMetricFamily("swapper_queue_depth", "Requests waiting for each model",
-                                  labels=["model"])
-        status = GaugeMetricFamily("swapper_model_status",
-                                   "1 for each model's current status, 0 for the others",
-                                   labels=["model", "status"])
+        queue = GaugeMetricFamily(
+            "swapper_queue_depth", "Requests waiting for each model", labels=["model"]
+        )
+        status = GaugeMetricFamily(
+            "swapper_model_status",
+            "1 for each model's current status, 0 for the others",
+            labels=["model", "status"],
+        )
         for model_id, model in self._coordinator.loads().items():
             queue.add_metric([model_id], model.queued)
             for name in ModelStatus:
@@ -52,10 +55,12 @@ class _StateCollector(Collector):
         yield status
         gpus = self.gpus
         if gpus:
-            used = GaugeMetricFamily("swapper_gpu_memory_used_bytes", "GPU memory in use",
-                                     labels=["gpu"])
-            total = GaugeMetricFamily("swapper_gpu_memory_total_bytes", "GPU memory in all",
-                                      labels=["gpu"])
+            used = GaugeMetricFamily(
+                "swapper_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"]
+            )
+            total = GaugeMetricFamily(
+                "swapper_gpu_memory_total_bytes", "GPU memory in all", labels=["gpu"]
+            )
             for gpu in gpus:
                 used.add_metric([str(gpu.index)], gpu.used_mb * 1024 * 1024)
                 total.add_metric([str(gpu.index)], gpu.total_mb * 1024 * 1024)
@@ -69,19 +74,45 @@ class Metrics:
     def __init__(self, coordinator: SwapCoordinator, gpu: GpuMonitor) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.swaps = Counter("swapper_swaps_total", "Models made resident, by cause",
-                             ["from", "to", "reason"], registry=r)
-        self.load_seconds = Histogram("swapper_load_seconds", "Backend start to ready",
-                                      ["model"], buckets=_LOAD_BUCKETS, registry=r)
-        self.unload_seconds = Histogram("swapper_unload_seconds", "Backend stop to gone",
-                                        ["model"], buckets=_LOAD_BUCKETS, registry=r)
-        self.requests = Counter("swapper_requests_total", "Requests answered",
-                                ["model", "endpoint", "status"], registry=r)
-        self.ttfb = Histogram("swapper_time_to_first_byte_seconds",
-                              "Request received to the backend's first byte (load included)",
-                              ["model"], buckets=_TTFB_BUCKETS, registry=r)
-        self.restarts = Counter("swapper_backend_restarts_total",
-                                "Backends started again after dying", ["model"], registry=r)
+        self.swaps = Counter(
+            "swapper_swaps_total",
+            "Models made resident, by cause",
+            ["from", "to", "reason"],
+            registry=r,
+        )
+        self.load_seconds = Histogram(
+            "swapper_load_seconds",
+            "Backend start to ready",
+            ["model"],
+            buckets=_LOAD_BUCKETS,
+            registry=r,
+        )
+        self.unload_seconds = Histogram(
+            "swapper_unload_seconds",
+            "Backend stop to gone",
+            ["model"],
+            buckets=_LOAD_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "swapper_requests_total",
+            "Requests answered",
+            ["model", "endpoint", "status"],
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "swapper_time_to_first_byte_seconds",
+            "Request received to the backend's first byte (load included)",
+            ["model"],
+            buckets=_TTFB_BUCKETS,
+            registry=r,
+        )
+        self.restarts = Counter(
+            "swapper_backend_restarts_total",
+            "Backends started again after dying",
+            ["model"],
+            registry=r,
+        )
         self._gpu = gpu
         self._state = _StateCollector(coordinator)
         r.register(self._state)

@@ -16,9 +16,12 @@ __all__ = ["ChatOperation", "CompletionOperation", "EmbeddingOperation", "list_m
 _MESSAGE = Schema(
     type=OpenAPIType.OBJECT,
     required=["role", "content"],
-    properties={"role": Schema(type=OpenAPIType.STRING,
-                               enum=["system", "user", "assistant", "tool", "developer"]),
-                "content": Schema(type=OpenAPIType.STRING)},
+    properties={
+        "role": Schema(
+            type=OpenAPIType.STRING, enum=["system", "user", "assistant", "tool", "developer"]
+        ),
+        "content": Schema(type=OpenAPIType.STRING),
+    },
 )
 _MODEL_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _COMMON = {
@@ -29,11 +32,15 @@ _COMMON = {
 
 
 def _body(required: list[str], **properties: Schema) -> RequestBody:
-    model = Schema(type=OpenAPIType.STRING, min_length=1,
-                   description="A configured model id or alias")
-    schema = Schema(type=OpenAPIType.OBJECT, required=["model", *required],
-                    properties={"model": model, **_COMMON, **properties},
-                    description="Forwarded to the backend unchanged; unknown fields pass through")
+    model = Schema(
+        type=OpenAPIType.STRING, min_length=1, description="A configured model id or alias"
+    )
+    schema = Schema(
+        type=OpenAPIType.OBJECT,
+        required=["model", *required],
+        properties={"model": model, **_COMMON, **properties},
+        description="Forwarded to the backend unchanged; unknown fields pass through",
+    )
     return RequestBody(required=True, content={"application/json": OpenAPIMediaType(schema=schema)})
 
 
@@ -42,8 +49,9 @@ class ChatOperation(Operation):
     """``POST /v1/chat/completions``."""
 
     def __post_init__(self) -> None:
-        self.request_body = _body(["messages"], messages=Schema(
-            type=OpenAPIType.ARRAY, items=_MESSAGE, min_items=1))
+        self.request_body = _body(
+            ["messages"], messages=Schema(type=OpenAPIType.ARRAY, items=_MESSAGE, min_items=1)
+        )
 
 
 @dataclass
@@ -59,9 +67,15 @@ class EmbeddingOperation(Operation):
     """``POST /v1/embeddings``."""
 
     def __post_init__(self) -> None:
-        self.request_body = _body(["input"], input=Schema(
-            one_of=[Schema(type=OpenAPIType.STRING),
-                    Schema(type=OpenAPIType.ARRAY, items=Schema(type=OpenAPIType.STRING))]))
+        self.request_body = _body(
+            ["input"],
+            input=Schema(
+                one_of=[
+                    Schema(type=OpenAPIType.STRING),
+                    Schema(type=OpenAPIType.ARRAY, items=Schema(type=OpenAPIType.STRING)),
+                ]
+            ),
+        )
 
 
 def list_model_names(app: Litestar, names: list[str]) -> None:

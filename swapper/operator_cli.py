@@ -46,8 +46,14 @@ _WAIT_TIMEOUT = httpx.Timeout(None, connect=_CONNECT_TIMEOUT)
 # swapper pings a silent event stream every 15 s: a minute without a byte is a dead link.
 _FOLLOW_TIMEOUT = httpx.Timeout(60.0, connect=_CONNECT_TIMEOUT)
 _POLL = 0.2
-_STATUS_STYLES = {"LOADED": "bold green", "LOADING": "yellow", "UNLOADING": "yellow",
-                  "SLEEPING": "cyan", "FAILED": "bold red", "UNLOADED": "dim"}
+_STATUS_STYLES = {
+    "LOADED": "bold green",
+    "LOADING": "yellow",
+    "UNLOADING": "yellow",
+    "SLEEPING": "cyan",
+    "FAILED": "bold red",
+    "UNLOADED": "dim",
+}
 COLUMNS = ("MODEL", "STATUS", "BACKEND", "PID", "VRAM", "IDLE")
 
 
@@ -78,8 +84,9 @@ class Client:
         """Close the connection pool."""
         self._http.close()
 
-    def get(self, path: str, *, params: dict[str, Any] | None = None,
-            timeout: httpx.Timeout = _TIMEOUT) -> Any:
+    def get(
+        self, path: str, *, params: dict[str, Any] | None = None, timeout: httpx.Timeout = _TIMEOUT
+    ) -> Any:
         """GET ``path`` and return its JSON."""
         return self._json(self._send("GET", path, params, timeout), path)
 
@@ -87,8 +94,13 @@ class Client:
         """POST to ``path`` (no body) and return its JSON."""
         return self._json(self._send("POST", path, None, timeout), path)
 
-    def stream_lines(self, path: str, *, params: dict[str, Any] | None = None,
-                     timeout: httpx.Timeout = _FOLLOW_TIMEOUT) -> Iterator[str]:
+    def stream_lines(
+        self,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        timeout: httpx.Timeout = _FOLLOW_TIMEOUT,
+    ) -> Iterator[str]:
         """GET ``path`` as a stream and yield its lines as they arrive."""
         streaming = False
         try:
@@ -105,8 +117,9 @@ class Client:
         except httpx.HTTPError as exc:
             raise self._transport_error(exc) from None
 
-    def _send(self, method: str, path: str, params: dict[str, Any] | None,
-              timeout: httpx.Timeout) -> httpx.Response:
+    def _send(
+        self, method: str, path: str, params: dict[str, Any] | None, timeout: httpx.Timeout
+    ) -> httpx.Response:
         try:
             response = self._http.request(method, path, params=params, timeout=timeout)
         except httpx.HTTPError as exc:
@@ -228,8 +241,16 @@ def status_rows(doc: dict[str, Any], now: dt.datetime | None = None) -> list[lis
     rows = []
     for model_id, model in (doc.get("models") or {}).items():
         pid = model.get("pid")
-        rows.append([str(model_id), str(model.get("status", "?")), str(model.get("backend") or "-"),
-                     "-" if pid is None else str(pid), _vram(model), _idle(model, now)])
+        rows.append(
+            [
+                str(model_id),
+                str(model.get("status", "?")),
+                str(model.get("backend") or "-"),
+                "-" if pid is None else str(pid),
+                _vram(model),
+                _idle(model, now),
+            ]
+        )
     return rows
 
 
@@ -248,8 +269,10 @@ def _notes(doc: dict[str, Any]) -> list[str]:
         if not gpu.get("available") or not gpu.get("gpus"):
             notes.append("gpu: none visible to swapper")
         for g in gpu.get("gpus") or []:
-            notes.append(f"gpu {g.get('index')} {g.get('name')}: {g.get('used_mb')} of "
-                         f"{g.get('total_mb')} MiB used, {g.get('free_mb')} MiB free")
+            notes.append(
+                f"gpu {g.get('index')} {g.get('name')}: {g.get('used_mb')} of "
+                f"{g.get('total_mb')} MiB used, {g.get('free_mb')} MiB free"
+            )
     return notes
 
 
@@ -262,8 +285,10 @@ def _header(doc: dict[str, Any]) -> str:
 
 def _plain_table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in [list(COLUMNS), *rows]) for i in range(len(COLUMNS))]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-            for row in [list(COLUMNS), *rows]]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [list(COLUMNS), *rows]
+    ]
 
 
 def _rich_table(doc: dict[str, Any], rows: list[list[str]]) -> Table:
@@ -278,8 +303,9 @@ def _rich_table(doc: dict[str, Any], rows: list[list[str]]) -> Table:
     return table
 
 
-def show_status(url: str, key: str | None, *, as_json: bool = False,
-                console: Console | None = None) -> None:
+def show_status(
+    url: str, key: str | None, *, as_json: bool = False, console: Console | None = None
+) -> None:
     """Print every model's status: a rich table on a terminal, plain columns otherwise."""
     console = console or Console()
     client = Client(url, key, "pass --key or set $SWAPPER_API_KEY")
@@ -349,8 +375,9 @@ def _phase(doc: Any, model: str) -> str:
     return str(models.get(model, {}).get("status", ""))
 
 
-def _wait_for(url: str, key: str | None, model: str, action: str,
-              progress: Console) -> tuple[dict[str, Any], float]:
+def _wait_for(
+    url: str, key: str | None, model: str, action: str, progress: Console
+) -> tuple[dict[str, Any], float]:
     """POST load/unload and show progress from ``/status`` while swapper answers."""
     hint = "pass --key or set $SWAPPER_ADMIN_KEY"
     client, poller = Client(url, key, hint), Client(url, key, hint)
@@ -398,16 +425,28 @@ def _summary(doc: dict[str, Any], model: str, elapsed: float) -> str:
     return f"{doc.get('model', model)} {doc.get('status', '?')} ({', '.join(details)})"
 
 
-def load_model(url: str, key: str | None, model: str, *, console: Console | None = None,
-               progress: Console | None = None) -> dict[str, Any]:
+def load_model(
+    url: str,
+    key: str | None,
+    model: str,
+    *,
+    console: Console | None = None,
+    progress: Console | None = None,
+) -> dict[str, Any]:
     """Make ``model`` resident, showing progress while swapper loads it; return its status."""
     doc, elapsed = _wait_for(url, key, model, "load", progress or Console(stderr=True))
     _write(console or Console(), _summary(doc, model, elapsed))
     return doc
 
 
-def unload_model(url: str, key: str | None, model: str, *, console: Console | None = None,
-                 progress: Console | None = None) -> dict[str, Any]:
+def unload_model(
+    url: str,
+    key: str | None,
+    model: str,
+    *,
+    console: Console | None = None,
+    progress: Console | None = None,
+) -> dict[str, Any]:
     """Unload ``model`` once its in-flight requests finish; return its status."""
     doc, elapsed = _wait_for(url, key, model, "unload", progress or Console(stderr=True))
     _write(console or Console(), _summary(doc, model, elapsed))
@@ -429,8 +468,15 @@ def _sse_data(lines: Iterator[str]) -> Iterator[str]:
             data.append(line[5:].removeprefix(" "))
 
 
-def show_logs(url: str, key: str | None, model: str, *, follow: bool = False, lines: int = 200,
-              out: TextIO | None = None) -> None:
+def show_logs(
+    url: str,
+    key: str | None,
+    model: str,
+    *,
+    follow: bool = False,
+    lines: int = 200,
+    out: TextIO | None = None,
+) -> None:
     """Print the tail of a model's backend output; with ``follow``, then new lines until Ctrl-C."""
     out = out or sys.stdout
     client = Client(url, key, "pass --key or set $SWAPPER_API_KEY")
@@ -442,8 +488,9 @@ def show_logs(url: str, key: str | None, model: str, *, follow: bool = False, li
             out.flush()
             return
         try:
-            events = client.stream_lines(_model_path(model, "logs"),
-                                         params={"lines": lines, "follow": 1})
+            events = client.stream_lines(
+                _model_path(model, "logs"), params={"lines": lines, "follow": 1}
+            )
             for data in _sse_data(events):
                 try:
                     line = json.loads(data)["line"]
@@ -507,8 +554,9 @@ def _unload(args: argparse.Namespace) -> int:
 
 def _logs(args: argparse.Namespace) -> int:
     key = args.key or _env("SWAPPER_API_KEY", "SWAPPER_ADMIN_KEY")
-    return _run(lambda: show_logs(_url(args), key, args.model, follow=args.follow,
-                                  lines=args.lines))
+    return _run(
+        lambda: show_logs(_url(args), key, args.model, follow=args.follow, lines=args.lines)
+    )
 
 
 def _count(value: str) -> int:
@@ -524,14 +572,19 @@ def _count(value: str) -> int:
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``status``, ``load``, ``unload`` and ``logs`` on the ``swapper`` parser."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url",
-                        help=f"swapper's address (default: $SWAPPER_URL, else {DEFAULT_URL})")
-    common.add_argument("--key", help="API key, sent as 'Authorization: Bearer KEY' "
-                                      "(default: $SWAPPER_API_KEY; load/unload prefer "
-                                      "$SWAPPER_ADMIN_KEY)")
+    common.add_argument(
+        "--url", help=f"swapper's address (default: $SWAPPER_URL, else {DEFAULT_URL})"
+    )
+    common.add_argument(
+        "--key",
+        help="API key, sent as 'Authorization: Bearer KEY' "
+        "(default: $SWAPPER_API_KEY; load/unload prefer "
+        "$SWAPPER_ADMIN_KEY)",
+    )
 
-    status = commands.add_parser("status", parents=[common],
-                                 help="show every model's status on a running swapper")
+    status = commands.add_parser(
+        "status", parents=[common], help="show every model's status on a running swapper"
+    )
     status.add_argument("--json", action="store_true", help="print /status as JSON")
     status.set_defaults(run=_status)
 
@@ -546,6 +599,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     logs = commands.add_parser("logs", parents=[common], help="print a model's backend output")
     logs.add_argument("model", help="model id or alias")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    logs.add_argument("-n", "--lines", type=_count, default=200,
-                      help="how many of the last lines to print first (default: %(default)s)")
+    logs.add_argument(
+        "-n",
+        "--lines",
+        type=_count,
+        default=200,
+        help="how many of the last lines to print first (default: %(default)s)",
+    )
     logs.set_defaults(run=_logs)

@@ -76,8 +76,15 @@ class _Budget:
 class OutputReader:
     """Reads one backend's stdout+stderr pipe until it closes; see the module docstring."""
 
-    def __init__(self, name: str, logger: logging.Logger, on_line: Callable[[str], None] | None,
-                 secrets: Sequence[str] = (), rate: float = RATE, burst: float = BURST) -> None:
+    def __init__(
+        self,
+        name: str,
+        logger: logging.Logger,
+        on_line: Callable[[str], None] | None,
+        secrets: Sequence[str] = (),
+        rate: float = RATE,
+        burst: float = BURST,
+    ) -> None:
         self.name = name
         self._logger = logger
         self._on_line = on_line
@@ -117,13 +124,13 @@ class OutputReader:
                 self._lines([line])
             else:
                 self._drop(1, line)
-            chunk = chunk[newline + 1:]
+            chunk = chunk[newline + 1 :]
         last = chunk.rfind(b"\n")
         if last < 0:
             self._grow(chunk)
             return
         body = chunk[:last]
-        self._grow(chunk[last + 1:])
+        self._grow(chunk[last + 1 :])
         count = body.count(b"\n") + 1
         granted = self._budget.take(count)
         if granted == count:
@@ -182,9 +189,13 @@ class OutputReader:
         self.tail.extend(last)
         now = time.monotonic()
         if now - self._warned >= _WARN_EVERY:
-            self._logger.warning("[%s] prints more than %d lines a second: %s lines not kept "
-                                 "since the last warning (it repeats at most once a minute)",
-                                 self.name, int(self._budget.rate), f"{self._flood_lines:,}")
+            self._logger.warning(
+                "[%s] prints more than %d lines a second: %s lines not kept "
+                "since the last warning (it repeats at most once a minute)",
+                self.name,
+                int(self._budget.rate),
+                f"{self._flood_lines:,}",
+            )
             self._warned = now
             self._flood_lines = 0
 

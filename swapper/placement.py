@@ -27,8 +27,15 @@ import msgspec
 from swapper.config import Config, ModelEntry
 from swapper.model_state import ModelRecord, ModelStatus
 
-__all__ = ["Eviction", "GpuView", "Placement", "Plan", "SizeBook", "default_state_file",
-           "holds_slot"]
+__all__ = [
+    "Eviction",
+    "GpuView",
+    "Placement",
+    "Plan",
+    "SizeBook",
+    "default_state_file",
+    "holds_slot",
+]
 
 logger = logging.getLogger("swapper.placement")
 
@@ -41,8 +48,11 @@ HOLDING_STATUSES = SLOT_STATUSES | {_S.SLEEPING}
 
 def holds_slot(model: ModelRecord) -> bool:
     """Loading, loaded, or on its way out from serving; a sleeping model being stopped is not."""
-    return model.status in SLOT_STATUSES and not (model.status == _S.UNLOADING
-                                                  and model.leaving_sleep)
+    return model.status in SLOT_STATUSES and not (
+        model.status == _S.UNLOADING and model.leaving_sleep
+    )
+
+
 #: Share of a freed model's memory NVML must show back before the next load (as Ollama does).
 _RELEASE_SHARE = 0.75
 _POLL = 0.1
@@ -79,8 +89,11 @@ class SizeBook:
         try:
             data = json.loads(path.read_text())
             models = data.get("models", {}) if isinstance(data, dict) else {}
-            self._sizes = {k: v for k, v in models.items()
-                           if isinstance(v, dict) and isinstance(v.get("vram_mb"), int | float)}
+            self._sizes = {
+                k: v
+                for k, v in models.items()
+                if isinstance(v, dict) and isinstance(v.get("vram_mb"), int | float)
+            }
         except FileNotFoundError:
             pass
         except (OSError, ValueError) as exc:  # a damaged file only loses what was learned
@@ -98,8 +111,11 @@ class SizeBook:
         old = self.get(model_id, entry)
         if old is not None and abs(old - vram_mb) <= max(16.0, 0.02 * old):
             return False
-        self._sizes[model_id] = {"vram_mb": round(vram_mb, 1), "fingerprint": fingerprint(entry),
-                                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self._sizes[model_id] = {
+            "vram_mb": round(vram_mb, 1),
+            "fingerprint": fingerprint(entry),
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         return True
 
     def save(self) -> None:
@@ -201,7 +217,7 @@ class Placement:
 
     def charge_mb(self, model: ModelRecord) -> float:
         """What ``model`` holds (or is about to) now."""
-        if model.status == _S.SLEEPING or model.status == _S.UNLOADING and model.leaving_sleep:
+        if model.status == _S.SLEEPING or (model.status == _S.UNLOADING and model.leaving_sleep):
             return self.sleep_mb(model)
         if model.status in SLOT_STATUSES:
             if model.status == _S.LOADED and model.vram_mb is not None:
@@ -230,9 +246,11 @@ class Placement:
         budget = self.budget_mb
         need = self.predicted_mb(model)
         if budget is not None and need > budget:
-            return (f"Model {model.id!r} needs about {need:.0f} MiB of VRAM, more than the "
-                    f"{budget:.0f} MiB budget; it can never be loaded (check its vram_mb and "
-                    f"swapper.vram_budget_mb)")
+            return (
+                f"Model {model.id!r} needs about {need:.0f} MiB of VRAM, more than the "
+                f"{budget:.0f} MiB budget; it can never be loaded (check its vram_mb and "
+                f"swapper.vram_budget_mb)"
+            )
         return None
 
     def plan(self, target: ModelRecord, others: Iterable[ModelRecord]) -> Plan:
@@ -258,16 +276,24 @@ class Placement:
             return Plan(start=True)
         # What is left once the models already unloading are out.
         slots_left = sum(m.status in (_S.LOADING, _S.LOADED) for m in residents)
-        used_left = sum(self._after_unload(m) if m.status == _S.UNLOADING else self.charge_mb(m)
-                        for m in residents)
+        used_left = sum(
+            self._after_unload(m) if m.status == _S.UNLOADING else self.charge_mb(m)
+            for m in residents
+        )
         plan = Plan()
         if fits(slots_left, used_left):
             return plan
         candidates = [m for m in residents if m.status in (_S.SLEEPING, _S.LOADED)]
         # Models already draining (an operator's unload, a ttl) are leaving anyway: first.
-        candidates.sort(key=lambda m: (not m.draining, self.pinned(m), m.status == _S.LOADED,
-                                       m.in_flight > 0 or m.queued > 0,
-                                       m.last_used or m.loaded_at or 0.0))
+        candidates.sort(
+            key=lambda m: (
+                not m.draining,
+                self.pinned(m),
+                m.status == _S.LOADED,
+                m.in_flight > 0 or m.queued > 0,
+                m.last_used or m.loaded_at or 0.0,
+            )
+        )
         for model in candidates:
             slot_short = slots_left + 1 > slots
             memory_short = budget is not None and used_left + need > budget
@@ -314,8 +340,9 @@ class Placement:
         if used_before_mb is None or freed_mb <= 0:
             return
         deadline = time.monotonic() + self.config.swapper.vram_release_timeout
-        self._releases.append(_Release(model_id, used_before_mb - _RELEASE_SHARE * freed_mb,
-                                       deadline))
+        self._releases.append(
+            _Release(model_id, used_before_mb - _RELEASE_SHARE * freed_mb, deadline)
+        )
 
     async def wait_for_memory(self, model: ModelRecord, need_mb: float) -> None:
         """Before a load: wait until NVML shows recently freed memory back and ``need_mb`` free.
@@ -343,17 +370,28 @@ class Placement:
             if not pending and enough:
                 waited = now - started
                 if waited >= _POLL:
-                    logger.info("%s: waited %.2fs for GPU memory to be released (%.0f MiB free)",
-                                model.id, waited, free)
+                    logger.info(
+                        "%s: waited %.2fs for GPU memory to be released (%.0f MiB free)",
+                        model.id,
+                        waited,
+                        free,
+                    )
                 return
-            why = (f"still waiting for {', '.join(r.model_id for r in pending)} to release"
-                   if pending else f"{free:.0f} MiB free, {need_mb:.0f} MiB wanted")
+            why = (
+                f"still waiting for {', '.join(r.model_id for r in pending)} to release"
+                if pending
+                else f"{free:.0f} MiB free, {need_mb:.0f} MiB wanted"
+            )
             if not announced:
                 announced = True
                 logger.info("%s: waiting up to %gs for free VRAM (%s)", model.id, timeout, why)
             if now >= deadline:
-                logger.warning("%s: gave up waiting %.1fs for GPU memory (%s); starting anyway",
-                               model.id, now - started, why)
+                logger.warning(
+                    "%s: gave up waiting %.1fs for GPU memory (%s); starting anyway",
+                    model.id,
+                    now - started,
+                    why,
+                )
                 self._releases = []
                 return
             await asyncio.sleep(_POLL)

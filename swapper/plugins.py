@@ -35,7 +35,9 @@ class BackendRegistry:
 
 def _check(cls: object, plugin: str) -> type[Backend]:
     if not (inspect.isclass(cls) and issubclass(cls, Backend)):
-        raise PluginError(f"plugin {plugin!r}: register_backends registered {cls!r}, not a Backend subclass")
+        raise PluginError(
+            f"plugin {plugin!r}: register_backends registered {cls!r}, not a Backend subclass"
+        )
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise PluginError(f"plugin {plugin!r}: backend {cls.__qualname__} has no `name`")
@@ -63,8 +65,13 @@ def load_backends(*extra_plugins: object) -> BackendRegistry:
             plugin = entry_point.load()
         except Exception as exc:  # noqa: BLE001 - one broken plugin must not stop the others
             failures[entry_point.name] = f"{where}: {type(exc).__name__}: {exc}"
-            logger.error("backend plugin %r (%s) failed to load: %s: %s", entry_point.name,
-                         where, type(exc).__name__, exc)
+            logger.error(
+                "backend plugin %r (%s) failed to load: %s: %s",
+                entry_point.name,
+                where,
+                type(exc).__name__,
+                exc,
+            )
             continue
         if manager.is_registered(plugin):
             continue

@@ -43,7 +43,7 @@ def _load_prctl() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     if not sys.platform.startswith("linux"):
         return None
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return libc.prctl  # type: ignore[no-any-return]
+    return libc.prctl
 
 
 _prctl = _load_prctl()
@@ -78,8 +78,11 @@ class _ReaperSlot:
             cls.reaper = Reaper()
         except OSError as error:
             cls.failed = True
-            logger.warning("could not start the reaper process (%s): backends' helper "
-                           "processes may outlive a swapper killed with SIGKILL", error)
+            logger.warning(
+                "could not start the reaper process (%s): backends' helper "
+                "processes may outlive a swapper killed with SIGKILL",
+                error,
+            )
             return None
         return cls.reaper
 
@@ -87,9 +90,15 @@ class _ReaperSlot:
 class ManagedProcess:
     """One backend process: its group dies with swapper; its output is kept (swapper.output)."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, name: str, logger: logging.Logger,
-                 on_line: Callable[[str], None] | None = None, secrets: Sequence[str] = (),
-                 reaper: Reaper | None = None) -> None:
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        name: str,
+        logger: logging.Logger,
+        on_line: Callable[[str], None] | None = None,
+        secrets: Sequence[str] = (),
+        reaper: Reaper | None = None,
+    ) -> None:
         self._proc = proc
         self.name = name
         self._logger = logger
@@ -136,8 +145,14 @@ class ManagedProcess:
             reaper.register(proc.pid)
         # Should the reaper die with swapper, the next start kills the group.
         book = leftovers.record(proc.pid, name)
-        process = cls(proc, name, logger or logging.getLogger("swapper.backend"), on_line,
-                      [*secret_values(argv), *secrets], reaper)
+        process = cls(
+            proc,
+            name,
+            logger or logging.getLogger("swapper.backend"),
+            on_line,
+            [*secret_values(argv), *secrets],
+            reaper,
+        )
         process._book = book
         return process
 

@@ -48,7 +48,9 @@ class Reaper:
         self._broken = False
         self._proc = subprocess.Popen(
             [sys.executable, "-I", "-S", __file__],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     @property
@@ -65,8 +67,10 @@ class Reaper:
         except (BrokenPipeError, ValueError):
             if not self._broken:
                 self._broken = True
-                logger.warning("the reaper process is gone: backends' helper processes may "
-                               "outlive a swapper that is killed with SIGKILL")
+                logger.warning(
+                    "the reaper process is gone: backends' helper processes may "
+                    "outlive a swapper that is killed with SIGKILL"
+                )
 
     def register(self, pgid: int) -> None:
         """Kill this process group when swapper dies."""

@@ -47,7 +47,11 @@ class ModelRename:
         return _ENCODE.encode(data)
 
     def _rename(self, data: Any) -> bool:
-        if isinstance(data, dict) and isinstance(data.get("model"), str) and data["model"] != self.ours:
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("model"), str)
+            and data["model"] != self.ours
+        ):
             data["model"] = self.ours
             return True
         return False
@@ -69,7 +73,7 @@ class ModelRename:
         for index, line in enumerate(lines):
             if not line.startswith(_DATA):
                 continue
-            payload = line[len(_DATA):].strip()
+            payload = line[len(_DATA) :].strip()
             try:
                 data = _DECODE.decode(payload)
             except msgspec.DecodeError:

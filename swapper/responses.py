@@ -15,8 +15,16 @@ from litestar import Response
 from litestar.response import Stream
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["JSON", "SSE", "SSE_HEADERS", "GuardedStream", "error_event", "json_response",
-           "sse_comment", "sse_event"]
+__all__ = [
+    "JSON",
+    "SSE",
+    "SSE_HEADERS",
+    "GuardedStream",
+    "error_event",
+    "json_response",
+    "sse_comment",
+    "sse_event",
+]
 
 _ENCODE = msgspec.json.Encoder()
 JSON = "application/json"
@@ -25,8 +33,9 @@ SSE = "text/event-stream"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def json_response(data: Any, status: int = 200,
-                  headers: dict[str, str] | None = None) -> Response[bytes]:
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response[bytes]:
     """``data`` as a JSON response."""
     return Response(_ENCODE.encode(data), status_code=status, media_type=JSON, headers=headers)
 
@@ -42,10 +51,12 @@ def sse_comment(text: str) -> bytes:
     return f": {text}\n\n".encode()
 
 
-def error_event(message: str, *, code: str | None = "backend_error",
-                type: str = "server_error") -> bytes:
-    """An in-stream SSE error event; the OpenAI SDK raises APIError on it."""
-    return sse_event({"error": {"message": message, "type": type, "param": None, "code": code}})
+def error_event(
+    message: str, *, code: str | None = "backend_error", kind: str = "server_error"
+) -> bytes:
+    """An in-stream SSE error event (``kind`` is its OpenAI ``type``); the OpenAI SDK raises
+    APIError on it."""
+    return sse_event({"error": {"message": message, "type": kind, "param": None, "code": code}})
 
 
 class GuardedStream(Stream):
@@ -55,13 +66,19 @@ class GuardedStream(Stream):
     generator's own ``finally`` would then never run, so the ASGI call is guarded as well.
     """
 
-    def __init__(self, iterator: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]],
-                 *, status: int = 200, media_type: str = SSE) -> None:
-        super().__init__(iterator, status_code=status, media_type=media_type,
-                         headers=SSE_HEADERS)
+    def __init__(
+        self,
+        iterator: AsyncIterator[bytes],
+        cleanup: Callable[[], Awaitable[None]],
+        *,
+        status: int = 200,
+        media_type: str = SSE,
+    ) -> None:
+        super().__init__(iterator, status_code=status, media_type=media_type, headers=SSE_HEADERS)
         self.cleanup = cleanup
 
-    def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIApp:
+    # Litestar's signature lists every keyword it may pass; all of them go straight through.
+    def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIApp:  # type: ignore[override]
         inner = super().to_asgi_response(*args, **kwargs)
         cleanup = self.cleanup
 

@@ -38,17 +38,28 @@ def raise_nofile_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
         except (ValueError, OSError) as exc:  # e.g. RLIM_INFINITY refused: keep what we have
-            logger.warning("could not raise the open-files limit from %d to %d: %s", soft, hard, exc)
+            logger.warning(
+                "could not raise the open-files limit from %d to %d: %s", soft, hard, exc
+            )
     return soft
 
 
 def _error_response(status: int, message: str, error_type: str, code: str) -> bytes:
     """A complete HTTP/1.1 response carrying OpenAI error JSON; the connection closes after it."""
-    body = json.dumps({"error": {"message": message, "type": error_type, "param": None,
-                                 "code": code}}).encode()
-    return b"".join([STATUS_LINE[status], b"content-type: application/json\r\n",
-                     b"content-length: ", str(len(body)).encode(), b"\r\n",
-                     b"connection: close\r\n\r\n", body])
+    body = json.dumps(
+        {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+    ).encode()
+    return b"".join(
+        [
+            STATUS_LINE[status],
+            b"content-type: application/json\r\n",
+            b"content-length: ",
+            str(len(body)).encode(),
+            b"\r\n",
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+    )
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -71,9 +82,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if len(self.connections) > self.max_connections:
             # Refused before reading anything: its descriptor is freed now, not at a timeout.
             self._head_pending = False
-            self._reject(503, f"too many open connections (server.max_connections = "
-                              f"{self.max_connections}); retry later",
-                         "server_error", "too_many_connections")
+            self._reject(
+                503,
+                f"too many open connections (server.max_connections = "
+                f"{self.max_connections}); retry later",
+                "server_error",
+                "too_many_connections",
+            )
             return
         # A connection that never sends a byte is held to the head deadline too.
         self._arm_head_timer()
@@ -96,9 +111,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Feed only what the cap allows: the head must end within it, the rest may be body.
         super().data_received(data[:room])
         if self._head_pending and not self.transport.is_closing():
-            self._reject(431, f"request head larger than server.max_header_bytes "
-                              f"({self.max_header_bytes} bytes)",
-                         "invalid_request_error", "request_header_fields_too_large")
+            self._reject(
+                431,
+                f"request head larger than server.max_header_bytes ({self.max_header_bytes} bytes)",
+                "invalid_request_error",
+                "request_header_fields_too_large",
+            )
         elif not self.transport.is_closing():
             super().data_received(data[room:])
 
@@ -133,8 +151,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # that a client could take for the reply to a request it is just sending.
             self.transport.close()
             return
-        self._reject(408, f"request head not received within server.header_timeout "
-                          f"({self.header_timeout:g} s)", "invalid_request_error", "request_timeout")
+        self._reject(
+            408,
+            f"request head not received within server.header_timeout ({self.header_timeout:g} s)",
+            "invalid_request_error",
+            "request_timeout",
+        )
 
     def _reject(self, status: int, message: str, error_type: str, code: str) -> None:
         self._cancel_head_timer()
@@ -144,8 +166,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 def guarded_protocol(settings: ServerSettings) -> type[GuardedHttpToolsProtocol]:
     """The protocol class to hand uvicorn as ``http=``, carrying ``settings``' limits."""
-    limits = {"header_timeout": settings.header_timeout,
-              "max_header_bytes": settings.max_header_bytes,
-              "max_connections": settings.max_connections}
-    return cast("type[GuardedHttpToolsProtocol]",
-                type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), limits))
+    limits = {
+        "header_timeout": settings.header_timeout,
+        "max_header_bytes": settings.max_header_bytes,
+        "max_connections": settings.max_connections,
+    }
+    return cast(
+        "type[GuardedHttpToolsProtocol]",
+        type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), limits),
+    )

@@ -38,11 +38,13 @@ def _map_transport_errors(model_id: str, *, answered: bool = True) -> Iterator[N
     except httpcore.ConnectError as exc:
         raise BackendUnreachable(f"Backend for {model_id!r} refused the connection: {exc}") from exc
     except httpcore.ConnectTimeout as exc:
-        raise BackendTimeout(f"Backend for {model_id!r} did not accept a connection in time "
-                             "(timeouts.connect)") from exc
+        raise BackendTimeout(
+            f"Backend for {model_id!r} did not accept a connection in time (timeouts.connect)"
+        ) from exc
     except httpcore.TimeoutException as exc:
-        raise BackendTimeout(f"Backend for {model_id!r} went silent for longer than "
-                             "timeouts.read") from exc
+        raise BackendTimeout(
+            f"Backend for {model_id!r} went silent for longer than timeouts.read"
+        ) from exc
     except _TRANSPORT_ERRORS as exc:
         failure = BackendFailure if answered else BackendUnreachable
         raise failure(f"Backend for {model_id!r} broke the connection: {exc}") from exc
@@ -82,8 +84,15 @@ def normalise_error(status: int, body: bytes) -> bytes:
 
 
 #: The error types OpenAI's clients know; anything else is mapped by the HTTP status.
-_OPENAI_TYPES = frozenset({"invalid_request_error", "authentication_error", "permission_error",
-                           "rate_limit_error", "server_error"})
+_OPENAI_TYPES = frozenset(
+    {
+        "invalid_request_error",
+        "authentication_error",
+        "permission_error",
+        "rate_limit_error",
+        "server_error",
+    }
+)
 
 
 @dataclass
@@ -135,28 +144,45 @@ class UpstreamClient:
 
     def __init__(self, *, connect_timeout: float = 5.0, read_timeout: float = 600.0) -> None:
         self._pools: collections.OrderedDict[str, httpcore.AsyncConnectionPool] = (
-            collections.OrderedDict())
+            collections.OrderedDict()
+        )
+        #: Pools of gone backends being closed in the background.
+        self._closing: set[asyncio.Future[None]] = set()
         # No pool timeout: waiting for a free connection is queueing, bounded by the client.
-        self._timeouts = {"connect": connect_timeout, "read": read_timeout,
-                          "write": connect_timeout, "pool": None}
+        self._timeouts = {
+            "connect": connect_timeout,
+            "read": read_timeout,
+            "write": connect_timeout,
+            "pool": None,
+        }
 
     def _pool(self, base_url: str, max_connections: int | None) -> httpcore.AsyncConnectionPool:
         pool = self._pools.get(base_url)
         if pool is None:
             limit = max_connections or DEFAULT_MAX_CONNECTIONS
-            pool = httpcore.AsyncConnectionPool(max_connections=limit,
-                                                max_keepalive_connections=limit,
-                                                keepalive_expiry=30.0)
+            pool = httpcore.AsyncConnectionPool(
+                max_connections=limit, max_keepalive_connections=limit, keepalive_expiry=30.0
+            )
             self._pools[base_url] = pool
             while len(self._pools) > _MAX_POOLS:
                 _, old = self._pools.popitem(last=False)
-                asyncio.ensure_future(old.aclose())
+                closing = asyncio.ensure_future(old.aclose())
+                self._closing.add(closing)  # held until done: a bare task may be collected
+                closing.add_done_callback(self._closing.discard)
         else:
             self._pools.move_to_end(base_url)
         return pool
 
-    async def send(self, model_id: str, base_url: str, path: str, body: bytes, *,
-                   keep_alive: bool = True, max_connections: int | None = None) -> UpstreamResponse:
+    async def send(
+        self,
+        model_id: str,
+        base_url: str,
+        path: str,
+        body: bytes,
+        *,
+        keep_alive: bool = True,
+        max_connections: int | None = None,
+    ) -> UpstreamResponse:
         """POST ``body`` to ``base_url + path`` and return once the response headers arrive.
 
         ``keep_alive=False`` asks the backend to close the connection after the response:
@@ -172,8 +198,9 @@ class UpstreamClient:
         ]
         if not keep_alive:
             headers.append((b"Connection", b"close"))
-        request = httpcore.Request(b"POST", url, headers=headers, content=body,
-                                   extensions={"timeout": self._timeouts})
+        request = httpcore.Request(
+            b"POST", url, headers=headers, content=body, extensions={"timeout": self._timeouts}
+        )
         pool = self._pool(base_url, max_connections)
         with _map_transport_errors(model_id, answered=False):
             try:

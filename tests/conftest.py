@@ -45,10 +45,16 @@ def seconds(value: float) -> float:
 #: The conversation most tests send: short, so tiny models answer fast.
 MESSAGES = [{"role": "user", "content": "hi"}]
 #: What respx answers for a fake backend's chat completion.
-REPLY = {"id": "x", "object": "chat.completion", "created": 1, "model": "a",
-         "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
-                      "finish_reason": "stop"}],
-         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+REPLY = {
+    "id": "x",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "a",
+    "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+    ],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}
 
 
 @pytest.fixture
@@ -68,8 +74,12 @@ def llama_server() -> str:
     """The llama-server binary: $SWAPPER_LLAMA_SERVER, else built once and cached."""
     binary = os.environ.get("SWAPPER_LLAMA_SERVER")
     if not binary:
-        built = subprocess.run(["bash", str(ROOT / "scripts/build-llama-server.sh")],
-                               capture_output=True, text=True, check=False)
+        built = subprocess.run(
+            ["bash", str(ROOT / "scripts/build-llama-server.sh")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if built.returncode != 0:
             pytest.fail(f"could not build llama-server:\n{built.stderr[-3000:]}")
         binary = built.stdout.strip().splitlines()[-1]
@@ -86,8 +96,10 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     folder = tmp_path_factory.mktemp("models")
-    return {name: module.write_tiny_model(folder / f"tiny-{name}.gguf", seed=seed, name=f"tiny-{name}")
-            for seed, name in enumerate("abc")}
+    return {
+        name: module.write_tiny_model(folder / f"tiny-{name}.gguf", seed=seed, name=f"tiny-{name}")
+        for seed, name in enumerate("abc")
+    }
 
 
 def process_state(pid: int) -> str | None:
@@ -129,14 +141,20 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.02
 
 def chat(swapper: SwapperProcess, model: str, **extra: Any) -> httpx.Response:
     """One short non-stream chat completion through a swapper subprocess."""
-    return swapper.http.post("/v1/chat/completions",
-                             json={"model": model, "messages": MESSAGES, "max_tokens": 2, **extra})
+    return swapper.http.post(
+        "/v1/chat/completions",
+        json={"model": model, "messages": MESSAGES, "max_tokens": 2, **extra},
+    )
 
 
 def sdk(swapper: SwapperProcess, **options: Any) -> openai.OpenAI:
     """The official OpenAI SDK pointed at a swapper subprocess (no retries: each call counts)."""
-    return openai.OpenAI(base_url=f"{swapper.url}/v1", api_key=options.pop("api_key", "none"),
-                         max_retries=0, **options)
+    return openai.OpenAI(
+        base_url=f"{swapper.url}/v1",
+        api_key=options.pop("api_key", "none"),
+        max_retries=0,
+        **options,
+    )
 
 
 def free_port() -> int:
@@ -150,8 +168,13 @@ def free_port() -> int:
 class SwapperProcess:
     """``swapper serve`` as a real subprocess on a loopback port."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path, llama_server: str,
-                 extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        workdir: Path,
+        llama_server: str,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -159,13 +182,29 @@ class SwapperProcess:
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / "swapper.log"
         # Learned VRAM sizes go to the test's own folder, never to the user's state file.
-        env = {**os.environ, "SWAPPER_LLAMA_SERVER": llama_server, "PYTHONUNBUFFERED": "1",
-               "XDG_STATE_HOME": str(workdir / "state"), **(extra_env or {})}
+        env = {
+            **os.environ,
+            "SWAPPER_LLAMA_SERVER": llama_server,
+            "PYTHONUNBUFFERED": "1",
+            "XDG_STATE_HOME": str(workdir / "state"),
+            **(extra_env or {}),
+        }
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "swapper", "serve", "--config", str(self.config_path),
-             "--port", str(self.port)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=workdir,
+            [
+                sys.executable,
+                "-m",
+                "swapper",
+                "serve",
+                "--config",
+                str(self.config_path),
+                "--port",
+                str(self.port),
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
         )
         self.http = httpx.Client(base_url=self.url, timeout=30)
         try:
@@ -194,8 +233,11 @@ class SwapperProcess:
         return self.status()["models"][model_id]  # type: ignore[no-any-return]
 
     def wait_status(self, model_id: str, status: str, timeout: float = 30) -> dict[str, Any]:
-        return wait_until(lambda: (m := self.model(model_id))["status"] == status and m,
-                          timeout, f"{model_id} to be {status}")
+        return wait_until(
+            lambda: (m := self.model(model_id))["status"] == status and m,
+            timeout,
+            f"{model_id} to be {status}",
+        )
 
     def backends(self) -> list[int]:
         """llama-server processes serving this swapper's models."""
@@ -220,29 +262,45 @@ class SwapperProcess:
 
 
 @pytest.fixture
-def swapper_factory(tmp_path: Path, llama_server: str,
-                    tiny_models: dict[str, Path]) -> Iterator[Any]:
+def swapper_factory(
+    tmp_path: Path, llama_server: str, tiny_models: dict[str, Path]
+) -> Iterator[Any]:
     """Start swapper subprocesses on a config built from the tiny models; stop them after."""
     started: list[SwapperProcess] = []
     workdir = tmp_path / "run"
     workdir.mkdir()
     # Models are linked into the test's own folder so its backends can be told apart in /proc.
-    for name, path in tiny_models.items():
+    for path in tiny_models.values():
         (workdir / path.name).symlink_to(path)
 
-    def start(swapper: dict[str, Any] | None = None, models: dict[str, Any] | None = None,
-              ctx_size: int = 512, timeouts: dict[str, Any] | None = None,
-              env: dict[str, str] | None = None,
-              server: dict[str, Any] | None = None) -> SwapperProcess:
+    def start(
+        swapper: dict[str, Any] | None = None,
+        models: dict[str, Any] | None = None,
+        ctx_size: int = 512,
+        timeouts: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        server: dict[str, Any] | None = None,
+    ) -> SwapperProcess:
         config = {
-            "swapper": {"mode": "single-active", "max_concurrent_models": 1,
-                        "model_swap_timeout": 30, "gpu_enabled": False, "stop_timeout": 5,
-                        "shutdown_timeout": 5, **(swapper or {})},
+            "swapper": {
+                "mode": "single-active",
+                "max_concurrent_models": 1,
+                "model_swap_timeout": 30,
+                "gpu_enabled": False,
+                "stop_timeout": 5,
+                "shutdown_timeout": 5,
+                **(swapper or {}),
+            },
             "server": {"host": "127.0.0.1", "port": 1, **(server or {})},
             "timeouts": timeouts or {},
-            "models": models or {
-                f"tiny-{name}": {"backend": "llamacpp", "model_path": str(workdir / f"tiny-{name}.gguf"),
-                                 "ctx_size": ctx_size, "aliases": [name]}
+            "models": models
+            or {
+                f"tiny-{name}": {
+                    "backend": "llamacpp",
+                    "model_path": str(workdir / f"tiny-{name}.gguf"),
+                    "ctx_size": ctx_size,
+                    "aliases": [name],
+                }
                 for name in "abc"
             },
         }
@@ -267,15 +325,24 @@ def tiny_model(workdir: Path, name: str = "a", **entry: Any) -> dict[str, Any]:
 FAKE_MODELS: dict[str, dict[str, Any]] = {"a": {"aliases": ["alpha"]}, "b": {}, "c": {}}
 
 
-def fake_config(world: FakeWorld, models: dict[str, dict[str, Any]] | None = None,
-                *, swapper: dict[str, Any] | None = None, server: dict[str, Any] | None = None,
-                name: str = "test.yaml") -> tuple[Config, BackendRegistry]:
+def fake_config(
+    world: FakeWorld,
+    models: dict[str, dict[str, Any]] | None = None,
+    *,
+    swapper: dict[str, Any] | None = None,
+    server: dict[str, Any] | None = None,
+    name: str = "test.yaml",
+) -> tuple[Config, BackendRegistry]:
     """A config of ``backend: fake`` models (short timeouts), and the registry that knows them."""
     registry = load_backends(FakePlugin(world))
-    data = {"swapper": {"model_swap_timeout": 5, "stop_timeout": 1, **(swapper or {})},
-            "server": server or {},
-            "models": {mid: {"backend": "fake", **entry}
-                       for mid, entry in (FAKE_MODELS if models is None else models).items()}}
+    data = {
+        "swapper": {"model_swap_timeout": 5, "stop_timeout": 1, **(swapper or {})},
+        "server": server or {},
+        "models": {
+            mid: {"backend": "fake", **entry}
+            for mid, entry in (FAKE_MODELS if models is None else models).items()
+        },
+    }
     return parse_config(data, name, registry.schemas()), registry
 
 
@@ -283,13 +350,20 @@ CoordinatorFactory = Callable[..., SwapCoordinator]
 
 
 @pytest.fixture
-async def coordinator_factory(world: FakeWorld, tmp_path: Path) -> AsyncIterator[CoordinatorFactory]:
+async def coordinator_factory(
+    world: FakeWorld, tmp_path: Path
+) -> AsyncIterator[CoordinatorFactory]:
     """Build coordinators on fake backends (and, with ``gpu=True``, a fake GPU of ``total_mb``);
     every one is closed after the test, and no fake may outlive it."""
     made: list[SwapCoordinator] = []
 
-    def factory(models: dict[str, dict[str, Any]] | None = None, *, gpu: bool = False,
-                total_mb: float = 16384.0, **swapper: Any) -> SwapCoordinator:
+    def factory(
+        models: dict[str, dict[str, Any]] | None = None,
+        *,
+        gpu: bool = False,
+        total_mb: float = 16384.0,
+        **swapper: Any,
+    ) -> SwapCoordinator:
         settings = {"state_file": str(tmp_path / "state.json"), **swapper}
         config, registry = fake_config(world, models, swapper=settings)
         made.append(SwapCoordinator(config, registry, FakeGpu(world, total_mb) if gpu else None))
@@ -313,16 +387,21 @@ def fake_app(world: FakeWorld) -> FakeApp:
     """
 
     @contextlib.asynccontextmanager
-    async def factory(models: dict[str, dict[str, Any]] | None = None, *,
-                      swapper: dict[str, Any] | None = None, server: dict[str, Any] | None = None,
-                      reply: dict[str, Any] | None = REPLY) -> AsyncIterator[AsyncTestClient[Any]]:
+    async def factory(
+        models: dict[str, dict[str, Any]] | None = None,
+        *,
+        swapper: dict[str, Any] | None = None,
+        server: dict[str, Any] | None = None,
+        reply: dict[str, Any] | None = REPLY,
+    ) -> AsyncIterator[AsyncTestClient[Any]]:
         config, registry = fake_config(world, models, swapper=swapper, server=server)
         with contextlib.ExitStack() as stack:
             if reply is not None:
                 router = stack.enter_context(respx.mock(assert_all_called=False))
                 for model_id in config.models:
                     router.post(f"http://{model_id}.fake.test/v1/chat/completions").respond(
-                        json=reply)
+                        json=reply
+                    )
             async with AsyncTestClient(create_app(config, registry)) as client:
                 yield client
         assert world.alive == set(), "a fake backend outlived the app"

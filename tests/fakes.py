@@ -140,9 +140,16 @@ class FakeGpu:
 
     available = True
 
-    def __init__(self, world: FakeWorld, total_mb: float = 16384.0, *, extra_mb: float = 0.0,
-                 name: str = "Fake GPU", release_lag: float | None = None,
-                 host_pids: bool = False) -> None:
+    def __init__(
+        self,
+        world: FakeWorld,
+        total_mb: float = 16384.0,
+        *,
+        extra_mb: float = 0.0,
+        name: str = "Fake GPU",
+        release_lag: float | None = None,
+        host_pids: bool = False,
+    ) -> None:
         self.world = world
         self.host_pids = host_pids
         self.total_mb = total_mb
@@ -160,8 +167,7 @@ class FakeGpu:
                 if release[1] is None:
                     release[1] = now
             world.releasing = [r for r in world.releasing if now - r[1] < lag]
-            return (self.extra_mb + sum(world.held.values())
-                    + sum(r[0] for r in world.releasing))
+            return self.extra_mb + sum(world.held.values()) + sum(r[0] for r in world.releasing)
 
     def gpus(self) -> list[GpuStats]:
         """The one GPU's memory."""
@@ -184,10 +190,19 @@ class FakeGpu:
 
     def snapshot(self) -> dict[str, Any]:
         """The ``gpu`` section of ``/status``, as GpuMonitor writes it."""
-        return {"available": True,
-                "gpus": [{"index": g.index, "name": g.name, "total_mb": round(g.total_mb),
-                          "used_mb": round(g.used_mb), "free_mb": round(g.free_mb)}
-                         for g in self.gpus()]}
+        return {
+            "available": True,
+            "gpus": [
+                {
+                    "index": g.index,
+                    "name": g.name,
+                    "total_mb": round(g.total_mb),
+                    "used_mb": round(g.used_mb),
+                    "free_mb": round(g.free_mb),
+                }
+                for g in self.gpus()
+            ],
+        }
 
 
 def fake_backend_class(world: FakeWorld) -> type[Backend]:
@@ -290,8 +305,9 @@ class FakePlugin:
         register(self.backend)
 
 
-async def until(coordinator: SwapCoordinator, predicate: Callable[[], bool], what: str,
-                timeout: float = 30.0) -> None:
+async def until(
+    coordinator: SwapCoordinator, predicate: Callable[[], bool], what: str, timeout: float = 30.0
+) -> None:
     """Return once ``predicate()`` holds, checking after each of the coordinator's events
     (status, swap, load, unload, queue); fail after ``timeout`` seconds."""
     with coordinator.events.subscribe() as events:  # subscribed: queue changes are sent too

@@ -4,6 +4,7 @@ and overtakes each queued request saw, rebuilt from the events in the order swap
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import statistics
 import threading
@@ -42,8 +43,9 @@ class EventLog:
         self._queue: dict[str, tuple[int, int]] = {}  # model: (queued, in_flight) last seen
         #: Per model, its waiters in arrival order: (place in the global arrival order, swaps
         #: seen when it joined).
-        self._joined: dict[str, collections.deque[tuple[int, int]]] = (
-            collections.defaultdict(collections.deque))
+        self._joined: dict[str, collections.deque[tuple[int, int]]] = collections.defaultdict(
+            collections.deque
+        )
         self._joins = 0
         self.lost: list[str] = []
         self.error: BaseException | None = None
@@ -58,9 +60,9 @@ class EventLog:
                     kind = ""
                     for line in response.iter_lines():
                         if line.startswith("event: "):
-                            kind = line[len("event: "):]
+                            kind = line[len("event: ") :]
                         elif line.startswith("data: "):
-                            self._handle(kind, json.loads(line[len("data: "):]))
+                            self._handle(kind, json.loads(line[len("data: ") :]))
         except BaseException as exc:  # noqa: BLE001 - reported by the test unless it stopped us
             if not self._stopping:
                 self.error = exc
@@ -71,14 +73,16 @@ class EventLog:
         with self._lock:
             if kind == "snapshot":
                 self.status = {mid: m["status"] for mid, m in data["models"].items()}
-                self._queue = {mid: (m["queued"], m["in_flight"])
-                               for mid, m in data["models"].items()}
+                self._queue = {
+                    mid: (m["queued"], m["in_flight"]) for mid, m in data["models"].items()
+                }
                 self.subscribed.set()
             elif kind == "status":
                 model, now = data["model"], data["status"]
                 if self.status.get(model) != data["previous"]:
-                    self.lost.append(f"{model}: {data['previous']} -> {now}, last seen "
-                                     f"{self.status.get(model)}")
+                    self.lost.append(
+                        f"{model}: {data['previous']} -> {now}, last seen {self.status.get(model)}"
+                    )
                 self.status[model] = now
                 holders = sorted(m for m, s in self.status.items() if s in HOLDING)
                 if len(holders) > 1:
@@ -112,7 +116,9 @@ class EventLog:
             self.waited.append(len(self.swaps) - at_join)
             # With one slot, the oldest waiter for another model is the one swapper's _place
             # blocks on; a later arrival admitted while it waits overtakes it.
-            others = [queue[0][0] for other, queue in self._joined.items() if other != model and queue]
+            others = [
+                queue[0][0] for other, queue in self._joined.items() if other != model and queue
+            ]
             if others and place > min(others):
                 self.overtakes[min(others)] += 1
         elif queued != before_queued:
@@ -121,8 +127,11 @@ class EventLog:
     def caught_up(self, status: dict[str, Any]) -> bool:
         """True once the events seen add up to this settled ``/status`` document."""
         with self._lock:
-            return all(self.status.get(mid) == m["status"] and self._queue.get(mid, (0, 0))
-                       == (m["queued"], m["in_flight"]) for mid, m in status["models"].items())
+            return all(
+                self.status.get(mid) == m["status"]
+                and self._queue.get(mid, (0, 0)) == (m["queued"], m["in_flight"])
+                for mid, m in status["models"].items()
+            )
 
     def median_swap_s(self) -> float | None:
         """Median time a swap itself took (unload of the old model to the new one ready)."""
@@ -134,7 +143,7 @@ class EventLog:
         drain and generation included); None until a few periods were measured."""
         with self._lock:
             times = [t for t, *_ in self.swaps]
-        periods = [b - a for a, b in zip(times, times[1:])]
+        periods = [b - a for a, b in itertools.pairwise(times)]
         return statistics.median(periods) if len(periods) >= 3 else None
 
     def stop(self) -> None:

@@ -19,9 +19,19 @@ pytestmark = pytest.mark.anyio
 
 CHAT = {"model": "a", "messages": [{"role": "user", "content": "a secret prompt"}]}
 #: The fake backend's answer: its content must reach the client and never the log.
-REPLY = {"id": "r1", "object": "chat.completion", "created": 1, "model": "a",
-         "choices": [{"index": 0, "message": {"role": "assistant", "content": "a secret answer"},
-                      "finish_reason": "stop"}]}
+REPLY = {
+    "id": "r1",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "a",
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "a secret answer"},
+            "finish_reason": "stop",
+        }
+    ],
+}
 PLAIN, ADMIN = "plain-key-123", "admin-key-456"
 
 ClientFactory = Callable[..., contextlib.AbstractAsyncContextManager[AsyncTestClient[Any]]]
@@ -57,16 +67,22 @@ async def test_without_keys_everything_is_open(make_client: ClientFactory) -> No
 
 async def test_keys_as_bearer_or_x_api_key(make_client: ClientFactory) -> None:
     async with make_client(server={"api_keys": [PLAIN], "admin_api_keys": [ADMIN]}) as client:
-        assert error_of(await client.post("/v1/chat/completions", json=CHAT), 401)["code"] == \
-            "invalid_api_key"
+        assert (
+            error_of(await client.post("/v1/chat/completions", json=CHAT), 401)["code"]
+            == "invalid_api_key"
+        )
         assert (await client.post("/v1/chat/completions", json=CHAT)).headers["www-authenticate"]
-        wrong = await client.post("/v1/chat/completions", json=CHAT,
-                                  headers={"Authorization": "Bearer nope"})
+        wrong = await client.post(
+            "/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer nope"}
+        )
         error_of(wrong, 401)
         wrong = await client.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": "nope"})
         error_of(wrong, 401)
-        for headers in ({"Authorization": f"Bearer {PLAIN}"}, {"x-api-key": PLAIN},
-                        {"Authorization": f"Bearer {ADMIN}"}):
+        for headers in (
+            {"Authorization": f"Bearer {PLAIN}"},
+            {"x-api-key": PLAIN},
+            {"Authorization": f"Bearer {ADMIN}"},
+        ):
             ok = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
             assert answer_of(ok) == "a secret answer", headers
         listed = await client.get("/v1/models", headers={"x-api-key": PLAIN})
@@ -80,8 +96,10 @@ async def test_plain_keys_cannot_use_admin_endpoints(make_client: ClientFactory)
     async with make_client(server={"api_keys": [PLAIN], "admin_api_keys": [ADMIN]}) as client:
         plain = {"Authorization": f"Bearer {PLAIN}"}
         for path in ("/models/a/load", "/models/a/unload", "/admin/reload"):
-            assert error_of(await client.post(path, headers=plain), 403)["code"] == \
-                "insufficient_scope"
+            assert (
+                error_of(await client.post(path, headers=plain), 403)["code"]
+                == "insufficient_scope"
+            )
             error_of(await client.post(path), 401)
         loaded = await client.post("/models/a/load", headers={"x-api-key": ADMIN})
         assert loaded.json()["status"] == "LOADED"
@@ -95,7 +113,9 @@ async def test_admin_endpoints_are_closed_when_only_plain_keys_exist(
 
 
 async def test_keys_come_from_the_environment_and_never_show(
-    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    make_client: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setenv("SWAPPER_TEST_KEY", "env-key-789")
     caplog.set_level(logging.DEBUG)
@@ -123,8 +143,9 @@ async def test_cors_is_off_by_default_and_on_for_listed_origins(make_client: Cli
         response = await client.options("/v1/chat/completions", headers=preflight)
         assert response.status_code == 204, response.text
         assert response.headers["access-control-allow-origin"] == "http://ui.example"
-        other = await client.options("/v1/chat/completions",
-                                     headers={**preflight, "Origin": "http://evil.example"})
+        other = await client.options(
+            "/v1/chat/completions", headers={**preflight, "Origin": "http://evil.example"}
+        )
         assert other.headers.get("access-control-allow-origin") != "http://evil.example"
         assert error_of(other, 403)["code"] == "origin_not_allowed"
 
@@ -134,20 +155,36 @@ async def test_cors_is_off_by_default_and_on_for_listed_origins(make_client: Cli
     [
         (b"{bad", {"content-type": "application/json"}, 400, "not valid JSON"),
         (b'{"model": ["a"]}', {"content-type": "application/json"}, 400, "must be a string"),
-        (b'{"model": "a", "messages": "\xff\xfe"}', {"content-type": "application/json"}, 400,
-         "not valid UTF-8"),
+        (
+            b'{"model": "a", "messages": "\xff\xfe"}',
+            {"content-type": "application/json"},
+            400,
+            "not valid UTF-8",
+        ),
         (b'{"model": "\xc3"}', {"content-type": "application/json"}, 400, "not valid UTF-8"),
         (b'{"model": "a"}', {"content-type": "text/plain"}, 415, "must be application/json"),
-        (b'{"model": "a"}', {"content-type": "multipart/form-data; boundary=x"}, 415,
-         "must be application/json"),
-        (b'{"model": "a", "pad": "' + b"x" * 2048 + b'"}', {"content-type": "application/json"},
-         413, ""),
+        (
+            b'{"model": "a"}',
+            {"content-type": "multipart/form-data; boundary=x"},
+            415,
+            "must be application/json",
+        ),
+        (
+            b'{"model": "a", "pad": "' + b"x" * 2048 + b'"}',
+            {"content-type": "application/json"},
+            413,
+            "",
+        ),
         (b"", {"content-type": "application/json"}, 400, "not valid JSON"),
     ],
 )
 async def test_bad_input_is_a_4xx_openai_error(
-    make_client: ClientFactory, world: FakeWorld, content: bytes, headers: dict[str, str],
-    status: int, fragment: str,
+    make_client: ClientFactory,
+    world: FakeWorld,
+    content: bytes,
+    headers: dict[str, str],
+    status: int,
+    fragment: str,
 ) -> None:
     async with make_client(server={"max_request_bytes": 1024}) as client:
         response = await client.post("/v1/chat/completions", content=content, headers=headers)
@@ -162,7 +199,8 @@ async def test_json_without_content_type_is_accepted(make_client: ClientFactory)
 
 
 async def test_queue_cap_answers_429_with_retry_after(
-    make_client: ClientFactory, world: FakeWorld,
+    make_client: ClientFactory,
+    world: FakeWorld,
 ) -> None:
     # max_queue 0: a request that would have to wait for a load is refused at once.
     async with make_client(swapper={"max_queue": 0}) as client:

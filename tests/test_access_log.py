@@ -22,18 +22,27 @@ def _swapper(swapper_factory: Any, **server: Any) -> SwapperProcess:
 def _requests(swapper: SwapperProcess) -> list[tuple[int, str, int]]:
     """Send a chat, a stream, /v1/models and a request for an unknown model."""
     sent = []
-    chat = swapper.http.post("/v1/chat/completions", headers={"X-Request-Id": "req-chat"},
-                             json={"model": "tiny-a", "messages": MESSAGES, "max_tokens": 2})
+    chat = swapper.http.post(
+        "/v1/chat/completions",
+        headers={"X-Request-Id": "req-chat"},
+        json={"model": "tiny-a", "messages": MESSAGES, "max_tokens": 2},
+    )
     sent.append((chat.status_code, "req-chat", len(chat.content)))
-    with swapper.http.stream("POST", "/v1/chat/completions", headers={"X-Request-Id": "req-sse"},
-                             json={"model": "tiny-a", "messages": MESSAGES, "max_tokens": 2,
-                                   "stream": True}) as stream:
+    with swapper.http.stream(
+        "POST",
+        "/v1/chat/completions",
+        headers={"X-Request-Id": "req-sse"},
+        json={"model": "tiny-a", "messages": MESSAGES, "max_tokens": 2, "stream": True},
+    ) as stream:
         streamed = stream.read()
     sent.append((stream.status_code, "req-sse", len(streamed)))
     models = swapper.http.get("/v1/models", headers={"X-Request-Id": "req-models"})
     sent.append((models.status_code, "req-models", len(models.content)))
-    missing = swapper.http.post("/v1/chat/completions", headers={"X-Request-Id": "req-404"},
-                                json={"model": "nope", "messages": MESSAGES})
+    missing = swapper.http.post(
+        "/v1/chat/completions",
+        headers={"X-Request-Id": "req-404"},
+        json={"model": "nope", "messages": MESSAGES},
+    )
     sent.append((missing.status_code, "req-404", len(missing.content)))
     assert [status for status, _, _ in sent] == [200, 200, 200, 404]
     return sent
@@ -44,14 +53,18 @@ def test_access_log_text(swapper_factory: Any) -> None:
     sent = _requests(swapper)
     wait_until(lambda: "id=req-404" in swapper.output(), 10, "the last access line")
     lines = [line for line in swapper.output().splitlines() if "swapper.access:" in line]
-    pattern = re.compile(r"swapper\.access: (\S+) (\S+) (\S+) model=(\S+) "
-                         r"([0-9.]+)s (\d+)B id=(\S+)$")
+    pattern = re.compile(
+        r"swapper\.access: (\S+) (\S+) (\S+) model=(\S+) "
+        r"([0-9.]+)s (\d+)B id=(\S+)$"
+    )
     parsed = {m[7]: m for m in map(pattern.search, lines) if m}
     assert len(lines) == len(parsed)  # every access line has the documented shape
-    expected = {"req-chat": ("POST", "/v1/chat/completions", "tiny-a"),
-                "req-sse": ("POST", "/v1/chat/completions", "tiny-a"),
-                "req-models": ("GET", "/v1/models", "-"),
-                "req-404": ("POST", "/v1/chat/completions", "-")}
+    expected = {
+        "req-chat": ("POST", "/v1/chat/completions", "tiny-a"),
+        "req-sse": ("POST", "/v1/chat/completions", "tiny-a"),
+        "req-models": ("GET", "/v1/models", "-"),
+        "req-404": ("POST", "/v1/chat/completions", "-"),
+    }
     for status, request_id, size in sent:
         line = parsed[request_id]
         assert (line[1], line[2], line[4]) == expected[request_id]
@@ -64,8 +77,7 @@ def test_access_log_json(swapper_factory: Any) -> None:
     swapper = _swapper(swapper_factory, log_format="json")
     sent = _requests(swapper)
     wait_until(lambda: "req-404" in swapper.output(), 10, "the last access line")
-    records = [json.loads(line) for line in swapper.output().splitlines()
-               if line.startswith("{")]
+    records = [json.loads(line) for line in swapper.output().splitlines() if line.startswith("{")]
     access = {r["request_id"]: r for r in records if r["logger"] == "swapper.access"}
     for status, request_id, size in sent:
         record = access[request_id]

@@ -39,8 +39,9 @@ def test_the_ring_buffer_is_bounded_in_bytes_as_well_as_lines() -> None:
 @pytest.mark.anyio
 async def test_a_flood_is_counted_not_kept_and_the_last_lines_survive() -> None:
     kept: list[str] = []
-    process = await ManagedProcess.spawn([sys.executable, "-c", FLOOD, "400000"], name="flood",
-                                         on_line=kept.append)
+    process = await ManagedProcess.spawn(
+        [sys.executable, "-c", FLOOD, "400000"], name="flood", on_line=kept.append
+    )
     assert await process.wait() == 0
     assert "the last words" in process.output_tail(3)
     assert kept[-1] == "the last words"
@@ -57,8 +58,9 @@ async def test_a_flood_is_counted_not_kept_and_the_last_lines_survive() -> None:
 async def test_a_line_without_end_is_cut_not_held_whole() -> None:
     kept: list[str] = []
     script = "import sys; sys.stdout.write('y' * 3_000_000 + '\\nafter\\n')"
-    process = await ManagedProcess.spawn([sys.executable, "-c", script], name="long",
-                                         on_line=kept.append)
+    process = await ManagedProcess.spawn(
+        [sys.executable, "-c", script], name="long", on_line=kept.append
+    )
     await process.wait()
     assert kept[-1] == "after"
     assert len(kept[0]) < MAX_LINE + 100 and kept[0].endswith("bytes cut)")
@@ -75,8 +77,9 @@ async def test_backend_lines_reach_swappers_log_at_debug_only_with_secrets_maske
         caplog.clear()
         with caplog.at_level(level, logger="test.backend"):
             kept: list[str] = []
-            process = await ManagedProcess.spawn(argv, name="m", logger=logger,
-                                                 on_line=kept.append, secrets=["started"])
+            process = await ManagedProcess.spawn(
+                argv, name="m", logger=logger, on_line=kept.append, secrets=["started"]
+            )
             await process.wait()
         assert kept == ["*** with --api-key *** --token=***"]
         assert process.output_tail() == kept[0]
@@ -92,16 +95,21 @@ exit 3
 
 @pytest.mark.integration
 def test_a_backend_echoing_its_api_key_keeps_it_out_of_swappers_log(
-    swapper_factory: Any, tmp_path: Path,
+    swapper_factory: Any,
+    tmp_path: Path,
 ) -> None:
     wrapper = tmp_path / "echoing-backend"
     wrapper.write_text(WRAPPER_THAT_ECHOES)
     wrapper.chmod(0o755)
     key = "sk-backend-key-0123456789"
     swapper = swapper_factory(
-        models={"tiny-a": tiny_model(swapper_factory.workdir, binary=str(wrapper),
-                                     args=["--api-key", key])},
-        env={"SWAPPER_LOG_LEVEL": "DEBUG"})
+        models={
+            "tiny-a": tiny_model(
+                swapper_factory.workdir, binary=str(wrapper), args=["--api-key", key]
+            )
+        },
+        env={"SWAPPER_LOG_LEVEL": "DEBUG"},
+    )
     assert chat(swapper, "tiny-a").status_code == 503
     log = swapper.output()
     # The line is in the log twice (at DEBUG, and in the load failure's last lines): masked.
@@ -142,19 +150,30 @@ ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 
 @pytest.mark.integration
 def test_prompts_and_keys_a_verbose_backend_prints_stay_out_of_swappers_log(
-    swapper_factory: Any, tmp_path: Path,
+    swapper_factory: Any,
+    tmp_path: Path,
 ) -> None:
     backend = tmp_path / "verbose-backend"
     backend.write_text(VERBOSE_BACKEND.format(python=sys.executable))
     backend.chmod(0o755)
     swapper = swapper_factory(
-        models={"tiny-a": tiny_model(swapper_factory.workdir, binary=str(backend),
-                                     args=["--api-key", BACKEND_KEY])},
-        server={"api_keys": [SWAPPER_KEY]})
+        models={
+            "tiny-a": tiny_model(
+                swapper_factory.workdir, binary=str(backend), args=["--api-key", BACKEND_KEY]
+            )
+        },
+        server={"api_keys": [SWAPPER_KEY]},
+    )
     headers = {"Authorization": f"Bearer {SWAPPER_KEY}"}
-    response = swapper.http.post("/v1/chat/completions", headers=headers, json={
-        "model": "tiny-a", "max_tokens": 2,
-        "messages": [{"role": "user", "content": PROMPT_MARKER}]})
+    response = swapper.http.post(
+        "/v1/chat/completions",
+        headers=headers,
+        json={
+            "model": "tiny-a",
+            "max_tokens": 2,
+            "messages": [{"role": "user", "content": PROMPT_MARKER}],
+        },
+    )
     assert response.status_code == 200
 
     def backend_lines() -> list[str]:
@@ -162,9 +181,11 @@ def test_prompts_and_keys_a_verbose_backend_prints_stay_out_of_swappers_log(
         return reply.json()["lines"]  # type: ignore[no-any-return]
 
     # The backend did print the prompt (the admin-only ring buffer keeps its lines) ...
-    lines = wait_until(lambda: (got := backend_lines()) and
-                       any(PROMPT_MARKER in line for line in got) and got, 10,
-                       "the backend to print the prompt")
+    lines = wait_until(
+        lambda: (got := backend_lines()) and any(PROMPT_MARKER in line for line in got) and got,
+        10,
+        "the backend to print the prompt",
+    )
     assert any("--api-key ***" in line for line in lines)
     # ... but swapper's own log has neither the prompt nor a key.
     log = swapper.output()
@@ -201,22 +222,27 @@ def vm_rss_mb(pid: int) -> float:
 
 @pytest.mark.integration
 def test_three_flooding_backends_keep_swapper_small_and_its_log_quiet(
-    swapper_factory: Any, llama_server: str, tmp_path: Path,
+    swapper_factory: Any,
+    llama_server: str,
+    tmp_path: Path,
 ) -> None:
     counter = tmp_path / "written"
     flooder = tmp_path / "flooding-llama-server"
-    flooder.write_text(FLOODER.format(python=sys.executable, llama_server=llama_server,
-                                      counter=str(counter)))
+    flooder.write_text(
+        FLOODER.format(python=sys.executable, llama_server=llama_server, counter=str(counter))
+    )
     flooder.chmod(0o755)
     names = [f"tiny-{name}" for name in "abc"]
     swapper = swapper_factory(
-        models={f"tiny-{name}": tiny_model(swapper_factory.workdir, name, binary=str(flooder))
-                for name in "abc"},
-        swapper={"mode": "multi-active", "max_concurrent_models": 3})
+        models={
+            f"tiny-{name}": tiny_model(swapper_factory.workdir, name, binary=str(flooder))
+            for name in "abc"
+        },
+        swapper={"mode": "multi-active", "max_concurrent_models": 3},
+    )
     for name in names:
         assert chat(swapper, name).status_code == 200
-    written = {name: lambda name=name: int(Path(f"{counter}-{name}").read_text())
-               for name in names}
+    written = {name: lambda name=name: int(Path(f"{counter}-{name}").read_text()) for name in names}
     start = {name: read() for name, read in written.items()}
     log_start = swapper.log_path.stat().st_size
     peak = 0.0
@@ -229,8 +255,10 @@ def test_three_flooding_backends_keep_swapper_small_and_its_log_quiet(
     wait_until(flooded, 300, "each backend to print 160 MiB more", interval=0.1)
     peak = max(peak, vm_rss_mb(swapper.proc.pid))
     grown = swapper.log_path.stat().st_size - log_start
-    print(f"swapper's peak VmRSS {peak:.0f} MB; its log grew {grown} bytes "
-          f"while its backends printed {3 * FLOOD_BYTES >> 20} MiB")
+    print(
+        f"swapper's peak VmRSS {peak:.0f} MB; its log grew {grown} bytes "
+        f"while its backends printed {3 * FLOOD_BYTES >> 20} MiB"
+    )
     assert peak < 150
     assert grown < 64 << 10
     for name in names:

@@ -64,13 +64,13 @@ def assert_one_clear_line(path: Path, code: int, out: str, err: str) -> int:
     if code == 0:
         assert err == "", shown
         assert out.startswith(f"{path}: ") and len(out.splitlines()) == 1, shown
-        assert OK_LINE.fullmatch(out[len(f"{path}: "):]), shown
+        assert OK_LINE.fullmatch(out[len(f"{path}: ") :]), shown
     else:
         assert out == "", shown
         # splitlines: \r, \x85, \u2028 and the like break a line on a terminal or in a log too.
         assert err.startswith(f"{path}: ") and err.endswith("\n"), shown
         assert len(err.splitlines()) == 1, f"not one line: {shown}"
-        assert err[len(f"{path}: "):].strip(), f"no reason given: {shown}"
+        assert err[len(f"{path}: ") :].strip(), f"no reason given: {shown}"
     return code
 
 
@@ -92,8 +92,19 @@ scalars = st.one_of(
     st.integers(min_value=2**63 - 2, max_value=2**70),  # past int64, where msgspec stops
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=20),
-    st.sampled_from(["llamacpp", "single-active", "multi-active", "${env:" + UNSET_VAR + "}",
-                     "${env:" + SET_VAR + "}", "2024-01-01", "yes", "~", ""]),
+    st.sampled_from(
+        [
+            "llamacpp",
+            "single-active",
+            "multi-active",
+            "${env:" + UNSET_VAR + "}",
+            "${env:" + SET_VAR + "}",
+            "2024-01-01",
+            "yes",
+            "~",
+            "",
+        ]
+    ),
 )
 # YAML allows any scalar as a key; swapper's schema only understands strings.
 keys = st.one_of(
@@ -102,11 +113,38 @@ keys = st.one_of(
     st.booleans(),
     st.none(),
     st.floats(allow_nan=False),
-    st.sampled_from(["swapper", "server", "timeouts", "models", "backend", "model_path",
-                     "aliases", "ctx_size", "args", "binary", "port", "default_model"]),
+    st.sampled_from(
+        [
+            "swapper",
+            "server",
+            "timeouts",
+            "models",
+            "backend",
+            "model_path",
+            "aliases",
+            "ctx_size",
+            "args",
+            "binary",
+            "port",
+            "default_model",
+        ]
+    ),
     # Line breaks and other characters that could split or garble a one-line message.
-    st.sampled_from(["a\nb", "\n", "x\r", "tab\there", "nel\x85", "ls\u2028", "`tick`",
-                     "a: b", "- x", "$.x", "\x1b[31mred"]),
+    st.sampled_from(
+        [
+            "a\nb",
+            "\n",
+            "x\r",
+            "tab\there",
+            "nel\x85",
+            "ls\u2028",
+            "`tick`",
+            "a: b",
+            "- x",
+            "$.x",
+            "\x1b[31mred",
+        ]
+    ),
 )
 trees = st.recursive(
     scalars,
@@ -152,17 +190,33 @@ def dump(tree: Any) -> str:
 
 def valid_config() -> dict[str, Any]:
     return {
-        "swapper": {"mode": "single-active", "max_concurrent_models": 1,
-                    "model_swap_timeout": 300, "gpu_enabled": True, "default_model": "qwen3",
-                    "max_overtake": 8, "retry_backoff": 5.0},
-        "server": {"host": "127.0.0.1", "port": 8890, "api_keys": ["k1"],
-                   "admin_api_keys": ["${env:" + SET_VAR + "}"], "cors_origins": [],
-                   "max_request_bytes": 1024},
+        "swapper": {
+            "mode": "single-active",
+            "max_concurrent_models": 1,
+            "model_swap_timeout": 300,
+            "gpu_enabled": True,
+            "default_model": "qwen3",
+            "max_overtake": 8,
+            "retry_backoff": 5.0,
+        },
+        "server": {
+            "host": "127.0.0.1",
+            "port": 8890,
+            "api_keys": ["k1"],
+            "admin_api_keys": ["${env:" + SET_VAR + "}"],
+            "cors_origins": [],
+            "max_request_bytes": 1024,
+        },
         "timeouts": {"connect": 5.0, "read": 600.0, "health": 2.0},
         "models": {
-            "qwen3-8b": {"backend": "llamacpp", "model_path": "/models/qwen3.gguf",
-                         "ctx_size": 8192, "binary": "llama-server", "args": ["--jinja"],
-                         "aliases": ["qwen3"]},
+            "qwen3-8b": {
+                "backend": "llamacpp",
+                "model_path": "/models/qwen3.gguf",
+                "ctx_size": 8192,
+                "binary": "llama-server",
+                "args": ["--jinja"],
+                "aliases": ["qwen3"],
+            },
             "tiny": {"backend": "llamacpp", "model_path": "/models/tiny.gguf"},
         },
     }
@@ -188,13 +242,48 @@ def at(node: Any, path: Step) -> Any:
     return node
 
 
-weird_ids = st.sampled_from(["", " ", "a/b", "/", "x" * 300, "ünï-cødé", "a.b", "$", "[0]",
-                             "a: b", "#c", "${env:" + UNSET_VAR + "}", "a\nb", "\t", "qwen3"])
+weird_ids = st.sampled_from(
+    [
+        "",
+        " ",
+        "a/b",
+        "/",
+        "x" * 300,
+        "ünï-cødé",
+        "a.b",
+        "$",
+        "[0]",
+        "a: b",
+        "#c",
+        "${env:" + UNSET_VAR + "}",
+        "a\nb",
+        "\t",
+        "qwen3",
+    ]
+)
 wrong_values = st.one_of(
     scalars,
-    st.sampled_from([0, -1, 2**31, 2**63, 2**64, math.inf, -math.inf, math.nan, True, [], {},
-                     [None], {"x": 1}, "${env:" + UNSET_VAR + "}", "${env:", "${env:1BAD}",
-                     "$${env:" + SET_VAR + "}"]),
+    st.sampled_from(
+        [
+            0,
+            -1,
+            2**31,
+            2**63,
+            2**64,
+            math.inf,
+            -math.inf,
+            math.nan,
+            True,
+            [],
+            {},
+            [None],
+            {"x": 1},
+            "${env:" + UNSET_VAR + "}",
+            "${env:",
+            "${env:1BAD}",
+            "$${env:" + SET_VAR + "}",
+        ]
+    ),
     trees,
 )
 
@@ -211,8 +300,9 @@ def near_valid_configs(draw: st.DrawFn) -> Any:
     config: Any = valid_config()
     for _ in range(draw(st.integers(min_value=0, max_value=4))):
         everything = list(paths(config))
-        kind = draw(st.sampled_from(["drop", "add", "replace", "rename_model", "alias",
-                                     "default", "env"]))
+        kind = draw(
+            st.sampled_from(["drop", "add", "replace", "rename_model", "alias", "default", "env"])
+        )
         models = section(config, "models")
         if kind == "drop" and len(everything) > 1:
             path = draw(st.sampled_from(everything[1:]))
@@ -244,23 +334,76 @@ def near_valid_configs(draw: st.DrawFn) -> Any:
             strings = [p for p in everything if p and isinstance(at(config, p), str)]
             if strings:
                 path = draw(st.sampled_from(strings))
-                at(config, path[:-1])[path[-1]] = draw(st.sampled_from([
-                    "${env:" + UNSET_VAR + "}", "pre-${env:" + SET_VAR + "}-post",
-                    "${env:" + SET_VAR + "}${env:" + UNSET_VAR + "}", "${env:}", "${ENV:X}",
-                ]))
+                at(config, path[:-1])[path[-1]] = draw(
+                    st.sampled_from(
+                        [
+                            "${env:" + UNSET_VAR + "}",
+                            "pre-${env:" + SET_VAR + "}-post",
+                            "${env:" + SET_VAR + "}${env:" + UNSET_VAR + "}",
+                            "${env:}",
+                            "${ENV:X}",
+                        ]
+                    )
+                )
     return config
 
 
 # --- (c) text and bytes that are not (quite) YAML ---------------------------------------------
 
 FRAGMENTS = [
-    "---\n", "...\n", "--- !!map\n", "%YAML 1.1\n", "%TAG ! tag:x,2000:\n", "models:\n",
-    "swapper:\n", "  qwen: ", "  - ", "? ", ": ", "&a ", "*a", "*nowhere", "<<: *a\n",
-    "!!binary ", "!!python/object/apply:os.system ['true']\n", "!!set ", "!custom ",
-    "[", "]", "{", "}", ",", "\t", "\t- x\n", "'", '"', '"\\ud800"', '"\\x"', "|\n", ">-\n",
-    "#", "\n", "  ", "\ufeff", "\x00", "\x85", "\u2028", "@", "`", "%", "1e999", "0x1F",
-    "0o17", ".nan", "-.inf", "2001-12-14t21:59:43.10-05:00", "~", "null", "yes",
-    "backend: llamacpp\n", "model_path: ${env:" + UNSET_VAR + "}\n",
+    "---\n",
+    "...\n",
+    "--- !!map\n",
+    "%YAML 1.1\n",
+    "%TAG ! tag:x,2000:\n",
+    "models:\n",
+    "swapper:\n",
+    "  qwen: ",
+    "  - ",
+    "? ",
+    ": ",
+    "&a ",
+    "*a",
+    "*nowhere",
+    "<<: *a\n",
+    "!!binary ",
+    "!!python/object/apply:os.system ['true']\n",
+    "!!set ",
+    "!custom ",
+    "[",
+    "]",
+    "{",
+    "}",
+    ",",
+    "\t",
+    "\t- x\n",
+    "'",
+    '"',
+    '"\\ud800"',
+    '"\\x"',
+    "|\n",
+    ">-\n",
+    "#",
+    "\n",
+    "  ",
+    "\ufeff",
+    "\x00",
+    "\x85",
+    "\u2028",
+    "@",
+    "`",
+    "%",
+    "1e999",
+    "0x1F",
+    "0o17",
+    ".nan",
+    "-.inf",
+    "2001-12-14t21:59:43.10-05:00",
+    "~",
+    "null",
+    "yes",
+    "backend: llamacpp\n",
+    "model_path: ${env:" + UNSET_VAR + "}\n",
 ]
 GOOD_TEXT = dump(valid_config())
 
@@ -269,10 +412,12 @@ GOOD_TEXT = dump(valid_config())
 nesting = st.integers(1, 1100) | st.sampled_from([400, 600, 999, 1000, 1001])
 nested_texts = st.builds(
     lambda depth, under: under + "[" * depth + "]" * depth + "\n",
-    nesting, st.sampled_from(["", "server: ", "models: "]),
+    nesting,
+    st.sampled_from(["", "server: ", "models: "]),
 ) | st.builds(
     lambda depth, under: under + "{a: " * depth + "1" + "}" * depth + "\n",
-    nesting, st.sampled_from(["", "models: ", "swapper: "]),
+    nesting,
+    st.sampled_from(["", "models: ", "swapper: "]),
 )
 
 raw_texts = st.one_of(
@@ -281,16 +426,27 @@ raw_texts = st.one_of(
     st.text(alphabet="[]{}:,-?&*!|>'\"%@`#\t\n ab1", max_size=80),
     st.lists(st.sampled_from(FRAGMENTS), max_size=25).map("".join),
     # A good config with junk spliced in somewhere.
-    st.tuples(st.integers(0, len(GOOD_TEXT)), st.lists(st.sampled_from(FRAGMENTS), max_size=4))
-    .map(lambda cut: GOOD_TEXT[:cut[0]] + "".join(cut[1]) + GOOD_TEXT[cut[0]:]),
+    st.tuples(st.integers(0, len(GOOD_TEXT)), st.lists(st.sampled_from(FRAGMENTS), max_size=4)).map(
+        lambda cut: GOOD_TEXT[: cut[0]] + "".join(cut[1]) + GOOD_TEXT[cut[0] :]
+    ),
 )
 raw_bytes = st.one_of(
     st.binary(max_size=200),
     # Valid YAML around bytes that are not UTF-8 (lone continuation bytes, overlongs, UTF-16).
-    st.tuples(st.integers(0, len(GOOD_TEXT)),
-              st.sampled_from([b"\xff", b"\xfe\xff", b"\x80", b"\xc0\xaf", b"\xed\xa0\x80",
-                               b"\xf5\x80\x80\x80", b"\x00"]))
-    .map(lambda cut: GOOD_TEXT.encode()[:cut[0]] + cut[1] + GOOD_TEXT.encode()[cut[0]:]),
+    st.tuples(
+        st.integers(0, len(GOOD_TEXT)),
+        st.sampled_from(
+            [
+                b"\xff",
+                b"\xfe\xff",
+                b"\x80",
+                b"\xc0\xaf",
+                b"\xed\xa0\x80",
+                b"\xf5\x80\x80\x80",
+                b"\x00",
+            ]
+        ),
+    ).map(lambda cut: GOOD_TEXT.encode()[: cut[0]] + cut[1] + GOOD_TEXT.encode()[cut[0] :]),
     st.text(max_size=60).map(lambda text: text.encode("utf-16")),
 )
 
@@ -298,8 +454,9 @@ raw_bytes = st.one_of(
 # --- the properties --------------------------------------------------------------------------
 
 
-def fuzz(tmp_path: Path, strategy: st.SearchStrategy[Any],
-         render: Callable[[Any], str | bytes]) -> set[int]:
+def fuzz(
+    tmp_path: Path, strategy: st.SearchStrategy[Any], render: Callable[[Any], str | bytes]
+) -> set[int]:
     """Run the property over ``strategy``; return the exit codes seen."""
     seen: set[int] = set()
     target = tmp_path / "fuzz.yaml"
@@ -366,18 +523,30 @@ def test_nasty_inputs_in_process(tmp_path: Path, name: str) -> None:
     assert assert_one_clear_line(path, *check_config(path)) == 2
 
 
-@pytest.mark.parametrize("name", ["recursive-alias", "deep-nesting", "newline-in-key", "not-utf8",
-                                  "tabs-brackets-documents"])
+@pytest.mark.parametrize(
+    "name",
+    ["recursive-alias", "deep-nesting", "newline-in-key", "not-utf8", "tabs-brackets-documents"],
+)
 def test_nasty_inputs_through_the_real_command(tmp_path: Path, name: str) -> None:
     path = written(tmp_path / f"{name}.yaml", NASTY[name])
-    done = subprocess.run([sys.executable, "-m", "swapper", "check-config", str(path)],
-                          capture_output=True, text=True, check=False, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "swapper", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
     assert assert_one_clear_line(path, done.returncode, done.stdout, done.stderr) == 2
 
 
 def test_a_valid_config_through_the_real_command(tmp_path: Path) -> None:
     path = written(tmp_path / "good.yaml", GOOD_TEXT)
-    done = subprocess.run([sys.executable, "-m", "swapper", "check-config", str(path)],
-                          capture_output=True, text=True, check=False, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "swapper", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
     assert assert_one_clear_line(path, done.returncode, done.stdout, done.stderr) == 0
     assert done.stdout == f"{path}: ok (2 models)\n"

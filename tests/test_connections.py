@@ -124,10 +124,12 @@ def test_header_flood_neither_starves_health_nor_grows_memory(swapper_factory: A
         flooder.stop.set()
         flooder.join(timeout=30)
     bound = max(0.1, 5 * max(quiet))  # 100 ms, unless this machine is slower than that unloaded
-    print(f"/health quiet: p50 {statistics.median(quiet) * 1000:.1f} ms, max {max(quiet) * 1000:.1f} ms;"
-          f" under the flood: p50 {statistics.median(flooded) * 1000:.1f} ms,"
-          f" max {max(flooded) * 1000:.1f} ms (bound {bound * 1000:.0f} ms);"
-          f" RSS max {max(rss) / 1e6:.1f} MB; connections cut after {flooder.sent[:5]} bytes")
+    print(
+        f"/health quiet: p50 {statistics.median(quiet) * 1000:.1f} ms, max {max(quiet) * 1000:.1f} ms;"
+        f" under the flood: p50 {statistics.median(flooded) * 1000:.1f} ms,"
+        f" max {max(flooded) * 1000:.1f} ms (bound {bound * 1000:.0f} ms);"
+        f" RSS max {max(rss) / 1e6:.1f} MB; connections cut after {flooder.sent[:5]} bytes"
+    )
     assert flooder.completed == 0, "a 50 MiB head was taken in whole"
     # Cut near max_header_bytes; what the client could push before it noticed is mostly what
     # loopback socket buffers hold (a few MiB), far below the 50 MiB it tried.
@@ -142,7 +144,9 @@ def test_oversized_head_is_431_in_openai_shape(swapper_factory: Any) -> None:
     assert fits.status_code == 200
     with socket.create_connection(("127.0.0.1", swapper.port)) as sock:
         # The whole head in one write: the cap holds even when the head is complete in one read.
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 5000 + b"\r\n\r\n")
+        sock.sendall(
+            b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 5000 + b"\r\n\r\n"
+        )
         error = _openai_error(_read_until_closed(sock, 10), 431)
     assert "4096" in error["message"]
 
@@ -151,7 +155,7 @@ def test_trickled_head_is_cut_off(swapper_factory: Any) -> None:
     header_timeout = 1.0
     swapper = swapper_factory(server={"header_timeout": header_timeout})
     # Long enough to outlast the bound below by far if nothing cuts it.
-    trickle = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"[:int(header_timeout) + 8]
+    trickle = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"[: int(header_timeout) + 8]
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", swapper.port)) as sock:
         received = b""
@@ -189,7 +193,9 @@ def test_connections_beyond_the_cap_are_refused_with_503(swapper_factory: Any) -
         refused: dict[int, bytes] = {}
 
         def collect() -> bool:
-            readable, _, _ = select.select([s for s in sockets if s.fileno() not in refused], [], [], 0.1)
+            readable, _, _ = select.select(
+                [s for s in sockets if s.fileno() not in refused], [], [], 0.1
+            )
             for sock in readable:
                 refused[sock.fileno()] = _read_until_closed(sock, 10)
             return len(refused) >= extra
@@ -215,7 +221,9 @@ def test_a_chat_works_with_2000_idle_sockets_open(swapper_factory: Any) -> None:
     fds_before = _open_fds(pid)
     sockets = [socket.create_connection(("127.0.0.1", swapper.port)) for _ in range(IDLE_SOCKETS)]
     try:
-        wait_until(lambda: _open_fds(pid) >= fds_before + IDLE_SOCKETS, 60, "swapper to accept them")
+        wait_until(
+            lambda: _open_fds(pid) >= fds_before + IDLE_SOCKETS, 60, "swapper to accept them"
+        )
         response = chat(swapper, "a")
         assert response.status_code == 200, response.text
         assert _open_fds(pid) >= fds_before + IDLE_SOCKETS  # still held while the chat ran

@@ -103,8 +103,11 @@ async def test_queued_requests_for_resident_model_are_served_before_the_swap(
     lease_b.release()
     lease_a3 = await a3
     lease_a3.release()
-    assert [e for e in world.events if e[0] == "start"] == [("start", "a"), ("start", "b"),
-                                                           ("start", "a")]
+    assert [e for e in world.events if e[0] == "start"] == [
+        ("start", "a"),
+        ("start", "b"),
+        ("start", "a"),
+    ]
 
 
 async def test_interleaved_requests_are_batched_per_model(
@@ -116,8 +119,11 @@ async def test_interleaved_requests_are_batched_per_model(
     tasks = []
     for count, name in enumerate(order, 1):
         tasks.append(asyncio.create_task(coordinator.acquire(name)))
-        await until(coordinator, functools.partial(queued_at_least, coordinator, count),
-                    f"request {count} to queue")
+        await until(
+            coordinator,
+            functools.partial(queued_at_least, coordinator, count),
+            f"request {count} to queue",
+        )
     world.gates["a"].set()
     served: list[str] = []
 
@@ -233,7 +239,8 @@ async def test_client_that_leaves_the_queue_is_forgotten(
     # would already have begun, and a would no longer admit requests.
     lease_a.release()
     assert coordinator.model_status("a") == ModelStatus.LOADED
-    assert isinstance(again := coordinator.enqueue("a"), Lease)  # resident, admitted at once
+    again = coordinator.enqueue("a")
+    assert isinstance(again, Lease)  # resident, admitted at once
     again.release()
     assert world.starts("b") == 0
 
@@ -303,8 +310,9 @@ async def test_crash_loop_backs_off_exponentially_and_manual_load_retries_at_onc
     coordinator_factory: CoordinatorFactory, world: FakeWorld
 ) -> None:
     world.queue("a", *[Behaviour.FAIL_START] * 4)
-    coordinator = coordinator_factory(max_start_failures=2, retry_backoff=60,
-                                      retry_backoff_max=1000)
+    coordinator = coordinator_factory(
+        max_start_failures=2, retry_backoff=60, retry_backoff_max=1000
+    )
     with pytest.raises(ModelUnavailable):
         await coordinator.acquire("a")
     assert coordinator.status().models["a"].retry_at is None  # one failure: retry freely
@@ -353,8 +361,9 @@ async def test_reload_keeps_unchanged_restarts_changed_on_next_use_and_unloads_r
 ) -> None:
     coordinator = coordinator_factory(max_overtake=8)
     held = await coordinator.acquire("a")  # mid-request during the reload
-    changed, _ = fake_config(world, {"a": {"aliases": ["alpha"]}, "b": {"note": "changed"},
-                                     "d": {}})
+    changed, _ = fake_config(
+        world, {"a": {"aliases": ["alpha"]}, "b": {"note": "changed"}, "d": {}}
+    )
     summary = coordinator.reload(changed)
     assert summary == {"added": ["d"], "changed": ["b"], "removed": ["c"], "unchanged": ["a"]}
     assert coordinator.model_status("a") == ModelStatus.LOADED
@@ -421,8 +430,12 @@ async def test_a_request_resets_the_idle_clock_and_ttl_zero_means_never(
     coordinator = coordinator_factory(default_ttl=0)
     (await coordinator.acquire("a")).release()
     assert coordinator._models["a"].idle_timer is None  # ttl 0: never unloads when idle
-    coordinator.config, _ = fake_config(world, {"a": {"ttl": 0.05}, "b": {}, "c": {}},
-                                        swapper={"default_ttl": 3600}, name="ttl.yaml")
+    coordinator.config, _ = fake_config(
+        world,
+        {"a": {"ttl": 0.05}, "b": {}, "c": {}},
+        swapper={"default_ttl": 3600},
+        name="ttl.yaml",
+    )
     lease = await coordinator.acquire("a")  # the model's own ttl wins over default_ttl
     lease.release()
     first = coordinator._models["a"].idle_timer
@@ -467,7 +480,7 @@ async def test_three_models_are_served_in_arrival_order_with_bounded_overtakes(
         earlier = [admitted.index(i) for i in range(index)]
         heads_from = max(earlier, default=-1)
         mine = admitted.index(index)
-        overtakers = [i for i in admitted[heads_from + 1:mine] if i > index]
+        overtakers = [i for i in admitted[heads_from + 1 : mine] if i > index]
         assert len(overtakers) <= bound, (index, overtakers)
 
 

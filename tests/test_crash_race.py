@@ -39,8 +39,11 @@ def test_requests_right_after_a_backend_is_killed_are_served(swapper_factory: An
             assert chat(swapper, "tiny-a").status_code == 200
         pid = _kill_backend(swapper, "tiny-a")
         response = chat(swapper, "tiny-a")
-        answers.append(response.status_code if response.status_code == 200
-                       else (response.status_code, response.json()["error"]["message"]))
+        answers.append(
+            response.status_code
+            if response.status_code == 200
+            else (response.status_code, response.json()["error"]["message"])
+        )
         wait_until(lambda pid=pid: process_state(pid) is None, 10, f"pid {pid} to be reaped")
     assert answers == [200] * ROUNDS
     assert swapper.model("tiny-a")["status"] == "LOADED"
@@ -50,8 +53,10 @@ def test_a_request_right_after_a_kill_mid_stream_is_served(swapper_factory: Any)
     swapper = swapper_factory()
     assert chat(swapper, "tiny-a").status_code == 200
     body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 400, "stream": True}
-    with httpx.Client(base_url=swapper.url, timeout=30) as client, \
-            client.stream("POST", "/v1/chat/completions", json=body) as stream:
+    with (
+        httpx.Client(base_url=swapper.url, timeout=30) as client,
+        client.stream("POST", "/v1/chat/completions", json=body) as stream,
+    ):
         assert stream.status_code == 200
         lines = stream.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
@@ -69,16 +74,24 @@ def test_a_model_that_cannot_start_never_evicts_the_resident_one(swapper_factory
     missing_file = workdir / "missing.gguf"
     missing_binary = workdir / "no-such-dir" / "llama-server"
     entry = {"backend": "llamacpp", "ctx_size": 512}
-    swapper = swapper_factory(models={
-        "tiny-a": {**entry, "model_path": str(workdir / "tiny-a.gguf")},
-        "no-file": {**entry, "model_path": str(missing_file)},
-        "no-binary": {**entry, "model_path": str(workdir / "tiny-b.gguf"),
-                      "binary": str(missing_binary)},
-    })
+    swapper = swapper_factory(
+        models={
+            "tiny-a": {**entry, "model_path": str(workdir / "tiny-a.gguf")},
+            "no-file": {**entry, "model_path": str(missing_file)},
+            "no-binary": {
+                **entry,
+                "model_path": str(workdir / "tiny-b.gguf"),
+                "binary": str(missing_binary),
+            },
+        }
+    )
     assert chat(swapper, "tiny-a").status_code == 200
     pid = swapper.model("tiny-a")["pid"]
-    for model, path in [("no-file", missing_file), ("no-binary", missing_binary),
-                        ("no-file", missing_file)]:
+    for model, path in [
+        ("no-file", missing_file),
+        ("no-binary", missing_binary),
+        ("no-file", missing_file),
+    ]:
         response = chat(swapper, model)
         assert response.status_code == 503, response.text
         error = response.json()["error"]

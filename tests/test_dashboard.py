@@ -18,9 +18,15 @@ pytestmark = [pytest.mark.integration]
 
 CHROMIUM = os.environ.get("SWAPPER_CHROMIUM", "/usr/bin/chromium")
 # Nothing is downloaded or phoned home: the system browser, headless, on loopback only.
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 API_KEY = "dash-user-key"
 ADMIN_KEY = "dash-admin-key"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -32,9 +38,11 @@ expect.set_options(timeout=30_000)
 def browser() -> Iterator[Browser]:
     """Debian's Chromium, launched once per module; missing, it is a failure, not a skip."""
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} not found: the dashboard test needs Debian's Chromium; install "
-                    "it with `apt-get update && apt-get install -y chromium` (or point "
-                    "$SWAPPER_CHROMIUM at a Chromium binary)")
+        pytest.fail(
+            f"{CHROMIUM} not found: the dashboard test needs Debian's Chromium; install "
+            "it with `apt-get update && apt-get install -y chromium` (or point "
+            "$SWAPPER_CHROMIUM at a Chromium binary)"
+        )
     with sync_playwright() as playwright:
         # executable_path: Playwright drives the system Chromium, so no browser is downloaded.
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -90,7 +98,8 @@ def test_dashboard_loads_a_model(swapper_factory: Any, page: Page, tmp_path: Pat
     expect(page.get_by_test_id("status-tiny-c")).to_have_text("LOADED")
     expect(page.get_by_test_id("status-tiny-b")).to_have_text("UNLOADED")
     expect(page.get_by_test_id("swaps").locator("li").first).to_contain_text(
-        "tiny-b → tiny-c (manual) in")  # newest first
+        "tiny-b → tiny-c (manual) in"
+    )  # newest first
     expect(page.get_by_test_id("events")).to_contain_text("tiny-b stopped in")
 
     page.get_by_test_id("unload-tiny-c").click()
@@ -105,11 +114,11 @@ def test_dashboard_loads_a_model(swapper_factory: Any, page: Page, tmp_path: Pat
     assert data[:8] == PNG_MAGIC and len(data) > 10_000
 
 
-def test_dashboard_asks_for_a_key_and_uses_the_admin_key(swapper_factory: Any,
-                                                          page: Page) -> None:
+def test_dashboard_asks_for_a_key_and_uses_the_admin_key(swapper_factory: Any, page: Page) -> None:
     swapper = swapper_factory(
         server={"api_keys": [API_KEY], "admin_api_keys": [ADMIN_KEY]},
-        models={"tiny-a": tiny_model(swapper_factory.workdir, "a", ctx_size=512)})
+        models={"tiny-a": tiny_model(swapper_factory.workdir, "a", ctx_size=512)},
+    )
     response = page.goto(f"{swapper.url}/ui")  # the page itself is open, like /health
     assert response is not None and response.status == 200
     notice = page.get_by_test_id("notice")
@@ -125,8 +134,12 @@ def test_dashboard_asks_for_a_key_and_uses_the_admin_key(swapper_factory: Any,
     page.get_by_test_id("load-tiny-a").click()
     expect(notice).to_contain_text("403")
     expect(notice).to_contain_text("admin_api_keys")
-    assert swapper.http.get("/status", headers={"x-api-key": API_KEY}).json()[
-        "models"]["tiny-a"]["status"] == "UNLOADED"
+    assert (
+        swapper.http.get("/status", headers={"x-api-key": API_KEY}).json()["models"]["tiny-a"][
+            "status"
+        ]
+        == "UNLOADED"
+    )
 
     page.get_by_test_id("key").fill(ADMIN_KEY)
     page.get_by_test_id("save-key").click()
@@ -134,32 +147,48 @@ def test_dashboard_asks_for_a_key_and_uses_the_admin_key(swapper_factory: Any,
     page.get_by_test_id("load-tiny-a").click()
     expect(page.get_by_test_id("status-tiny-a")).to_have_text("LOADED")
     expect(notice).to_be_empty()
-    assert swapper.http.get("/status", headers={"x-api-key": ADMIN_KEY}).json()[
-        "models"]["tiny-a"]["status"] == "LOADED"
+    assert (
+        swapper.http.get("/status", headers={"x-api-key": ADMIN_KEY}).json()["models"]["tiny-a"][
+            "status"
+        ]
+        == "LOADED"
+    )
     # Kept in the browser's storage, never in the address.
     assert page.evaluate("localStorage.getItem('swapper-key')") == ADMIN_KEY
     assert ADMIN_KEY not in page.url and API_KEY not in page.url
 
 
 @pytest.fixture
-def fake_gpu_swapper(world: FakeWorld, monkeypatch: pytest.MonkeyPatch,
-                     tmp_path: Path) -> Iterator[str]:
+def fake_gpu_swapper(
+    world: FakeWorld, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[str]:
     """swapper in-process on fake backends with a fake NVML view (no GPU here); its URL."""
     import uvicorn
 
     import swapper.app
 
     # A 20 GB card with 1 GiB used by other programs; qwen3-8b takes 5 GiB more once loaded.
-    monkeypatch.setattr(swapper.app, "GpuMonitor", lambda: FakeGpu(
-        world, 20480.0, extra_mb=1024.0, name="Fake RTX 4000"))
+    monkeypatch.setattr(
+        swapper.app,
+        "GpuMonitor",
+        lambda: FakeGpu(world, 20480.0, extra_mb=1024.0, name="Fake RTX 4000"),
+    )
     config, registry = fake_config(
-        world, {"qwen3-8b": {"vram_mb": 5120}, "broken": {}},
+        world,
+        {"qwen3-8b": {"vram_mb": 5120}, "broken": {}},
         swapper={"max_start_failures": 1, "state_file": str(tmp_path / "state.json")},
-        name="gpu.yaml")
+        name="gpu.yaml",
+    )
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(swapper.app.create_app(config, registry),
-                                           host="127.0.0.1", port=port, log_config=None,
-                                           lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            swapper.app.create_app(config, registry),
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            lifespan="on",
+        )
+    )
     thread = threading.Thread(target=server.run)
     thread.start()
     try:
@@ -170,8 +199,9 @@ def fake_gpu_swapper(world: FakeWorld, monkeypatch: pytest.MonkeyPatch,
         thread.join(timeout=30)
 
 
-def test_dashboard_shows_progress_vram_and_failures(fake_gpu_swapper: str, page: Page,
-                                                    world: FakeWorld, tmp_path: Path) -> None:
+def test_dashboard_shows_progress_vram_and_failures(
+    fake_gpu_swapper: str, page: Page, world: FakeWorld, tmp_path: Path
+) -> None:
     world.queue("qwen3-8b", Behaviour.GATED)  # ready only when the test says so
     world.queue("broken", Behaviour.FAIL_START)
     page.goto(f"{fake_gpu_swapper}/ui")
@@ -207,8 +237,7 @@ def test_dashboard_shows_progress_vram_and_failures(fake_gpu_swapper: str, page:
     assert shot.read_bytes()[:8] == PNG_MAGIC
 
 
-def test_dashboard_polls_while_the_event_stream_is_down(fake_gpu_swapper: str,
-                                                        page: Page) -> None:
+def test_dashboard_polls_while_the_event_stream_is_down(fake_gpu_swapper: str, page: Page) -> None:
     import httpx
 
     page.route("**/events", lambda route: route.abort())  # as if /events were unreachable

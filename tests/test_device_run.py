@@ -37,17 +37,27 @@ def probe_wheel(directory: Path) -> Path:
     info = "device_run_probe-1.0.dist-info"
     with zipfile.ZipFile(path, "w") as wheel:
         wheel.writestr("device_run_probe.py", "VALUE = 42\n")
-        wheel.writestr(f"{info}/METADATA",
-                       "Metadata-Version: 2.1\nName: device-run-probe\nVersion: 1.0\n")
-        wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\n"
-                                        "Root-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(
+            f"{info}/METADATA", "Metadata-Version: 2.1\nName: device-run-probe\nVersion: 1.0\n"
+        )
+        wheel.writestr(
+            f"{info}/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
         wheel.writestr(f"{info}/RECORD", "")
     return path
 
 
 def run_device(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", "scripts/device_run.sh"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=480, check=False)
+    return subprocess.run(
+        ["bash", "scripts/device_run.sh"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=480,
+        check=False,
+    )
 
 
 def base_env(tmp_path: Path) -> dict[str, str]:
@@ -58,11 +68,19 @@ def base_env(tmp_path: Path) -> dict[str, str]:
     wrapper = bin_dir / "python3"
     wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     wrapper.chmod(0o755)
-    env = {k: v for k, v in os.environ.items()
-           if k not in (fakegpu.ENV, "CUDA_VISIBLE_DEVICES", "PYTHONPATH")}
-    return {**env, "OUT": str(tmp_path / "out"), "SWAPPER_SITE": str(tmp_path / "site"),
-            "SWAPPER_WHEELS": str(tmp_path / "wheels"), "XDG_STATE_HOME": str(tmp_path / "xdg"),
-            "PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in (fakegpu.ENV, "CUDA_VISIBLE_DEVICES", "PYTHONPATH")
+    }
+    return {
+        **env,
+        "OUT": str(tmp_path / "out"),
+        "SWAPPER_SITE": str(tmp_path / "site"),
+        "SWAPPER_WHEELS": str(tmp_path / "wheels"),
+        "XDG_STATE_HOME": str(tmp_path / "xdg"),
+        "PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin",
+    }
 
 
 def test_device_run_installs_the_bundle_probes_nvml_and_runs_the_gpu_check(tmp_path: Path) -> None:
@@ -72,8 +90,13 @@ def test_device_run_installs_the_bundle_probes_nvml_and_runs_the_gpu_check(tmp_p
     smi.chmod(0o755)
     probe_wheel(tmp_path / "wheels")
     fakegpu.setup(tmp_path / "gpu", total_mb=81920, release_lag=1.0, name="Fake H100 80GB")
-    env.update({fakegpu.ENV: str(tmp_path / "gpu"), "CUDA_VISIBLE_DEVICES": "0",
-                "PYTHONPATH": f"{FAKES / 'cuda'}{os.pathsep}{FAKES / 'nvml'}"})
+    env.update(
+        {
+            fakegpu.ENV: str(tmp_path / "gpu"),
+            "CUDA_VISIBLE_DEVICES": "0",
+            "PYTHONPATH": f"{FAKES / 'cuda'}{os.pathsep}{FAKES / 'nvml'}",
+        }
+    )
     result = run_device(tmp_path, env)
     out = tmp_path / "out"
     log = (out / "device_run.log").read_text()
@@ -98,8 +121,7 @@ def test_device_run_installs_the_bundle_probes_nvml_and_runs_the_gpu_check(tmp_p
     assert "device run passed" in log
 
 
-def test_device_run_says_what_is_missing_on_a_machine_without_gpu_or_bundle(
-        tmp_path: Path) -> None:
+def test_device_run_says_what_is_missing_on_a_machine_without_gpu_or_bundle(tmp_path: Path) -> None:
     env = base_env(tmp_path)
     env["PYTHONPATH"] = str(FAKES / "nvml")  # NVML without a driver; no nvidia-smi, no wheels
     result = run_device(tmp_path, env)

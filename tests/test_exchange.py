@@ -89,8 +89,13 @@ def _state(coordinator: SwapCoordinator, upstream: FakeUpstream) -> Any:
     histogram = SimpleNamespace(observe=lambda seconds: None)
     metrics = SimpleNamespace(ttfb=SimpleNamespace(labels=lambda model: histogram))
     swapper = SimpleNamespace(loading_feedback_interval=0.05)
-    return SimpleNamespace(coordinator=coordinator, upstream=upstream, metrics=metrics,
-                           stopping=asyncio.Event(), config=SimpleNamespace(swapper=swapper))
+    return SimpleNamespace(
+        coordinator=coordinator,
+        upstream=upstream,
+        metrics=metrics,
+        stopping=asyncio.Event(),
+        config=SimpleNamespace(swapper=swapper),
+    )
 
 
 def _in_flight(coordinator: SwapCoordinator) -> int:
@@ -104,14 +109,16 @@ async def coordinator(coordinator_factory: CoordinatorFactory) -> SwapCoordinato
     return coordinator
 
 
-def _exchange(coordinator: SwapCoordinator, upstream: FakeUpstream, *, stream: bool = True,
-              ticket: Any = None) -> Exchange:
+def _exchange(
+    coordinator: SwapCoordinator, upstream: FakeUpstream, *, stream: bool = True, ticket: Any = None
+) -> Exchange:
     forward = Forward("/v1/chat/completions", BODY, "a", "a", stream)
     return Exchange(_state(coordinator, upstream), {"type": "http"}, forward, ticket)
 
 
-async def test_close_is_idempotent(coordinator: SwapCoordinator,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_close_is_idempotent(
+    coordinator: SwapCoordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     releases = Releases(coordinator, monkeypatch)
     response = FakeResponse()
     exchange = _exchange(coordinator, FakeUpstream(response))
@@ -124,8 +131,9 @@ async def test_close_is_idempotent(coordinator: SwapCoordinator,
     assert (releases.count, response.closes, _in_flight(coordinator)) == (1, 1, 0)
 
 
-async def test_an_answer_read_whole_releases_at_once(coordinator: SwapCoordinator,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_answer_read_whole_releases_at_once(
+    coordinator: SwapCoordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     releases = Releases(coordinator, monkeypatch)
     response = FakeResponse(stream=False)
     async with _exchange(coordinator, FakeUpstream(response), stream=False) as exchange:
@@ -137,7 +145,8 @@ async def test_an_answer_read_whole_releases_at_once(coordinator: SwapCoordinato
 
 @pytest.mark.parametrize("end", ["whole", "client_left", "upstream_broke"])
 async def test_a_relayed_stream_releases_once_however_it_ends(
-        coordinator: SwapCoordinator, monkeypatch: pytest.MonkeyPatch, end: str) -> None:
+    coordinator: SwapCoordinator, monkeypatch: pytest.MonkeyPatch, end: str
+) -> None:
     releases = Releases(coordinator, monkeypatch)
     response = FakeResponse(broken=end == "upstream_broke")
     exchange = _exchange(coordinator, FakeUpstream(response))
@@ -155,7 +164,8 @@ async def test_a_relayed_stream_releases_once_however_it_ends(
 
 
 async def test_a_stream_guard_closes_a_relay_that_never_ran(
-        coordinator: SwapCoordinator, monkeypatch: pytest.MonkeyPatch) -> None:
+    coordinator: SwapCoordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     releases = Releases(coordinator, monkeypatch)
     response = FakeResponse()
     exchange = _exchange(coordinator, FakeUpstream(response))
@@ -167,7 +177,8 @@ async def test_a_stream_guard_closes_a_relay_that_never_ran(
 
 @pytest.mark.parametrize("error", [BackendFailure("broke"), BackendTimeout("silent")])
 async def test_an_upstream_error_before_the_answer_releases_once(
-        coordinator: SwapCoordinator, monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    coordinator: SwapCoordinator, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
     releases = Releases(coordinator, monkeypatch)
     exchange = _exchange(coordinator, FakeUpstream(error))
     with pytest.raises(type(error)):
@@ -177,7 +188,8 @@ async def test_an_upstream_error_before_the_answer_releases_once(
 
 
 async def test_closing_while_the_request_is_sent_cancels_it_and_releases_once(
-        coordinator: SwapCoordinator, monkeypatch: pytest.MonkeyPatch) -> None:
+    coordinator: SwapCoordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     releases = Releases(coordinator, monkeypatch)
     upstream = FakeUpstream(None)
     exchange = _exchange(coordinator, upstream)
@@ -194,7 +206,8 @@ async def test_closing_while_the_request_is_sent_cancels_it_and_releases_once(
 
 
 async def test_a_queue_place_never_used_is_given_back(
-        coordinator_factory: CoordinatorFactory) -> None:
+    coordinator_factory: CoordinatorFactory,
+) -> None:
     coordinator = coordinator_factory()
     ticket = coordinator.enqueue("a")  # not resident: a place in the queue
     assert isinstance(ticket, Waiter)
@@ -203,14 +216,14 @@ async def test_a_queue_place_never_used_is_given_back(
 
 
 async def test_loading_feedback_then_the_stream_then_one_release(
-        coordinator_factory: CoordinatorFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    coordinator_factory: CoordinatorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     coordinator = coordinator_factory()
     releases = Releases(coordinator, monkeypatch)
     response = FakeResponse()
     state = _state(coordinator, FakeUpstream(response))
     forward = Forward("/v1/chat/completions", BODY, "a", "a", True)
-    stream = loading_stream(state, {"type": "http"}, forward, "reasoning",
-                            coordinator.enqueue("a"))
+    stream = loading_stream(state, {"type": "http"}, forward, "reasoning", coordinator.enqueue("a"))
     chunks = [chunk async for chunk in stream.iterator]
     await stream.cleanup()
     assert chunks[-2:] == EVENTS

@@ -27,8 +27,10 @@ from tests.fake_servers import fakegpu
 MIB = 1024 * 1024
 
 # A process that holds fake-GPU memory until killed: argv[1] = fake_servers dir, argv[2] = MiB.
-HOLDER = ("import sys, time; sys.path.insert(0, sys.argv[1]); import fakegpu; "
-          "fakegpu.hold(float(sys.argv[2])); time.sleep(120)")
+HOLDER = (
+    "import sys, time; sys.path.insert(0, sys.argv[1]); import fakegpu; "
+    "fakegpu.hold(float(sys.argv[2])); time.sleep(120)"
+)
 
 
 def status_of(url: str, **kwargs: Any) -> int | None:
@@ -49,25 +51,45 @@ class Spawner:
 
     def env(self, extra: dict[str, str] | None) -> dict[str, str]:
         # The fakes read many variables: start from a clean slate so the outer environment can't leak in.
-        base = {k: v for k, v in os.environ.items()
-                if not k.startswith(("FAKE_", "OLLAMA_", "VLLM_")) and k not in (fakegpu.ENV, "PYTHONPATH")}
+        base = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("FAKE_", "OLLAMA_", "VLLM_"))
+            and k not in (fakegpu.ENV, "PYTHONPATH")
+        }
         return {**base, **(extra or {})}
 
     def start(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = self.tmp / f"proc-{len(self.children)}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=self.env(env))
+            proc = subprocess.Popen(
+                [sys.executable, *argv],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env(env),
+            )
         self.children.append(proc)
         self.logs[proc.pid] = log
         return proc
 
-    def fake(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def fake(
+        self, name: str, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         return self.start(str(FAKES / name), *args, env=env)
 
-    def run(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=20,
-                              env=self.env(env), stdin=subprocess.DEVNULL, check=False)
+    def run(
+        self, *argv: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, *argv],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=self.env(env),
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
 
     def log(self, proc: subprocess.Popen[bytes]) -> str:
         return self.logs[proc.pid].read_text(errors="replace")
@@ -103,13 +125,15 @@ def gpu_dir(tmp_path: Path) -> Path:
 
 def hold_in_child(procs: Spawner, gpu_dir: Path, mb: float) -> subprocess.Popen[bytes]:
     holder = procs.start("-c", HOLDER, str(FAKES), str(mb), env={fakegpu.ENV: str(gpu_dir)})
-    wait_until(lambda: holder.pid in fakegpu.snapshot(gpu_dir).processes, 10, what="the holder's memory")
+    wait_until(
+        lambda: holder.pid in fakegpu.snapshot(gpu_dir).processes, 10, what="the holder's memory"
+    )
     return holder
 
 
 def sse_data(response: httpx.Response) -> list[str]:
     """The payloads of a stream's ``data:`` events, in order."""
-    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
 
 
 def chat_stream(client: httpx.Client, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -130,10 +154,18 @@ def stop_gracefully(procs: Spawner, proc: subprocess.Popen[bytes], marker: str) 
 
 # --- fake GPU -----------------------------------------------------------------------------------
 
-def test_fakegpu_counts_holders_and_lags_release_of_dead_ones(procs: Spawner, gpu_dir: Path) -> None:
+
+def test_fakegpu_counts_holders_and_lags_release_of_dead_ones(
+    procs: Spawner, gpu_dir: Path
+) -> None:
     holder = hold_in_child(procs, gpu_dir, 3000)
     snap = fakegpu.snapshot(gpu_dir)
-    assert (snap.name, snap.total_mb, snap.used_mb, snap.free_mb) == ("Fake GPU", 16384, 3000, 13384)
+    assert (snap.name, snap.total_mb, snap.used_mb, snap.free_mb) == (
+        "Fake GPU",
+        16384,
+        3000,
+        13384,
+    )
     assert snap.processes == {holder.pid: 3000}
 
     # A live process's hold changes at once, 0 included.
@@ -188,7 +220,11 @@ def test_fake_pynvml_reports_the_fake_gpu_in_bytes(procs: Spawner, gpu_dir: Path
     assert Path(out["module"]).parent == FAKES / "nvml"
     assert out["uninitialized"] is True
     assert (out["count"], out["name"]) == (1, "Fake GPU")
-    assert (out["total"], out["used"], out["free"]) == (16384 * MIB, 2048 * MIB, (16384 - 2048) * MIB)
+    assert (out["total"], out["used"], out["free"]) == (
+        16384 * MIB,
+        2048 * MIB,
+        (16384 - 2048) * MIB,
+    )
     assert out["procs"] == [[holder.pid, 2048 * MIB]]
 
     no_gpu = """if True:
@@ -204,13 +240,24 @@ def test_fake_pynvml_reports_the_fake_gpu_in_bytes(procs: Spawner, gpu_dir: Path
 
 # --- vLLM ---------------------------------------------------------------------------------------
 
+
 def test_vllm_port_closed_while_loading_then_serves_openai(procs: Spawner) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     started = time.monotonic()
-    proc = procs.fake("vllm", "serve", "org/model-a", "--host", "127.0.0.1", f"--port={port}",
-                      "--served-model-name", "alpha", "--max-model-len", "2048",
-                      env={"FAKE_VLLM_LOAD_SECONDS": "3"})
+    proc = procs.fake(
+        "vllm",
+        "serve",
+        "org/model-a",
+        "--host",
+        "127.0.0.1",
+        f"--port={port}",
+        "--served-model-name",
+        "alpha",
+        "--max-model-len",
+        "2048",
+        env={"FAKE_VLLM_LOAD_SECONDS": "3"},
+    )
     wait_until(lambda: "Starting to load model" in procs.log(proc), 10, what="the load to begin")
     # The load takes 3 s from the line just seen: a generous window to find the port closed,
     # even with every core busy.
@@ -225,18 +272,30 @@ def test_vllm_port_closed_while_loading_then_serves_openai(procs: Spawner) -> No
         assert listed["object"] == "list"
         [entry] = listed["data"]
         assert {k: entry[k] for k in ("id", "object", "owned_by", "root", "max_model_len")} == {
-            "id": "alpha", "object": "model", "owned_by": "vllm", "root": "org/model-a",
-            "max_model_len": 2048}
+            "id": "alpha",
+            "object": "model",
+            "owned_by": "vllm",
+            "root": "org/model-a",
+            "max_model_len": 2048,
+        }
         assert isinstance(entry["created"], int)
 
-        chat = {"model": "alpha", "messages": [{"role": "system", "content": "be brief"},
-                                               {"role": "user", "content": "hello world"}]}
+        chat = {
+            "model": "alpha",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hello world"},
+            ],
+        }
         reply = client.post("/v1/chat/completions", json=chat)
         assert reply.headers["content-type"].startswith("application/json")
         body = reply.json()
         assert (body["object"], body["model"]) == ("chat.completion", "alpha")
         assert body["choices"][0]["message"] == {
-            "role": "assistant", "content": "vllm alpha says: hello world", "tool_calls": []}
+            "role": "assistant",
+            "content": "vllm alpha says: hello world",
+            "tool_calls": [],
+        }
         assert body["choices"][0]["finish_reason"] == "stop"
 
         text = client.post("/v1/completions", json={"model": "alpha", "prompt": "once"}).json()
@@ -245,19 +304,31 @@ def test_vllm_port_closed_while_loading_then_serves_openai(procs: Spawner) -> No
         # The model path is not the served name: vLLM answers 404 in the nested OpenAI style.
         missing = client.post("/v1/chat/completions", json={**chat, "model": "org/model-a"})
         assert missing.status_code == 404
-        assert missing.json() == {"error": {"message": "The model `org/model-a` does not exist.",
-                                            "type": "NotFoundError", "param": "model", "code": 404}}
-        bad = client.post("/v1/chat/completions", content=b"{nope",
-                          headers={"content-type": "application/json"})
+        assert missing.json() == {
+            "error": {
+                "message": "The model `org/model-a` does not exist.",
+                "type": "NotFoundError",
+                "param": "model",
+                "code": 404,
+            }
+        }
+        bad = client.post(
+            "/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"}
+        )
         assert bad.status_code == 400 and bad.json()["error"]["code"] == 400
-        assert client.post("/sleep").status_code == 404, "sleep endpoints need VLLM_SERVER_DEV_MODE=1"
+        assert client.post("/sleep").status_code == 404, (
+            "sleep endpoints need VLLM_SERVER_DEV_MODE=1"
+        )
 
         chunks = chat_stream(client, chat)
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == "alpha" for c in chunks)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     contents = [c["choices"][0]["delta"]["content"] for c in chunks[1:-2]]
     assert "".join(contents) == "vllm alpha says: hello world" and len(contents) == 5
-    assert chunks[-2]["choices"][0]["delta"] == {} and chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert (
+        chunks[-2]["choices"][0]["delta"] == {}
+        and chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    )
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
     stop_gracefully(procs, proc, "Shutting down")
 
@@ -266,8 +337,15 @@ def test_vllm_test_knobs_count_connections_and_drop_a_reused_one(procs: Spawner)
     """The fake's own test knobs (not vLLM's): /fake/stats counts, DROP_IDLE=0 drops reuse."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    procs.fake("vllm", "serve", "org/m", "--host", "127.0.0.1", f"--port={port}",
-               env={"FAKE_VLLM_STATS": "1", "FAKE_VLLM_DROP_IDLE": "0"})
+    procs.fake(
+        "vllm",
+        "serve",
+        "org/m",
+        "--host",
+        "127.0.0.1",
+        f"--port={port}",
+        env={"FAKE_VLLM_STATS": "1", "FAKE_VLLM_DROP_IDLE": "0"},
+    )
     wait_until(lambda: status_of(f"{base}/health") == 200, 20, what="/health 200")
     body = {"model": "org/m", "messages": [{"role": "user", "content": "hi"}]}
     with httpx.Client(base_url=base, timeout=5) as client:
@@ -283,18 +361,35 @@ def test_vllm_test_knobs_count_connections_and_drop_a_reused_one(procs: Spawner)
 def test_vllm_api_key_and_flat_errors(procs: Spawner) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    procs.fake("vllm", "serve", "m", "--host=127.0.0.1", "--port", str(port), "--api-key", "sekrit",
-               env={"FAKE_VLLM_LOAD_SECONDS": "0", "FAKE_VLLM_FLAT_ERRORS": "1"})
+    procs.fake(
+        "vllm",
+        "serve",
+        "m",
+        "--host=127.0.0.1",
+        "--port",
+        str(port),
+        "--api-key",
+        "sekrit",
+        env={"FAKE_VLLM_LOAD_SECONDS": "0", "FAKE_VLLM_FLAT_ERRORS": "1"},
+    )
     wait_until(lambda: status_of(f"{base}/health") == 200, 10, what="/health without a key")
     assert status_of(f"{base}/v1/models") == 401
     assert status_of(f"{base}/v1/models", headers={"Authorization": "Bearer wrong"}) == 401
     auth = {"Authorization": "Bearer sekrit"}
     assert httpx.get(f"{base}/v1/models", headers=auth).json()["data"][0]["id"] == "m"
-    missing = httpx.post(f"{base}/v1/chat/completions", headers=auth,
-                         json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+    missing = httpx.post(
+        f"{base}/v1/chat/completions",
+        headers=auth,
+        json={"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+    )
     assert missing.status_code == 404
-    assert missing.json() == {"object": "error", "message": "The model `nope` does not exist.",
-                              "type": "NotFoundError", "param": None, "code": 404}
+    assert missing.json() == {
+        "object": "error",
+        "message": "The model `nope` does not exist.",
+        "type": "NotFoundError",
+        "param": None,
+        "code": 404,
+    }
 
 
 def test_vllm_command_line_and_load_failures(procs: Spawner) -> None:
@@ -303,9 +398,14 @@ def test_vllm_command_line_and_load_failures(procs: Spawner) -> None:
     assert no_model.returncode == 2 and "usage:" in no_model.stderr
     unknown = procs.run(vllm, "serve", "m", "--no-such-flag")
     assert unknown.returncode == 2 and "unrecognized arguments" in unknown.stderr
-    failed = procs.run(vllm, "serve", "m", "--port", str(free_port()),
-                       env={"FAKE_VLLM_LOAD_SECONDS": "0.1",
-                            "FAKE_VLLM_FAIL": "RuntimeError: weights corrupt"})
+    failed = procs.run(
+        vllm,
+        "serve",
+        "m",
+        "--port",
+        str(free_port()),
+        env={"FAKE_VLLM_LOAD_SECONDS": "0.1", "FAKE_VLLM_FAIL": "RuntimeError: weights corrupt"},
+    )
     assert failed.returncode == 1 and "RuntimeError: weights corrupt" in failed.stderr
 
 
@@ -318,18 +418,43 @@ def test_vllm_refuses_to_start_without_free_gpu_memory(procs: Spawner, gpu_dir: 
     assert "less than desired GPU memory utilization (0.9" in refused.stderr
 
     port = free_port()
-    proc = procs.fake("vllm", "serve", "m", "--host", "127.0.0.1", "--port", str(port),
-                      "--gpu-memory-utilization", "0.5", env=env)
-    wait_until(lambda: status_of(f"http://127.0.0.1:{port}/health") == 200, 10, what="a start that fits")
+    proc = procs.fake(
+        "vllm",
+        "serve",
+        "m",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--gpu-memory-utilization",
+        "0.5",
+        env=env,
+    )
+    wait_until(
+        lambda: status_of(f"http://127.0.0.1:{port}/health") == 200, 10, what="a start that fits"
+    )
     assert fakegpu.snapshot(gpu_dir).processes[proc.pid] == 0.5 * 16384
 
 
 def test_vllm_sleep_aborts_streams_frees_memory_and_wakes(procs: Spawner, gpu_dir: Path) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = procs.fake("vllm", "serve", "m", "--host", "127.0.0.1", "--port", str(port), "--enable-sleep-mode",
-                      env={fakegpu.ENV: str(gpu_dir), "VLLM_SERVER_DEV_MODE": "1",
-                           "FAKE_VLLM_LOAD_SECONDS": "0", "FAKE_VLLM_TOKEN_DELAY": "0.05"})
+    proc = procs.fake(
+        "vllm",
+        "serve",
+        "m",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--enable-sleep-mode",
+        env={
+            fakegpu.ENV: str(gpu_dir),
+            "VLLM_SERVER_DEV_MODE": "1",
+            "FAKE_VLLM_LOAD_SECONDS": "0",
+            "FAKE_VLLM_TOKEN_DELAY": "0.05",
+        },
+    )
     wait_until(lambda: status_of(f"{base}/health") == 200, 10, what="/health 200")
     full = 0.9 * 16384
     assert fakegpu.snapshot(gpu_dir).processes[proc.pid] == full
@@ -338,9 +463,15 @@ def test_vllm_sleep_aborts_streams_frees_memory_and_wakes(procs: Spawner, gpu_di
     with httpx.Client(base_url=base, timeout=5) as client:
         assert client.get("/is_sleeping").json() == {"is_sleeping": False}
         seen: list[str] = []
-        with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as response:
+        with client.stream(
+            "POST", "/v1/chat/completions", json={**chat, "stream": True}
+        ) as response:
             lines = response.iter_lines()
-            seen.append(wait_until(lambda: next(x for x in lines if x.startswith("data: ")), 10, what="a chunk"))
+            seen.append(
+                wait_until(
+                    lambda: next(x for x in lines if x.startswith("data: ")), 10, what="a chunk"
+                )
+            )
             with httpx.Client(base_url=base, timeout=5) as other:
                 assert other.post("/sleep", params={"level": "1"}).status_code == 200
             with pytest.raises(httpx.RemoteProtocolError):
@@ -363,12 +494,14 @@ def test_vllm_sleep_aborts_streams_frees_memory_and_wakes(procs: Spawner, gpu_di
         assert client.post("/wake_up").status_code == 200
         assert client.get("/is_sleeping").json() == {"is_sleeping": False}
         assert fakegpu.snapshot(gpu_dir).processes[proc.pid] == full
-        awake = client.post("/v1/chat/completions",
-                            json={**chat, "messages": [{"role": "user", "content": "hi"}]})
+        awake = client.post(
+            "/v1/chat/completions", json={**chat, "messages": [{"role": "user", "content": "hi"}]}
+        )
         assert awake.json()["choices"][0]["message"]["content"] == "vllm m says: hi"
 
 
 # --- Ollama -------------------------------------------------------------------------------------
+
 
 def expires_at(entry: dict[str, Any]) -> datetime:
     return datetime.fromisoformat(entry["expires_at"])
@@ -380,12 +513,19 @@ def test_ollama_v1_requests_keep_or_reset_the_keep_alive(procs: Spawner, resets:
     it reset it to the 5-minute default (the fake's FAKE_OLLAMA_V1_RESETS_KEEP_ALIVE)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    procs.fake("ollama", "serve", env={
-        "OLLAMA_HOST": f"127.0.0.1:{port}", "FAKE_OLLAMA_MODELS": "qwen3:8b=5200",
-        "FAKE_OLLAMA_V1_RESETS_KEEP_ALIVE": "1" if resets else ""})
+    procs.fake(
+        "ollama",
+        "serve",
+        env={
+            "OLLAMA_HOST": f"127.0.0.1:{port}",
+            "FAKE_OLLAMA_MODELS": "qwen3:8b=5200",
+            "FAKE_OLLAMA_V1_RESETS_KEEP_ALIVE": "1" if resets else "",
+        },
+    )
     wait_until(lambda: status_of(f"{base}/api/version") == 200, 10, what="ollama to listen")
     body = {"model": "qwen3:8b", "messages": [{"role": "user", "content": "hi"}]}
     with httpx.Client(base_url=base, timeout=10) as client:
+
         def expires() -> datetime:
             stamp = client.get("/api/ps").json()["models"][0]["expires_at"]
             return datetime.fromisoformat(stamp)
@@ -403,10 +543,17 @@ def test_ollama_v1_requests_keep_or_reset_the_keep_alive(procs: Spawner, resets:
 def test_ollama_preload_ps_unload_and_keep_alive(procs: Spawner, gpu_dir: Path) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = procs.fake("ollama", "serve", env={
-        "OLLAMA_HOST": f"127.0.0.1:{port}", fakegpu.ENV: str(gpu_dir),
-        "FAKE_OLLAMA_MODELS": "qwen3:8b=5200,llama3.2:1b=1300,tiny=100",
-        "FAKE_OLLAMA_LOAD_SECONDS": "0.3", "FAKE_OLLAMA_UNLOAD_SECONDS": "1.0"})
+    proc = procs.fake(
+        "ollama",
+        "serve",
+        env={
+            "OLLAMA_HOST": f"127.0.0.1:{port}",
+            fakegpu.ENV: str(gpu_dir),
+            "FAKE_OLLAMA_MODELS": "qwen3:8b=5200,llama3.2:1b=1300,tiny=100",
+            "FAKE_OLLAMA_LOAD_SECONDS": "0.3",
+            "FAKE_OLLAMA_UNLOAD_SECONDS": "1.0",
+        },
+    )
     wait_until(lambda: status_of(f"{base}/api/version") == 200, 10, what="ollama to listen")
     assert f"Listening on 127.0.0.1:{port} (version 0.12.0)" in procs.log(proc)
 
@@ -420,22 +567,45 @@ def test_ollama_preload_ps_unload_and_keep_alive(procs: Spawner, gpu_dir: Path) 
         assert client.get("/api/version").json() == {"version": "0.12.0"}
         tags = {m["name"]: m for m in client.get("/api/tags").json()["models"]}
         assert set(tags) == {"qwen3:8b", "llama3.2:1b", "tiny:latest"}
-        assert tags["qwen3:8b"]["size"] == 5200 * MIB and tags["qwen3:8b"]["details"]["format"] == "gguf"
+        assert (
+            tags["qwen3:8b"]["size"] == 5200 * MIB
+            and tags["qwen3:8b"]["details"]["format"] == "gguf"
+        )
         assert ps() == {}
 
         loaded = client.post("/api/generate", json={"model": "tiny"}).json()
-        assert (loaded["model"], loaded["done"], loaded["done_reason"]) == ("tiny:latest", True, "load")
+        assert (loaded["model"], loaded["done"], loaded["done_reason"]) == (
+            "tiny:latest",
+            True,
+            "load",
+        )
         entry = ps()["tiny:latest"]
-        assert set(entry) == {"name", "model", "size", "digest", "details", "expires_at", "size_vram",
-                              "context_length"}
+        assert set(entry) == {
+            "name",
+            "model",
+            "size",
+            "digest",
+            "details",
+            "expires_at",
+            "size_vram",
+            "context_length",
+        }
         left = expires_at(entry) - datetime.now().astimezone()
         assert timedelta(minutes=4) < left <= timedelta(minutes=5), "default keep_alive is 5m"
         assert held() == 100
 
         # Two concurrent preloads of one model: one load, both answered once it is done.
         replies: list[dict[str, Any]] = []
-        threads = [threading.Thread(target=lambda: replies.append(client.post(
-            "/api/generate", json={"model": "qwen3:8b", "keep_alive": -1}).json())) for _ in range(2)]
+        threads = [
+            threading.Thread(
+                target=lambda: replies.append(
+                    client.post(
+                        "/api/generate", json={"model": "qwen3:8b", "keep_alive": -1}
+                    ).json()
+                )
+            )
+            for _ in range(2)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -445,14 +615,21 @@ def test_ollama_preload_ps_unload_and_keep_alive(procs: Spawner, gpu_dir: Path) 
         assert expires_at(ps()["qwen3:8b"]).year > 2200, "keep_alive -1 means forever"
         assert held() == 5300
 
-        unloaded = client.post("/api/generate", json={"model": "tiny:latest", "keep_alive": 0}).json()
+        unloaded = client.post(
+            "/api/generate", json={"model": "tiny:latest", "keep_alive": 0}
+        ).json()
         assert (unloaded["model"], unloaded["done"], unloaded["done_reason"]) == (
-            "tiny:latest", True, "unload")
+            "tiny:latest",
+            True,
+            "unload",
+        )
         assert "tiny:latest" in ps(), "the unload lands only after the reply"
         wait_until(lambda: "tiny:latest" not in ps(), 5, what="the unload")
         assert held() == 5200
 
-        client.post("/api/generate", json={"model": "llama3.2:1b", "keep_alive": "1s"}).raise_for_status()
+        client.post(
+            "/api/generate", json={"model": "llama3.2:1b", "keep_alive": "1s"}
+        ).raise_for_status()
         assert "llama3.2:1b" in ps()
         wait_until(lambda: "llama3.2:1b" not in ps(), 5, what="keep_alive expiry")
         assert held() == 5200
@@ -468,37 +645,64 @@ def test_ollama_preload_ps_unload_and_keep_alive(procs: Spawner, gpu_dir: Path) 
 def test_ollama_openai_lazy_load_errors_and_stream(procs: Spawner) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = procs.fake("ollama", "serve", env={
-        "OLLAMA_HOST": f"http://127.0.0.1:{port}", "FAKE_OLLAMA_MODELS": "qwen3:8b=5200,llama3=4700",
-        "FAKE_OLLAMA_LOAD_SECONDS": "0.1"})
+    proc = procs.fake(
+        "ollama",
+        "serve",
+        env={
+            "OLLAMA_HOST": f"http://127.0.0.1:{port}",
+            "FAKE_OLLAMA_MODELS": "qwen3:8b=5200,llama3=4700",
+            "FAKE_OLLAMA_LOAD_SECONDS": "0.1",
+        },
+    )
     wait_until(lambda: status_of(f"{base}/api/version") == 200, 10, what="ollama to listen")
     with httpx.Client(base_url=base, timeout=10) as client:
         listed = client.get("/v1/models").json()
         assert listed["object"] == "list"
         assert [(m["id"], m["object"], m["owned_by"]) for m in listed["data"]] == [
-            ("qwen3:8b", "model", "library"), ("llama3:latest", "model", "library")]
+            ("qwen3:8b", "model", "library"),
+            ("llama3:latest", "model", "library"),
+        ]
         assert client.get("/api/ps").json() == {"models": []}, "listing models must not load any"
 
         chat = {"model": "llama3", "messages": [{"role": "user", "content": "hello there"}]}
         reply = client.post("/v1/chat/completions", json=chat)
-        assert reply.status_code == 200 and reply.headers["content-type"].startswith("application/json")
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith(
+            "application/json"
+        )
         body = reply.json()
         assert (body["object"], body["model"], body["system_fingerprint"]) == (
-            "chat.completion", "llama3:latest", "fp_ollama")
+            "chat.completion",
+            "llama3:latest",
+            "fp_ollama",
+        )
         assert body["id"].startswith("chatcmpl-")
         assert body["choices"][0]["message"] == {
-            "role": "assistant", "content": "ollama llama3:latest says: hello there"}
+            "role": "assistant",
+            "content": "ollama llama3:latest says: hello there",
+        }
         assert set(body["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
         assert [m["name"] for m in client.get("/api/ps").json()["models"]] == ["llama3:latest"]
 
         missing = client.post("/v1/chat/completions", json={**chat, "model": "nope"})
         assert missing.status_code == 404
-        assert missing.json() == {"error": {"message": 'model "nope" not found, try pulling it first',
-                                            "type": "api_error", "param": None, "code": None}}
+        assert missing.json() == {
+            "error": {
+                "message": 'model "nope" not found, try pulling it first',
+                "type": "api_error",
+                "param": None,
+                "code": None,
+            }
+        }
         empty = client.post("/v1/chat/completions", json={**chat, "messages": []})
         assert empty.status_code == 400
-        assert empty.json() == {"error": {"message": "[] is too short - 'messages'",
-                                          "type": "invalid_request_error", "param": None, "code": None}}
+        assert empty.json() == {
+            "error": {
+                "message": "[] is too short - 'messages'",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        }
 
         chunks = chat_stream(client, {**chat, "model": "qwen3:8b"})
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == "qwen3:8b" for c in chunks)

@@ -45,7 +45,7 @@ def test_backend_sigkilled_mid_stream_closes_within_a_second(swapper_factory: An
         closed = time.monotonic() - killed
     # The README promises a second: the close follows the backend's EOF, not a timer.
     assert closed < seconds(1.0), f"stream took {closed:.2f}s to close after the kill"
-    error = json.loads(rest[-1][len("data: "):])["error"]
+    error = json.loads(rest[-1][len("data: ") :])["error"]
     assert error["code"] == "backend_error" and error["message"]
     failed = swapper.wait_status("tiny-a", "FAILED")
     assert "backend died" in failed["last_error"]
@@ -54,8 +54,9 @@ def test_backend_sigkilled_mid_stream_closes_within_a_second(swapper_factory: An
 
 
 def test_frozen_backend_times_out_is_killed_and_restarted(swapper_factory: Any) -> None:
-    swapper = swapper_factory(models=one_model(swapper_factory),
-                              timeouts={"read": 1, "health": 0.5})
+    swapper = swapper_factory(
+        models=one_model(swapper_factory), timeouts={"read": 1, "health": 0.5}
+    )
     assert chat(swapper, "tiny-a").status_code == 200
     pid = swapper.model("tiny-a")["pid"]
     os.kill(pid, signal.SIGSTOP)
@@ -84,7 +85,9 @@ def test_frozen_backend_times_out_is_killed_and_restarted(swapper_factory: Any) 
     ],
 )
 def test_exit_during_load_reports_the_backends_last_lines(
-    swapper_factory: Any, broken: str, words: str,
+    swapper_factory: Any,
+    broken: str,
+    words: str,
 ) -> None:
     if broken == "path":
         models = one_model(swapper_factory, model_path=str(not_a_model(swapper_factory.workdir)))
@@ -101,8 +104,9 @@ def test_exit_during_load_reports_the_backends_last_lines(
 
 def test_crash_loop_backs_off_and_manual_load_retries(swapper_factory: Any) -> None:
     models = one_model(swapper_factory, model_path=str(not_a_model(swapper_factory.workdir)))
-    swapper = swapper_factory(models=models, swapper={"max_start_failures": 2,
-                                                      "retry_backoff": 120})
+    swapper = swapper_factory(
+        models=models, swapper={"max_start_failures": 2, "retry_backoff": 120}
+    )
     starts = lambda: swapper.output().count("Starting tiny-a")  # noqa: E731
     assert chat(swapper, "tiny-a").status_code == 503
     assert chat(swapper, "tiny-a").status_code == 503
@@ -122,14 +126,16 @@ def test_crash_loop_backs_off_and_manual_load_retries(swapper_factory: Any) -> N
     assert status["status"] == "FAILED" and status["failures"] == 3
 
 
-def test_load_slower_than_the_swap_timeout_fails_and_is_killed(swapper_factory: Any,
-                                                                 tmp_path: Path) -> None:
+def test_load_slower_than_the_swap_timeout_fails_and_is_killed(
+    swapper_factory: Any, tmp_path: Path
+) -> None:
     slow = tmp_path / "slow-llama-server"
     pid_file = tmp_path / "slow.pid"
     # Stands in for a model that takes minutes to load: it never opens its port. exec keeps the
     # pid, so the pid it writes is the process swapper must kill.
-    slow.write_text(f"#!/bin/sh\necho $$ > {pid_file}\necho loading a very large model\n"
-                    "exec sleep 600\n")
+    slow.write_text(
+        f"#!/bin/sh\necho $$ > {pid_file}\necho loading a very large model\nexec sleep 600\n"
+    )
     slow.chmod(slow.stat().st_mode | stat.S_IEXEC)
     models = one_model(swapper_factory, binary=str(slow))
     swapper = swapper_factory(models=models, swapper={"model_swap_timeout": 1})
@@ -152,8 +158,10 @@ def test_backends_listen_on_loopback_only(swapper_factory: Any) -> None:
     assert chat(swapper, "tiny-a").status_code == 200
     port = swapper.model("tiny-a")["port"]
     listening = []
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:] + \
-            Path("/proc/net/tcp6").read_text().splitlines()[1:]:
+    for line in (
+        Path("/proc/net/tcp").read_text().splitlines()[1:]
+        + Path("/proc/net/tcp6").read_text().splitlines()[1:]
+    ):
         local, state = line.split()[1], line.split()[3]
         address, hex_port = local.rsplit(":", 1)
         if int(hex_port, 16) == port and state == "0A":  # 0A = LISTEN
@@ -165,13 +173,16 @@ def test_reload_keeps_unchanged_models_running_mid_request(swapper_factory: Any)
     # Three slots, so the changed and the removed model are really running when the reload comes.
     swapper = swapper_factory(
         swapper={"mode": "multi-active", "max_concurrent_models": 3},
-        models={**one_model(swapper_factory, "tiny-a", ctx_size=16384, args=["-np", "1"]),
-                **one_model(swapper_factory, "tiny-b"),
-                **one_model(swapper_factory, "tiny-c")})
+        models={
+            **one_model(swapper_factory, "tiny-a", ctx_size=8192, args=["-np", "1"]),
+            **one_model(swapper_factory, "tiny-b"),
+            **one_model(swapper_factory, "tiny-c"),
+        },
+    )
     for name in ("tiny-b", "tiny-c"):
         assert chat(swapper, name).status_code == 200
     pid_b, pid_c = swapper.model("tiny-b")["pid"], swapper.model("tiny-c")["pid"]
-    body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 12000, "stream": True}
+    body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 4000, "stream": True}
     with swapper.http.stream("POST", "/v1/chat/completions", json=body) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
@@ -228,8 +239,11 @@ def test_steady_traffic_cannot_block_a_swap(swapper_factory: Any) -> None:
     """
     swapper = swapper_factory(
         swapper={"default_model": "tiny-a", "max_overtake": 4, "drain_timeout": 2},
-        models={**one_model(swapper_factory, "tiny-a", ctx_size=65536, args=["-np", "4"]),
-                **one_model(swapper_factory, "tiny-b")})
+        models={
+            **one_model(swapper_factory, "tiny-a", ctx_size=65536, args=["-np", "4"]),
+            **one_model(swapper_factory, "tiny-b"),
+        },
+    )
     swapper.wait_status("tiny-a", "LOADED")
     stop = threading.Event()
     b_done = threading.Event()
@@ -244,8 +258,10 @@ def test_steady_traffic_cannot_block_a_swap(swapper_factory: Any) -> None:
         try:
             with httpx.Client(base_url=swapper.url, timeout=60) as client:
                 while not stop.is_set():
-                    response = client.post("/v1/chat/completions", json={
-                        "model": "tiny-a", "messages": MESSAGES, "max_tokens": 16})
+                    response = client.post(
+                        "/v1/chat/completions",
+                        json={"model": "tiny-a", "messages": MESSAGES, "max_tokens": 16},
+                    )
                     statuses.append(response.status_code)
                     finished_a.append(time.monotonic())
                     if b_done.is_set() and response.status_code == 200:
@@ -256,8 +272,10 @@ def test_steady_traffic_cannot_block_a_swap(swapper_factory: Any) -> None:
     def long_a() -> None:
         body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 15000, "stream": True}
         try:
-            with httpx.Client(base_url=swapper.url, timeout=60) as client, \
-                    client.stream("POST", "/v1/chat/completions", json=body) as response:
+            with (
+                httpx.Client(base_url=swapper.url, timeout=60) as client,
+                client.stream("POST", "/v1/chat/completions", json=body) as response,
+            ):
                 for line in response.iter_lines():
                     if line.startswith("data: "):
                         long_stream.append(line)
@@ -277,8 +295,7 @@ def test_steady_traffic_cannot_block_a_swap(swapper_factory: Any) -> None:
         answered_b = time.monotonic()
         assert response.status_code == 200, response.text
         b_done.set()
-        wait_until(lambda: len(served_a_after_b) >= 3 or errors, 60,
-                   "traffic to resume on tiny-a")
+        wait_until(lambda: len(served_a_after_b) >= 3 or errors, 60, "traffic to resume on tiny-a")
     finally:
         stop.set()
         for worker in [*workers, streamer]:
@@ -294,5 +311,3 @@ def test_steady_traffic_cannot_block_a_swap(swapper_factory: Any) -> None:
     # The long stream was what held the swap: cut off at drain_timeout, with the reason.
     assert "model_evicted" in long_stream[-1], long_stream[-1]
     assert swapper.output().count("Starting tiny-b") == 1
-
-

@@ -23,24 +23,40 @@ from tests.fake_servers import fakegpu
 
 pytestmark = pytest.mark.integration
 
-ALWAYS_PASS = ("a and b resident together", "b evicted (least recently used) to fit c, a kept",
-               "c resident", "b's process gone",
-               "c started only after b's memory showed free (NVML timeline)",
-               "no stray holder processes", "NVML used memory back near baseline")
+ALWAYS_PASS = (
+    "a and b resident together",
+    "b evicted (least recently used) to fit c, a kept",
+    "c resident",
+    "b's process gone",
+    "c started only after b's memory showed free (NVML timeline)",
+    "no stray holder processes",
+    "NVML used memory back near baseline",
+)
 
 
 def fake_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """Environment with the fake CUDA and NVML on PYTHONPATH and a fake 80 GiB GPU."""
     gpu = tmp_path / "gpu"
     fakegpu.setup(gpu, total_mb=81920, release_lag=1.0, name="Fake H100 80GB")
-    return {**os.environ, fakegpu.ENV: str(gpu),
-            "PYTHONPATH": f"{FAKES / 'cuda'}{os.pathsep}{FAKES / 'nvml'}",
-            "XDG_STATE_HOME": str(tmp_path / "state"), **extra}
+    return {
+        **os.environ,
+        fakegpu.ENV: str(gpu),
+        "PYTHONPATH": f"{FAKES / 'cuda'}{os.pathsep}{FAKES / 'nvml'}",
+        "XDG_STATE_HOME": str(tmp_path / "state"),
+        **extra,
+    }
 
 
 def run_check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "scripts/gpu_check.py"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=240, check=False)
+    return subprocess.run(
+        [sys.executable, "scripts/gpu_check.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
 
 
 def test_gpu_check_shows_eviction_by_budget_and_the_wait_for_freed_memory(tmp_path: Path) -> None:
@@ -55,8 +71,9 @@ def test_gpu_check_shows_eviction_by_budget_and_the_wait_for_freed_memory(tmp_pa
 
 def test_gpu_check_follows_cuda_device_0_by_uuid_and_host_pids(tmp_path: Path) -> None:
     # NVML lists an idle GPU first and gives host PIDs; CUDA's device 0 is NVML's index 1.
-    env = fake_env(tmp_path, FAKE_NVML_OTHER_GPUS="1", CUDA_VISIBLE_DEVICES="1",
-                   FAKE_NVML_PID_OFFSET="100000")
+    env = fake_env(
+        tmp_path, FAKE_NVML_OTHER_GPUS="1", CUDA_VISIBLE_DEVICES="1", FAKE_NVML_PID_OFFSET="100000"
+    )
     result = run_check(env)
     output = result.stdout + result.stderr
     uuid = fakegpu.default_uuid("Fake H100 80GB")
@@ -99,10 +116,18 @@ print(json.dumps([monitor.process_memory_mb(os.getpid()), monitor.process_memory
 
 @pytest.mark.parametrize("offset", ["0", "100000"])
 def test_process_memory_is_unknown_when_nvml_lists_only_foreign_pids(
-        tmp_path: Path, offset: str) -> None:
+    tmp_path: Path, offset: str
+) -> None:
     env = fake_env(tmp_path, PYTHONPATH=str(FAKES / "nvml"), FAKE_NVML_PID_OFFSET=offset)
-    result = subprocess.run([sys.executable, "-c", _MONITOR, str(FAKES)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", _MONITOR, str(FAKES)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     first, second, used = json.loads(result.stdout)
     assert used == 1234.0  # the fallback: the device's used memory, whoever holds it
     warning = "NVML reports no process of ours: in a container without `pid: host`?"
@@ -140,12 +165,20 @@ for declare, call in [
 
 def test_fake_cuda_refuses_calls_not_declared_as_the_driver_api(tmp_path: Path) -> None:
     env = fake_env(tmp_path, PYTHONPATH=str(FAKES / "cuda"))
-    result = subprocess.run([sys.executable, "-c", _SIGNATURES], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGNATURES],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert len(lines) == 3 and all(line.startswith("refused: fake CUDA: ") for line in lines), \
+    assert len(lines) == 3 and all(line.startswith("refused: fake CUDA: ") for line in lines), (
         result.stdout
+    )
     assert "cuInit called with argtypes None" in lines[0]
 
 
@@ -166,11 +199,20 @@ def test_the_release_order_is_judged_on_nvmls_timeline_not_on_pids() -> None:
         return (t, memory(80000, used, 80000 - used), procs)
 
     # Host pids (none of them ours): a=901, b=902 leaves, c=903 comes.
-    before = [sample(0.0, 66000, {901: 33000, 902: 33000}),
-              sample(0.5, 66000, {901: 33000})]  # b left the list, its memory not yet free
-    patient = [*before, sample(1.5, 33000, {901: 33000}), sample(1.6, 66000, {901: 33000, 903: 33000})]
-    hasty = [*before, sample(0.6, 66512, {901: 33000, 903: 512}),
-             sample(1.5, 66000, {901: 33000, 903: 33000})]
+    before = [
+        sample(0.0, 66000, {901: 33000, 902: 33000}),
+        sample(0.5, 66000, {901: 33000}),
+    ]  # b left the list, its memory not yet free
+    patient = [
+        *before,
+        sample(1.5, 33000, {901: 33000}),
+        sample(1.6, 66000, {901: 33000, 903: 33000}),
+    ]
+    hasty = [
+        *before,
+        sample(0.6, 66512, {901: 33000, 903: 512}),
+        sample(1.5, 66000, {901: 33000, 903: 33000}),
+    ]
     ok, why = check.started_after_release(patient, 33000)  # type: ignore[attr-defined]
     assert ok, why
     assert "freed 1.00s after it left the list" in why

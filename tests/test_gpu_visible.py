@@ -27,7 +27,9 @@ def nvml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setattr(sys, "path", list(sys.path))  # it puts tests/fake_servers on the path
-    monkeypatch.setitem(sys.modules, "pynvml", module)  # before running it: its dataclasses look it up
+    monkeypatch.setitem(
+        sys.modules, "pynvml", module
+    )  # before running it: its dataclasses look it up
     spec.loader.exec_module(module)
     directory = tmp_path / "gpu"
     fakegpu.setup(directory, total_mb=16384, uuid=FAKE_UUID)
@@ -41,7 +43,9 @@ def nvml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.mark.parametrize("visible", ["1", FAKE_UUID, FAKE_UUID[:12], " 1 ,7"])
 def test_only_the_gpus_cuda_visible_devices_names_count(
-    nvml: Path, monkeypatch: pytest.MonkeyPatch, visible: str,
+    nvml: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    visible: str,
 ) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     gpu = GpuMonitor()
@@ -56,10 +60,14 @@ def test_every_gpu_counts_without_cuda_visible_devices(nvml: Path) -> None:
     assert gpu.totals_mb() == (2 * 16384, 3000, 2 * 16384 - 3000)
 
 
-@pytest.mark.parametrize(("visible", "indexes"), [("0", [0]), ("1,0", [1, 0]), ("-1", []),
-                                                  ("", []), ("GPU-nope,1", [])])
+@pytest.mark.parametrize(
+    ("visible", "indexes"), [("0", [0]), ("1,0", [1, 0]), ("-1", []), ("", []), ("GPU-nope,1", [])]
+)
 def test_cuda_visible_devices_is_read_as_cuda_reads_it(
-    nvml: Path, monkeypatch: pytest.MonkeyPatch, visible: str, indexes: list[int],
+    nvml: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    visible: str,
+    indexes: list[int],
 ) -> None:
     # The list ends at the first entry that names no GPU, as it does for CUDA.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)

@@ -18,9 +18,13 @@ pytestmark = pytest.mark.anyio
 
 CHAT = {"model": "a", "messages": MESSAGES, "max_tokens": 4}
 COMPLETION = {
-    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "a",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "yo"},
-                 "finish_reason": "stop"}],
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "a",
+    "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "yo"}, "finish_reason": "stop"}
+    ],
     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
 }
 
@@ -70,8 +74,9 @@ async def test_chat_is_forwarded_unchanged_and_answered(
     route = upstream.post("http://a.fake.test/v1/chat/completions").respond(json=COMPLETION)
     body = {**CHAT, "model": "alpha", "custom_field": {"x": [1, 2]}}
     raw = json.dumps(body).encode()
-    response = await client.post("/v1/chat/completions", content=raw,
-                                 headers={"content-type": "application/json"})
+    response = await client.post(
+        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/json")
     assert response.json() == COMPLETION
@@ -88,8 +93,9 @@ async def test_completions_and_embeddings_are_routed(
     upstream.post("http://b.fake.test/v1/completions").respond(json={"object": "text_completion"})
     upstream.post("http://b.fake.test/v1/embeddings").respond(json={"object": "list", "data": []})
     r1 = await client.post("/v1/completions", json={"model": "b", "prompt": "x"})
-    r2 = await client.post("/v1/embeddings", json={"model": "b", "input": ["x"],
-                                                    "encoding_format": "base64"})
+    r2 = await client.post(
+        "/v1/embeddings", json={"model": "b", "input": ["x"], "encoding_format": "base64"}
+    )
     assert r1.json() == {"object": "text_completion"}
     assert r2.json() == {"object": "list", "data": []}
     assert json.loads(upstream.calls.last.request.content)["encoding_format"] == "base64"
@@ -102,8 +108,9 @@ async def test_stream_is_relayed_as_sse(
     upstream.post("http://a.fake.test/v1/chat/completions").respond(
         200, content=events, headers={"content-type": "text/event-stream"}
     )
-    async with client.stream("POST", "/v1/chat/completions",
-                             json={**CHAT, "stream": True}) as response:
+    async with client.stream(
+        "POST", "/v1/chat/completions", json={**CHAT, "stream": True}
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["x-accel-buffering"] == "no"
@@ -129,16 +136,25 @@ async def test_backend_breaking_before_the_headers_is_502(
 @pytest.mark.parametrize(
     ("upstream_status", "upstream_body", "message"),
     [
-        (400, {"error": {"code": 400, "message": "bad n_predict", "type": "invalid_request_error"}},
-         "bad n_predict"),
-        (400, {"object": "error", "message": "flat vllm error", "type": "BadRequestError"},
-         "flat vllm error"),
+        (
+            400,
+            {"error": {"code": 400, "message": "bad n_predict", "type": "invalid_request_error"}},
+            "bad n_predict",
+        ),
+        (
+            400,
+            {"object": "error", "message": "flat vllm error", "type": "BadRequestError"},
+            "flat vllm error",
+        ),
         (500, "plain text failure", "plain text failure"),
     ],
 )
 async def test_upstream_errors_are_normalised(
-    client: AsyncTestClient[Any], upstream: respx.MockRouter,
-    upstream_status: int, upstream_body: Any, message: str,
+    client: AsyncTestClient[Any],
+    upstream: respx.MockRouter,
+    upstream_status: int,
+    upstream_body: Any,
+    message: str,
 ) -> None:
     route = upstream.post("http://a.fake.test/v1/chat/completions")
     if isinstance(upstream_body, str):
@@ -164,8 +180,9 @@ async def test_upstream_errors_are_normalised(
 async def test_bad_requests_get_openai_errors(
     client: AsyncTestClient[Any], world: FakeWorld, body: bytes, status: int, fragment: str
 ) -> None:
-    response = await client.post("/v1/chat/completions", content=body,
-                                 headers={"content-type": "application/json"})
+    response = await client.post(
+        "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
     error = assert_openai_error(response, status)
     assert fragment in error["message"]
     if status == 404:
@@ -190,7 +207,9 @@ async def test_failed_load_is_503_with_retry_after(
     assert status["status"] == "FAILED" and "fake start failed" in status["last_error"]
 
 
-async def test_dead_backend_is_502(client: AsyncTestClient[Any], upstream: respx.MockRouter) -> None:
+async def test_dead_backend_is_502(
+    client: AsyncTestClient[Any], upstream: respx.MockRouter
+) -> None:
     import httpcore
 
     upstream.post("http://a.fake.test/v1/chat/completions").mock(
@@ -207,8 +226,14 @@ async def test_admin_load_unload_and_status(client: AsyncTestClient[Any], world:
     assert loaded.json()["status"] == "LOADED"
     status = (await client.get("/status")).json()
     assert status["mode"] == "single-active" and status["active_model"] == "b"
-    assert set(status["models"]["b"]) >= {"status", "backend", "pid", "port", "loaded_at",
-                                          "last_error"}
+    assert set(status["models"]["b"]) >= {
+        "status",
+        "backend",
+        "pid",
+        "port",
+        "loaded_at",
+        "last_error",
+    }
     assert status["models"]["b"]["pid"] is not None
     unloaded = await client.post("/models/b/unload")
     assert unloaded.json()["status"] == "UNLOADED"
@@ -225,5 +250,5 @@ async def test_stream_waiting_for_a_failed_load_ends_with_an_error_event(
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     events = [line for line in response.text.split("\n\n") if line.startswith("data: ")]
-    error = json.loads(events[-1][len("data: "):])["error"]
+    error = json.loads(events[-1][len("data: ") :])["error"]
     assert error["code"] == "model_unavailable" and "fake start failed" in error["message"]

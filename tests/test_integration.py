@@ -29,10 +29,15 @@ def test_non_stream_chat(swapper_factory: Any) -> None:
 
 def test_stream_with_usage_keeps_the_chunk_order(swapper_factory: Any) -> None:
     swapper = swapper_factory()
-    chunks = list(sdk(swapper).chat.completions.create(
-        model="a", messages=MESSAGES, max_tokens=6, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        sdk(swapper).chat.completions.create(
+            model="a",
+            messages=MESSAGES,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     finish = [i for i, c in enumerate(chunks) if c.choices and c.choices[0].finish_reason]
     assert len(finish) == 1
@@ -53,7 +58,7 @@ def test_stream_is_raw_sse_ending_with_done(swapper_factory: Any) -> None:
     events = [line for line in raw.split("\n\n") if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     for event in events[:-1]:
-        json.loads(event[len("data: "):])
+        json.loads(event[len("data: ") :])
 
 
 def test_completions_endpoint(swapper_factory: Any) -> None:
@@ -101,9 +106,13 @@ def test_default_model_is_warm_at_startup(swapper_factory: Any) -> None:
     loaded = swapper.wait_status("tiny-b", "LOADED")
     assert swapper.backends() == [loaded["pid"]]
     log = swapper.output()
-    for line in ("Initializing Swapper Service...", "Loaded 3 models into Swapper",
-                 "Swapper Service initialized with 3 models", "Loading default model: tiny-b",
-                 "Default model loaded: tiny-b"):
+    for line in (
+        "Initializing Swapper Service...",
+        "Loaded 3 models into Swapper",
+        "Swapper Service initialized with 3 models",
+        "Loading default model: tiny-b",
+        "Default model loaded: tiny-b",
+    ):
         assert line in log
 
 
@@ -129,9 +138,16 @@ def test_kill_9_of_a_backend_then_a_successful_request(swapper_factory: Any) -> 
 
 def long_stream_swapper(swapper_factory: Any) -> SwapperProcess:
     """One slot with a long context: a 16000-token stream runs for many seconds here."""
-    return swapper_factory(models={"tiny-a": {
-        "backend": "llamacpp", "model_path": str(swapper_factory.workdir / "tiny-a.gguf"),
-        "ctx_size": 16384, "args": ["-np", "1"]}})
+    return swapper_factory(
+        models={
+            "tiny-a": {
+                "backend": "llamacpp",
+                "model_path": str(swapper_factory.workdir / "tiny-a.gguf"),
+                "ctx_size": 16384,
+                "args": ["-np", "1"],
+            }
+        }
+    )
 
 
 def backend_printed(swapper: SwapperProcess, model: str, words: str) -> bool:
@@ -154,8 +170,11 @@ def test_client_disconnect_cancels_the_upstream_request(swapper_factory: Any) ->
     # The client hung up seconds before the 16000 tokens could be done: swapper frees the
     # request and closes its upstream connection, and llama-server cancels the generation.
     wait_until(lambda: swapper.model("tiny-a")["in_flight"] == 0, 10, "in_flight to drop")
-    wait_until(lambda: backend_printed(swapper, "tiny-a", "cancel task"), 10,
-               "llama-server to cancel the task")
+    wait_until(
+        lambda: backend_printed(swapper, "tiny-a", "cancel task"),
+        10,
+        "llama-server to cancel the task",
+    )
     assert swapper.model("tiny-a")["status"] == "LOADED"
 
 
@@ -181,9 +200,17 @@ def test_sigkill_of_swapper_takes_its_backends_down(swapper_factory: Any) -> Non
 
 
 def test_in_flight_stream_finishes_on_sigterm(swapper_factory: Any) -> None:
-    swapper = swapper_factory(swapper={"shutdown_timeout": 60}, models={"tiny-a": {
-        "backend": "llamacpp", "model_path": str(swapper_factory.workdir / "tiny-a.gguf"),
-        "ctx_size": 4096, "args": ["-np", "1"]}})
+    swapper = swapper_factory(
+        swapper={"shutdown_timeout": 60},
+        models={
+            "tiny-a": {
+                "backend": "llamacpp",
+                "model_path": str(swapper_factory.workdir / "tiny-a.gguf"),
+                "ctx_size": 4096,
+                "args": ["-np", "1"],
+            }
+        },
+    )
     body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 3000, "stream": True}
     with swapper.http.stream("POST", "/v1/chat/completions", json=body) as response:
         lines = response.iter_lines()
@@ -201,9 +228,11 @@ def test_in_flight_stream_finishes_on_sigterm(swapper_factory: Any) -> None:
 def test_load_failure_is_503_with_the_backends_words(swapper_factory: Any, tmp_path: Any) -> None:
     missing = tmp_path / "run" / "not-a-model.gguf"
     missing.write_bytes(b"not a GGUF model")  # it exists, so only llama-server can refuse it
-    swapper = swapper_factory(models={
-        "broken": {"backend": "llamacpp", "model_path": str(missing)},
-    })
+    swapper = swapper_factory(
+        models={
+            "broken": {"backend": "llamacpp", "model_path": str(missing)},
+        }
+    )
     with pytest.raises(openai.InternalServerError) as info:
         sdk(swapper).chat.completions.create(model="broken", messages=MESSAGES, max_tokens=2)
     assert info.value.status_code == 503
@@ -217,15 +246,20 @@ def test_load_failure_is_503_with_the_backends_words(swapper_factory: Any, tmp_p
 def test_client_disconnect_during_a_non_stream_request_cancels_it(swapper_factory: Any) -> None:
     swapper = long_stream_swapper(swapper_factory)
     body = json.dumps({**LONG_STREAM, "stream": False}).encode()
-    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     with socket.create_connection(("127.0.0.1", swapper.port)) as sock:
         sock.sendall(request + body)
         wait_until(lambda: swapper.model("tiny-a")["in_flight"] == 1, 30, "the request to start")
     # Hung up long before 16000 tokens: the generation is cancelled and the slot freed.
     wait_until(lambda: swapper.model("tiny-a")["in_flight"] == 0, 10, "in_flight to drop")
-    wait_until(lambda: backend_printed(swapper, "tiny-a", "cancel task"), 10,
-               "llama-server to cancel the task")
+    wait_until(
+        lambda: backend_printed(swapper, "tiny-a", "cancel task"),
+        10,
+        "llama-server to cancel the task",
+    )
 
 
 def test_multi_active_keeps_two_llama_servers_and_evicts_the_least_recently_used(
@@ -241,7 +275,10 @@ def test_multi_active_keeps_two_llama_servers_and_evicts_the_least_recently_used
     client.chat.completions.create(model="c", messages=MESSAGES, max_tokens=2)
     doc = swapper.status()
     assert {m: doc["models"][m]["status"] for m in doc["models"]} == {
-        "tiny-a": "LOADED", "tiny-b": "UNLOADED", "tiny-c": "LOADED"}
+        "tiny-a": "LOADED",
+        "tiny-b": "UNLOADED",
+        "tiny-c": "LOADED",
+    }
     assert doc["models"]["tiny-a"]["pid"] == pid_a  # untouched by the eviction
     assert process_state(pid_b) is None
     assert len(swapper.backends()) == 2

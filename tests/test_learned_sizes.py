@@ -22,12 +22,19 @@ async def use(coordinator: SwapCoordinator, model_id: str) -> None:
 
 
 async def test_a_size_comes_from_used_memory_only_when_nothing_else_moved(
-    world: FakeWorld, tmp_path: Path,
+    world: FakeWorld,
+    tmp_path: Path,
 ) -> None:
     config, registry = fake_config(
-        world, {"a": {"vram_mb": 1000, "actual_mb": 4000}, "b": {"vram_mb": 1000, "actual_mb": 3000}},
-        swapper={"mode": "multi-active", "max_concurrent_models": 2, "vram_reserve_mb": 0,
-                 "state_file": str(tmp_path / "state.json")})
+        world,
+        {"a": {"vram_mb": 1000, "actual_mb": 4000}, "b": {"vram_mb": 1000, "actual_mb": 3000}},
+        swapper={
+            "mode": "multi-active",
+            "max_concurrent_models": 2,
+            "vram_reserve_mb": 0,
+            "state_file": str(tmp_path / "state.json"),
+        },
+    )
     coordinator = SwapCoordinator(config, registry, FakeGpu(world, host_pids=True))
     try:
         world.queue("b", Behaviour.GATED)

@@ -157,8 +157,9 @@ def check_stream(body: bytes) -> str | None:
     """None when an SSE answer is chunks of valid JSON ending with ``data: [DONE]``."""
     text = body.decode(errors="replace")
     # Comment events (": loading tiny-a 3.0s" while a model loads) are ignored, as clients do.
-    events = [event.strip() for event in text.split("\n\n")
-              if event.strip() and not event.startswith(":")]
+    events = [
+        event.strip() for event in text.split("\n\n") if event.strip() and not event.startswith(":")
+    ]
     if not events or events[-1] != "data: [DONE]":
         return f"does not end with data: [DONE]: {text[-300:]!r}"
     finished = False
@@ -166,7 +167,7 @@ def check_stream(body: bytes) -> str | None:
         if not event.startswith("data: "):
             return f"not a data event: {event[:200]!r}"
         try:
-            chunk = json.loads(event[len("data: "):])
+            chunk = json.loads(event[len("data: ") :])
         except ValueError:
             return f"data is not JSON: {event[:200]!r}"
         if "error" in chunk:  # swapper's mid-stream failure event
@@ -190,13 +191,16 @@ class Run:
         self.last_swap = time.monotonic()
 
 
-async def one_request(http: httpx.AsyncClient, rng: random.Random, tally: Tally,
-                      run: Run) -> float:
+async def one_request(http: httpx.AsyncClient, rng: random.Random, tally: Tally, run: Run) -> float:
     """Send one random request and record its outcome; return how long to back off."""
     model = rng.choice(MODELS)
     stream = rng.random() < 0.5
-    body = {"model": model, "messages": MESSAGES, "max_tokens": rng.randint(4, 16),
-            "stream": stream}
+    body = {
+        "model": model,
+        "messages": MESSAGES,
+        "max_tokens": rng.randint(4, 16),
+        "stream": stream,
+    }
     sent = time.monotonic()
     tally.outstanding += 1
     try:
@@ -212,8 +216,11 @@ async def one_request(http: httpx.AsyncClient, rng: random.Random, tally: Tally,
     status = response.status_code
     if status == 200:
         problem = check_stream(raw) if stream else check_completion(raw)
-        if problem is None and stream and not response.headers.get(
-                "content-type", "").startswith("text/event-stream"):
+        if (
+            problem is None
+            and stream
+            and not response.headers.get("content-type", "").startswith("text/event-stream")
+        ):
             problem = f"content-type {response.headers.get('content-type')!r}"
         if problem is not None:
             tally.bad("invalid_200", f"{model} stream={stream}: {problem}")
@@ -245,8 +252,14 @@ async def one_request(http: httpx.AsyncClient, rng: random.Random, tally: Tally,
     return 0.0
 
 
-async def client(index: int, http: httpx.AsyncClient, deadline: float, tally: Tally, run: Run,
-                 swapper: SwapperProcess) -> None:
+async def client(
+    index: int,
+    http: httpx.AsyncClient,
+    deadline: float,
+    tally: Tally,
+    run: Run,
+    swapper: SwapperProcess,
+) -> None:
     """One client: requests back to back until the deadline; none is started after it."""
     # One generator per client: the mix each client sends does not depend on the interleaving.
     rng = random.Random(f"{SEED}-{index}")
@@ -269,9 +282,11 @@ async def watchdog(tally: Tally, run: Run, events: EventLog) -> None:
             continue
         served, swapped = now - run.last_completion, now - run.last_swap
         if (served > limit and swapped > limit) or served > 2 * limit:
-            run.hang = (f"{tally.outstanding} requests outstanding; last completion {served:.1f}s "
-                        f"ago, last swap {swapped:.1f}s ago; limit {limit:.1f}s (median swap "
-                        f"period {events.median_period_s()}s)")
+            run.hang = (
+                f"{tally.outstanding} requests outstanding; last completion {served:.1f}s "
+                f"ago, last swap {swapped:.1f}s ago; limit {limit:.1f}s (median swap "
+                f"period {events.median_period_s()}s)"
+            )
             return
 
 
@@ -295,8 +310,10 @@ async def run_load(swapper: SwapperProcess, tally: Tally) -> tuple[float, EventL
     async with httpx.AsyncClient(base_url=swapper.url, limits=limits, timeout=None) as http:
         sampler = asyncio.create_task(sample_rss(swapper, tally, started))
         guard = asyncio.create_task(watchdog(tally, run, events))
-        clients = [asyncio.create_task(client(i, http, deadline, tally, run, swapper))
-                   for i in range(CLIENTS)]
+        clients = [
+            asyncio.create_task(client(i, http, deadline, tally, run, swapper))
+            for i in range(CLIENTS)
+        ]
         # Ends when every client has ended (its last request answered) or the watchdog saw a
         # hang: both are events, no fixed timeout.
         everyone = asyncio.ensure_future(asyncio.wait(clients))
@@ -312,15 +329,19 @@ async def run_load(swapper: SwapperProcess, tally: Tally) -> tuple[float, EventL
 
 def warning_lines(output: str, limit: int = 40) -> str:
     """swapper's own warnings and errors (not the backends' chatter), for failure messages."""
-    lines = [line for line in output.splitlines()
-             if re.search(r" (WARNING|ERROR|CRITICAL) +swapper|Traceback|illegal transition", line)]
+    lines = [
+        line
+        for line in output.splitlines()
+        if re.search(r" (WARNING|ERROR|CRITICAL) +swapper|Traceback|illegal transition", line)
+    ]
     return "\n".join(lines[-limit:]) or "(none)"
 
 
 def test_mixed_load_with_swaps(swapper_factory: Any) -> None:
     test_started = time.monotonic()
     swapper: SwapperProcess = swapper_factory(
-        swapper={"max_queue": MAX_QUEUE, "max_overtake": MAX_OVERTAKE})
+        swapper={"max_queue": MAX_QUEUE, "max_overtake": MAX_OVERTAKE}
+    )
     rss_idle = rss_kb(swapper.proc.pid)
     assert rss_idle is not None
     tally = Tally()
@@ -334,19 +355,34 @@ def test_mixed_load_with_swaps(swapper_factory: Any) -> None:
     def settled() -> dict[str, Any] | None:
         status = swapper.status()
         models = status["models"].values()
-        return status if all(m["in_flight"] == 0 and m["queued"] == 0
-                             and m["status"] not in ("LOADING", "UNLOADING")
-                             for m in models) else None
+        return (
+            status
+            if all(
+                m["in_flight"] == 0
+                and m["queued"] == 0
+                and m["status"] not in ("LOADING", "UNLOADING")
+                for m in models
+            )
+            else None
+        )
 
     # A stream's lease is released just after its last bytes went out, and an unload may still
     # be under way: both end within a swap period, given the same slack as a hang.
-    status = None if run.hang else wait_until(
-        settled, hang_limit(events), "nothing in flight or queued, no swap under way")
+    status = (
+        None
+        if run.hang
+        else wait_until(
+            settled, hang_limit(events), "nothing in flight or queued, no swap under way"
+        )
+    )
     if status is not None:  # the reader has caught up with that state: no event is left out
         wait_until(lambda: events.caught_up(status), hang_limit(events), "/events to catch up")
     events.stop()
-    loaded = [] if status is None else [
-        (mid, m["pid"]) for mid, m in status["models"].items() if m["status"] == "LOADED"]
+    loaded = (
+        []
+        if status is None
+        else [(mid, m["pid"]) for mid, m in status["models"].items() if m["status"] == "LOADED"]
+    )
     rss_end = rss_kb(swapper.proc.pid)
     assert rss_end is not None
     warmup_at = DURATION / 6  # 10 s of a 60 s run: every model loaded, pools and caches warm
@@ -357,32 +393,51 @@ def test_mixed_load_with_swaps(swapper_factory: Any) -> None:
     waited = events.waited
     latencies = sorted(tally.ok_latencies)
     report = {
-        "clients": CLIENTS, "duration_s": DURATION, "seed": SEED, "max_queue": MAX_QUEUE,
-        "max_overtake": MAX_OVERTAKE, "run_s": round(elapsed, 1), "hang": run.hang,
-        "outcomes": dict(tally.outcomes), "requests": sum(tally.outcomes.values()),
-        "ok_by_model": dict(tally.ok_by_model), "ok_by_kind": dict(tally.ok_by_kind),
+        "clients": CLIENTS,
+        "duration_s": DURATION,
+        "seed": SEED,
+        "max_queue": MAX_QUEUE,
+        "max_overtake": MAX_OVERTAKE,
+        "run_s": round(elapsed, 1),
+        "hang": run.hang,
+        "outcomes": dict(tally.outcomes),
+        "requests": sum(tally.outcomes.values()),
+        "ok_by_model": dict(tally.ok_by_model),
+        "ok_by_kind": dict(tally.ok_by_kind),
         "retry_after": dict(tally.retry_after),
         "swaps": len(events.swaps),
         "swaps_by_model": dict(collections.Counter(to for _, _, to, _ in events.swaps)),
-        "median_swap_s": round(median_swap, 3), "median_swap_period_s": round(median_period, 3),
+        "median_swap_s": round(median_swap, 3),
+        "median_swap_period_s": round(median_period, 3),
         "max_swap_s": round(max((s for *_, s in events.swaps), default=0.0), 3),
-        "swaps_waited": {"bound": SWAP_BOUND, "max": max(waited, default=None),
-                         "queued_requests": len(waited), "left_queue": events.drops,
-                         "overtakes_max": max(events.overtakes.values(), default=0),
-                         "histogram": dict(sorted(collections.Counter(waited).items()))},
+        "swaps_waited": {
+            "bound": SWAP_BOUND,
+            "max": max(waited, default=None),
+            "queued_requests": len(waited),
+            "left_queue": events.drops,
+            "overtakes_max": max(events.overtakes.values(), default=0),
+            "histogram": dict(sorted(collections.Counter(waited).items())),
+        },
         # Client-side seconds: informative only, the test asserts nothing on them.
-        "ok_latency_s": {"p50": round(statistics.median(latencies), 2) if latencies else None,
-                         "max": round(latencies[-1], 2) if latencies else None},
-        "overlaps": events.overlaps[:5], "lost_events": events.lost[:5],
-        "rss_mb": {"idle": round(rss_idle / 1024, 1), "after_warmup": round(rss_warm / 1024, 1),
-                   "peak": round(rss_peak / 1024, 1), "end": round(rss_end / 1024, 1)},
-        "problems": tally.problems, "test_s": round(time.monotonic() - test_started, 1),
+        "ok_latency_s": {
+            "p50": round(statistics.median(latencies), 2) if latencies else None,
+            "max": round(latencies[-1], 2) if latencies else None,
+        },
+        "overlaps": events.overlaps[:5],
+        "lost_events": events.lost[:5],
+        "rss_mb": {
+            "idle": round(rss_idle / 1024, 1),
+            "after_warmup": round(rss_warm / 1024, 1),
+            "peak": round(rss_peak / 1024, 1),
+            "end": round(rss_end / 1024, 1),
+        },
+        "problems": tally.problems,
+        "test_s": round(time.monotonic() - test_started, 1),
     }
     print("\nload report:", json.dumps(report, indent=1))
     if path := os.environ.get("SWAPPER_LOAD_REPORT"):
         Path(path).write_text(json.dumps(report, indent=1))
-    summary = (f"report: {json.dumps(report)}"
-               f"\nswapper warnings and errors:\n{warning_lines(output)}")
+    summary = f"report: {json.dumps(report)}\nswapper warnings and errors:\n{warning_lines(output)}"
 
     # None hangs: the watchdog never saw outstanding requests stall (see watchdog).
     assert run.hang is None, f"hang: {run.hang}\n{summary}"
@@ -419,4 +474,6 @@ def test_mixed_load_with_swaps(swapper_factory: Any) -> None:
         assert marker not in output, f"{marker!r} in swapper's output\n{summary}"
     # RSS stays bounded: no per-request or per-swap leak.
     assert rss_peak < RSS_PEAK_LIMIT_KB, f"RSS peak {rss_peak} kB\n{summary}"
-    assert rss_end <= RSS_GROWTH_FACTOR * rss_warm, f"RSS grew {rss_warm} -> {rss_end} kB\n{summary}"
+    assert rss_end <= RSS_GROWTH_FACTOR * rss_warm, (
+        f"RSS grew {rss_warm} -> {rss_end} kB\n{summary}"
+    )

@@ -42,7 +42,9 @@ def settled(swapper: SwapperProcess, model_id: str) -> dict[str, Any]:
     """The model's status once swapper noticed it is no longer loaded (and is done unloading)."""
     return wait_until(  # type: ignore[no-any-return]
         lambda: (m := swapper.model(model_id))["status"] not in ("LOADED", "UNLOADING") and m,
-        15, f"swapper to notice {model_id} is gone")
+        15,
+        f"swapper to notice {model_id} is gone",
+    )
 
 
 def client(swapper: SwapperProcess) -> openai.OpenAI:
@@ -54,11 +56,16 @@ def external_ollama(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[
     """An Ollama that swapper does not own (as on most hosts): its base URL. Parametrized
     indirectly, the parameter is extra environment for the fake."""
     port = free_port()
-    env = {**os.environ, "OLLAMA_HOST": f"127.0.0.1:{port}", "FAKE_OLLAMA_MODELS": PULLED,
-           **getattr(request, "param", {})}
+    env = {
+        **os.environ,
+        "OLLAMA_HOST": f"127.0.0.1:{port}",
+        "FAKE_OLLAMA_MODELS": PULLED,
+        **getattr(request, "param", {}),
+    }
     log = (tmp_path / "ollama.log").open("wb")
-    proc = subprocess.Popen([sys.executable, OLLAMA, "serve"], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, OLLAMA, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -79,8 +86,15 @@ def external_ollama(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[
 def test_a_chat_through_an_ollama_swapper_runs_itself(
     swapper_factory: Callable[..., SwapperProcess],
 ) -> None:
-    models = {"qwen": {"backend": "ollama", "model": "qwen3:8b", "serve": True,
-                       "binary": OLLAMA, "vram_mb": 1000}}  # an estimate, to be replaced
+    models = {
+        "qwen": {
+            "backend": "ollama",
+            "model": "qwen3:8b",
+            "serve": True,
+            "binary": OLLAMA,
+            "vram_mb": 1000,
+        }
+    }  # an estimate, to be replaced
     swapper = swapper_factory(models=models, env={"FAKE_OLLAMA_MODELS": PULLED})
     assert swapper.model("qwen")["predicted_vram_mb"] == 1000
     sdk = client(swapper)
@@ -98,9 +112,14 @@ def test_a_chat_through_an_ollama_swapper_runs_itself(
     state = json.loads((swapper.workdir / "state/swapper/state.json").read_text())
     assert state["models"]["qwen"]["vram_mb"] == 5200
 
-    chunks = list(sdk.chat.completions.create(
-        model="qwen", messages=[{"role": "user", "content": "stream please"}], stream=True,
-        stream_options={"include_usage": True}))
+    chunks = list(
+        sdk.chat.completions.create(
+            model="qwen",
+            messages=[{"role": "user", "content": "stream please"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert {chunk.model for chunk in chunks} == {"qwen"}
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "ollama qwen3:8b says: stream please"
@@ -121,12 +140,16 @@ def test_a_chat_through_an_ollama_swapper_runs_itself(
 
 
 def test_a_swap_unloads_from_ollama_before_the_next_model_loads(
-    swapper_factory: Callable[..., SwapperProcess], external_ollama: str, tmp_path: Path,
+    swapper_factory: Callable[..., SwapperProcess],
+    external_ollama: str,
+    tmp_path: Path,
 ) -> None:
-    swapper = swapper_factory(models={
-        "qwen": on(external_ollama, "qwen3:8b"),
-        "llama": on(external_ollama, "llama3.2"),
-    })
+    swapper = swapper_factory(
+        models={
+            "qwen": on(external_ollama, "qwen3:8b"),
+            "llama": on(external_ollama, "llama3.2"),
+        }
+    )
     sdk = client(swapper)
     sdk.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "a"}])
     assert list(ps(external_ollama)) == ["qwen3:8b"]
@@ -145,12 +168,15 @@ def test_a_swap_unloads_from_ollama_before_the_next_model_loads(
 
 
 def test_ollama_errors_come_back_as_openai_errors(
-    swapper_factory: Callable[..., SwapperProcess], external_ollama: str,
+    swapper_factory: Callable[..., SwapperProcess],
+    external_ollama: str,
 ) -> None:
-    swapper = swapper_factory(models={
-        "qwen": on(external_ollama, "qwen3:8b"),
-        "ghost": on(external_ollama, "ghost:7b"),
-    })
+    swapper = swapper_factory(
+        models={
+            "qwen": on(external_ollama, "qwen3:8b"),
+            "ghost": on(external_ollama, "ghost:7b"),
+        }
+    )
     sdk = client(swapper)
     with pytest.raises(openai.BadRequestError) as bad:
         sdk.chat.completions.create(model="qwen", messages=[])
@@ -168,37 +194,44 @@ def test_ollama_errors_come_back_as_openai_errors(
 
 
 def test_a_pinned_model_stays_pinned_through_v1_requests(
-    swapper_factory: Callable[..., SwapperProcess], external_ollama: str,
+    swapper_factory: Callable[..., SwapperProcess],
+    external_ollama: str,
 ) -> None:
     """Ollama since v0.1.49: a /v1 request keeps the runner's keep_alive (swapper's pin)."""
     swapper = swapper_factory(models={"qwen": on(external_ollama, "qwen3:8b")})
     client(swapper).chat.completions.create(
-        model="qwen", messages=[{"role": "user", "content": "hi"}])
+        model="qwen", messages=[{"role": "user", "content": "hi"}]
+    )
     assert ps(external_ollama)["qwen3:8b"]["expires_at"] > "2200"
 
 
-@pytest.mark.parametrize("external_ollama", [{"FAKE_OLLAMA_V1_RESETS_KEEP_ALIVE": "1"}],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "external_ollama", [{"FAKE_OLLAMA_V1_RESETS_KEEP_ALIVE": "1"}], indirect=True
+)
 def test_a_model_stays_pinned_although_each_request_resets_ollamas_keep_alive(
-    swapper_factory: Callable[..., SwapperProcess], external_ollama: str,
+    swapper_factory: Callable[..., SwapperProcess],
+    external_ollama: str,
 ) -> None:
     """Ollama before v0.1.49: every /v1 request reset keep_alive to the 5-minute default."""
-    swapper = swapper_factory(models={
-        "qwen": on(external_ollama, "qwen3:8b")})
+    swapper = swapper_factory(models={"qwen": on(external_ollama, "qwen3:8b")})
     client(swapper).chat.completions.create(
-        model="qwen", messages=[{"role": "user", "content": "hi"}])
+        model="qwen", messages=[{"role": "user", "content": "hi"}]
+    )
     # That Ollama's /v1 endpoints set keep_alive back to its 5-minute default...
     assert ps(external_ollama)["qwen3:8b"]["expires_at"] < "2100"
     # ...and swapper's watcher pins the model again, so Ollama never unloads it on its own.
-    wait_until(lambda: ps(external_ollama)["qwen3:8b"]["expires_at"] > "2200", 10,
-               "the model to be pinned again")
+    wait_until(
+        lambda: ps(external_ollama)["qwen3:8b"]["expires_at"] > "2200",
+        10,
+        "the model to be pinned again",
+    )
 
 
 def test_a_model_ollama_dropped_on_its_own_is_reported_unloaded_and_reloaded(
-    swapper_factory: Callable[..., SwapperProcess], external_ollama: str,
+    swapper_factory: Callable[..., SwapperProcess],
+    external_ollama: str,
 ) -> None:
-    swapper = swapper_factory(models={
-        "qwen": on(external_ollama, "qwen3:8b")})
+    swapper = swapper_factory(models={"qwen": on(external_ollama, "qwen3:8b")})
     sdk = client(swapper)
     sdk.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "hi"}])
     # Someone else unloads it straight from Ollama.
@@ -212,12 +245,17 @@ def test_a_model_ollama_dropped_on_its_own_is_reported_unloaded_and_reloaded(
 
 
 def test_a_tag_in_any_spelling_matches_the_normalised_name_ollama_lists(
-    swapper_factory: Callable[..., SwapperProcess], external_ollama: str,
+    swapper_factory: Callable[..., SwapperProcess],
+    external_ollama: str,
 ) -> None:
     """Ollama lists ``ParseName(tag).DisplayShortest()``, and compares names case-insensitively."""
-    swapper = swapper_factory(swapper={"model_swap_timeout": 10}, models={
-        "qwen": on(external_ollama, "registry.ollama.ai/library/QWEN3:8b"),
-        "llama": on(external_ollama, "Llama3.2")})
+    swapper = swapper_factory(
+        swapper={"model_swap_timeout": 10},
+        models={
+            "qwen": on(external_ollama, "registry.ollama.ai/library/QWEN3:8b"),
+            "llama": on(external_ollama, "Llama3.2"),
+        },
+    )
     sdk = client(swapper)
     answer = sdk.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "a"}])
     assert answer.choices[0].message.content == "ollama qwen3:8b says: a"
@@ -233,12 +271,15 @@ def test_a_tag_in_any_spelling_matches_the_normalised_name_ollama_lists(
 
 @pytest.mark.parametrize("external_ollama", [{"OLLAMA_MAX_LOADED_MODELS": "1"}], indirect=True)
 def test_a_model_ollamas_scheduler_evicts_is_reported_unloaded_by_ollama(
-    swapper_factory: Callable[..., SwapperProcess], external_ollama: str, tmp_path: Path,
+    swapper_factory: Callable[..., SwapperProcess],
+    external_ollama: str,
+    tmp_path: Path,
 ) -> None:
     """Ollama unloads an idle runner, pinned or not, to fit another model: not a crash."""
     swapper = swapper_factory(
         swapper={"mode": "multi-active", "max_concurrent_models": 2},
-        models={"qwen": on(external_ollama, "qwen3:8b"), "llama": on(external_ollama, "llama3.2")})
+        models={"qwen": on(external_ollama, "qwen3:8b"), "llama": on(external_ollama, "llama3.2")},
+    )
     sdk = client(swapper)
     sdk.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "a"}])
     sdk.chat.completions.create(model="llama", messages=[{"role": "user", "content": "b"}])
@@ -259,9 +300,10 @@ def test_an_ollama_that_does_not_answer_fails_the_load_at_once(
     swapper_factory: Callable[..., SwapperProcess],
 ) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
-    swapper = swapper_factory(models={
-        "qwen": on(closed, "qwen3:8b")})
-    response = swapper.http.post("/v1/chat/completions", json={
-        "model": "qwen", "messages": [{"role": "user", "content": "hi"}]})
+    swapper = swapper_factory(models={"qwen": on(closed, "qwen3:8b")})
+    response = swapper.http.post(
+        "/v1/chat/completions",
+        json={"model": "qwen", "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert response.status_code == 503
     assert f"Ollama at {closed} does not answer" in response.json()["error"]["message"]

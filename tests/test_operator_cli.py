@@ -22,18 +22,34 @@ from tests.conftest import free_port, tiny_model, wait_until
 ADMIN_KEY, PLAIN_KEY = "admin-secret", "plain-secret"
 
 
-def swapper_cli(*args: str, env: dict[str, str] | None = None,
-                timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def swapper_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """``python -m swapper ARGS`` with stdout and stderr captured (so not a terminal)."""
-    return subprocess.run([sys.executable, "-m", "swapper", *args], capture_output=True,
-                          text=True, timeout=timeout, env=_env(env), check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "swapper", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(env),
+        check=False,
+    )
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     # Nothing from the caller's shell may pick the address, the key or rich's terminal mode.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("SWAPPER_URL", "SWAPPER_API_KEY", "SWAPPER_ADMIN_KEY", "FORCE_COLOR",
-                        "TTY_COMPATIBLE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "SWAPPER_URL",
+            "SWAPPER_API_KEY",
+            "SWAPPER_ADMIN_KEY",
+            "FORCE_COLOR",
+            "TTY_COMPATIBLE",
+        )
+    }
     return {**env, **(extra or {})}
 
 
@@ -51,23 +67,52 @@ NOW = dt.datetime(2025, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
 
 
 def model(status: str, **fields: Any) -> dict[str, Any]:
-    return {"status": status, "backend": "llamacpp", "pid": None, "port": None, "loaded_at": None,
-            "last_error": None, "in_flight": 0, "queued": 0, "failures": 0, "retry_at": None,
-            **fields}
+    return {
+        "status": status,
+        "backend": "llamacpp",
+        "pid": None,
+        "port": None,
+        "loaded_at": None,
+        "last_error": None,
+        "in_flight": 0,
+        "queued": 0,
+        "failures": 0,
+        "retry_at": None,
+        **fields,
+    }
 
 
 def test_rows_show_pid_vram_and_idle_time_and_tolerate_a_swapper_without_them() -> None:
-    doc = {"mode": "single-active", "active_model": "a", "models": {
-        "a": model("LOADED", pid=41, loaded_at="2025-01-01T11:00:00.000+00:00",
-                   last_used="2025-01-01T11:58:55.000+00:00", vram_mb=812.4),
-        "a2": model("LOADED", pid=40, loaded_at="2024-12-30T09:00:00.000+00:00",
-                    last_used="2024-12-30T09:30:00.000+00:00", vram_mb=24000),
-        "b": model("LOADED", pid=42, loaded_at="2025-01-01T11:59:30.000+00:00",
-                   last_used="2025-01-01T10:00:00.000+00:00", vram_mb=None),
-        "c": model("LOADED", pid=43, in_flight=2, last_used="2025-01-01T11:00:00.000+00:00"),
-        "d": model("UNLOADED", last_used="2025-01-01T09:30:00.000+00:00"),
-        "e": model("FAILED"),  # an older swapper: no vram_mb, no last_used
-    }}
+    doc = {
+        "mode": "single-active",
+        "active_model": "a",
+        "models": {
+            "a": model(
+                "LOADED",
+                pid=41,
+                loaded_at="2025-01-01T11:00:00.000+00:00",
+                last_used="2025-01-01T11:58:55.000+00:00",
+                vram_mb=812.4,
+            ),
+            "a2": model(
+                "LOADED",
+                pid=40,
+                loaded_at="2024-12-30T09:00:00.000+00:00",
+                last_used="2024-12-30T09:30:00.000+00:00",
+                vram_mb=24000,
+            ),
+            "b": model(
+                "LOADED",
+                pid=42,
+                loaded_at="2025-01-01T11:59:30.000+00:00",
+                last_used="2025-01-01T10:00:00.000+00:00",
+                vram_mb=None,
+            ),
+            "c": model("LOADED", pid=43, in_flight=2, last_used="2025-01-01T11:00:00.000+00:00"),
+            "d": model("UNLOADED", last_used="2025-01-01T09:30:00.000+00:00"),
+            "e": model("FAILED"),  # an older swapper: no vram_mb, no last_used
+        },
+    }
     assert operator_cli.status_rows(doc, NOW) == [
         ["a", "LOADED", "llamacpp", "41", "812 MiB", "1m05s"],
         ["a2", "LOADED", "llamacpp", "40", "24000 MiB", "2d02h"],
@@ -79,19 +124,36 @@ def test_rows_show_pid_vram_and_idle_time_and_tolerate_a_swapper_without_them() 
 
 
 def test_notes_name_failed_models_and_the_gpus() -> None:
-    doc = {"models": {"x": model("FAILED", last_error="load failed: boom\nlast line",
-                                 retry_at="2025-01-01T12:00:30.000+00:00"),
-                      "y": model("UNLOADED")},
-           "gpu": {"available": True, "gpus": [{"index": 0, "name": "NVIDIA H100",
-                                                "total_mb": 81559, "used_mb": 1024,
-                                                "free_mb": 80535}]}}
+    doc = {
+        "models": {
+            "x": model(
+                "FAILED",
+                last_error="load failed: boom\nlast line",
+                retry_at="2025-01-01T12:00:30.000+00:00",
+            ),
+            "y": model("UNLOADED"),
+        },
+        "gpu": {
+            "available": True,
+            "gpus": [
+                {
+                    "index": 0,
+                    "name": "NVIDIA H100",
+                    "total_mb": 81559,
+                    "used_mb": 1024,
+                    "free_mb": 80535,
+                }
+            ],
+        },
+    }
     retry = dt.datetime(2025, 1, 1, 12, 0, 30, tzinfo=dt.UTC).astimezone()
     assert operator_cli._notes(doc) == [
         f"x: load failed: boom (next try at {retry:%H:%M:%S})",
         "gpu 0 NVIDIA H100: 1024 of 81559 MiB used, 80535 MiB free",
     ]
     assert operator_cli._notes({"models": {}, "gpu": {"available": False, "gpus": []}}) == [
-        "gpu: none visible to swapper"]
+        "gpu: none visible to swapper"
+    ]
     assert operator_cli._notes({"models": {}}) == []  # a swapper that reports no GPUs
 
 
@@ -101,13 +163,24 @@ def test_plain_progress_prints_at_most_once_a_second() -> None:
     with operator_cli._Progress(console, "loading", "m") as progress:
         for tenth in range(1, 26):
             progress.update("LOADING", tenth / 10)
-    assert out.getvalue().splitlines() == ["loading m... 1.0s (LOADING)",
-                                           "loading m... 2.0s (LOADING)"]
+    assert out.getvalue().splitlines() == [
+        "loading m... 1.0s (LOADING)",
+        "loading m... 2.0s (LOADING)",
+    ]
 
 
 def test_server_sent_events_yield_data_and_skip_pings() -> None:
-    lines = [": ping", "", "data: {\"line\": \"one\"}", "", "event: x", "data: {\"line\": \"two\"}",
-             "", ": ping", ""]
+    lines = [
+        ": ping",
+        "",
+        'data: {"line": "one"}',
+        "",
+        "event: x",
+        'data: {"line": "two"}',
+        "",
+        ": ping",
+        "",
+    ]
     assert list(operator_cli._sse_data(iter(lines))) == ['{"line": "one"}', '{"line": "two"}']
 
 
@@ -116,8 +189,13 @@ def test_server_sent_events_yield_data_and_skip_pings() -> None:
 
 def test_unreachable_swapper_is_one_line_and_exit_1() -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    for command in (["status"], ["load", "tiny-a"], ["unload", "tiny-a"], ["logs", "tiny-a"],
-                    ["logs", "tiny-a", "-f"]):
+    for command in (
+        ["status"],
+        ["load", "tiny-a"],
+        ["unload", "tiny-a"],
+        ["logs", "tiny-a"],
+        ["logs", "tiny-a", "-f"],
+    ):
         line = one_error_line(swapper_cli(*command, "--url", url))
         assert line == f"swapper: cannot reach {url}: connection refused"
 
@@ -131,7 +209,9 @@ def test_url_comes_from_the_environment() -> None:
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     result = swapper_cli("status", "--url", "not-a-url")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.splitlines() == ["swapper: invalid URL 'not-a-url': expected http://HOST:PORT"]
+    assert result.stderr.splitlines() == [
+        "swapper: invalid URL 'not-a-url': expected http://HOST:PORT"
+    ]
     with pytest.raises(SystemExit) as info:
         main(["load"])  # no model
     assert info.value.code == 2
@@ -167,8 +247,9 @@ def test_status_lists_every_model_in_plain_text(swapper_factory: Any) -> None:
 def test_status_is_a_rich_table_on_a_terminal(swapper_factory: Any) -> None:
     swapper = swapper_factory()
     out = io.StringIO()
-    operator_cli.show_status(swapper.url, None,
-                             console=Console(file=out, force_terminal=True, width=120))
+    operator_cli.show_status(
+        swapper.url, None, console=Console(file=out, force_terminal=True, width=120)
+    )
     text = out.getvalue()
     assert "\x1b[" in text and "┃" in text  # colour and a box
     header = next(line for line in text.splitlines() if "MODEL" in line)
@@ -179,8 +260,9 @@ def test_status_is_a_rich_table_on_a_terminal(swapper_factory: Any) -> None:
 
 
 @pytest.mark.integration
-def test_status_json_is_the_status_document(swapper_factory: Any,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_json_is_the_status_document(
+    swapper_factory: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     swapper = swapper_factory()
     assert main(["status", "--url", swapper.url, "--json"]) == 0
     import json
@@ -214,9 +296,13 @@ def test_load_and_unload(swapper_factory: Any) -> None:
 def test_load_in_process_shows_a_spinner_on_a_terminal(swapper_factory: Any) -> None:
     swapper = swapper_factory()
     out, err = io.StringIO(), io.StringIO()
-    doc = operator_cli.load_model(swapper.url, None, "tiny-a",
-                                  console=Console(file=out, force_terminal=False),
-                                  progress=Console(file=err, force_terminal=True))
+    doc = operator_cli.load_model(
+        swapper.url,
+        None,
+        "tiny-a",
+        console=Console(file=out, force_terminal=False),
+        progress=Console(file=err, force_terminal=True),
+    )
     assert doc["status"] == "LOADED" and swapper.model("tiny-a")["status"] == "LOADED"
     assert out.getvalue().startswith("tiny-a LOADED")
 
@@ -247,7 +333,8 @@ def test_failed_load_shows_the_error_then_the_backends_last_lines(swapper_factor
 def test_keys_plain_and_admin(swapper_factory: Any) -> None:
     swapper = swapper_factory(
         models={"tiny-a": tiny_model(swapper_factory.workdir, "a", ctx_size=512)},
-        server={"api_keys": [PLAIN_KEY], "admin_api_keys": [ADMIN_KEY]})
+        server={"api_keys": [PLAIN_KEY], "admin_api_keys": [ADMIN_KEY]},
+    )
     url = ["--url", swapper.url]
     line = one_error_line(swapper_cli("status", *url))
     assert line.startswith("swapper: Missing API key") and "SWAPPER_API_KEY" in line
@@ -285,9 +372,13 @@ def test_logs_follow_prints_the_tail_and_new_lines_then_stops_on_ctrl_c(
 ) -> None:
     swapper = swapper_factory()
     assert swapper.http.post("/models/tiny-a/load").status_code == 200
-    proc = subprocess.Popen([sys.executable, "-m", "swapper", "logs", "tiny-a", "-f", "-n", "5",
-                             "--url", swapper.url], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swapper", "logs", "tiny-a", "-f", "-n", "5", "--url", swapper.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     lines: queue.Queue[str] = queue.Queue()
     seen: list[str] = []
 
@@ -306,8 +397,9 @@ def test_logs_follow_prints_the_tail_and_new_lines_then_stops_on_ctrl_c(
     try:
         wait_until(lambda: arrived(5), 30, "the tail of tiny-a's log")
         # A new line while following: a request makes llama-server log.
-        swapper.http.post("/v1/completions", json={"model": "tiny-a", "prompt": "x",
-                                                   "max_tokens": 2})
+        swapper.http.post(
+            "/v1/completions", json={"model": "tiny-a", "prompt": "x", "max_tokens": 2}
+        )
         wait_until(lambda: arrived(6), 30, "a new line of tiny-a's log")
     finally:
         proc.send_signal(signal.SIGINT)
@@ -321,7 +413,15 @@ def test_logs_follow_prints_the_tail_and_new_lines_then_stops_on_ctrl_c(
 
 
 def test_the_header_lists_every_resident_model_in_multi_active_mode() -> None:
-    doc = {"mode": "multi-active", "active_model": "b", "resident": ["a", "b"], "models": {
-        "a": model("LOADED", pid=41), "b": model("LOADED", pid=42), "c": model("SLEEPING", pid=43)}}
+    doc = {
+        "mode": "multi-active",
+        "active_model": "b",
+        "resident": ["a", "b"],
+        "models": {
+            "a": model("LOADED", pid=41),
+            "b": model("LOADED", pid=42),
+            "c": model("SLEEPING", pid=43),
+        },
+    }
     assert operator_cli._header(doc) == "mode: multi-active  resident: a, b"
     assert operator_cli.status_rows(doc, NOW)[2][:4] == ["c", "SLEEPING", "llamacpp", "43"]

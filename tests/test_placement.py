@@ -26,8 +26,9 @@ Make = Callable[..., SwapCoordinator]
 def make(coordinator_factory: CoordinatorFactory) -> Make:
     """The shared factory, in multi-active mode on a fake 16 GiB GPU (``gpu=False``: none)."""
 
-    def factory(models: dict[str, dict[str, Any]], *, gpu: bool = True,
-                **swapper: Any) -> SwapCoordinator:
+    def factory(
+        models: dict[str, dict[str, Any]], *, gpu: bool = True, **swapper: Any
+    ) -> SwapCoordinator:
         settings = {"mode": "multi-active", "vram_reserve_mb": 0, **swapper}
         return coordinator_factory(models, gpu=gpu, **settings)
 
@@ -45,8 +46,11 @@ def statuses(coordinator: SwapCoordinator) -> dict[str, str]:
 
 
 async def test_models_that_fit_load_alongside(make: Make, world: FakeWorld) -> None:
-    coordinator = make({"a": {"vram_mb": 6000}, "b": {"vram_mb": 6000}},
-                       max_concurrent_models=2, vram_budget_mb=14000)
+    coordinator = make(
+        {"a": {"vram_mb": 6000}, "b": {"vram_mb": 6000}},
+        max_concurrent_models=2,
+        vram_budget_mb=14000,
+    )
     await use(coordinator, "a")
     await use(coordinator, "b")
     assert statuses(coordinator) == {"a": "LOADED", "b": "LOADED"}
@@ -58,8 +62,9 @@ async def test_models_that_fit_load_alongside(make: Make, world: FakeWorld) -> N
 async def test_least_recently_used_idle_model_is_evicted_to_fit(
     make: Make, world: FakeWorld
 ) -> None:
-    coordinator = make({m: {"vram_mb": 6000} for m in "abc"},
-                       max_concurrent_models=3, vram_budget_mb=14000)
+    coordinator = make(
+        {m: {"vram_mb": 6000} for m in "abc"}, max_concurrent_models=3, vram_budget_mb=14000
+    )
     await use(coordinator, "a")
     await use(coordinator, "b")
     await use(coordinator, "a")  # b is now the least recently used
@@ -79,8 +84,9 @@ async def test_the_count_limit_evicts_without_a_gpu(make: Make, world: FakeWorld
 
 
 async def test_a_busy_model_is_passed_over_for_an_idle_one(make: Make, world: FakeWorld) -> None:
-    coordinator = make({m: {"vram_mb": 6000} for m in "abc"},
-                       max_concurrent_models=3, vram_budget_mb=14000)
+    coordinator = make(
+        {m: {"vram_mb": 6000} for m in "abc"}, max_concurrent_models=3, vram_budget_mb=14000
+    )
     busy = await coordinator.acquire("a")  # a is the least recently used, but busy
     await use(coordinator, "b")
     await use(coordinator, "c")
@@ -89,8 +95,11 @@ async def test_a_busy_model_is_passed_over_for_an_idle_one(make: Make, world: Fa
 
 
 async def test_eviction_waits_for_in_flight_requests(make: Make, world: FakeWorld) -> None:
-    coordinator = make({"a": {"vram_mb": 9000}, "b": {"vram_mb": 9000}},
-                       max_concurrent_models=2, vram_budget_mb=14000)
+    coordinator = make(
+        {"a": {"vram_mb": 9000}, "b": {"vram_mb": 9000}},
+        max_concurrent_models=2,
+        vram_budget_mb=14000,
+    )
     lease = await coordinator.acquire("a")
     want_b = asyncio.create_task(coordinator.acquire("b"))
     # Queued: the eviction is decided (synchronously); stopping a now would already show.
@@ -106,8 +115,12 @@ async def test_eviction_waits_for_in_flight_requests(make: Make, world: FakeWorl
 async def test_past_drain_timeout_in_flight_requests_are_cut_off_with_a_reason(
     make: Make, world: FakeWorld
 ) -> None:
-    coordinator = make({"a": {"vram_mb": 9000}, "b": {"vram_mb": 9000}},
-                       max_concurrent_models=2, vram_budget_mb=14000, drain_timeout=0.2)
+    coordinator = make(
+        {"a": {"vram_mb": 9000}, "b": {"vram_mb": 9000}},
+        max_concurrent_models=2,
+        vram_budget_mb=14000,
+        drain_timeout=0.2,
+    )
     lease = await coordinator.acquire("a")  # never released in time
     lease_b = await coordinator.acquire("b")
     assert ("stop", "a") in world.events
@@ -119,14 +132,17 @@ async def test_past_drain_timeout_in_flight_requests_are_cut_off_with_a_reason(
 
 
 async def test_pinned_models_are_evicted_last(make: Make, world: FakeWorld) -> None:
-    coordinator = make({m: {"vram_mb": 6000} for m in "abc"}, default_model="a",
-                       max_concurrent_models=3, vram_budget_mb=14000)
+    coordinator = make(
+        {m: {"vram_mb": 6000} for m in "abc"},
+        default_model="a",
+        max_concurrent_models=3,
+        vram_budget_mb=14000,
+    )
     await use(coordinator, "a")  # the default model: pinned, and least recently used
     await use(coordinator, "b")
     await use(coordinator, "c")
     assert statuses(coordinator) == {"a": "LOADED", "b": "UNLOADED", "c": "LOADED"}
     assert coordinator.status().models["a"].pinned is True
-
 
 
 async def test_the_default_model_can_be_unpinned(make: Make, world: FakeWorld) -> None:
@@ -142,16 +158,20 @@ async def test_the_default_model_can_be_unpinned(make: Make, world: FakeWorld) -
 async def test_a_pinned_model_still_goes_when_nothing_else_can(
     make: Make, world: FakeWorld
 ) -> None:
-    coordinator = make({"a": {"vram_mb": 9000, "pinned": True}, "b": {"vram_mb": 9000}},
-                       max_concurrent_models=2, vram_budget_mb=14000)
+    coordinator = make(
+        {"a": {"vram_mb": 9000, "pinned": True}, "b": {"vram_mb": 9000}},
+        max_concurrent_models=2,
+        vram_budget_mb=14000,
+    )
     await use(coordinator, "a")
     await use(coordinator, "b")
     assert statuses(coordinator) == {"a": "UNLOADED", "b": "LOADED"}
 
 
 async def test_a_model_that_can_never_fit_is_refused_at_once(make: Make, world: FakeWorld) -> None:
-    coordinator = make({"a": {"vram_mb": 6000}, "huge": {"vram_mb": 20000}},
-                       max_concurrent_models=2)  # budget: the fake GPU's 16384 MiB
+    coordinator = make(
+        {"a": {"vram_mb": 6000}, "huge": {"vram_mb": 20000}}, max_concurrent_models=2
+    )  # budget: the fake GPU's 16384 MiB
     await use(coordinator, "a")
     with pytest.raises(ModelUnavailable) as info:
         coordinator.enqueue("huge")  # at once: refused before it could ever queue
@@ -163,8 +183,11 @@ async def test_the_next_load_waits_until_the_gpu_shows_memory_released(
     make: Make, world: FakeWorld, caplog: pytest.LogCaptureFixture
 ) -> None:
     world.release_lag = 0.4  # CUDA's free figure lags an unload
-    coordinator = make({"a": {"vram_mb": 10000}, "b": {"vram_mb": 10000}},
-                       max_concurrent_models=2, vram_release_timeout=5)
+    coordinator = make(
+        {"a": {"vram_mb": 10000}, "b": {"vram_mb": 10000}},
+        max_concurrent_models=2,
+        vram_release_timeout=5,
+    )
     gpu = coordinator.placement.gpu
     assert isinstance(gpu, FakeGpu)
     await use(coordinator, "a")
@@ -181,8 +204,11 @@ async def test_the_memory_wait_is_bounded_and_logged(
     make: Make, world: FakeWorld, caplog: pytest.LogCaptureFixture
 ) -> None:
     world.release_lag = 30  # the memory never shows up in time
-    coordinator = make({"a": {"vram_mb": 10000}, "b": {"vram_mb": 10000}},
-                       max_concurrent_models=2, vram_release_timeout=0.3)
+    coordinator = make(
+        {"a": {"vram_mb": 10000}, "b": {"vram_mb": 10000}},
+        max_concurrent_models=2,
+        vram_release_timeout=0.3,
+    )
     await use(coordinator, "a")
     caplog.set_level(logging.INFO, "swapper.placement")
     gpu = coordinator.placement.gpu
@@ -212,17 +238,23 @@ async def test_measured_size_replaces_the_estimate_and_survives_a_restart(
     await use(again, "b")
     assert statuses(again) == {"a": "UNLOADED", "b": "LOADED"}
     # A changed entry is another setup: its old measurement no longer applies.
-    changed = make({"a": {"vram_mb": 4000, "note": "q8"}, "b": {"vram_mb": 6000}},
-                   max_concurrent_models=2, vram_budget_mb=14000)
+    changed = make(
+        {"a": {"vram_mb": 4000, "note": "q8"}, "b": {"vram_mb": 6000}},
+        max_concurrent_models=2,
+        vram_budget_mb=14000,
+    )
     assert changed.status().models["a"].predicted_vram_mb == 4000
 
 
 async def test_a_sleeping_backend_sleeps_instead_of_stopping_and_wakes(
     make: Make, world: FakeWorld
 ) -> None:
-    coordinator = make({"a": {"vram_mb": 6000, "sleepy": True, "sleep_mb": 500},
-                        "b": {"vram_mb": 6000}},
-                       mode="single-active", max_concurrent_models=1, vram_budget_mb=14000)
+    coordinator = make(
+        {"a": {"vram_mb": 6000, "sleepy": True, "sleep_mb": 500}, "b": {"vram_mb": 6000}},
+        mode="single-active",
+        max_concurrent_models=1,
+        vram_budget_mb=14000,
+    )
     await use(coordinator, "a")
     await use(coordinator, "b")
     assert statuses(coordinator) == {"a": "SLEEPING", "b": "LOADED"}
@@ -236,9 +268,16 @@ async def test_a_sleeping_backend_sleeps_instead_of_stopping_and_wakes(
 async def test_a_sleeping_backend_is_stopped_when_its_memory_is_needed(
     make: Make, world: FakeWorld
 ) -> None:
-    coordinator = make({"a": {"vram_mb": 6000, "sleepy": True, "sleep_mb": 1000},
-                        "b": {"vram_mb": 6000}, "big": {"vram_mb": 13500}},
-                       mode="single-active", max_concurrent_models=1, vram_budget_mb=14000)
+    coordinator = make(
+        {
+            "a": {"vram_mb": 6000, "sleepy": True, "sleep_mb": 1000},
+            "b": {"vram_mb": 6000},
+            "big": {"vram_mb": 13500},
+        },
+        mode="single-active",
+        max_concurrent_models=1,
+        vram_budget_mb=14000,
+    )
     await use(coordinator, "a")
     await use(coordinator, "b")
     assert statuses(coordinator)["a"] == "SLEEPING"
@@ -257,8 +296,9 @@ async def test_unloading_a_sleeping_model_stops_it(make: Make, world: FakeWorld)
 
 
 async def test_a_backend_that_dies_asleep_is_failed(make: Make, world: FakeWorld) -> None:
-    coordinator = make({"a": {"sleepy": True}, "b": {}}, mode="single-active",
-                       max_concurrent_models=1)
+    coordinator = make(
+        {"a": {"sleepy": True}, "b": {}}, mode="single-active", max_concurrent_models=1
+    )
     await use(coordinator, "a")
     await use(coordinator, "b")
     world.crash("a")
@@ -271,8 +311,12 @@ async def test_a_backend_that_dies_asleep_is_failed(make: Make, world: FakeWorld
 async def test_requests_for_an_evicted_model_cannot_starve_the_waiting_one(
     make: Make, world: FakeWorld
 ) -> None:
-    coordinator = make({"a": {"vram_mb": 9000}, "b": {"vram_mb": 9000}},
-                       max_concurrent_models=2, vram_budget_mb=14000, max_overtake=2)
+    coordinator = make(
+        {"a": {"vram_mb": 9000}, "b": {"vram_mb": 9000}},
+        max_concurrent_models=2,
+        vram_budget_mb=14000,
+        max_overtake=2,
+    )
     first = await coordinator.acquire("a")
     want_b = asyncio.create_task(coordinator.acquire("b"))
     await until(coordinator, lambda: queued(coordinator, "b") == 1, "b's request to queue")
@@ -291,8 +335,9 @@ async def test_requests_for_an_evicted_model_cannot_starve_the_waiting_one(
 async def test_the_drain_deadline_holds_for_requests_admitted_from_the_queue(
     make: Make, world: FakeWorld
 ) -> None:
-    coordinator = make({"a": {"vram_mb": 1000}, "b": {"vram_mb": 1000}},
-                       max_concurrent_models=1, drain_timeout=0.2)
+    coordinator = make(
+        {"a": {"vram_mb": 1000}, "b": {"vram_mb": 1000}}, max_concurrent_models=1, drain_timeout=0.2
+    )
     world.queue("a", Behaviour.GATED)
     want_a = asyncio.create_task(coordinator.acquire("a"))
     await coordinator.wait_for_status("a", ModelStatus.LOADING)
@@ -305,11 +350,10 @@ async def test_the_drain_deadline_holds_for_requests_admitted_from_the_queue(
     lease.release()
 
 
-async def test_an_operator_unload_keeps_the_eviction_deadline(
-    make: Make, world: FakeWorld
-) -> None:
-    coordinator = make({"a": {"vram_mb": 1000}, "c": {"vram_mb": 1000}},
-                       max_concurrent_models=1, drain_timeout=0.2)
+async def test_an_operator_unload_keeps_the_eviction_deadline(make: Make, world: FakeWorld) -> None:
+    coordinator = make(
+        {"a": {"vram_mb": 1000}, "c": {"vram_mb": 1000}}, max_concurrent_models=1, drain_timeout=0.2
+    )
     lease = await coordinator.acquire("a")
     want_c = asyncio.create_task(coordinator.acquire("c"))
     await until(coordinator, lambda: queued(coordinator, "c") == 1, "c's request to queue")
@@ -327,10 +371,16 @@ async def test_a_model_removed_while_it_loads_is_still_stopped(
     coordinator = make(models, max_concurrent_models=2, vram_budget_mb=16000)
     want_a = coordinator.enqueue("a")  # synchronous: a is LOADING, its load task not yet run
     assert coordinator.model_status("a") == ModelStatus.LOADING
-    smaller, _ = fake_config(world, {"b": {"vram_mb": 9000}},
-                             swapper={"mode": "multi-active", "max_concurrent_models": 2,
-                                      "vram_budget_mb": 16000,
-                                      "state_file": str(tmp_path / "state.json")})
+    smaller, _ = fake_config(
+        world,
+        {"b": {"vram_mb": 9000}},
+        swapper={
+            "mode": "multi-active",
+            "max_concurrent_models": 2,
+            "vram_budget_mb": 16000,
+            "state_file": str(tmp_path / "state.json"),
+        },
+    )
     coordinator.reload(smaller)
     with pytest.raises(Exception, match="removed from the config"):
         await coordinator.redeem(want_a)
@@ -343,9 +393,12 @@ async def test_memory_seen_back_does_not_hold_up_later_loads(
 ) -> None:
     world.release_lag = 0.2  # c's load waits for a's memory to show free
     release_timeout = 30.0
-    coordinator = make({"a": {"vram_mb": 8000}, "c": {"vram_mb": 8000}, "d": {"vram_mb": 4000}},
-                       max_concurrent_models=3, vram_budget_mb=14000,
-                       vram_release_timeout=release_timeout)
+    coordinator = make(
+        {"a": {"vram_mb": 8000}, "c": {"vram_mb": 8000}, "d": {"vram_mb": 4000}},
+        max_concurrent_models=3,
+        vram_budget_mb=14000,
+        vram_release_timeout=release_timeout,
+    )
     await use(coordinator, "a")
     await use(coordinator, "c")  # evicts a, and waits until its memory shows free
     caplog.set_level(logging.INFO, "swapper.placement")

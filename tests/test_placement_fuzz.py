@@ -42,14 +42,17 @@ operation = st.one_of(
     # advance: to its next event (0), or until no load, unload or probe runs (1).
     st.tuples(st.just("progress"), st.just(""), st.integers(0, 1)),
 )
-scenario = st.fixed_dictionaries({
-    "slots": st.integers(1, 3),
-    "sizes": st.lists(st.sampled_from([1000.0, 2500.0, 4000.0, 6000.0]), min_size=4,
-                      max_size=4),
-    "sleepy": st.lists(st.booleans(), min_size=4, max_size=4),
-    # At least 12: shorter runs seldom get as far as an eviction with requests overtaking.
-    "operations": st.lists(operation, min_size=12, max_size=40),
-})
+scenario = st.fixed_dictionaries(
+    {
+        "slots": st.integers(1, 3),
+        "sizes": st.lists(
+            st.sampled_from([1000.0, 2500.0, 4000.0, 6000.0]), min_size=4, max_size=4
+        ),
+        "sleepy": st.lists(st.booleans(), min_size=4, max_size=4),
+        # At least 12: shorter runs seldom get as far as an eviction with requests overtaking.
+        "operations": st.lists(operation, min_size=12, max_size=40),
+    }
+)
 
 
 class _Admission(asyncio.Future[str]):
@@ -64,8 +67,7 @@ class _Admission(asyncio.Future[str]):
         super().set_result(result)
 
 
-async def _progress(coordinator: SwapCoordinator, events: asyncio.Queue[Any],
-                    quiet: bool) -> None:
+async def _progress(coordinator: SwapCoordinator, events: asyncio.Queue[Any], quiet: bool) -> None:
     """Let the coordinator's loads, unloads, probes and measurements advance: to its next
     event, or (``quiet``) until none runs. Timers (drain, idle) are not waited for."""
     async with asyncio.timeout(20):
@@ -77,17 +79,29 @@ async def _progress(coordinator: SwapCoordinator, events: asyncio.Queue[Any],
                 return
 
 
-async def _run(slots: int, sizes: list[float], sleepy: list[bool],
-               operations: list[tuple[str, Any, int]], state_dir: str) -> None:
+async def _run(
+    slots: int,
+    sizes: list[float],
+    sleepy: list[bool],
+    operations: list[tuple[str, Any, int]],
+    state_dir: str,
+) -> None:
     world = FakeWorld()
     models: dict[str, dict[str, Any]] = {
         m: {"vram_mb": size, "sleepy": asleep, "sleep_mb": 300.0}
-        for m, size, asleep in zip(MODELS, sizes, sleepy)}
+        for m, size, asleep in zip(MODELS, sizes, sleepy, strict=False)  # "e" is added below
+    }
     models["e"] = {"vram_mb": BUDGET + 1}  # can never fit
     settings_ = {
-        "mode": "multi-active", "max_concurrent_models": slots, "vram_budget_mb": BUDGET,
-        "default_model": "a", "drain_timeout": 0.05, "vram_release_timeout": 0.5,
-        "max_overtake": MAX_OVERTAKE, "state_file": str(Path(state_dir) / "state.json")}
+        "mode": "multi-active",
+        "max_concurrent_models": slots,
+        "vram_budget_mb": BUDGET,
+        "default_model": "a",
+        "drain_timeout": 0.05,
+        "vram_release_timeout": 0.5,
+        "max_overtake": MAX_OVERTAKE,
+        "state_file": str(Path(state_dir) / "state.json"),
+    }
     present = set(models)
 
     def config() -> Config:
@@ -119,8 +133,11 @@ async def _run(slots: int, sizes: list[float], sleepy: list[bool],
         target = model.evicting_for
         if target is None:
             return  # not being evicted: its requests do not hold anyone up
-        heads = [arrival[w] for w in coordinator._waiters
-                 if w.model is target and not w.future.done() and w in arrival]
+        heads = [
+            arrival[w]
+            for w in coordinator._waiters
+            if w.model is target and not w.future.done() and w in arrival
+        ]
         if heads and index > min(heads):
             overtaken[min(heads)] += 1
             assert overtaken[min(heads)] <= MAX_OVERTAKE, (min(heads), overtaken)
@@ -138,8 +155,11 @@ async def _run(slots: int, sizes: list[float], sleepy: list[bool],
         requests.append(asyncio.ensure_future(coordinator.redeem(ticket)))
 
     def check() -> None:
-        serving = [m for m, d in coordinator.status().models.items()
-                   if d.status in (ModelStatus.LOADING, ModelStatus.LOADED)]
+        serving = [
+            m
+            for m, d in coordinator.status().models.items()
+            if d.status in (ModelStatus.LOADING, ModelStatus.LOADED)
+        ]
         assert len(serving) <= slots, serving
         # Processes that are up and not asleep: never more than the slots, at any moment.
         assert world.max_awake <= slots, (world.alive, world.asleep)
@@ -153,8 +173,11 @@ async def _run(slots: int, sizes: list[float], sleepy: list[bool],
                         with contextlib.suppress(SwapperError):  # refused at once: answered
                             request(target)
                 elif kind == "release":
-                    done = [t for t in requests if t.done() and not t.cancelled()
-                            and t.exception() is None]
+                    done = [
+                        t
+                        for t in requests
+                        if t.done() and not t.cancelled() and t.exception() is None
+                    ]
                     if done:
                         task = done[target % len(done)]
                         requests.remove(task)
@@ -184,8 +207,7 @@ async def _run(slots: int, sizes: list[float], sleepy: list[bool],
                         lease.release()
                     held.clear()
                     check()
-        counts = {m: (d.in_flight, d.queued)
-                  for m, d in coordinator.status().models.items()}
+        counts = {m: (d.in_flight, d.queued) for m, d in coordinator.status().models.items()}
         assert set(counts.values()) == {(0, 0)}, counts  # every lease and place given back
     finally:
         for task in requests:
@@ -198,8 +220,13 @@ async def _run(slots: int, sizes: list[float], sleepy: list[bool],
     assert world.alive == set()
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(scenario)
 def test_random_traffic_keeps_slots_and_the_budget(case: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as state_dir:

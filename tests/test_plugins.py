@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from swapper_llamacpp import LlamaCppBackend, LlamaCppModel
 
 from swapper import hookspecs
 from swapper.backend import Backend, BackendHandle, BackendSettings
 from swapper.config import ModelEntry
 from swapper.errors import PluginError
 from swapper.plugins import load_backends
-from swapper_llamacpp import LlamaCppBackend, LlamaCppModel
 
 
 def _hookspecs() -> set[str]:
@@ -29,9 +29,12 @@ def _test_names() -> set[str]:
     """Every test function in tests/, by name."""
     names: set[str] = set()
     for path in Path(__file__).parent.glob("test_*.py"):
-        names |= {node.name for node in ast.walk(ast.parse(path.read_text()))
-                  if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
-                  and node.name.startswith("test_")}
+        names |= {
+            node.name
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.name.startswith("test_")
+        }
     return names
 
 
@@ -63,8 +66,9 @@ def test_builtin_backend_comes_through_the_entry_point_group() -> None:
 def test_nothing_called_plugins_is_installed(tmp_path: Path) -> None:
     # Outside the repository, the installed environment has swapper_llamacpp but no `plugins`.
     probe = "import importlib.util as u; print(u.find_spec('plugins'), bool(u.find_spec('swapper_llamacpp')))"
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
-                         text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == ["None", "True"]
 
 
@@ -135,9 +139,24 @@ def test_llamacpp_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SWAPPER_LLAMA_SERVER", raising=False)
     backend = _llama(True, ctx_size=8192, binary="/opt/llama-server", args=["--jinja", "-np", "2"])
     assert backend.command(4242) == [
-        "/opt/llama-server", "-m", "/m/x.gguf", "--host", "127.0.0.1", "--port", "4242",
-        "-c", "8192", "-ngl", "999", "--alias", "qwen", "--threads-http", "32",
-        "--jinja", "-np", "2",
+        "/opt/llama-server",
+        "-m",
+        "/m/x.gguf",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "4242",
+        "-c",
+        "8192",
+        "-ngl",
+        "999",
+        "--alias",
+        "qwen",
+        "--threads-http",
+        "32",
+        "--jinja",
+        "-np",
+        "2",
     ]
     assert backend.max_connections() == 31  # one thread stays free for health probes
 
@@ -161,5 +180,11 @@ def test_logged_command_lines_hide_secrets() -> None:
     from swapper.backend import redact_argv
 
     argv = ["llama-server", "--api-key", "s3cret", "--hf-token=tok", "-m", "x.gguf"]
-    assert redact_argv(argv) == ["llama-server", "--api-key", "***", "--hf-token=***", "-m",
-                                 "x.gguf"]
+    assert redact_argv(argv) == [
+        "llama-server",
+        "--api-key",
+        "***",
+        "--hf-token=***",
+        "-m",
+        "x.gguf",
+    ]

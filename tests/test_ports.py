@@ -28,8 +28,11 @@ def squatted_port() -> Iterator[int]:
 
 
 async def test_port_taken_before_the_backend_binds_is_retried(
-    squatted_port: int, llama_server: str, tiny_models: dict[str, Path],
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    squatted_port: int,
+    llama_server: str,
+    tiny_models: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     real_free_port = swapper.backend.free_port
     picks = iter([squatted_port])
@@ -41,13 +44,24 @@ async def test_port_taken_before_the_backend_binds_is_retried(
     monkeypatch.setattr(swapper.backend, "free_port", first_pick_is_taken)
     registry = load_backends()
     config = parse_config(
-        {"swapper": {"gpu_enabled": False, "model_swap_timeout": 30, "stop_timeout": 5},
-         "models": {"tiny-a": {"backend": "llamacpp", "model_path": str(tiny_models["a"]),
-                               "binary": llama_server, "ctx_size": 512}}},
-        "ports.yaml", registry.schemas())
+        {
+            "swapper": {"gpu_enabled": False, "model_swap_timeout": 30, "stop_timeout": 5},
+            "models": {
+                "tiny-a": {
+                    "backend": "llamacpp",
+                    "model_path": str(tiny_models["a"]),
+                    "binary": llama_server,
+                    "ctx_size": 512,
+                }
+            },
+        },
+        "ports.yaml",
+        registry.schemas(),
+    )
     async with AsyncTestClient(create_app(config, registry), timeout=30) as client:
-        response = await client.post("/v1/chat/completions", json={
-            "model": "tiny-a", "messages": MESSAGES, "max_tokens": 2})
+        response = await client.post(
+            "/v1/chat/completions", json={"model": "tiny-a", "messages": MESSAGES, "max_tokens": 2}
+        )
         assert response.status_code == 200, response.text
         status = (await client.get("/status")).json()["models"]["tiny-a"]
         assert status["status"] == "LOADED" and status["port"] != squatted_port

@@ -41,8 +41,9 @@ def live(pids: list[int]) -> list[int]:
 
 
 def start_group() -> tuple[subprocess.Popen[bytes], list[int]]:
-    proc = subprocess.Popen([sys.executable, "-c", GROUP], stdout=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", GROUP], stdout=subprocess.PIPE, start_new_session=True
+    )
     assert proc.stdout is not None
     pids = [int(pid) for pid in proc.stdout.readline().split()]
     assert len(pids) == 4 and live(pids) == pids
@@ -72,14 +73,17 @@ def test_the_reaper_kills_registered_groups_and_their_sessions_when_its_pipe_clo
 
 @pytest.mark.integration
 def test_sigkill_of_swapper_takes_a_wrapped_backend_and_its_helpers_down(
-    swapper_factory: Any, llama_server: str, tmp_path: Path,
+    swapper_factory: Any,
+    llama_server: str,
+    tmp_path: Path,
 ) -> None:
     pid_file = tmp_path / "pids"
     wrapper = tmp_path / "wrapped-llama-server"
     wrapper.write_text(WRAPPER.format(pids=pid_file, llama_server=llama_server))
     wrapper.chmod(0o755)
-    swapper = swapper_factory(models={
-        "tiny-a": tiny_model(swapper_factory.workdir, binary=str(wrapper))})
+    swapper = swapper_factory(
+        models={"tiny-a": tiny_model(swapper_factory.workdir, binary=str(wrapper))}
+    )
     assert chat(swapper, "tiny-a").status_code == 200
     pids = [int(line) for line in pid_file.read_text().split()]
     # The wrapper, its helper subshell, the helper's sleep and llama-server.

@@ -17,8 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 Function = ast.FunctionDef | ast.AsyncFunctionDef
 
 #: Calls that assert: they raise when what they check does not hold.
-_CHECKING_CALLS = {"raises", "wait_until", "wait_status", "expect", "error_of",
-                   "call_and_validate"}
+_CHECKING_CALLS = {"raises", "wait_until", "wait_status", "expect", "error_of", "call_and_validate"}
 
 
 def _functions(path: Path) -> dict[str, Function]:
@@ -53,7 +52,8 @@ def test_every_guarantee_names_an_existing_test() -> None:
         if name:
             functions = _functions(path)
             assert name.startswith("test_") and name in functions, (
-                f"{file}::{name} is named in the README but missing")
+                f"{file}::{name} is named in the README but missing"
+            )
             # What each test asserts was read against its promise by hand; this keeps a test
             # that asserts nothing at all from standing behind one.
             assert _asserts(name, functions), f"{file}::{name} asserts nothing"

@@ -39,17 +39,31 @@ def readme_plugin(tmp_path: Path) -> ModuleType:
 
 
 @pytest.fixture
-async def client(readme_plugin: ModuleType, llama_server: str,
-                 tiny_models: dict[str, Path]) -> AsyncIterator[AsyncTestClient[Any]]:
+async def client(
+    readme_plugin: ModuleType, llama_server: str, tiny_models: dict[str, Path]
+) -> AsyncIterator[AsyncTestClient[Any]]:
     registry = load_backends(readme_plugin)
     config = parse_config(
         {
             "swapper": {"gpu_enabled": False, "model_swap_timeout": 30, "stop_timeout": 5},
-            "models": {"my-model": {
-                "backend": "command",
-                "command": [llama_server, "-m", str(tiny_models["a"]), "--host", "127.0.0.1",
-                            "--port", "{port}", "-c", "512", "-ngl", "0"],
-            }},
+            "models": {
+                "my-model": {
+                    "backend": "command",
+                    "command": [
+                        llama_server,
+                        "-m",
+                        str(tiny_models["a"]),
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        "{port}",
+                        "-c",
+                        "512",
+                        "-ngl",
+                        "0",
+                    ],
+                }
+            },
         },
         "readme.yaml",
         registry.schemas(),
@@ -67,8 +81,9 @@ def test_readme_plugin_registers_its_backend(readme_plugin: ModuleType) -> None:
 
 
 async def test_readme_plugin_serves_a_chat(client: AsyncTestClient[Any]) -> None:
-    response = await client.post("/v1/chat/completions", json={
-        "model": "my-model", "messages": MESSAGES, "max_tokens": 4})
+    response = await client.post(
+        "/v1/chat/completions", json={"model": "my-model", "messages": MESSAGES, "max_tokens": 4}
+    )
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["role"] == "assistant"
     status = (await client.get("/status")).json()["models"]["my-model"]

@@ -15,11 +15,18 @@ RENAME = ModelRename("qwen", "qwen3:8b")
 
 
 def test_the_request_names_the_backends_model_and_keeps_everything_else() -> None:
-    body = json.dumps({"model": "qwen", "messages": [{"role": "user", "content": "é"}],
-                       "x_unknown": {"kept": True}}).encode()
+    body = json.dumps(
+        {
+            "model": "qwen",
+            "messages": [{"role": "user", "content": "é"}],
+            "x_unknown": {"kept": True},
+        }
+    ).encode()
     assert json.loads(RENAME.request(body, "qwen")) == {
-        "model": "qwen3:8b", "messages": [{"role": "user", "content": "é"}],
-        "x_unknown": {"kept": True}}
+        "model": "qwen3:8b",
+        "messages": [{"role": "user", "content": "é"}],
+        "x_unknown": {"kept": True},
+    }
 
 
 def test_a_response_names_swappers_id() -> None:
@@ -29,7 +36,7 @@ def test_a_response_names_swappers_id() -> None:
     assert json.loads(RENAME.response(b'{"model":"qwen3:8b-latest"}'))["model"] == "qwen"
     untouched = b'{"data":[1,2,3]}'
     assert RENAME.response(untouched) is untouched
-    assert RENAME.response(b"not json \"model\"") == b"not json \"model\""
+    assert RENAME.response(b'not json "model"') == b'not json "model"'
 
 
 async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
@@ -38,14 +45,16 @@ async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
 
 
 async def test_a_stream_is_renamed_event_by_event_across_chunk_boundaries() -> None:
-    events = [b'data: {"model":"qwen3:8b","choices":[{"delta":{"content":"hi"}}]}\n\n',
-              b": ping\n\n",
-              b'data: {"model":"qwen3:8b","choices":[],"usage":{"total_tokens":3}}\r\n\r\n',
-              b"data: [DONE]\n\n"]
+    events = [
+        b'data: {"model":"qwen3:8b","choices":[{"delta":{"content":"hi"}}]}\n\n',
+        b": ping\n\n",
+        b'data: {"model":"qwen3:8b","choices":[],"usage":{"total_tokens":3}}\r\n\r\n',
+        b"data: [DONE]\n\n",
+    ]
     raw = b"".join(events)
     # Split at awkward places: inside a JSON string, between \r and \n.
     cuts = [7, 30, raw.index(b"\r\n") + 1, len(raw) - 3]
-    parts = [raw[i:j] for i, j in zip([0, *cuts], [*cuts, len(raw)])]
+    parts = [raw[i:j] for i, j in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
     out = b"".join([chunk async for chunk in RENAME.stream(_chunks(*parts))])
     lines = [line for line in out.split(b"\n\n") if line]
     assert lines[0].startswith(b"data: ") and json.loads(lines[0][6:])["model"] == "qwen"

@@ -42,14 +42,16 @@ def config_of(server: dict[str, Any]) -> Any:
 # -- protected mode -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost",
-                                  "LocalHost"])
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost", "LocalHost"]
+)
 def test_loopback_needs_no_keys(host: str) -> None:
     assert protected_mode_refusal(config_of({}), host) is None
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "gpu-node.lan",
-                                  "127.evil.example", ""])
+@pytest.mark.parametrize(
+    "host", ["0.0.0.0", "::", "192.168.1.5", "gpu-node.lan", "127.evil.example", ""]
+)
 def test_protected_mode_refuses_a_network_address_without_keys(host: str) -> None:
     refusal = protected_mode_refusal(config_of({}), host)
     assert refusal is not None and "\n" not in refusal
@@ -62,7 +64,8 @@ def test_protected_mode_refuses_a_network_address_without_keys(host: str) -> Non
 
 @pytest.mark.parametrize("value", [None, ""])
 def test_a_missing_or_empty_key_variable_stops_the_config(
-    monkeypatch: pytest.MonkeyPatch, value: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+    value: str | None,
 ) -> None:
     monkeypatch.setenv("SWAPPER_ADMIN_KEY", "admin")
     if value is None:
@@ -73,7 +76,9 @@ def test_a_missing_or_empty_key_variable_stops_the_config(
         load_config(ROOT / "config/swapper_config.yaml", SCHEMAS)
     message = info.value.message
     state = "not set" if value is None else "empty"
-    assert message.endswith(f"$.server.api_keys[0]: environment variable SWAPPER_API_KEY is {state}")
+    assert message.endswith(
+        f"$.server.api_keys[0]: environment variable SWAPPER_API_KEY is {state}"
+    )
     assert "\n" not in message
 
 
@@ -93,7 +98,8 @@ def test_the_shipped_gpu_config_serves_the_network_with_keys_from_the_environmen
 
 @pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_may_serve_on_its_own_host(
-    monkeypatch: pytest.MonkeyPatch, path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    path: Path,
 ) -> None:
     monkeypatch.setenv("SWAPPER_API_KEY", "plain-1")
     monkeypatch.setenv("SWAPPER_ADMIN_KEY", "admin-1")
@@ -105,19 +111,34 @@ def test_every_shipped_config_may_serve_on_its_own_host(
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://testserver.local:81",
-                                    "https://testserver.local", "http://127.0.0.1:8890"])
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "http://evil.example",
+        "null",
+        "http://testserver.local:81",
+        "https://testserver.local",
+        "http://127.0.0.1:8890",
+    ],
+)
 async def test_a_foreign_origin_is_refused_before_anything_runs(
-    fake_app: FakeApp, world: FakeWorld, origin: str,
+    fake_app: FakeApp,
+    world: FakeWorld,
+    origin: str,
 ) -> None:
     async with fake_app() as client:
         # A "no-cors" POST as a web page can send it: text/plain, no preflight.
-        response = await client.post("/v1/chat/completions", content=httpx.Request(
-            "POST", "http://x", json=CHAT).read(), headers={"Origin": origin,
-                                                            "Content-Type": "text/plain"})
+        response = await client.post(
+            "/v1/chat/completions",
+            content=httpx.Request("POST", "http://x", json=CHAT).read(),
+            headers={"Origin": origin, "Content-Type": "text/plain"},
+        )
         assert origin in error_of(response, 403, "origin_not_allowed")
-        error_of(await client.post("/models/a/load", headers={"Origin": origin}), 403,
-                 "origin_not_allowed")
+        error_of(
+            await client.post("/models/a/load", headers={"Origin": origin}),
+            403,
+            "origin_not_allowed",
+        )
     assert world.events == []  # nothing was loaded
 
 
@@ -148,9 +169,21 @@ async def test_the_dashboard_works_from_its_own_origin(fake_app: FakeApp) -> Non
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("host", ["localhost", "localhost:8890", "127.0.0.1:8890", "127.3.2.1",
-                                  "[::1]:8890", "[::1]", "LOCALHOST:1", "10.0.0.7:8890",
-                                  "gpu-node.lan:8890", "GPU-Node.lan"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost",
+        "localhost:8890",
+        "127.0.0.1:8890",
+        "127.3.2.1",
+        "[::1]:8890",
+        "[::1]",
+        "LOCALHOST:1",
+        "10.0.0.7:8890",
+        "gpu-node.lan:8890",
+        "GPU-Node.lan",
+    ],
+)
 async def test_loopback_bound_and_allowed_hosts_are_served(fake_app: FakeApp, host: str) -> None:
     server = {"host": "10.0.0.7", "allowed_hosts": ["gpu-node.lan"]}
     async with fake_app(server=server) as client:
@@ -159,16 +192,30 @@ async def test_loopback_bound_and_allowed_hosts_are_served(fake_app: FakeApp, ho
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("host", ["evil.example", "evil.example:8890", "127.evil.example",
-                                  "localhost.evil.example", "10.0.0.8", "[::2]:8890"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.example",
+        "evil.example:8890",
+        "127.evil.example",
+        "localhost.evil.example",
+        "10.0.0.8",
+        "[::2]:8890",
+    ],
+)
 async def test_other_host_names_are_refused_dns_rebinding(
-    fake_app: FakeApp, world: FakeWorld, host: str,
+    fake_app: FakeApp,
+    world: FakeWorld,
+    host: str,
 ) -> None:
     server = {"host": "10.0.0.7", "allowed_hosts": ["gpu-node.lan"]}
     async with fake_app(server=server) as client:
         error_of(await client.get("/health", headers={"Host": host}), 403, "host_not_allowed")
-        error_of(await client.post("/v1/chat/completions", json=CHAT, headers={"Host": host}),
-                 403, "host_not_allowed")
+        error_of(
+            await client.post("/v1/chat/completions", json=CHAT, headers={"Host": host}),
+            403,
+            "host_not_allowed",
+        )
     assert world.events == []
 
 
@@ -183,8 +230,12 @@ def test_the_address_a_connection_came_in_on_is_its_own_host() -> None:
     guard = HostOriginGuard(None, ServerSettings(host="0.0.0.0"))  # type: ignore[arg-type]
 
     def scope(host: bytes, local: str) -> dict[str, Any]:
-        return {"type": "http", "scheme": "http", "server": (local, 8890),
-                "headers": [(b"host", host), (b"accept", b"*/*")]}
+        return {
+            "type": "http",
+            "scheme": "http",
+            "server": (local, 8890),
+            "headers": [(b"host", host), (b"accept", b"*/*")],
+        }
 
     assert guard._check(scope(b"192.168.1.5:8890", "192.168.1.5")) is None
     assert guard._check(scope(b"192.168.1.5:8890", "::ffff:192.168.1.5")) is None  # dual stack
@@ -205,8 +256,12 @@ async def test_a_refused_websocket_is_closed_before_the_app_sees_it() -> None:
         sent.append(message)
 
     guard = HostOriginGuard(app, ServerSettings())
-    scope = {"type": "websocket", "scheme": "ws", "server": ("127.0.0.1", 8890),
-             "headers": [(b"host", b"127.0.0.1:8890"), (b"origin", b"http://evil.example")]}
+    scope = {
+        "type": "websocket",
+        "scheme": "ws",
+        "server": ("127.0.0.1", 8890),
+        "headers": [(b"host", b"127.0.0.1:8890"), (b"origin", b"http://evil.example")],
+    }
     await guard(scope, None, send)  # type: ignore[arg-type]
     assert sent == [{"type": "websocket.close", "code": 1008}] and reached == []
     await guard({**scope, "headers": scope["headers"][:1]}, None, send)  # type: ignore[arg-type]
@@ -219,8 +274,11 @@ def test_a_real_swapper_refuses_a_rebound_host_name(swapper_factory: Any) -> Non
     assert swapper.http.get("/health", headers={"Host": f"localhost:{port}"}).status_code == 200
     rebound = swapper.http.get("/health", headers={"Host": f"attacker.example:{port}"})
     error_of(rebound, 403, "host_not_allowed")
-    foreign = swapper.http.post("/v1/chat/completions", json={"model": "a", "messages": MESSAGES},
-                                headers={"Origin": "http://attacker.example"})
+    foreign = swapper.http.post(
+        "/v1/chat/completions",
+        json={"model": "a", "messages": MESSAGES},
+        headers={"Origin": "http://attacker.example"},
+    )
     error_of(foreign, 403, "origin_not_allowed")
     assert swapper.backends() == []  # refused before any model was loaded
 
@@ -242,8 +300,9 @@ async def test_the_schema_is_behind_the_keys_and_loads_nothing_from_elsewhere(
             assert "<script" not in response.text and "cdn" not in response.text.lower()
         # The HTML viewers (they pull scripts and fonts from CDNs) are not served.
         for viewer in ("swagger", "redoc", "elements", "rapidoc", "scalar"):
-            error_of(await client.get(f"/schema/{viewer}", headers={"x-api-key": "k1"}), 404,
-                     "not_found")
+            error_of(
+                await client.get(f"/schema/{viewer}", headers={"x-api-key": "k1"}), 404, "not_found"
+            )
 
 
 # -- nesting --------------------------------------------------------------------------------------
@@ -252,12 +311,19 @@ async def test_the_schema_is_behind_the_keys_and_loads_nothing_from_elsewhere(
 @pytest.mark.anyio
 @pytest.mark.parametrize("stream", [False, True])
 async def test_json_nested_too_deeply_is_a_400(
-    fake_app: FakeApp, world: FakeWorld, caplog: pytest.LogCaptureFixture, stream: bool,
+    fake_app: FakeApp,
+    world: FakeWorld,
+    caplog: pytest.LogCaptureFixture,
+    stream: bool,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     depth = 100_000
-    body = (b'{"model": "a", "stream": %s, "messages": ' % str(stream).lower().encode()
-            + b"[" * depth + b"]" * depth + b"}")
+    body = (
+        b'{"model": "a", "stream": %s, "messages": ' % str(stream).lower().encode()
+        + b"[" * depth
+        + b"]" * depth
+        + b"}"
+    )
     async with fake_app() as client:
         response = await client.post("/v1/chat/completions", content=body)
         assert "nested too deeply" in error_of(response, 400, "nested_too_deeply")
@@ -268,17 +334,26 @@ async def test_json_nested_too_deeply_is_a_400(
     assert "RecursionError" not in caplog.text and "unhandled" not in caplog.text
 
 
-@pytest.mark.parametrize(("config_host", "flag"), [("192.0.2.1", []),
-                                                   ("127.0.0.1", ["--host", "192.0.2.1"])])
+@pytest.mark.parametrize(
+    ("config_host", "flag"), [("192.0.2.1", []), ("127.0.0.1", ["--host", "192.0.2.1"])]
+)
 def test_serve_refuses_a_network_address_without_keys(
-    tmp_path: Path, config_host: str, flag: list[str],
+    tmp_path: Path,
+    config_host: str,
+    flag: list[str],
 ) -> None:
     # 192.0.2.1 (TEST-NET-1) is on no interface here: were protected mode broken, uvicorn would
     # fail to bind it (exit 1) instead of opening an unauthenticated port to the network.
     path = tmp_path / "open.yaml"
     path.write_text(f"server: {{host: {config_host!r}, port: {free_port()}}}\nmodels: {{}}\n")
-    done = subprocess.run([sys.executable, "-m", "swapper", "serve", "--config", str(path), *flag],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "swapper", "serve", "--config", str(path), *flag],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
+    )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.splitlines()
     assert len(lines) == 1, done.stderr

@@ -22,18 +22,33 @@ from swapper.config import parse_config
 from swapper.plugins import load_backends
 from tests.fakes import FakePlugin, FakeWorld
 
-REPLY = {"id": "x", "object": "chat.completion", "created": 1, "model": "a",
-         "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
-                      "finish_reason": "stop"}]}
+REPLY = {
+    "id": "x",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "a",
+    "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+    ],
+}
 
 _registry = load_backends(FakePlugin(FakeWorld()))
 _config = parse_config(
-    {"swapper": {"stop_timeout": 1, "model_swap_timeout": 5},
-     "models": {"a": {"backend": "fake", "aliases": ["alpha"]}, "b": {"backend": "fake"}}},
-    "schema-fuzz.yaml", _registry.schemas())
+    {
+        "swapper": {"stop_timeout": 1, "model_swap_timeout": 5},
+        "models": {"a": {"backend": "fake", "aliases": ["alpha"]}, "b": {"backend": "fake"}},
+    },
+    "schema-fuzz.yaml",
+    _registry.schemas(),
+)
 schema = schemathesis.openapi.from_asgi("/schema/openapi.json", create_app(_config, _registry))
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,8 +76,11 @@ def test_the_fuzzing_reaches_every_outcome() -> None:
 
     # Valid bodies (forwarded: 200, or 404 for a model name that is not configured) and
     # invalid ones (400), as the parametrized fuzz above draws them.
-    @given(case=st.one_of(chat.as_strategy(GenerationMode.POSITIVE),
-                          chat.as_strategy(GenerationMode.NEGATIVE)))
+    @given(
+        case=st.one_of(
+            chat.as_strategy(GenerationMode.POSITIVE), chat.as_strategy(GenerationMode.NEGATIVE)
+        )
+    )
     @FUZZ
     def fuzz(case: schemathesis.Case) -> None:
         statuses[case.call_and_validate(checks=[not_a_server_error]).status_code] += 1

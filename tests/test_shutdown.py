@@ -29,15 +29,27 @@ def _slow_binary(tmp_path: Path, llama_server: str) -> Path:
     return wrapper
 
 
-def test_stop_during_a_load_answers_every_waiter(swapper_factory: Any, tmp_path: Path,
-                                                  llama_server: str) -> None:
+def test_stop_during_a_load_answers_every_waiter(
+    swapper_factory: Any, tmp_path: Path, llama_server: str
+) -> None:
     wrapper = _slow_binary(tmp_path, llama_server)
     workdir = swapper_factory.workdir
     swapper = swapper_factory(
-        swapper={"shutdown_timeout": GRACE, "model_swap_timeout": GRACE,
-                 "loading_feedback": "comments", "loading_feedback_interval": 0.2},
-        models={"tiny-a": {"backend": "llamacpp", "binary": str(wrapper), "ctx_size": 512,
-                           "model_path": str(workdir / "tiny-a.gguf")}})
+        swapper={
+            "shutdown_timeout": GRACE,
+            "model_swap_timeout": GRACE,
+            "loading_feedback": "comments",
+            "loading_feedback_interval": 0.2,
+        },
+        models={
+            "tiny-a": {
+                "backend": "llamacpp",
+                "binary": str(wrapper),
+                "ctx_size": 512,
+                "model_path": str(workdir / "tiny-a.gguf"),
+            }
+        },
+    )
     body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 2}
     stream_seen = concurrent.futures.Future[None]()
 
@@ -46,9 +58,12 @@ def test_stop_during_a_load_answers_every_waiter(swapper_factory: Any, tmp_path:
             return client.post("/v1/chat/completions", json=body)
 
     def streamed() -> tuple[int, list[str]]:
-        with httpx.Client(base_url=swapper.url, timeout=GRACE) as client, \
-                client.stream("POST", "/v1/chat/completions",
-                              json={**body, "stream": True}) as response:
+        with (
+            httpx.Client(base_url=swapper.url, timeout=GRACE) as client,
+            client.stream(
+                "POST", "/v1/chat/completions", json={**body, "stream": True}
+            ) as response,
+        ):
             lines = []
             for line in response.iter_lines():
                 lines.append(line)
@@ -68,7 +83,8 @@ def test_stop_during_a_load_answers_every_waiter(swapper_factory: Any, tmp_path:
         stopped_at = time.monotonic()
         swapper.signal(signal.SIGTERM)
         plain_answer, (stream_status, stream_lines), load_answer = (
-            answer.result(timeout=GRACE) for answer in answers)
+            answer.result(timeout=GRACE) for answer in answers
+        )
     answered_in = time.monotonic() - stopped_at
     for response in (plain_answer, load_answer):
         assert response.status_code == 503, response.text

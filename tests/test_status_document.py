@@ -25,63 +25,158 @@ from tests.fakes import FakeGpu, FakeWorld
 
 ISO_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}\+00:00$")
 TOP_KEYS = {"mode", "active_model", "resident", "max_concurrent_models", "vram", "models", "gpu"}
-MODEL_KEYS = {"status", "backend", "pid", "port", "loaded_at", "last_error", "in_flight", "queued",
-              "last_used", "failures", "retry_at", "vram_mb", "predicted_vram_mb", "pinned"}
+MODEL_KEYS = {
+    "status",
+    "backend",
+    "pid",
+    "port",
+    "loaded_at",
+    "last_error",
+    "in_flight",
+    "queued",
+    "last_used",
+    "failures",
+    "retry_at",
+    "vram_mb",
+    "predicted_vram_mb",
+    "pinned",
+}
 # Generous: only reached when the read blocks the loop (the test then fails, it does not hang).
 GATE_TIMEOUT = 20.0
 
 
 def _model(**raw: Any) -> ModelSnapshot:
     fields: dict[str, Any] = {
-        "status": ModelStatus.UNLOADED, "backend": "fake", "pid": None, "port": None,
-        "loaded_at": None, "last_error": None, "in_flight": 0, "queued": 0, "last_used": None,
-        "failures": 0, "retry_at": None, "vram_mb": None, "predicted_vram_mb": 0.0,
-        "pinned": False}
+        "status": ModelStatus.UNLOADED,
+        "backend": "fake",
+        "pid": None,
+        "port": None,
+        "loaded_at": None,
+        "last_error": None,
+        "in_flight": 0,
+        "queued": 0,
+        "last_used": None,
+        "failures": 0,
+        "retry_at": None,
+        "vram_mb": None,
+        "predicted_vram_mb": 0.0,
+        "pinned": False,
+    }
     return ModelSnapshot(**{**fields, **raw})
 
 
 def test_the_document_formats_raw_values_exactly() -> None:
     snapshot = Snapshot(
-        mode="multi", active_model="a", resident=["a"], max_concurrent_models=2,
-        vram=VramSnapshot(budget_mb=15871.96, committed_mb=1234.5678,
-                          learned_mb={"a": 1234.5}),
+        mode="multi",
+        active_model="a",
+        resident=["a"],
+        max_concurrent_models=2,
+        vram=VramSnapshot(budget_mb=15871.96, committed_mb=1234.5678, learned_mb={"a": 1234.5}),
         models={
-            "a": _model(status=ModelStatus.LOADED, pid=4242, port=41000,
-                        loaded_at=1_700_000_000.123456, in_flight=2, queued=1,
-                        last_used=1_700_000_100.9999, vram_mb=1200.04,
-                        predicted_vram_mb=1234.5678, pinned=True),
-            "b": _model(status=ModelStatus.FAILED, last_error="it broke", failures=2,
-                        retry_at=1000.0 + 60.25, vram_mb=1.0),
+            "a": _model(
+                status=ModelStatus.LOADED,
+                pid=4242,
+                port=41000,
+                loaded_at=1_700_000_000.123456,
+                in_flight=2,
+                queued=1,
+                last_used=1_700_000_100.9999,
+                vram_mb=1200.04,
+                predicted_vram_mb=1234.5678,
+                pinned=True,
+            ),
+            "b": _model(
+                status=ModelStatus.FAILED,
+                last_error="it broke",
+                failures=2,
+                retry_at=1000.0 + 60.25,
+                vram_mb=1.0,
+            ),
         },
-        wall_time=1_700_000_200.0, monotonic_time=1000.0)
+        wall_time=1_700_000_200.0,
+        monotonic_time=1000.0,
+    )
     gpus = [GpuStats(0, "Fake GPU", 16383.6, 1300.4, 15083.2)]
     doc = status_document(snapshot, gpus, {"a": 1100.06})
     assert doc == {
-        "mode": "multi", "active_model": "a", "resident": ["a"], "max_concurrent_models": 2,
+        "mode": "multi",
+        "active_model": "a",
+        "resident": ["a"],
+        "max_concurrent_models": 2,
         "vram": {"budget_mb": 15872.0, "committed_mb": 1234.6, "learned_mb": {"a": 1234.5}},
         "models": {
-            "a": {"status": "LOADED", "backend": "fake", "pid": 4242, "port": 41000,
-                  "loaded_at": "2023-11-14T22:13:20.123+00:00", "last_error": None,
-                  "in_flight": 2, "queued": 1, "last_used": "2023-11-14T22:15:00.999+00:00",
-                  "failures": 0, "retry_at": None,
-                  "vram_mb": 1100.1,  # NVML's measurement wins over the recorded figure
-                  "predicted_vram_mb": 1234.6, "pinned": True},
-            "b": {"status": "FAILED", "backend": "fake", "pid": None, "port": None,
-                  "loaded_at": None, "last_error": "it broke", "in_flight": 0, "queued": 0,
-                  "last_used": None, "failures": 2,
-                  "retry_at": "2023-11-14T22:17:40.250+00:00",  # monotonic, made wall time
-                  "vram_mb": 1.0,  # no measurement: the recorded figure
-                  "predicted_vram_mb": 0.0, "pinned": False},
+            "a": {
+                "status": "LOADED",
+                "backend": "fake",
+                "pid": 4242,
+                "port": 41000,
+                "loaded_at": "2023-11-14T22:13:20.123+00:00",
+                "last_error": None,
+                "in_flight": 2,
+                "queued": 1,
+                "last_used": "2023-11-14T22:15:00.999+00:00",
+                "failures": 0,
+                "retry_at": None,
+                "vram_mb": 1100.1,  # NVML's measurement wins over the recorded figure
+                "predicted_vram_mb": 1234.6,
+                "pinned": True,
+            },
+            "b": {
+                "status": "FAILED",
+                "backend": "fake",
+                "pid": None,
+                "port": None,
+                "loaded_at": None,
+                "last_error": "it broke",
+                "in_flight": 0,
+                "queued": 0,
+                "last_used": None,
+                "failures": 2,
+                "retry_at": "2023-11-14T22:17:40.250+00:00",  # monotonic, made wall time
+                "vram_mb": 1.0,  # no measurement: the recorded figure
+                "predicted_vram_mb": 0.0,
+                "pinned": False,
+            },
         },
-        "gpu": {"available": True, "gpus": [{"index": 0, "name": "Fake GPU", "total_mb": 16384,
-                                             "used_mb": 1300, "free_mb": 15083}]},
+        "gpu": {
+            "available": True,
+            "gpus": [
+                {
+                    "index": 0,
+                    "name": "Fake GPU",
+                    "total_mb": 16384,
+                    "used_mb": 1300,
+                    "free_mb": 15083,
+                }
+            ],
+        },
     }
     # Key order is part of what clients see (a diff of two documents, jq's output).
-    assert list(doc) == ["mode", "active_model", "resident", "max_concurrent_models", "vram",
-                         "models", "gpu"]
+    assert list(doc) == [
+        "mode",
+        "active_model",
+        "resident",
+        "max_concurrent_models",
+        "vram",
+        "models",
+        "gpu",
+    ]
     assert list(doc["models"]["a"]) == [
-        "status", "backend", "pid", "port", "loaded_at", "last_error", "in_flight", "queued",
-        "last_used", "failures", "retry_at", "vram_mb", "predicted_vram_mb", "pinned"]
+        "status",
+        "backend",
+        "pid",
+        "port",
+        "loaded_at",
+        "last_error",
+        "in_flight",
+        "queued",
+        "last_used",
+        "failures",
+        "retry_at",
+        "vram_mb",
+        "predicted_vram_mb",
+        "pinned",
+    ]
     assert status_document(snapshot, [], {})["gpu"] == {"available": False, "gpus": []}
 
 
@@ -94,7 +189,7 @@ async def _first_event(client: Any) -> dict[str, Any]:
         await stream.aclose()
     kind, data = chunk.decode().split("\n")[:2]
     assert kind == "event: snapshot"
-    return json.loads(data[len("data: "):])  # type: ignore[no-any-return]
+    return json.loads(data[len("data: ") :])  # type: ignore[no-any-return]
 
 
 @pytest.mark.anyio
@@ -105,16 +200,25 @@ async def test_status_and_the_events_snapshot_keep_their_shape(
     models = {"a": {"vram_mb": 1234.56, "actual_mb": 1000.04}, "b": {}}
     async with fake_app(models, swapper={"state_file": str(tmp_path / "state.json")}) as client:
         assert (await client.post("/models/a/load")).status_code == 200
-        assert (await client.post("/v1/chat/completions", json={
-            "model": "a", "messages": [{"role": "user", "content": "hi"}]})).status_code == 200
+        assert (
+            await client.post(
+                "/v1/chat/completions",
+                json={"model": "a", "messages": [{"role": "user", "content": "hi"}]},
+            )
+        ).status_code == 200
         doc = (await client.get("/status")).json()
         snapshot = await _first_event(client)
     for document in (doc, snapshot):
         assert set(document) == TOP_KEYS
         assert set(document["vram"]) == {"budget_mb", "committed_mb", "learned_mb"}
         assert set(document["gpu"]) == {"available", "gpus"}
-        assert set(document["gpu"]["gpus"][0]) == {"index", "name", "total_mb", "used_mb",
-                                                   "free_mb"}
+        assert set(document["gpu"]["gpus"][0]) == {
+            "index",
+            "name",
+            "total_mb",
+            "used_mb",
+            "free_mb",
+        }
         assert all(set(m) == MODEL_KEYS for m in document["models"].values())
         a = document["models"]["a"]
         assert a["status"] == "LOADED" and isinstance(a["pid"], int)
@@ -164,9 +268,15 @@ def _served(world: FakeWorld, tmp_path: Path) -> Iterator[str]:
 
     config, registry = fake_config(world, swapper={"state_file": str(tmp_path / "state.json")})
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(swapper.app.create_app(config, registry),
-                                           host="127.0.0.1", port=port, log_config=None,
-                                           lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            swapper.app.create_app(config, registry),
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            lifespan="on",
+        )
+    )
     thread = threading.Thread(target=server.run)
     thread.start()
     try:

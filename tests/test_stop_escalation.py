@@ -39,8 +39,11 @@ def pids_dir(tmp_path: Path) -> Iterator[Path]:
 
 def recorded(folder: Path) -> dict[str, int]:
     """The pids the stubborn backend has written so far, by role."""
-    return {role: int(text) for role in ROLES
-            if (path := folder / role).exists() and (text := path.read_text().strip())}
+    return {
+        role: int(text)
+        for role in ROLES
+        if (path := folder / role).exists() and (text := path.read_text().strip())
+    }
 
 
 def stubborn_backend(folder: Path, llama_server: str) -> str:
@@ -50,27 +53,34 @@ def stubborn_backend(folder: Path, llama_server: str) -> str:
         "#!/bin/bash\n"
         "trap '' TERM  # ignored here, and inherited as ignored by the child and grandchild\n"
         f'echo $$ > "{folder}/parent"\n'
-        f"bash -c 'echo $$ > \"{folder}/child\"; sleep 600 & echo $! > \"{folder}/grandchild\"; "
+        f'bash -c \'echo $$ > "{folder}/child"; sleep 600 & echo $! > "{folder}/grandchild"; '
         "wait' &\n"
         f'"{llama_server}" "$@" &\n'
         f'echo $! > "{folder}/server"\n'
-        "wait  # never exec: the shell stays the parent of the whole group\n")
+        "wait  # never exec: the shell stays the parent of the whole group\n"
+    )
     script.chmod(0o755)
     return str(script)
 
 
-def start(swapper_factory: Callable[..., SwapperProcess], pids_dir: Path,
-          llama_server: str) -> tuple[SwapperProcess, dict[str, int]]:
+def start(
+    swapper_factory: Callable[..., SwapperProcess], pids_dir: Path, llama_server: str
+) -> tuple[SwapperProcess, dict[str, int]]:
     """swapper with the stubborn backend loaded; every pid of its group, by role."""
     workdir = swapper_factory.workdir  # type: ignore[attr-defined]
     swapper = swapper_factory(
         swapper={"stop_timeout": STOP_TIMEOUT},
-        models={"a": tiny_model(workdir, binary=stubborn_backend(pids_dir, llama_server),
-                                ctx_size=512)})
+        models={
+            "a": tiny_model(workdir, binary=stubborn_backend(pids_dir, llama_server), ctx_size=512)
+        },
+    )
     answer = chat(swapper, "a")
     assert answer.status_code == 200, answer.text
-    pids = wait_until(lambda: len(found := recorded(pids_dir)) == len(ROLES) and found, SLACK,
-                      "the backend's pids")
+    pids = wait_until(
+        lambda: len(found := recorded(pids_dir)) == len(ROLES) and found,
+        SLACK,
+        "the backend's pids",
+    )
     assert pids["parent"] == swapper.model("a")["pid"]
     assert all(process_state(pid) is not None for pid in pids.values())
     return swapper, pids
@@ -82,7 +92,9 @@ def survivors(pids: dict[str, int]) -> dict[str, int]:
 
 
 def test_unloading_a_backend_that_ignores_sigterm_kills_its_whole_group(
-    swapper_factory: Callable[..., SwapperProcess], pids_dir: Path, llama_server: str,
+    swapper_factory: Callable[..., SwapperProcess],
+    pids_dir: Path,
+    llama_server: str,
 ) -> None:
     swapper, pids = start(swapper_factory, pids_dir, llama_server)
     began = time.monotonic()
@@ -97,14 +109,18 @@ def test_unloading_a_backend_that_ignores_sigterm_kills_its_whole_group(
 
 
 def test_stopping_swapper_leaves_no_process_of_a_stubborn_backend(
-    swapper_factory: Callable[..., SwapperProcess], pids_dir: Path, llama_server: str,
+    swapper_factory: Callable[..., SwapperProcess],
+    pids_dir: Path,
+    llama_server: str,
 ) -> None:
     swapper, pids = start(swapper_factory, pids_dir, llama_server)
     swapper.signal(signal.SIGTERM)
     # shutdown_timeout (5 s, swapper_factory's) for requests, then stop_timeout per backend.
     # uvicorn re-raises the signal after its graceful shutdown, so the parent sees it
     assert swapper.proc.wait(timeout=5 + STOP_TIMEOUT + SLACK) in (
-        -signal.SIGTERM, 128 + signal.SIGTERM), swapper.output()
+        -signal.SIGTERM,
+        128 + signal.SIGTERM,
+    ), swapper.output()
     assert "every backend is down" in swapper.output()
     assert f"[a] did not stop in {STOP_TIMEOUT:.1f}s; killing it" in swapper.output()
     wait_until(lambda: not survivors(pids), SLACK, "the whole process group to be gone")

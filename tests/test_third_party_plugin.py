@@ -15,8 +15,9 @@ from tests.conftest import MESSAGES, sdk
 
 
 def test_swapper_plugins_lists_backends_and_their_packages() -> None:
-    listed = subprocess.run([sys.executable, "-m", "swapper", "plugins"], capture_output=True,
-                            text=True, check=False)
+    listed = subprocess.run(
+        [sys.executable, "-m", "swapper", "plugins"], capture_output=True, text=True, check=False
+    )
     assert listed.returncode == 0, listed.stderr
     rows = dict(line.split("\t") for line in listed.stdout.splitlines())
     assert rows["llamacpp"].startswith("swapper ")
@@ -34,12 +35,14 @@ def test_a_config_can_name_the_plugins_backend(swapper_factory: Any) -> None:
 
 
 def test_a_plugin_that_fails_to_import_is_reported_and_the_others_load(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     real = importlib.metadata.entry_points
-    broken = importlib.metadata.EntryPoint(name="broken", value="swapper_no_such_module_xyz",
-                                           group="swapper.backends")
+    broken = importlib.metadata.EntryPoint(
+        name="broken", value="swapper_no_such_module_xyz", group="swapper.backends"
+    )
 
     def with_a_broken_one(**kwargs: Any) -> Any:
         return [broken, *real(**kwargs)]

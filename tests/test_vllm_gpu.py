@@ -41,8 +41,11 @@ NO_PROCESS_OF_OURS = "NVML reports no process of ours"
 
 def learned(swapper: SwapperProcess, model: str) -> float:
     """Wait for ``model``'s size to be learned (it is measured just after the load)."""
-    return float(wait_until(lambda: swapper.status()["vram"]["learned_mb"].get(model), 10,
-                            f"{model}'s size learned"))
+    return float(
+        wait_until(
+            lambda: swapper.status()["vram"]["learned_mb"].get(model), 10, f"{model}'s size learned"
+        )
+    )
 
 
 def state_file(swapper_factory: Any) -> dict[str, Any]:
@@ -51,32 +54,46 @@ def state_file(swapper_factory: Any) -> dict[str, Any]:
 
 
 def test_sizes_are_learned_from_used_memory_when_nvml_reports_host_pids(
-    swapper_factory: Callable[..., SwapperProcess], tmp_path: Path,
+    swapper_factory: Callable[..., SwapperProcess],
+    tmp_path: Path,
 ) -> None:
     swapper = swapper_factory(
-        models={"a": vllm("org/a", gpu_memory_utilization=0.4),
-                "b": vllm("org/b", gpu_memory_utilization=0.25)},
-        env={**gpu_env(tmp_path), **HOST_PIDS})
+        models={
+            "a": vllm("org/a", gpu_memory_utilization=0.4),
+            "b": vllm("org/b", gpu_memory_utilization=0.25),
+        },
+        env={**gpu_env(tmp_path), **HOST_PIDS},
+    )
     chat(swapper, "a")
     assert learned(swapper, "a") == pytest.approx(0.4 * GPU_MB, abs=1)
     chat(swapper, "b")  # a is stopped first: b's size is b's alone
     assert learned(swapper, "b") == pytest.approx(0.25 * GPU_MB, abs=1)
     saved = state_file(swapper_factory)
     assert {m: saved[m]["vram_mb"] for m in "ab"} == {
-        "a": pytest.approx(0.4 * GPU_MB, abs=1), "b": pytest.approx(0.25 * GPU_MB, abs=1)}
+        "a": pytest.approx(0.4 * GPU_MB, abs=1),
+        "b": pytest.approx(0.25 * GPU_MB, abs=1),
+    }
     assert swapper.output().count(NO_PROCESS_OF_OURS) == 1
 
 
 @pytest.mark.parametrize("pids", ["ours", "host"])
 def test_a_sleeping_vllm_is_charged_what_it_still_holds(
-    swapper_factory: Callable[..., SwapperProcess], tmp_path: Path, pids: str,
+    swapper_factory: Callable[..., SwapperProcess],
+    tmp_path: Path,
+    pids: str,
 ) -> None:
     # Real vLLMs keep GBs asleep, more than the 1024 MiB assumed until measured.
     swapper = swapper_factory(
-        models={"a": vllm("org/a", gpu_memory_utilization=0.4, sleep_mode=True),
-                "b": vllm("org/b", gpu_memory_utilization=0.3)},
-        env={**gpu_env(tmp_path), "FAKE_VLLM_SLEEP_RESIDUAL_MB": "3000",
-             **(HOST_PIDS if pids == "host" else {})})
+        models={
+            "a": vllm("org/a", gpu_memory_utilization=0.4, sleep_mode=True),
+            "b": vllm("org/b", gpu_memory_utilization=0.3),
+        },
+        env={
+            **gpu_env(tmp_path),
+            "FAKE_VLLM_SLEEP_RESIDUAL_MB": "3000",
+            **(HOST_PIDS if pids == "host" else {}),
+        },
+    )
     chat(swapper, "a")
     learned(swapper, "a")
     chat(swapper, "b")
@@ -88,12 +105,16 @@ def test_a_sleeping_vllm_is_charged_what_it_still_holds(
 
 
 def test_sleep_level_2_wakes_with_the_weights_reloaded(
-    swapper_factory: Callable[..., SwapperProcess], tmp_path: Path,
+    swapper_factory: Callable[..., SwapperProcess],
+    tmp_path: Path,
 ) -> None:
     swapper = swapper_factory(
-        models={"a": vllm("org/a", gpu_memory_utilization=0.4, sleep_mode=True, sleep_level=2),
-                "b": vllm("org/b", gpu_memory_utilization=0.4)},
-        env=gpu_env(tmp_path))
+        models={
+            "a": vllm("org/a", gpu_memory_utilization=0.4, sleep_mode=True, sleep_level=2),
+            "b": vllm("org/b", gpu_memory_utilization=0.4),
+        },
+        env=gpu_env(tmp_path),
+    )
     assert chat(swapper, "a") == "vllm a says: hi"
     pid = swapper.model("a")["pid"]
     chat(swapper, "b")
@@ -120,10 +141,16 @@ def holder(tmp_path: Path) -> Iterator[Callable[[float], subprocess.Popen[str]]]
     started: list[subprocess.Popen[str]] = []
 
     def start(mb: float) -> subprocess.Popen[str]:
-        code = (f"import sys, time; sys.path.insert(0, {str(FAKES)!r}); import fakegpu; "
-                f"fakegpu.hold({mb}); print('held', flush=True); time.sleep(600)")
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                                env={"SWAPPER_FAKE_GPU_DIR": str(tmp_path / "gpu")})
+        code = (
+            f"import sys, time; sys.path.insert(0, {str(FAKES)!r}); import fakegpu; "
+            f"fakegpu.hold({mb}); print('held', flush=True); time.sleep(600)"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={"SWAPPER_FAKE_GPU_DIR": str(tmp_path / "gpu")},
+        )
         started.append(proc)
         assert proc.stdout is not None and proc.stdout.readline() == "held\n"
         return proc
@@ -135,14 +162,17 @@ def holder(tmp_path: Path) -> Iterator[Callable[[float], subprocess.Popen[str]]]
 
 
 def test_vllm_starts_once_its_utilization_share_is_free_not_just_its_size(
-    swapper_factory: Callable[..., SwapperProcess], tmp_path: Path,
+    swapper_factory: Callable[..., SwapperProcess],
+    tmp_path: Path,
     holder: Callable[[float], subprocess.Popen[str]],
 ) -> None:
     # b is small (vram_mb 2000) but vLLM reserves 0.6 of the GPU and exits unless that is free.
     env = gpu_env(tmp_path)
     swapper = swapper_factory(
         swapper={"vram_release_timeout": 60},
-        models={"b": vllm("org/b", gpu_memory_utilization=0.6, vram_mb=2000)}, env=env)
+        models={"b": vllm("org/b", gpu_memory_utilization=0.6, vram_mb=2000)},
+        env=env,
+    )
     other = holder(10000)  # 6384 MiB free: enough for 2000, not for 0.6 x 16384
     answers: list[str] = []
 
@@ -154,8 +184,11 @@ def test_vllm_starts_once_its_utilization_share_is_free_not_just_its_size(
 
     request = threading.Thread(target=ask)
     request.start()
-    wait_until(lambda: "b: waiting up to 60s for free VRAM" in swapper.output(), 20,
-               "swapper to wait for vLLM's share of the GPU")
+    wait_until(
+        lambda: "b: waiting up to 60s for free VRAM" in swapper.output(),
+        20,
+        "swapper to wait for vLLM's share of the GPU",
+    )
     other.kill()
     other.wait()
     request.join(30)
@@ -165,15 +198,20 @@ def test_vllm_starts_once_its_utilization_share_is_free_not_just_its_size(
 
 
 def test_the_engine_core_child_goes_with_vllm_on_unload_and_on_shutdown(
-    swapper_factory: Callable[..., SwapperProcess], tmp_path: Path,
+    swapper_factory: Callable[..., SwapperProcess],
+    tmp_path: Path,
 ) -> None:
     # A slow graceful shutdown (past stop_timeout), and the EngineCore child holding the memory.
     model = f"org/{tmp_path.name}"
     swapper = swapper_factory(
         swapper={"stop_timeout": 1},
         models={"a": vllm(model, gpu_memory_utilization=0.3)},
-        env={**gpu_env(tmp_path), "FAKE_VLLM_SHUTDOWN_SECONDS": "60",
-             "FAKE_VLLM_CORE_HOLDS_MEMORY": "1"})
+        env={
+            **gpu_env(tmp_path),
+            "FAKE_VLLM_SHUTDOWN_SECONDS": "60",
+            "FAKE_VLLM_CORE_HOLDS_MEMORY": "1",
+        },
+    )
     marker = f"VLLM::EngineCore {model}"
     try:
         chat(swapper, "a")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from collections.abc import Callable
@@ -52,8 +53,9 @@ class LlamaCppBackend(SubprocessBackend):
     async def preflight(self) -> str | None:
         """The llama-server binary must be executable and the model file readable."""
         assert isinstance(self.entry, LlamaCppModel)
-        return (executable_problem("llama-server binary", self.binary())
-                or readable_file_problem("model file", self.entry.model_path))
+        return executable_problem("llama-server binary", self.binary()) or readable_file_problem(
+            "model file", self.entry.model_path
+        )
 
     def accelerator_args(self) -> list[str]:
         """``-ngl 999`` offloads every layer to the GPU; ``-ngl 0`` keeps the model on the CPU.
@@ -84,7 +86,7 @@ class LlamaCppBackend(SubprocessBackend):
         assert isinstance(self.entry, LlamaCppModel)
         threads = HTTP_THREADS
         args = self.entry.args
-        for flag, value in zip(args, args[1:]):
+        for flag, value in itertools.pairwise(args):
             if flag in ("--threads-http", "-tht") and value.isdigit():
                 threads = int(value)
         return max(1, threads - 1)

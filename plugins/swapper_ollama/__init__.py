@@ -131,19 +131,23 @@ class OllamaBackend(SubprocessBackend):
         port = free_port(self.host)
         argv = self.command(port)
         env = {**os.environ, "OLLAMA_HOST": f"{self.host}:{port}", "OLLAMA_KEEP_ALIVE": "-1"}
-        logger.info("Starting %s: %s (OLLAMA_HOST=%s)", self.model_id, " ".join(argv),
-                    env["OLLAMA_HOST"])
-        process = await ManagedProcess.spawn(argv, name=self.model_id, env=env,
-                                             on_line=self.log_sink)
-        return BackendHandle(base_url=f"http://{self.host}:{port}", pid=process.pid, port=port,
-                             process=process)
+        logger.info(
+            "Starting %s: %s (OLLAMA_HOST=%s)", self.model_id, " ".join(argv), env["OLLAMA_HOST"]
+        )
+        process = await ManagedProcess.spawn(
+            argv, name=self.model_id, env=env, on_line=self.log_sink
+        )
+        return BackendHandle(
+            base_url=f"http://{self.host}:{port}", pid=process.pid, port=port, process=process
+        )
 
     async def _generate(self, handle: BackendHandle, keep_alive: int) -> None:
         """Ollama's preload (keep_alive -1) or unload (0); an error names Ollama's reason."""
         try:
             response = await self.http().post(
                 f"{handle.base_url}/api/generate",
-                json={"model": self.tag, "keep_alive": keep_alive, "stream": False})
+                json={"model": self.tag, "keep_alive": keep_alive, "stream": False},
+            )
         except httpx.HTTPError as exc:
             raise RuntimeError(f"Ollama at {handle.base_url} did not answer: {exc}") from None
         if response.status_code != 200:
@@ -151,8 +155,9 @@ class OllamaBackend(SubprocessBackend):
                 reason = response.json().get("error") or response.text
             except ValueError:
                 reason = response.text
-            raise RuntimeError(f"Ollama refused {self.tag!r} (HTTP {response.status_code}): "
-                               f"{reason}")
+            raise RuntimeError(
+                f"Ollama refused {self.tag!r} (HTTP {response.status_code}): {reason}"
+            )
 
     async def _listed(self, handle: BackendHandle) -> dict[str, Any] | None:
         """The model's ``/api/ps`` entry, or None when it is not loaded."""
@@ -161,9 +166,18 @@ class OllamaBackend(SubprocessBackend):
             models = response.json().get("models") or []
         except (httpx.HTTPError, ValueError, AttributeError):
             return None
-        return next((m for m in models if isinstance(m, dict) and any(
-            isinstance(m.get(key), str) and same_model(m[key], self.tag)
-            for key in ("name", "model"))), None)
+        return next(
+            (
+                m
+                for m in models
+                if isinstance(m, dict)
+                and any(
+                    isinstance(m.get(key), str) and same_model(m[key], self.tag)
+                    for key in ("name", "model")
+                )
+            ),
+            None,
+        )
 
     async def ready(self, handle: BackendHandle) -> bool:
         """Preload once the server answers; ready when the preload is done and ps lists it."""
@@ -229,7 +243,8 @@ class OllamaBackend(SubprocessBackend):
                 # model loaded past OLLAMA_MAX_LOADED_MODELS (or another client unloaded it).
                 return Unloaded(
                     f"Ollama no longer lists {self.tag!r}: it unloaded the model itself (to fit "
-                    "another model past OLLAMA_MAX_LOADED_MODELS, or at another client's request)")
+                    "another model past OLLAMA_MAX_LOADED_MODELS, or at another client's request)"
+                )
             if not _pinned(listed.get("expires_at")):
                 with contextlib.suppress(RuntimeError):
                     await self._generate(handle, -1)

@@ -96,9 +96,17 @@ class VllmBackend(SubprocessBackend):
     def command(self, port: int) -> list[str]:
         """The ``vllm serve`` command line; the entry's own ``args`` come last."""
         spec = self.spec
-        argv = [shutil.which(spec.binary) or spec.binary, "serve", spec.model,
-                "--host", self.host, "--port", str(port),
-                "--served-model-name", self.served_name()]
+        argv = [
+            shutil.which(spec.binary) or spec.binary,
+            "serve",
+            spec.model,
+            "--host",
+            self.host,
+            "--port",
+            str(port),
+            "--served-model-name",
+            self.served_name(),
+        ]
         if spec.gpu_memory_utilization is not None:
             argv += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
         if spec.max_model_len is not None:
@@ -129,8 +137,9 @@ class VllmBackend(SubprocessBackend):
         except httpx.HTTPError as exc:
             raise RuntimeError(f"vLLM did not answer {path}: {exc}") from None
         if response.status_code != 200:
-            raise RuntimeError(f"vLLM answered {path} with HTTP {response.status_code}: "
-                               f"{response.text[:200]}")
+            raise RuntimeError(
+                f"vLLM answered {path} with HTTP {response.status_code}: {response.text[:200]}"
+            )
 
     async def sleep(self, handle: BackendHandle) -> None:
         """``POST /sleep?level=N``: the process stays, most of its VRAM is freed."""

@@ -58,13 +58,25 @@ def default_uuid(name: str) -> str:
     return f"GPU-{uuid_module.uuid5(uuid_module.NAMESPACE_OID, 'fakegpu:' + name)}"
 
 
-def setup(directory: str | os.PathLike[str], total_mb: float = 16384, release_lag: float = 1.0,
-          name: str = "Fake GPU", uuid: str | None = None) -> None:
+def setup(
+    directory: str | os.PathLike[str],
+    total_mb: float = 16384,
+    release_lag: float = 1.0,
+    name: str = "Fake GPU",
+    uuid: str | None = None,
+) -> None:
     """Create (or reset the description of) a fake GPU in ``directory``."""
     root = Path(directory)
     (root / "procs").mkdir(parents=True, exist_ok=True)
-    _write(root / "gpu.json", {"name": name, "total_mb": total_mb, "release_lag": release_lag,
-                               "uuid": uuid or default_uuid(name)})
+    _write(
+        root / "gpu.json",
+        {
+            "name": name,
+            "total_mb": total_mb,
+            "release_lag": release_lag,
+            "uuid": uuid or default_uuid(name),
+        },
+    )
 
 
 def _write(path: Path, data: dict[str, object]) -> None:
@@ -74,7 +86,9 @@ def _write(path: Path, data: dict[str, object]) -> None:
     os.replace(tmp, path)
 
 
-def hold(mb: float, directory: str | os.PathLike[str] | None = None, pid: int | None = None) -> None:
+def hold(
+    mb: float, directory: str | os.PathLike[str] | None = None, pid: int | None = None
+) -> None:
     """Set the memory the calling process (or its child ``pid``) holds (0 releases it at once).
 
     No-op without a fake GPU. ``pid`` lets a server account its memory to a worker child, as
@@ -136,5 +150,11 @@ def snapshot(directory: str | os.PathLike[str] | None = None) -> Snapshot:
             path.unlink(missing_ok=True)
     total = float(gpu["total_mb"])
     name = str(gpu.get("name", "Fake GPU"))
-    return Snapshot(name=name, total_mb=total, used_mb=used, free_mb=max(0.0, total - used),
-                    processes=processes, uuid=str(gpu.get("uuid") or default_uuid(name)))
+    return Snapshot(
+        name=name,
+        total_mb=total,
+        used_mb=used,
+        free_mb=max(0.0, total - used),
+        processes=processes,
+        uuid=str(gpu.get("uuid") or default_uuid(name)),
+    )

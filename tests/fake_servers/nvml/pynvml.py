@@ -50,42 +50,42 @@ class NVMLError(Exception):
         return self.text
 
 
-class NVMLError_Uninitialized(NVMLError):  # noqa: N801 - the real module's names
+class NVMLError_Uninitialized(NVMLError):
     value = NVML_ERROR_UNINITIALIZED
     text = "Uninitialized"
 
 
-class NVMLError_InvalidArgument(NVMLError):  # noqa: N801
+class NVMLError_InvalidArgument(NVMLError):
     value = NVML_ERROR_INVALID_ARGUMENT
     text = "Invalid Argument"
 
 
-class NVMLError_NotSupported(NVMLError):  # noqa: N801
+class NVMLError_NotSupported(NVMLError):
     value = NVML_ERROR_NOT_SUPPORTED
     text = "Not Supported"
 
 
-class NVMLError_DriverNotLoaded(NVMLError):  # noqa: N801
+class NVMLError_DriverNotLoaded(NVMLError):
     value = NVML_ERROR_DRIVER_NOT_LOADED
     text = "Driver Not Loaded"
 
 
-class NVMLError_LibraryNotFound(NVMLError):  # noqa: N801
+class NVMLError_LibraryNotFound(NVMLError):
     value = NVML_ERROR_LIBRARY_NOT_FOUND
     text = "NVML Shared Library Not Found"
 
 
 @dataclass(frozen=True)
-class c_nvmlMemory_t:  # noqa: N801 - bytes, like the real struct
+class c_nvmlMemory_t:
     total: int
     free: int
     used: int
 
 
 @dataclass(frozen=True)
-class c_nvmlProcessInfo_t:  # noqa: N801
+class c_nvmlProcessInfo_t:
     pid: int
-    usedGpuMemory: int | None  # noqa: N815 - bytes; None where NVML cannot tell
+    usedGpuMemory: int | None
 
 
 @dataclass(frozen=True)
@@ -108,20 +108,20 @@ def _snapshot() -> fakegpu.Snapshot:
         raise NVMLError_DriverNotLoaded() from exc
 
 
-def nvmlInit() -> None:  # noqa: N802
+def nvmlInit() -> None:
     global _init_count
     if not fakegpu.configured():
         raise NVMLError_LibraryNotFound()
     _init_count += 1
 
 
-def nvmlShutdown() -> None:  # noqa: N802
+def nvmlShutdown() -> None:
     global _init_count
     _check_init()
     _init_count -= 1
 
 
-def nvmlSystemGetDriverVersion() -> str:  # noqa: N802
+def nvmlSystemGetDriverVersion() -> str:
     """The driver's version string (a str in nvidia-ml-py >= 11.515)."""
     _check_init()
     return "550.0-fake"
@@ -150,19 +150,19 @@ def _idle_uuid(index: int) -> str:
     return f"GPU-1d1e0000-0000-4000-8000-{index:012x}"
 
 
-def nvmlDeviceGetCount() -> int:  # noqa: N802
+def nvmlDeviceGetCount() -> int:
     _check_init()
     return _others() + 1
 
 
-def nvmlDeviceGetHandleByIndex(index: int) -> _Handle:  # noqa: N802
+def nvmlDeviceGetHandleByIndex(index: int) -> _Handle:
     _check_init()
     if not 0 <= index <= _others():
         raise NVMLError_InvalidArgument()
     return _Handle(index)
 
 
-def nvmlDeviceGetHandleByUUID(uuid: str | bytes) -> _Handle:  # noqa: N802
+def nvmlDeviceGetHandleByUUID(uuid: str | bytes) -> _Handle:
     _check_init()
     wanted = uuid.decode() if isinstance(uuid, bytes) else uuid
     for index in range(_others() + 1):
@@ -171,27 +171,30 @@ def nvmlDeviceGetHandleByUUID(uuid: str | bytes) -> _Handle:  # noqa: N802
     raise NVMLError_InvalidArgument()
 
 
-def nvmlDeviceGetUUID(handle: _Handle) -> str:  # noqa: N802
+def nvmlDeviceGetUUID(handle: _Handle) -> str:
     _check_init()
     return _snapshot().uuid if _is_fake(handle) else _idle_uuid(handle.index)
 
 
-def nvmlDeviceGetMigMode(handle: _Handle) -> list[int]:  # noqa: N802
+def nvmlDeviceGetMigMode(handle: _Handle) -> list[int]:
     """[current, pending]; a GPU without MIG support raises NotSupported, as consumer GPUs do."""
     _check_init()
     if not _is_fake(handle):
         raise NVMLError_NotSupported()
-    mode = NVML_DEVICE_MIG_ENABLE if os.environ.get("FAKE_NVML_MIG") == "1" \
+    mode = (
+        NVML_DEVICE_MIG_ENABLE
+        if os.environ.get("FAKE_NVML_MIG") == "1"
         else NVML_DEVICE_MIG_DISABLE
+    )
     return [mode, mode]
 
 
-def nvmlDeviceGetName(handle: _Handle) -> str:  # noqa: N802
+def nvmlDeviceGetName(handle: _Handle) -> str:
     _check_init()
     return _snapshot().name if _is_fake(handle) else f"Fake idle GPU {handle.index}"
 
 
-def nvmlDeviceGetMemoryInfo(handle: _Handle) -> c_nvmlMemory_t:  # noqa: N802
+def nvmlDeviceGetMemoryInfo(handle: _Handle) -> c_nvmlMemory_t:
     _check_init()
     snap = _snapshot()
     total = int(snap.total_mb * _MIB)
@@ -201,10 +204,12 @@ def nvmlDeviceGetMemoryInfo(handle: _Handle) -> c_nvmlMemory_t:  # noqa: N802
     return c_nvmlMemory_t(total=total, free=total - used, used=used)
 
 
-def nvmlDeviceGetComputeRunningProcesses(handle: _Handle) -> list[c_nvmlProcessInfo_t]:  # noqa: N802
+def nvmlDeviceGetComputeRunningProcesses(handle: _Handle) -> list[c_nvmlProcessInfo_t]:
     _check_init()
     if not _is_fake(handle):
         return []
     offset = _knob("FAKE_NVML_PID_OFFSET")
-    return [c_nvmlProcessInfo_t(pid + offset, int(mb * _MIB))
-            for pid, mb in sorted(_snapshot().processes.items())]
+    return [
+        c_nvmlProcessInfo_t(pid + offset, int(mb * _MIB))
+        for pid, mb in sorted(_snapshot().processes.items())
+    ]

@@ -27,8 +27,21 @@ class ExampleBackend(SubprocessBackend):
         """llama-server on the loopback port swapper picked, CPU only."""
         assert isinstance(self.entry, ExampleModel)
         binary = os.environ.get("SWAPPER_LLAMA_SERVER", "llama-server")
-        return [binary, "-m", self.entry.gguf, "--host", self.host, "--port", str(port),
-                "-c", str(self.entry.context), "-ngl", "0", "--alias", self.model_id]
+        return [
+            binary,
+            "-m",
+            self.entry.gguf,
+            "--host",
+            self.host,
+            "--port",
+            str(port),
+            "-c",
+            str(self.entry.context),
+            "-ngl",
+            "0",
+            "--alias",
+            self.model_id,
+        ]
 
     async def ready(self, handle: BackendHandle) -> bool:
         """Ready when /health answers 200."""
