@@ -174,7 +174,9 @@ def test_reload_keeps_unchanged_models_running_mid_request(swapper_factory: Any)
     swapper = swapper_factory(
         swapper={"mode": "multi-active", "max_concurrent_models": 3},
         models={
-            **one_model(swapper_factory, "tiny-a", ctx_size=8192, args=["-np", "1"]),
+            **one_model(
+                swapper_factory, "tiny-a", ctx_size=4096, args=["-np", "1", "-t", "1"]
+            ),  # -t 1: see the SIGTERM test
             **one_model(swapper_factory, "tiny-b"),
             **one_model(swapper_factory, "tiny-c"),
         },
@@ -182,7 +184,7 @@ def test_reload_keeps_unchanged_models_running_mid_request(swapper_factory: Any)
     for name in ("tiny-b", "tiny-c"):
         assert chat(swapper, name).status_code == 200
     pid_b, pid_c = swapper.model("tiny-b")["pid"], swapper.model("tiny-c")["pid"]
-    body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 4000, "stream": True}
+    body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 3000, "stream": True}
     with swapper.http.stream("POST", "/v1/chat/completions", json=body) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")

@@ -207,7 +207,7 @@ def test_in_flight_stream_finishes_on_sigterm(swapper_factory: Any) -> None:
                 "backend": "llamacpp",
                 "model_path": str(swapper_factory.workdir / "tiny-a.gguf"),
                 "ctx_size": 4096,
-                "args": ["-np", "1"],
+                "args": ["-np", "1", "-t", "1"],  # one thread: no spin-waits when a core is busy
             }
         },
     )
