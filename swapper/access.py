@@ -180,7 +180,7 @@ class HostOriginGuard:
 
     async def _refuse(self, scope: Scope, send: Send, body: bytes) -> None:
         if scope["type"] == ScopeType.WEBSOCKET:
-            close: WebSocketCloseEvent = {"type": "websocket.close", "code": 1008, "reason": None}
+            close: WebSocketCloseEvent = {"type": "websocket.close", "code": 1008, "reason": ""}
             await send(close)
             return
         start: HTTPResponseStartEvent = {

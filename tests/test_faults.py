@@ -242,7 +242,7 @@ def test_steady_traffic_cannot_block_a_swap(swapper_factory: Any) -> None:
     swapper = swapper_factory(
         swapper={"default_model": "tiny-a", "max_overtake": 4, "drain_timeout": 2},
         models={
-            **one_model(swapper_factory, "tiny-a", ctx_size=65536, args=["-np", "4"]),
+            **one_model(swapper_factory, "tiny-a", ctx_size=65536, args=["-np", "4", "-t", "1"]),
             **one_model(swapper_factory, "tiny-b"),
         },
     )
@@ -250,7 +250,7 @@ def test_steady_traffic_cannot_block_a_swap(swapper_factory: Any) -> None:
     stop = threading.Event()
     b_done = threading.Event()
     # The workers only record; every assertion runs here, in the test's own thread.
-    statuses: list[int] = []
+    statuses: list[tuple[int, str | None]] = []
     finished_a: list[float] = []
     served_a_after_b: list[float] = []
     errors: list[BaseException] = []
@@ -264,7 +264,8 @@ def test_steady_traffic_cannot_block_a_swap(swapper_factory: Any) -> None:
                         "/v1/chat/completions",
                         json={"model": "tiny-a", "messages": MESSAGES, "max_tokens": 16},
                     )
-                    statuses.append(response.status_code)
+                    code = None if response.status_code == 200 else response.json()["error"]["code"]
+                    statuses.append((response.status_code, code))
                     finished_a.append(time.monotonic())
                     if b_done.is_set() and response.status_code == 200:
                         served_a_after_b.append(time.monotonic())
@@ -304,7 +305,10 @@ def test_steady_traffic_cannot_block_a_swap(swapper_factory: Any) -> None:
             worker.join(timeout=60)
     assert not errors, errors
     assert not any(worker.is_alive() for worker in [*workers, streamer])
-    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    # Every answer is a 200, or (a request still running when drain_timeout cut tiny-a off, on a
+    # slow machine) the 503 that says so.
+    assert statuses and set(statuses) <= {(200, None), (503, "model_evicted")}, set(statuses)
+    assert (200, None) in statuses
     assert len(served_a_after_b) >= 3
     # While b waited, tiny-a finished at most what was in flight (6 clients) plus the
     # max_overtake requests allowed past b; unbounded overtaking finishes dozens in that time.

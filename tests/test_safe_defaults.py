@@ -263,7 +263,7 @@ async def test_a_refused_websocket_is_closed_before_the_app_sees_it() -> None:
         "headers": [(b"host", b"127.0.0.1:8890"), (b"origin", b"http://evil.example")],
     }
     await guard(scope, None, send)  # type: ignore[arg-type]
-    assert sent == [{"type": "websocket.close", "code": 1008}] and reached == []
+    assert sent == [{"type": "websocket.close", "code": 1008, "reason": ""}] and reached == []
     await guard({**scope, "headers": scope["headers"][:1]}, None, send)  # type: ignore[arg-type]
     assert len(reached) == 1
 
