@@ -1,7 +1,8 @@
 """Forwarding requests to a backend: the hot path.
 
-Uses httpx's own transport layer (``httpcore``) directly: on this machine it adds about half
-the latency of a full ``httpx.AsyncClient`` (see CONTRACTS.md). Every transport error is
+Uses httpx's own transport layer (``httpcore``) directly: when it was chosen it added about half
+the latency of a full ``httpx.AsyncClient`` (+0.9 ms against +1.4-1.7 ms p50, measured side by
+side on a 2-core machine). Every transport error is
 translated into :class:`~swapper.errors.BackendFailure` here and nowhere else, and upstream
 error bodies in any of the backends' shapes are normalised to OpenAI's.
 """
