@@ -407,3 +407,28 @@ def fake_app(world: FakeWorld) -> FakeApp:
         assert world.alive == set(), "a fake backend outlived the app"
 
     return factory
+
+
+@contextlib.contextmanager
+def served_in_thread(app: Any) -> Iterator[str]:
+    """An ASGI app under a real uvicorn on a loopback port, in a thread of this process; its URL.
+
+    For in-process tests that need a real server (the test client runs requests one at a time)
+    or a browser. The server is stopped, lifespan included, when the block ends.
+    """
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
+    )
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 10, "the in-process server")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

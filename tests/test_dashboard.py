@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
-from tests.conftest import fake_config, free_port, tiny_model, wait_until
+from tests.conftest import fake_config, served_in_thread, tiny_model
 from tests.fakes import Behaviour, FakeGpu, FakeWorld
 
 pytestmark = [pytest.mark.integration]
@@ -163,7 +162,6 @@ def fake_gpu_swapper(
     world: FakeWorld, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> Iterator[str]:
     """swapper in-process on fake backends with a fake NVML view (no GPU here); its URL."""
-    import uvicorn
 
     import swapper.app
 
@@ -179,24 +177,8 @@ def fake_gpu_swapper(
         swapper={"max_start_failures": 1, "state_file": str(tmp_path / "state.json")},
         name="gpu.yaml",
     )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            swapper.app.create_app(config, registry),
-            host="127.0.0.1",
-            port=port,
-            log_config=None,
-            lifespan="on",
-        )
-    )
-    thread = threading.Thread(target=server.run)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, 10, "the in-process server")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with served_in_thread(swapper.app.create_app(config, registry)) as url:
+        yield url
 
 
 def test_dashboard_shows_progress_vram_and_failures(

@@ -20,7 +20,7 @@ from swapper.admin import _event_stream, status_document
 from swapper.gpu import GpuStats
 from swapper.model_state import ModelStatus
 from swapper.snapshot import ModelSnapshot, Snapshot, VramSnapshot
-from tests.conftest import FakeApp, fake_config, free_port, wait_until
+from tests.conftest import FakeApp, fake_config, served_in_thread
 from tests.fakes import FakeGpu, FakeWorld
 
 ISO_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}\+00:00$")
@@ -264,27 +264,9 @@ def _served(world: FakeWorld, tmp_path: Path) -> Iterator[str]:
 
     A real server, not the test client: that one runs requests one at a time.
     """
-    import uvicorn
-
     config, registry = fake_config(world, swapper={"state_file": str(tmp_path / "state.json")})
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            swapper.app.create_app(config, registry),
-            host="127.0.0.1",
-            port=port,
-            log_config=None,
-            lifespan="on",
-        )
-    )
-    thread = threading.Thread(target=server.run)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, 10, "the in-process server")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with served_in_thread(swapper.app.create_app(config, registry)) as url:
+        yield url
 
 
 @pytest.mark.parametrize("path", ["/status", "/metrics"])
