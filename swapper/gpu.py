@@ -180,23 +180,6 @@ class GpuMonitor:
             )
         return chosen
 
-    def snapshot(self) -> dict[str, Any]:
-        """The ``gpu`` section of ``/status``."""
-        gpus = self.gpus()
-        return {
-            "available": bool(gpus),
-            "gpus": [
-                {
-                    "index": g.index,
-                    "name": g.name,
-                    "total_mb": round(g.total_mb),
-                    "used_mb": round(g.used_mb),
-                    "free_mb": round(g.free_mb),
-                }
-                for g in gpus
-            ],
-        }
-
 
 def _process_tree(root: int) -> set[int]:
     """``root`` and every process descended from it (Linux /proc; just ``root`` elsewhere)."""

@@ -188,22 +188,6 @@ class FakeGpu:
         with self.world.gpu_lock:
             return self.world.held.get(model_id, 0.0) if model_id else 0.0
 
-    def snapshot(self) -> dict[str, Any]:
-        """The ``gpu`` section of ``/status``, as GpuMonitor writes it."""
-        return {
-            "available": True,
-            "gpus": [
-                {
-                    "index": g.index,
-                    "name": g.name,
-                    "total_mb": round(g.total_mb),
-                    "used_mb": round(g.used_mb),
-                    "free_mb": round(g.free_mb),
-                }
-                for g in self.gpus()
-            ],
-        }
-
 
 def fake_backend_class(world: FakeWorld) -> type[Backend]:
     """A Backend subclass bound to ``world``."""
