@@ -338,10 +338,13 @@ class SwapCoordinator(ModelLifecycle):
     async def wait_for_status(self, model_id: str, *statuses: ModelStatus) -> None:
         """Return once ``model_id`` is in one of ``statuses`` (an event, not a poll)."""
         model = self._models[model_id]
-        if model.status in statuses:
-            return
+        if model.status not in statuses:
+            await self._next_status(model, frozenset(statuses))
+
+    async def _next_status(self, model: ModelRecord, statuses: frozenset[ModelStatus]) -> None:
+        """Wait for ``model``'s next transition into one of ``statuses``."""
         future = asyncio.get_running_loop().create_future()
-        entry = (model, frozenset(statuses), future)
+        entry = (model, statuses, future)
         self._status_waiters.append(entry)
         try:
             await future
@@ -641,19 +644,9 @@ class SwapCoordinator(ModelLifecycle):
             async with asyncio.timeout(self.config.timeouts.health):
                 await model.backend.wait_exit(handle)
                 while model.handle is handle and model.status == ModelStatus.LOADED:
-                    await self._status_changed(model)
+                    await self._next_status(model, frozenset(ModelStatus))
         except TimeoutError:
             pass  # it lives: a closed pooled connection, not a crash
-
-    async def _status_changed(self, model: ModelRecord) -> None:
-        future = asyncio.get_running_loop().create_future()
-        entry = (model, frozenset(ModelStatus), future)
-        self._status_waiters.append(entry)
-        try:
-            await future
-        finally:
-            with contextlib.suppress(ValueError):
-                self._status_waiters.remove(entry)
 
     def _next_seq(self) -> int:
         return next(self._seq)
