@@ -25,7 +25,8 @@ from tests.fakes import FakeGpu, FakeWorld
 
 ISO_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}\+00:00$")
 TOP_KEYS = {"mode", "active_model", "resident", "max_concurrent_models", "vram", "models", "gpu"}
-MODEL_KEYS = {
+#: The model fields of /status, in the order the document writes them.
+MODEL_FIELDS = [
     "status",
     "backend",
     "pid",
@@ -40,7 +41,8 @@ MODEL_KEYS = {
     "vram_mb",
     "predicted_vram_mb",
     "pinned",
-}
+]
+MODEL_KEYS = set(MODEL_FIELDS)
 # Generous: only reached when the read blocks the loop (the test then fails, it does not hang).
 GATE_TIMEOUT = 20.0
 
@@ -161,22 +163,7 @@ def test_the_document_formats_raw_values_exactly() -> None:
         "models",
         "gpu",
     ]
-    assert list(doc["models"]["a"]) == [
-        "status",
-        "backend",
-        "pid",
-        "port",
-        "loaded_at",
-        "last_error",
-        "in_flight",
-        "queued",
-        "last_used",
-        "failures",
-        "retry_at",
-        "vram_mb",
-        "predicted_vram_mb",
-        "pinned",
-    ]
+    assert list(doc["models"]["a"]) == MODEL_FIELDS
     assert status_document(snapshot, [], {})["gpu"] == {"available": False, "gpus": []}
 
 
