@@ -10,11 +10,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from swapper.backends.registry import BackendRegistry, load_backends
 from swapper.config import Config, load_config, protected_mode_refusal
 from swapper.errors import ConfigError, SwapperError
-from swapper.logs import setup_logging
+from swapper.http.logs import setup_logging
 from swapper.operator_cli import add_commands as add_operator_commands
-from swapper.plugins import BackendRegistry, load_backends
 
 __all__ = ["main"]
 
@@ -40,8 +40,8 @@ def _load(path: str) -> tuple[Config, BackendRegistry]:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from swapper.app import begin_shutdown, create_app
-    from swapper.serving import guarded_protocol, raise_nofile_limit
+    from swapper.http.app import begin_shutdown, create_app
+    from swapper.http.serving import guarded_protocol, raise_nofile_limit
 
     config, registry = _load(args.config)  # first: the log format comes from the config
     host = args.host or config.server.host

@@ -21,10 +21,10 @@ import respx
 import yaml
 from litestar.testing import AsyncTestClient
 
-from swapper.app import create_app
+from swapper.backends.registry import BackendRegistry, load_backends
 from swapper.config import Config, parse_config
-from swapper.coordinator import SwapCoordinator
-from swapper.plugins import BackendRegistry, load_backends
+from swapper.http.app import create_app
+from swapper.scheduling.coordinator import SwapCoordinator
 from tests.fakes import FakeGpu, FakePlugin, FakeWorld
 
 ROOT = Path(__file__).resolve().parent.parent

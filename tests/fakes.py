@@ -15,13 +15,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from swapper.backend import Backend, BackendHandle
+from swapper.backends.contract import Backend, BackendHandle
+from swapper.backends.hookspecs import hookimpl
 from swapper.config import ModelEntry
 from swapper.gpu import GpuStats
-from swapper.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from swapper.coordinator import SwapCoordinator
+    from swapper.scheduling.coordinator import SwapCoordinator
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from swapper.logbook import ModelLog
-from swapper.output import MAX_LINE
-from swapper.process import ManagedProcess
+from swapper.backends.output import MAX_LINE
+from swapper.backends.process import ManagedProcess
+from swapper.scheduling.logbook import ModelLog
 from tests.conftest import chat, tiny_model, wait_until
 
 #: Prints ``count`` short numbered lines as fast as it can, then a last line, then exits.

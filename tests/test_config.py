@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from swapper.backends.registry import load_backends
 from swapper.config import load_config
 from swapper.errors import ConfigError
-from swapper.plugins import load_backends
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = load_backends().schemas()

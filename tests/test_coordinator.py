@@ -9,9 +9,9 @@ import weakref
 
 import pytest
 
-from swapper.coordinator import Lease, ModelStatus, SwapCoordinator
 from swapper.errors import ModelNotFound, ModelUnavailable, QueueFull, ServiceUnavailable
-from swapper.model_state import Waiter
+from swapper.scheduling.coordinator import Lease, ModelStatus, SwapCoordinator
+from swapper.scheduling.model_state import Waiter
 from tests.conftest import CoordinatorFactory, fake_config
 from tests.fakes import Behaviour, FakeWorld, finished, queued, until
 

@@ -163,11 +163,11 @@ def fake_gpu_swapper(
 ) -> Iterator[str]:
     """swapper in-process on fake backends with a fake NVML view (no GPU here); its URL."""
 
-    import swapper.app
+    import swapper.http.app
 
     # A 20 GB card with 1 GiB used by other programs; qwen3-8b takes 5 GiB more once loaded.
     monkeypatch.setattr(
-        swapper.app,
+        swapper.http.app,
         "GpuMonitor",
         lambda: FakeGpu(world, 20480.0, extra_mb=1024.0, name="Fake RTX 4000"),
     )
@@ -177,7 +177,7 @@ def fake_gpu_swapper(
         swapper={"max_start_failures": 1, "state_file": str(tmp_path / "state.json")},
         name="gpu.yaml",
     )
-    with served_in_thread(swapper.app.create_app(config, registry)) as url:
+    with served_in_thread(swapper.http.app.create_app(config, registry)) as url:
         yield url
 
 

@@ -14,11 +14,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from swapper.coordinator import SwapCoordinator
 from swapper.errors import BackendFailure, BackendTimeout
-from swapper.exchange import Exchange, Forward
-from swapper.loading import loading_stream
-from swapper.model_state import Waiter
+from swapper.http.exchange import Exchange, Forward
+from swapper.http.loading import loading_stream
+from swapper.scheduling.coordinator import SwapCoordinator
+from swapper.scheduling.model_state import Waiter
 from tests.conftest import CoordinatorFactory
 
 pytestmark = pytest.mark.anyio

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from swapper.coordinator import ModelStatus, SwapCoordinator
+from swapper.scheduling.coordinator import ModelStatus, SwapCoordinator
 from tests.conftest import fake_config
 from tests.fakes import Behaviour, FakeGpu, FakeWorld, finished
 

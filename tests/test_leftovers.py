@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from swapper.leftovers import FILE_NAME, start_time
+from swapper.backends.leftovers import FILE_NAME, start_time
 from tests.conftest import SwapperProcess, tiny_model, wait_until
 
 pytestmark = pytest.mark.integration

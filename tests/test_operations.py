@@ -18,7 +18,7 @@ import yaml
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from swapper.upstream import normalise_error
+from swapper.upstream.client import normalise_error
 from tests.conftest import (
     MESSAGES,
     FakeApp,

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from swapper.coordinator import Lease, ModelStatus, SwapCoordinator
 from swapper.errors import ModelUnavailable
+from swapper.scheduling.coordinator import Lease, ModelStatus, SwapCoordinator
 from tests.conftest import CoordinatorFactory, fake_config
 from tests.fakes import Behaviour, FakeGpu, FakeWorld, finished, queued, until
 

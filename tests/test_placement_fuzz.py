@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from swapper.config import Config
-from swapper.coordinator import Lease, SwapCoordinator
 from swapper.errors import SwapperError
-from swapper.model_state import ModelRecord, ModelStatus, Waiter
+from swapper.scheduling.coordinator import Lease, SwapCoordinator
+from swapper.scheduling.model_state import ModelRecord, ModelStatus, Waiter
 from tests.conftest import fake_config
 from tests.fakes import FakeGpu, FakeWorld
 

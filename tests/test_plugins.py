@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from swapper_llamacpp import LlamaCppBackend, LlamaCppModel
 
-from swapper import hookspecs
-from swapper.backend import Backend, BackendHandle, BackendSettings
+from swapper.backends import hookspecs
+from swapper.backends.contract import Backend, BackendHandle, BackendSettings
+from swapper.backends.registry import load_backends
 from swapper.config import ModelEntry
 from swapper.errors import PluginError
-from swapper.plugins import load_backends
 
 
 def _hookspecs() -> set[str]:
@@ -177,7 +177,7 @@ def test_llamacpp_cpu_only_and_binary_from_environment(monkeypatch: pytest.Monke
 
 
 def test_logged_command_lines_hide_secrets() -> None:
-    from swapper.backend import redact_argv
+    from swapper.backends.contract import redact_argv
 
     argv = ["llama-server", "--api-key", "s3cret", "--hf-token=tok", "-m", "x.gguf"]
     assert redact_argv(argv) == [

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from litestar.testing import AsyncTestClient
 
-import swapper.backend
-from swapper.app import create_app
+import swapper.backends.contract
+from swapper.backends.registry import load_backends
 from swapper.config import parse_config
-from swapper.plugins import load_backends
+from swapper.http.app import create_app
 from tests.conftest import MESSAGES
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -34,14 +34,14 @@ async def test_port_taken_before_the_backend_binds_is_retried(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    real_free_port = swapper.backend.free_port
+    real_free_port = swapper.backends.contract.free_port
     picks = iter([squatted_port])
 
     def first_pick_is_taken(host: str = "127.0.0.1") -> int:
         # The race made certain: the first port handed out is one somebody else holds.
         return next(picks, None) or real_free_port(host)
 
-    monkeypatch.setattr(swapper.backend, "free_port", first_pick_is_taken)
+    monkeypatch.setattr(swapper.backends.contract, "free_port", first_pick_is_taken)
     registry = load_backends()
     config = parse_config(
         {

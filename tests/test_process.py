@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from swapper.reaper import Reaper
+from swapper.backends.reaper import Reaper
 from tests.conftest import chat, process_state, tiny_model, wait_until
 
 #: A wrapper that does not ``exec``: llama-server is its child, and a helper subshell forks a

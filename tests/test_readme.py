@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from swapper.backends.registry import load_backends
 from swapper.config import load_config
-from swapper.plugins import load_backends
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from swapper.app import create_app
+from swapper.backends.registry import load_backends
 from swapper.config import parse_config
 from swapper.errors import ConfigError
-from swapper.plugins import load_backends
+from swapper.http.app import create_app
 from tests.conftest import MESSAGES
 
 pytestmark = pytest.mark.anyio

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from swapper.rename import ModelRename
+from swapper.http.rename import ModelRename
 
 pytestmark = pytest.mark.anyio
 

@@ -12,10 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
-from swapper.access import HostOriginGuard
+from swapper.backends.registry import load_backends
 from swapper.config import ServerSettings, load_config, parse_config, protected_mode_refusal
 from swapper.errors import ConfigError
-from swapper.plugins import load_backends
+from swapper.http.access import HostOriginGuard
 from tests.conftest import MESSAGES, FakeApp, SwapperProcess, free_port
 from tests.fakes import FakeWorld
 

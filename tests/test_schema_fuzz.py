@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 
-from swapper.app import create_app
+from swapper.backends.registry import load_backends
 from swapper.config import parse_config
-from swapper.plugins import load_backends
+from swapper.http.app import create_app
 from tests.conftest import REPLY
 from tests.fakes import FakePlugin, FakeWorld
 

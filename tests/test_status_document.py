@@ -15,11 +15,11 @@ from typing import Any
 import httpx
 import pytest
 
-import swapper.app
-from swapper.admin import _event_stream, status_document
+import swapper.http.app
 from swapper.gpu import GpuStats
-from swapper.model_state import ModelStatus
-from swapper.snapshot import ModelSnapshot, Snapshot, VramSnapshot
+from swapper.http.admin import _event_stream, status_document
+from swapper.scheduling.model_state import ModelStatus
+from swapper.scheduling.snapshot import ModelSnapshot, Snapshot, VramSnapshot
 from tests.conftest import FakeApp, fake_config, served_in_thread
 from tests.fakes import FakeGpu, FakeWorld
 
@@ -183,7 +183,9 @@ async def _first_event(client: Any) -> dict[str, Any]:
 async def test_status_and_the_events_snapshot_keep_their_shape(
     fake_app: FakeApp, world: FakeWorld, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(swapper.app, "GpuMonitor", lambda: FakeGpu(world, 16384.4, extra_mb=0.3))
+    monkeypatch.setattr(
+        swapper.http.app, "GpuMonitor", lambda: FakeGpu(world, 16384.4, extra_mb=0.3)
+    )
     models = {"a": {"vram_mb": 1234.56, "actual_mb": 1000.04}, "b": {}}
     async with fake_app(models, swapper={"state_file": str(tmp_path / "state.json")}) as client:
         assert (await client.post("/models/a/load")).status_code == 200
@@ -252,7 +254,7 @@ def _served(world: FakeWorld, tmp_path: Path) -> Iterator[str]:
     A real server, not the test client: that one runs requests one at a time.
     """
     config, registry = fake_config(world, swapper={"state_file": str(tmp_path / "state.json")})
-    with served_in_thread(swapper.app.create_app(config, registry)) as url:
+    with served_in_thread(swapper.http.app.create_app(config, registry)) as url:
         yield url
 
 
@@ -261,7 +263,7 @@ def test_slow_nvml_does_not_block_health(
     path: str, world: FakeWorld, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     gpu = SlowGpu(world)
-    monkeypatch.setattr(swapper.app, "GpuMonitor", lambda: gpu)
+    monkeypatch.setattr(swapper.http.app, "GpuMonitor", lambda: gpu)
     with _served(world, tmp_path) as url, concurrent.futures.ThreadPoolExecutor(1) as pool:
         gpu.armed = True
         slow = pool.submit(httpx.get, url + path, timeout=60)

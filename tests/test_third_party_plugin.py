@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from swapper.backends.registry import load_backends
 from swapper.cli import main
-from swapper.plugins import load_backends
 from tests.conftest import MESSAGES, sdk
 
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
+from swapper.backends.registry import load_backends
 from swapper.config import load_config
 from swapper.errors import ConfigError
-from swapper.plugins import load_backends
 from tests.conftest import (
     FAKES,
     SwapperProcess,

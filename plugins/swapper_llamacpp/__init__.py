@@ -7,15 +7,15 @@ import os
 import shutil
 from collections.abc import Callable
 
-from swapper.backend import (
+from swapper.backends.contract import (
     Backend,
     BackendHandle,
     SubprocessBackend,
     executable_problem,
     readable_file_problem,
 )
+from swapper.backends.hookspecs import hookimpl
 from swapper.config import ModelEntry
-from swapper.hookspecs import hookimpl
 
 __all__ = ["LlamaCppBackend", "LlamaCppModel", "register_backends"]
 

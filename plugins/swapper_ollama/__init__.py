@@ -28,10 +28,10 @@ from typing import Any
 
 import httpx
 
-from swapper.backend import Backend, BackendHandle, SubprocessBackend, Unloaded
+from swapper.backends.contract import Backend, BackendHandle, SubprocessBackend, Unloaded
+from swapper.backends.hookspecs import hookimpl
+from swapper.backends.process import ManagedProcess, free_port
 from swapper.config import ModelEntry
-from swapper.hookspecs import hookimpl
-from swapper.process import ManagedProcess, free_port
 
 __all__ = ["OllamaBackend", "OllamaModel", "register_backends", "same_model", "shortest_name"]
 

@@ -20,14 +20,14 @@ from typing import Literal
 
 import httpx
 
-from swapper.backend import (
+from swapper.backends.contract import (
     Backend,
     BackendHandle,
     SubprocessBackend,
     executable_problem,
 )
+from swapper.backends.hookspecs import hookimpl
 from swapper.config import ModelEntry
-from swapper.hookspecs import hookimpl
 
 __all__ = ["VllmBackend", "VllmModel", "register_backends"]
 

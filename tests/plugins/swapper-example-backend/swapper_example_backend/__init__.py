@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from swapper.backend import Backend, BackendHandle, SubprocessBackend
+from swapper.backends import Backend, BackendHandle, SubprocessBackend, hookimpl
 from swapper.config import ModelEntry
-from swapper.hookspecs import hookimpl
 
 
 class ExampleModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only=True):

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import msgspec
 
 from swapper.config import Config, ModelEntry
-from swapper.model_state import ModelRecord, ModelStatus
+from swapper.scheduling.model_state import ModelRecord, ModelStatus
 
 __all__ = [
     "Eviction",

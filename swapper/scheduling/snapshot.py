@@ -3,14 +3,14 @@
 The coordinator fills these on the event loop, in one go, so a snapshot is consistent. Times are
 the clocks' own floats (epoch seconds, or ``time.monotonic()`` where stated), sizes unrounded
 MiB and statuses enums: turning them into ISO strings and rounded figures is the HTTP layer's
-job (:func:`swapper.admin.status_document`), not the domain's.
+job (:func:`swapper.http.admin.status_document`), not the domain's.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-from swapper.model_state import ModelStatus
+from swapper.scheduling.model_state import ModelStatus
 
 __all__ = ["ModelLoad", "ModelSnapshot", "Snapshot", "VramSnapshot"]
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import pluggy
 
-from swapper import hookspecs
-from swapper.backend import Backend
+from swapper.backends import hookspecs
+from swapper.backends.contract import Backend
 from swapper.config import ModelEntry
 from swapper.errors import PluginError
 

@@ -14,13 +14,13 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
 
-from swapper.access import require_key
 from swapper.errors import InvalidRequest, UnsupportedMediaType
-from swapper.exchange import Exchange, Forward
-from swapper.loading import loading_stream
-from swapper.logs import note_model
-from swapper.openapi import ChatOperation, CompletionOperation, EmbeddingOperation
-from swapper.responses import JSON
+from swapper.http.access import require_key
+from swapper.http.exchange import Exchange, Forward
+from swapper.http.loading import loading_stream
+from swapper.http.logs import note_model
+from swapper.http.openapi import ChatOperation, CompletionOperation, EmbeddingOperation
+from swapper.http.responses import JSON
 
 __all__ = ["OPENAI_HANDLERS"]
 

@@ -1,7 +1,7 @@
 """The swap coordinator: the one owner of model state.
 
 Models take slots (``max_concurrent_models``: 1 in single-active mode) and VRAM (see
-:mod:`swapper.placement`). A request *acquires* a lease on its model; the coordinator admits it
+:mod:`swapper.scheduling.placement`). A request *acquires* a lease on its model; the coordinator admits it
 at once when that model is resident, or queues it and schedules loads and evictions so that:
 
 * concurrent first requests for one model cause exactly one load;
@@ -15,7 +15,7 @@ at once when that model is resident, or queues it and schedules loads and evicti
 
 All scheduling decisions are taken synchronously in :meth:`SwapCoordinator._schedule` on the
 event loop, so there is no lock and no interleaving to reason about; loads and unloads run as
-tasks (:mod:`swapper.lifecycle`) that report back through ``_transition``.
+tasks (:mod:`swapper.scheduling.lifecycle`) that report back through ``_transition``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import math
 import time
 from typing import Any
 
-from swapper.backend import Backend, BackendSettings
+from swapper.backends.contract import Backend, BackendSettings
+from swapper.backends.registry import BackendRegistry
 from swapper.config import Config
 from swapper.errors import (
     ModelNotFound,
@@ -37,13 +38,12 @@ from swapper.errors import (
     QueueFull,
     ServiceUnavailable,
 )
-from swapper.events import EventBus
-from swapper.lifecycle import ModelLifecycle
-from swapper.logbook import ModelLog
-from swapper.model_state import ModelRecord, ModelStatus, Waiter
-from swapper.placement import HOLDING_STATUSES, GpuView, Placement, holds_slot
-from swapper.plugins import BackendRegistry
-from swapper.snapshot import ModelLoad, ModelSnapshot, Snapshot, VramSnapshot
+from swapper.scheduling.events import EventBus
+from swapper.scheduling.lifecycle import ModelLifecycle
+from swapper.scheduling.logbook import ModelLog
+from swapper.scheduling.model_state import ModelRecord, ModelStatus, Waiter
+from swapper.scheduling.placement import HOLDING_STATUSES, GpuView, Placement, holds_slot
+from swapper.scheduling.snapshot import ModelLoad, ModelSnapshot, Snapshot, VramSnapshot
 
 __all__ = ["Lease", "ModelStatus", "SwapCoordinator"]
 
@@ -371,7 +371,7 @@ class SwapCoordinator(ModelLifecycle):
         return [m.id for m in sorted(holders, key=lambda m: m.started_seq)]
 
     def status(self) -> Snapshot:
-        """Every model's state and placement's accounting, in raw values (see :mod:`swapper.snapshot`)."""
+        """Every model's state and placement's accounting, in raw values (see :mod:`swapper.scheduling.snapshot`)."""
         placement = self.placement
         models = {}
         for model in self._models.values():

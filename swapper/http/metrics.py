@@ -16,12 +16,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from swapper.events import Event
-from swapper.model_state import ModelStatus
+from swapper.scheduling.events import Event
+from swapper.scheduling.model_state import ModelStatus
 
 if TYPE_CHECKING:
-    from swapper.coordinator import SwapCoordinator
     from swapper.gpu import GpuMonitor, GpuStats
+    from swapper.scheduling.coordinator import SwapCoordinator
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 

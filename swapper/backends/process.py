@@ -3,9 +3,9 @@
 Strays: every child runs in its own session (so a signal to its process group reaches everything
 it started) and, on Linux, with ``PR_SET_PDEATHSIG`` = SIGKILL, so it dies with swapper even when
 swapper is SIGKILLed. That covers the direct child only, so each group is also registered with
-swapper's reaper (:mod:`swapper.reaper`), which kills the whole group when swapper dies.
+swapper's reaper (:mod:`swapper.backends.reaper`), which kills the whole group when swapper dies.
 
-Output: :mod:`swapper.output` reads it (what is kept, and where it goes).
+Output: :mod:`swapper.backends.output` reads it (what is kept, and where it goes).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from swapper import leftovers
-from swapper.output import OutputReader, secret_values
-from swapper.reaper import Reaper
+from swapper.backends import leftovers
+from swapper.backends.output import OutputReader, secret_values
+from swapper.backends.reaper import Reaper
 
 __all__ = ["ManagedProcess", "free_port"]
 
@@ -88,7 +88,7 @@ class _ReaperSlot:
 
 
 class ManagedProcess:
-    """One backend process: its group dies with swapper; its output is kept (swapper.output)."""
+    """One backend process: its group dies with swapper; its output is kept (swapper.backends.output)."""
 
     def __init__(
         self,
@@ -103,7 +103,7 @@ class ManagedProcess:
         self.name = name
         self._logger = logger
         self._reaper = reaper
-        #: Where :mod:`swapper.leftovers` recorded the group (None: not recorded).
+        #: Where :mod:`swapper.backends.leftovers` recorded the group (None: not recorded).
         self._book: Path | None = None
         self._output = OutputReader(name, logger, on_line, secrets)
         #: The last lines the child printed (bounded), for error messages.

@@ -15,13 +15,13 @@ import msgspec
 from litestar.datastructures import State
 from litestar.types import Scope
 
-from swapper.coordinator import Lease
 from swapper.errors import SwapperError
-from swapper.exchange import Exchange, Forward
-from swapper.logs import note_stream_error
-from swapper.model_state import Waiter
-from swapper.responses import GuardedStream, error_event, sse_comment, sse_event
-from swapper.upstream import normalise_error
+from swapper.http.exchange import Exchange, Forward
+from swapper.http.logs import note_stream_error
+from swapper.http.responses import GuardedStream, error_event, sse_comment, sse_event
+from swapper.scheduling.coordinator import Lease
+from swapper.scheduling.model_state import Waiter
+from swapper.upstream.client import normalise_error
 
 __all__ = ["loading_stream"]
 

@@ -1,7 +1,7 @@
 """Backend process groups left behind by a swapper that died: recorded while they run, killed
 at the next start.
 
-The reaper (:mod:`swapper.reaper`) kills every backend group when swapper dies; this is the
+The reaper (:mod:`swapper.backends.reaper`) kills every backend group when swapper dies; this is the
 belt to its braces, for when the reaper cannot (it was killed too: an OOM killer, a
 ``kill -9`` on the whole tree, a container runtime). vLLM's EngineCore and tensor-parallel
 workers and Ollama's runners would then hold the GPU with nobody to stop them.
@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from swapper.reaper import reap
+from swapper.backends.reaper import reap
 
 __all__ = ["FILE_NAME", "forget", "reclaim", "record", "start_time"]
 

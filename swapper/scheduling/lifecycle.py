@@ -1,7 +1,7 @@
 """How one model moves through its lifecycle: the state machine and the tasks that drive a
 backend through it (load or wake, readiness, measuring, watching, sleep or stop).
 
-:class:`ModelLifecycle` is the half of :class:`~swapper.coordinator.SwapCoordinator` that talks
+:class:`ModelLifecycle` is the half of :class:`~swapper.scheduling.coordinator.SwapCoordinator` that talks
 to backends; the coordinator's other half decides *what* to load and unload. Every status change
 goes through :meth:`ModelLifecycle._transition`; the tasks report back by calling the
 coordinator's ``_schedule``.
@@ -17,12 +17,12 @@ import math
 import time
 from typing import Any
 
-from swapper.backend import BackendHandle, Unloaded
+from swapper.backends.contract import BackendHandle, Unloaded
 from swapper.config import Config
 from swapper.errors import ModelUnavailable
-from swapper.events import EventBus
-from swapper.model_state import TRANSITIONS, ModelRecord, ModelStatus
-from swapper.placement import Placement
+from swapper.scheduling.events import EventBus
+from swapper.scheduling.model_state import TRANSITIONS, ModelRecord, ModelStatus
+from swapper.scheduling.placement import Placement
 
 __all__ = ["ModelLifecycle"]
 

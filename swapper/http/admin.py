@@ -12,14 +12,14 @@ from litestar.datastructures import State
 from litestar.params import FromPath, FromQuery
 from litestar.response import Stream
 
-from swapper.access import require_admin, require_key, require_metrics_key
-from swapper.coordinator import SwapCoordinator
-from swapper.events import STOPPED, next_event
-from swapper.exchange import unless_stopping
 from swapper.gpu import GpuMonitor, GpuStats
-from swapper.metrics import CONTENT_TYPE
-from swapper.responses import SSE, SSE_HEADERS, json_response, sse_comment, sse_event
-from swapper.snapshot import Snapshot
+from swapper.http.access import require_admin, require_key, require_metrics_key
+from swapper.http.exchange import unless_stopping
+from swapper.http.metrics import CONTENT_TYPE
+from swapper.http.responses import SSE, SSE_HEADERS, json_response, sse_comment, sse_event
+from swapper.scheduling.coordinator import SwapCoordinator
+from swapper.scheduling.events import STOPPED, next_event
+from swapper.scheduling.snapshot import Snapshot
 
 __all__ = ["ADMIN_HANDLERS", "read_status", "status_document"]
 

@@ -1,8 +1,8 @@
 """The HTTP application: Litestar wiring, the lifespan that owns the coordinator, and errors.
 
 Every error, swapper's or the framework's, becomes OpenAI error JSON in one place,
-:func:`_render_error`. The endpoints live in :mod:`swapper.forwarding` (OpenAI) and
-:mod:`swapper.admin` (operators).
+:func:`_render_error`. The endpoints live in :mod:`swapper.http.forwarding` (OpenAI) and
+:mod:`swapper.http.admin` (operators).
 """
 
 from __future__ import annotations
@@ -25,22 +25,23 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, YamlRenderPlugin
 from litestar.status_codes import HTTP_400_BAD_REQUEST, HTTP_500_INTERNAL_SERVER_ERROR
 
-from swapper import __version__, leftovers
-from swapper.access import HostOriginGuard, require_key
-from swapper.admin import ADMIN_HANDLERS
+from swapper import __version__
+from swapper.backends import leftovers
+from swapper.backends.registry import BackendRegistry
 from swapper.config import Config, load_config
-from swapper.coordinator import SwapCoordinator
-from swapper.dashboard import UI_HANDLERS
 from swapper.errors import SwapperError
-from swapper.forwarding import OPENAI_HANDLERS
 from swapper.gpu import GpuMonitor
-from swapper.logs import request_id_middleware
-from swapper.metrics import Metrics
-from swapper.openapi import list_model_names
-from swapper.placement import default_state_file
-from swapper.plugins import BackendRegistry
-from swapper.responses import json_response
-from swapper.upstream import UpstreamClient
+from swapper.http.access import HostOriginGuard, require_key
+from swapper.http.admin import ADMIN_HANDLERS
+from swapper.http.dashboard import UI_HANDLERS
+from swapper.http.forwarding import OPENAI_HANDLERS
+from swapper.http.logs import request_id_middleware
+from swapper.http.metrics import Metrics
+from swapper.http.openapi import list_model_names
+from swapper.http.responses import json_response
+from swapper.scheduling.coordinator import SwapCoordinator
+from swapper.scheduling.placement import default_state_file
+from swapper.upstream.client import UpstreamClient
 
 __all__ = ["begin_shutdown", "create_app"]
 

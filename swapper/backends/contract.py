@@ -1,6 +1,6 @@
 """The backend contract: what a plugin's backend object must do.
 
-A plugin registers a :class:`Backend` subclass (see :mod:`swapper.hookspecs`). The class names
+A plugin registers a :class:`Backend` subclass (see :mod:`swapper.backends.hookspecs`). The class names
 its backend kind and the schema of its model entries; one instance serves one configured model,
 and the coordinator drives it through ``start`` → ``ready``... → ``stop``, asking ``alive`` /
 ``wait_exit`` to notice a crash. Backends that run a command line extend
@@ -22,9 +22,9 @@ from typing import ClassVar
 import httpcore
 import httpx
 
+from swapper.backends.output import SECRET_FLAGS as _SECRET_FLAGS
+from swapper.backends.process import ManagedProcess, free_port
 from swapper.config import ModelEntry
-from swapper.output import SECRET_FLAGS as _SECRET_FLAGS
-from swapper.process import ManagedProcess, free_port
 
 __all__ = [
     "Backend",

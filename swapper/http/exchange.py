@@ -22,7 +22,6 @@ from litestar import Response
 from litestar.datastructures import State
 from litestar.types import Scope
 
-from swapper.coordinator import Lease
 from swapper.errors import (
     BackendTimeout,
     BackendUnreachable,
@@ -30,11 +29,12 @@ from swapper.errors import (
     ServiceUnavailable,
     SwapperError,
 )
-from swapper.logs import note_stream_error
-from swapper.model_state import Waiter
-from swapper.rename import ModelRename
-from swapper.responses import JSON, GuardedStream, error_event
-from swapper.upstream import UpstreamResponse, normalise_error
+from swapper.http.logs import note_stream_error
+from swapper.http.rename import ModelRename
+from swapper.http.responses import JSON, GuardedStream, error_event
+from swapper.scheduling.coordinator import Lease
+from swapper.scheduling.model_state import Waiter
+from swapper.upstream.client import UpstreamResponse, normalise_error
 
 __all__ = ["Exchange", "Forward", "unless_stopping"]
 

@@ -6,8 +6,8 @@ import asyncio
 import enum
 from dataclasses import dataclass, field
 
-from swapper.backend import Backend, BackendHandle
-from swapper.logbook import ModelLog
+from swapper.backends.contract import Backend, BackendHandle
+from swapper.scheduling.logbook import ModelLog
 
 __all__ = ["TRANSITIONS", "ModelRecord", "ModelStatus", "Waiter"]
 

@@ -1,0 +1,1 @@
+"""The scheduling core: each model's lifecycle, the queue, admission and placement on the GPU."""

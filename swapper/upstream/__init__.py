@@ -1,0 +1,1 @@
+"""The client swapper forwards requests to backends with."""
