@@ -225,15 +225,13 @@ class Config(msgspec.Struct, frozen=True):
     server: ServerSettings
     timeouts: TimeoutSettings
     models: dict[str, ModelEntry]
+    #: Every name a client may send (ids and aliases) -> its model id; the one index, built
+    #: (and checked for clashes) by parse_config.
+    names: dict[str, str]
 
     def resolve(self, name: str) -> str | None:
         """The model id that ``name`` (an id or an alias) refers to, or None."""
-        if name in self.models:
-            return name
-        for model_id, entry in self.models.items():
-            if name in entry.aliases:
-                return model_id
-        return None
+        return self.names.get(name)
 
 
 _MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.DOTALL)
@@ -375,7 +373,12 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
     if default is not None and names[default] != default:
         settings = msgspec.structs.replace(settings, default_model=names[default])
     return Config(
-        path=source, swapper=settings, server=raw.server, timeouts=raw.timeouts, models=models
+        path=source,
+        swapper=settings,
+        server=raw.server,
+        timeouts=raw.timeouts,
+        models=models,
+        names=names,
     )
 
 

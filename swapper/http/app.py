@@ -161,7 +161,7 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
     # get a request id, an access-log line and a count.
     app.asgi_handler = request_id_middleware(app.asgi_handler)
     # The schema is built at startup: it names the models configured then.
-    list_model_names(app, [name for mid, e in config.models.items() for name in (mid, *e.aliases)])
+    list_model_names(app, list(config.names))
     return app
 
 

@@ -107,7 +107,7 @@ class SwapCoordinator(ModelLifecycle):
         self._retired: set[ModelRecord] = set()
         for model_id in config.models:
             self._models[model_id] = self._new_model(model_id, config)
-        self._names = self._name_index(config)
+        self._names = config.names
         #: Status changes, swaps, loads, unloads and queue changes, for metrics and /events.
         self.events = EventBus()
         #: Overtakes granted past the first blocked waiter (``_blocked_seq``) so far.
@@ -135,10 +135,6 @@ class SwapCoordinator(ModelLifecycle):
         model.backend.log_sink = model.log.append
         model.unloaded.set()
         return model
-
-    @staticmethod
-    def _name_index(config: Config) -> dict[str, str]:
-        return {name: mid for mid, e in config.models.items() for name in (mid, *e.aliases)}
 
     # -- public API -------------------------------------------------------------------------
 
@@ -326,7 +322,7 @@ class SwapCoordinator(ModelLifecycle):
                 else:
                     current.pending = backend  # swapped in when the running process stops
                 summary["changed"].append(model_id)
-        self._names = self._name_index(config)
+        self._names = config.names
         logger.info(
             "config reloaded from %s: %s",
             config.path,
