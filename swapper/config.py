@@ -149,6 +149,8 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_connections: int = 4096
     #: One log line per request (method, path, status, model, duration, bytes, request id).
     access_log: bool = True
+    #: True: ``/v1/models`` lists every alias as an entry of its own too.
+    list_aliases: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -204,6 +206,12 @@ class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     vram_mb: float | None = None
     #: Evicted last (multi-active). None: pinned when it is the default_model.
     pinned: bool | None = None
+    #: Top-level keys removed from every request body sent to this model.
+    strip_params: list[str] = []
+    #: Top-level keys set in every request body that does not already have them.
+    set_params: dict[str, Any] = {}
+    #: True: left out of ``/v1/models``, but still served by its id and aliases.
+    unlisted: bool = False
 
 
 class _RawModelEntry(msgspec.Struct, frozen=True):
@@ -348,6 +356,11 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
         vram = models[model_id].vram_mb
         if vram is not None and not (math.isfinite(vram) and vram >= 0):
             raise ConfigError(f"{source}: {where}.vram_mb: must be a number >= 0")
+        if "model" in models[model_id].strip_params or "model" in models[model_id].set_params:
+            raise ConfigError(
+                f"{source}: {where}: strip_params and set_params must not name 'model' "
+                "(swapper routes by it; use aliases or the backend's upstream name)"
+            )
         for index, alias in enumerate(models[model_id].aliases):
             if not _valid_name(alias):
                 raise ConfigError(

@@ -43,6 +43,21 @@ class LlamaCppBackend(SubprocessBackend):
 
     name = "llamacpp"
     entry_type = LlamaCppModel
+    # Capabilities (issue 11): every JSON endpoint llama-server answers (docs/backends.md).
+    endpoints = frozenset(
+        {
+            *("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"),
+            *("/v1/messages", "/v1/messages/count_tokens", "/v1/rerank", "/infill"),
+            *("/completion", "/tokenize", "/detokenize", "/apply-template"),
+        }
+    )
+
+    @classmethod
+    def declares(cls, entry: ModelEntry) -> dict[str, object]:
+        """``context_length``: the entry's ``ctx_size`` when it sets one (0 is the model's own,
+        unknown until loaded)."""
+        assert isinstance(entry, LlamaCppModel)
+        return {"context_length": entry.ctx_size} if entry.ctx_size else {}
 
     def binary(self) -> str:
         """The llama-server executable to run."""

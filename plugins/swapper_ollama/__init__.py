@@ -102,6 +102,8 @@ class OllamaBackend(SubprocessBackend):
 
     name = "ollama"
     entry_type = OllamaModel
+    # Capabilities (issue 11): Ollama's /v1 endpoints (docs/backends.md).
+    endpoints = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

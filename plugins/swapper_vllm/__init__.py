@@ -67,6 +67,20 @@ class VllmBackend(SubprocessBackend):
 
     name = "vllm"
     entry_type = VllmModel
+    # Capabilities (issue 11): the OpenAI and Anthropic endpoints vLLM serves (docs/backends.md).
+    endpoints = frozenset(
+        {
+            *("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"),
+            *("/v1/rerank", "/v1/audio/transcriptions", "/v1/messages"),
+        }
+    )
+
+    @classmethod
+    def declares(cls, entry: ModelEntry) -> dict[str, object]:
+        """``context_length``: the entry's ``max_model_len`` when it sets one."""
+        assert isinstance(entry, VllmModel)
+        return {"context_length": entry.max_model_len} if entry.max_model_len else {}
+
     #: What a sleeping vLLM still holds: its CUDA context (about 1 GB), until measured.
     sleep_residual_mb = 1024.0
 

@@ -68,6 +68,26 @@ class Backend(abc.ABC):
     #: The schema of this kind's model entries (extends :class:`ModelEntry`).
     entry_type: ClassVar[type[ModelEntry]]
 
+    # -- capabilities (issue 11) -------------------------------------------------------------
+    #: The API endpoints this kind serves, by canonical path (the table is in docs/backends.md);
+    #: a request for any other endpoint to one of its models is a 404, and nothing loads.
+    endpoints: ClassVar[frozenset[str]] = frozenset(
+        {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
+    )
+
+    @classmethod
+    def serves(cls, entry: ModelEntry) -> frozenset[str]:
+        """The endpoints the model of ``entry`` serves; default :attr:`endpoints` (a kind whose
+        entries choose theirs overrides this)."""
+        return cls.endpoints
+
+    @classmethod
+    def declares(cls, entry: ModelEntry) -> dict[str, object]:
+        """What ``/v1/models`` shows of the model besides its id (e.g. ``context_length``)."""
+        return {}
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
     def __init__(self, model_id: str, entry: ModelEntry, settings: BackendSettings) -> None:
         self.model_id = model_id
         self.entry = entry

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
 import httpcore
@@ -183,24 +183,31 @@ class UpstreamClient:
         *,
         keep_alive: bool = True,
         max_connections: int | None = None,
+        method: str = "POST",
+        headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> UpstreamResponse:
         """POST ``body`` to ``base_url + path`` and return once the response headers arrive.
+
+        ``method`` and ``headers`` (added to swapper's own; a Content-Type among them replaces
+        ``application/json``) serve the raw ``/upstream`` passthrough and ``anthropic-version``.
 
         ``keep_alive=False`` asks the backend to close the connection after the response:
         llama-server sometimes drops a kept-alive connection after a stream, and the next
         request sent on it would fail.
         """
         url = base_url + path
-        headers = [
+        sent = [
             (b"Host", url.split("/", 3)[2].encode()),
-            (b"Content-Type", b"application/json"),
             (b"Content-Length", str(len(body)).encode()),
             (b"Accept", b"*/*"),
+            *headers,
         ]
+        if not any(name.lower() == b"content-type" for name, _ in headers):
+            sent.append((b"Content-Type", b"application/json"))
         if not keep_alive:
-            headers.append((b"Connection", b"close"))
+            sent.append((b"Connection", b"close"))
         request = httpcore.Request(
-            b"POST", url, headers=headers, content=body, extensions={"timeout": self._timeouts}
+            method.encode(), url, headers=sent, content=body, extensions={"timeout": self._timeouts}
         )
         pool = self._pool(base_url, max_connections)
         with _map_transport_errors(model_id, answered=False):
