@@ -13,6 +13,7 @@ from typing import Any
 
 from litestar import HttpMethod, Request, Response, post, route
 from litestar.datastructures import State
+from litestar.params import FromPath
 
 from swapper.http.access import require_admin_unless_get, require_key
 from swapper.http.exchange import Forward
@@ -85,7 +86,9 @@ _METHODS = [
     guards=[require_key, require_admin_unless_get],
     status_code=200,
 )
-async def upstream(request: Request[Any, Any, State], name: str, rest: str) -> Response[Any]:
+async def upstream(
+    request: Request[Any, Any, State], name: FromPath[str], rest: FromPath[str]
+) -> Response[Any]:
     """The model's backend itself at ``rest`` (``/props``, ``/slots``, ``/metrics``...), loading
     it first; request and answer pass as they are. Only GET is open to plain API keys."""
     state = request.app.state

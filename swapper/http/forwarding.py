@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
+from litestar.params import FromPath
 
 from swapper.errors import InvalidRequest, UnsupportedMediaType
 from swapper.http.access import require_key
@@ -181,7 +182,7 @@ async def list_models(state: State) -> Response[bytes]:
 
 
 @get("/v1/models/{name:str}", guards=[require_key])
-async def retrieve_model(state: State, name: str) -> Response[bytes]:
+async def retrieve_model(state: State, name: FromPath[str]) -> Response[bytes]:
     """One model by id or alias (unlisted ones too), with its status; never triggers a load."""
     document = state.catalog.model_document(name, state.coordinator.loads())
     return Response(document, media_type=JSON)

@@ -1,0 +1,85 @@
+"""Backend capabilities: an endpoint a model's backend does not serve is a 404 naming both,
+refused before anything loads or is evicted. In-process, on fake backends (whose kind serves
+the default set: chat, completions, embeddings)."""
+
+from __future__ import annotations
+
+import pytest
+
+from swapper.backends.contract import Backend
+from swapper.http.rename import ModelRename, Shaping
+from tests.conftest import MESSAGES, FakeApp
+from tests.fakes import FakeWorld
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize(
+    ("path", "endpoint"),
+    [
+        ("/v1/responses", "/v1/responses"),
+        ("/rerank", "/v1/rerank"),
+        ("/tokenize", "/tokenize"),
+    ],
+)
+async def test_an_endpoint_the_backend_lacks_is_404_with_no_load_and_no_eviction(
+    fake_app: FakeApp, world: FakeWorld, path: str, endpoint: str
+) -> None:
+    async with fake_app({"a": {"aliases": ["alpha"]}, "b": {}}) as client:
+        served = await client.post(
+            "/v1/chat/completions", json={"model": "b", "messages": MESSAGES}
+        )
+        assert served.status_code == 200
+        assert world.starts("b") == 1
+
+        refused = await client.post(path, json={"model": "alpha", "input": "hi"})
+        assert refused.status_code == 404
+        error = refused.json()["error"]
+        assert error["code"] == "endpoint_not_supported"
+        assert "'a'" in error["message"] and endpoint in error["message"]
+        assert world.starts("a") == 0
+        models = (await client.get("/status")).json()["models"]
+        assert models["a"]["status"] == "UNLOADED" and models["a"]["pid"] is None
+        assert models["b"]["status"] == "LOADED"  # the resident model was not evicted for it
+        assert world.events.count(("stop", "b")) == 0
+
+
+async def test_anthropic_paths_refuse_in_anthropics_shape(
+    fake_app: FakeApp, world: FakeWorld
+) -> None:
+    async with fake_app({"a": {}}) as client:
+        body = {"model": "a", "max_tokens": 1, "messages": MESSAGES}
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            refused = await client.post(path, json=body)
+            assert refused.status_code == 404
+            assert refused.json()["type"] == "error"
+            assert refused.json()["error"]["type"] == "not_found_error"
+            assert path in refused.json()["error"]["message"]
+    assert world.starts("a") == 0
+
+
+def test_the_default_capabilities_are_the_openai_basics() -> None:
+    assert Backend.endpoints == {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
+
+
+# -- the one rewrite step: rename and shaping ------------------------------------------------
+
+
+def test_shaping_strips_then_sets_and_leaves_other_keys() -> None:
+    rewrite = ModelRename("m", None, Shaping(("top_k", "max_tokens"), {"max_tokens": 5, "seed": 1}))
+    body = b'{"model":"alias","top_k":3,"max_tokens":9,"seed":7,"x":[1]}'
+    assert rewrite.request(body, "alias") == (b'{"model":"alias","seed":7,"x":[1],"max_tokens":5}')
+    assert rewrite.responses is False  # no backend name: responses pass untouched
+
+
+def test_without_shaping_or_a_backend_name_the_body_is_the_same_object() -> None:
+    body = b'{"model":"qwen3:8b","top_k":3}'
+    assert ModelRename("qwen", "qwen3:8b").request(body, "qwen3:8b") is body
+
+
+def test_nested_model_names_in_anthropic_and_responses_events_are_renamed() -> None:
+    rename = ModelRename("qwen", "qwen3:8b")
+    start = b'{"type":"message_start","message":{"id":"x","model":"qwen3:8b"}}'
+    assert rename.response(start) == b'{"type":"message_start","message":{"id":"x","model":"qwen"}}'
+    created = b'{"type":"response.created","response":{"model":"qwen3:8b"}}'
+    assert rename.response(created) == b'{"type":"response.created","response":{"model":"qwen"}}'
