@@ -4,7 +4,9 @@ the default set: chat, completions, embeddings)."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
+import respx
 
 from swapper.backends.contract import Backend
 from swapper.http.rename import ModelRename, Shaping
@@ -83,3 +85,42 @@ def test_nested_model_names_in_anthropic_and_responses_events_are_renamed() -> N
     assert rename.response(start) == b'{"type":"message_start","message":{"id":"x","model":"qwen"}}'
     created = b'{"type":"response.created","response":{"model":"qwen3:8b"}}'
     assert rename.response(created) == b'{"type":"response.created","response":{"model":"qwen"}}'
+
+
+# -- Anthropic headers and errors, against a respx upstream --------------------------------------
+
+
+async def test_anthropic_headers_pass_through_and_backend_errors_take_anthropics_shape(
+    fake_app: FakeApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fake kind serves /v1/messages for this test only.
+    monkeypatch.setattr(Backend, "endpoints", Backend.endpoints | {"/v1/messages"})
+    async with fake_app({"a": {}}, reply=None) as client:
+        with respx.mock(assert_all_called=True) as upstream:
+            route = upstream.post("http://a.fake.test/v1/messages")
+            route.side_effect = [
+                httpx.Response(200, json={"type": "message", "model": "a", "content": []}),
+                httpx.Response(
+                    503,
+                    json={"error": {"code": 503, "message": "busy", "type": "unavailable_error"}},
+                ),
+            ]
+            headers = {
+                "anthropic-version": "2023-06-01",
+                "anthropic-beta": "tools-1",
+                "x-other": "1",
+            }
+            body = {"model": "a", "max_tokens": 1, "messages": MESSAGES}
+            answer = await client.post("/v1/messages", json=body, headers=headers)
+            assert answer.status_code == 200 and answer.json()["type"] == "message"
+            sent = route.calls[0].request.headers
+            assert sent["anthropic-version"] == "2023-06-01"
+            assert sent["anthropic-beta"] == "tools-1"
+            assert "x-other" not in sent  # only Anthropic's own headers are passed on
+
+            busy = await client.post("/v1/messages", json=body, headers=headers)
+            assert busy.status_code == 503
+            assert busy.json() == {
+                "type": "error",
+                "error": {"type": "api_error", "message": "busy"},
+            }

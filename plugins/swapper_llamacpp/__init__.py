@@ -43,7 +43,7 @@ class LlamaCppBackend(SubprocessBackend):
 
     name = "llamacpp"
     entry_type = LlamaCppModel
-    # Capabilities (issue 11): every JSON endpoint llama-server answers (docs/backends.md).
+    # Capabilities: every JSON endpoint llama-server answers (the README's endpoint table).
     endpoints = frozenset(
         {
             *("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"),

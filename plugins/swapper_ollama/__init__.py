@@ -102,7 +102,7 @@ class OllamaBackend(SubprocessBackend):
 
     name = "ollama"
     entry_type = OllamaModel
-    # Capabilities (issue 11): Ollama's /v1 endpoints (docs/backends.md).
+    # Capabilities: Ollama's /v1 endpoints (the README's endpoint table).
     endpoints = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

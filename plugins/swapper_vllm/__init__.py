@@ -67,7 +67,7 @@ class VllmBackend(SubprocessBackend):
 
     name = "vllm"
     entry_type = VllmModel
-    # Capabilities (issue 11): the OpenAI and Anthropic endpoints vLLM serves (docs/backends.md).
+    # Capabilities: the OpenAI and Anthropic endpoints vLLM serves (the README's endpoint table).
     endpoints = frozenset(
         {
             *("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"),

@@ -69,7 +69,7 @@ class Backend(abc.ABC):
     entry_type: ClassVar[type[ModelEntry]]
 
     # -- capabilities (issue 11) -------------------------------------------------------------
-    #: The API endpoints this kind serves, by canonical path (the table is in docs/backends.md);
+    #: The API endpoints this kind serves, by canonical path (the README's endpoint table);
     #: a request for any other endpoint to one of its models is a 404, and nothing loads.
     endpoints: ClassVar[frozenset[str]] = frozenset(
         {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}

@@ -1,8 +1,8 @@
 """The HTTP application: Litestar wiring, the lifespan that owns the coordinator, and errors.
 
 Every error, swapper's or the framework's, becomes OpenAI error JSON in one place,
-:func:`_render_error`. The endpoints live in :mod:`swapper.http.forwarding` (OpenAI) and
-:mod:`swapper.http.admin` (operators).
+:func:`_render_error`. The endpoints live in :mod:`swapper.http.forwarding` (OpenAI),
+:mod:`swapper.http.endpoints` (the other routed ones) and :mod:`swapper.http.admin` (operators).
 """
 
 from __future__ import annotations

@@ -80,8 +80,8 @@ def _check_content_type(request: Request[Any, Any, State]) -> None:
         )
 
 
-#: Client headers passed on to the backend (Anthropic's SDK sends these).
-_PASSED_HEADERS = ("anthropic-version", "anthropic-beta")
+#: Client headers passed on to the backend on Anthropic's paths (its SDK sends these).
+_ANTHROPIC_HEADERS = ("anthropic-version", "anthropic-beta")
 
 
 async def forward_request(
@@ -103,11 +103,13 @@ async def forward_request(
     model_id = state.coordinator.resolve(routing.model)
     note_model(request.scope, model_id)
     state.catalog.check_serves(model_id, endpoint or path)
-    headers = tuple(
-        (name.encode(), value.encode("latin-1"))
-        for name in _PASSED_HEADERS
-        if (value := request.headers.get(name)) is not None
-    )
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    if dialect == "anthropic":
+        headers = tuple(
+            (name.encode(), value.encode("latin-1"))
+            for name in _ANTHROPIC_HEADERS
+            if (value := request.headers.get(name)) is not None
+        )
     forward = Forward(
         path, body, model_id, routing.model, routing.stream is True, dialect, headers=headers
     )
