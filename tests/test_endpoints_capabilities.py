@@ -4,14 +4,23 @@ the default set: chat, completions, embeddings)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from types import SimpleNamespace
+from typing import Any
+
 import httpx
 import pytest
 import respx
 
 from swapper.backends.contract import Backend
+from swapper.errors import ConfigError
+from swapper.http.exchange import Exchange, Forward
 from swapper.http.rename import ModelRename, Shaping
-from tests.conftest import MESSAGES, FakeApp
+from swapper.scheduling.coordinator import SwapCoordinator
+from tests.conftest import MESSAGES, CoordinatorFactory, FakeApp, fake_config
 from tests.fakes import FakeWorld
+from tests.test_exchange import BODY, FakeResponse, FakeUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -124,3 +133,43 @@ async def test_anthropic_headers_pass_through_and_backend_errors_take_anthropics
                 "type": "error",
                 "error": {"type": "api_error", "message": "busy"},
             }
+
+
+def exchange_state(coordinator: SwapCoordinator, upstream: FakeUpstream) -> Any:
+    """What an Exchange reads of the app's state, for a model already resident."""
+    histogram = SimpleNamespace(observe=lambda seconds: None)
+    return SimpleNamespace(
+        coordinator=coordinator,
+        upstream=upstream,
+        metrics=SimpleNamespace(ttfb=SimpleNamespace(labels=lambda model: histogram)),
+        stopping=asyncio.Event(),
+        catalog=SimpleNamespace(shaping={}),
+    )
+
+
+async def test_a_broken_anthropic_stream_ends_with_anthropics_error_event(
+    coordinator_factory: CoordinatorFactory,
+) -> None:
+    coordinator = coordinator_factory()
+    await coordinator.load("a")
+    upstream = FakeUpstream(FakeResponse(broken=True))
+    forward = Forward("/v1/messages", BODY, "a", "a", True, "anthropic")
+    exchange = Exchange(exchange_state(coordinator, upstream), {"type": "http"}, forward)
+    await exchange.open()
+    chunks = [chunk async for chunk in exchange.relay()]
+    event, _, data = chunks[-1].partition(b"\n")
+    assert event == b"event: error"
+    assert json.loads(data.removeprefix(b"data: ")) == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "Backend for 'a' broke the connection: reset"},
+    }
+
+
+@pytest.mark.parametrize("shaping", [{"strip_params": ["model"]}, {"set_params": {"model": "x"}}])
+def test_shaping_may_not_touch_the_model_name(world: FakeWorld, shaping: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError) as refused:
+        fake_config(world, {"a": shaping})
+    assert refused.value.message == (
+        "test.yaml: $.models.a: strip_params and set_params must not name 'model' "
+        "(swapper routes by it; use aliases or the backend's upstream name)"
+    )
