@@ -3,29 +3,49 @@ llama-server backends, driven by the official OpenAI SDK and plain HTTP."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
 from tests.conftest import MESSAGES, sdk, tiny_model
+from tests.test_operations import slow_llama_server
 
 pytestmark = pytest.mark.integration
 
 JSON = {"content-type": "application/json"}
 
 
-def test_responses_api_plain_and_streamed(swapper_factory: Any) -> None:
-    swapper = swapper_factory()
+def test_responses_api_streamed_while_loading_and_plain(
+    swapper_factory: Any, tmp_path: Path, llama_server: str
+) -> None:
+    # A backend that takes 0.6 s to start, and loading comments every 0.1 s meanwhile.
+    slow = slow_llama_server(tmp_path, llama_server, 0.6)
+    workdir = swapper_factory.workdir
+    models = {
+        "tiny-a": tiny_model(workdir, binary=slow, aliases=["a"]),
+        "tiny-b": tiny_model(workdir, "b", aliases=["b"]),
+    }
+    swapper = swapper_factory(models=models, swapper={"loading_feedback_interval": 0.1})
     client = sdk(swapper)
-    response = client.responses.create(model="a", input="hi", max_output_tokens=4)
-    assert response.object == "response" and response.status == "completed"
-    assert response.model == "tiny-a"
-    assert isinstance(response.output_text, str) and response.output_text
-    assert response.usage is not None and response.usage.output_tokens == 4
+    with swapper.http.stream(
+        "POST",
+        "/v1/responses",
+        json={"model": "a", "input": "hi", "max_output_tokens": 3, "stream": True},
+    ) as raw:
+        assert raw.headers["content-type"].startswith("text/event-stream")
+        lines = list(raw.iter_lines())
+    comments = [line for line in lines if line.startswith(": loading tiny-a ")]
+    assert len(comments) >= 2, lines[:5]  # swapper's comments, then the backend's events
+    assert "event: response.completed" in lines
+    swapper.http.post("/models/tiny-a/unload")
+    loading = client.responses.create(model="a", input="hi", max_output_tokens=2, stream=True)
+    assert [e.type for e in loading][-1] == "response.completed"  # the SDK skips the comments
 
     events = list(
-        client.responses.create(model="tiny-a", input="hi", max_output_tokens=3, stream=True)
+        client.responses.create(model="tiny-b", input="hi", max_output_tokens=3, stream=True)
     )
     kinds = [event.type for event in events]
     assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
@@ -34,6 +54,12 @@ def test_responses_api_plain_and_streamed(swapper_factory: Any) -> None:
     completed = events[-1]
     assert completed.type == "response.completed"
     assert completed.response.output_text == "".join(deltas)
+
+    response = client.responses.create(model="b", input="hi", max_output_tokens=4)
+    assert response.object == "response" and response.status == "completed"
+    assert response.model == "tiny-b"
+    assert isinstance(response.output_text, str) and response.output_text
+    assert response.usage is not None and response.usage.output_tokens == 4
 
 
 def test_models_retrieve_by_id_and_alias_with_status_and_context(swapper_factory: Any) -> None:
@@ -66,6 +92,13 @@ def test_llamacpp_own_endpoints_are_routed_by_model(swapper_factory: Any) -> Non
     swapper = swapper_factory()
     tokens = swapper.http.post("/tokenize", json={"model": "a", "content": "hello"})
     assert tokens.status_code == 200
+    # The bytes are the backend's own, unchanged.
+    direct = httpx.post(
+        f"http://127.0.0.1:{swapper.model('tiny-a')['port']}/tokenize",
+        json={"model": "a", "content": "hello"},
+    )
+    assert tokens.content == direct.content
+    assert tokens.headers["content-type"] == direct.headers["content-type"]
     ids = tokens.json()["tokens"]
     assert ids and all(isinstance(i, int) for i in ids)
     text = swapper.http.post("/detokenize", json={"model": "tiny-a", "tokens": ids})
