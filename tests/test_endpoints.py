@@ -9,8 +9,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import yaml
 
-from tests.conftest import MESSAGES, sdk, tiny_model
+from tests.conftest import MESSAGES, chat, processes_with, sdk, tiny_model
+from tests.test_ollama import OLLAMA, PULLED
 from tests.test_operations import slow_llama_server
 
 pytestmark = pytest.mark.integration
@@ -215,3 +217,43 @@ def test_unlisted_models_are_routable_and_aliases_can_be_listed(swapper_factory:
     reply = client.chat.completions.create(model="h", messages=MESSAGES, max_tokens=1)
     assert reply.model == "hidden"
     assert swapper.model("hidden")["status"] == "LOADED"
+
+
+def test_an_endpoint_ollama_lacks_is_404_and_starts_nothing(swapper_factory: Any) -> None:
+    models = {
+        "tiny-a": tiny_model(swapper_factory.workdir),
+        # swapper runs this (fake) `ollama serve` itself when the model loads.
+        "qwen": {"backend": "ollama", "model": "qwen3:8b", "serve": True, "binary": OLLAMA},
+    }
+    swapper = swapper_factory(models=models, env={"FAKE_OLLAMA_MODELS": PULLED})
+    assert chat(swapper, "tiny-a").status_code == 200  # the resident model
+    for path, body in [
+        ("/v1/responses", {"model": "qwen", "input": "hi"}),
+        ("/v1/rerank", {"model": "qwen", "query": "q", "documents": ["d"]}),
+        ("/tokenize", {"model": "qwen", "content": "hi"}),
+    ]:
+        refused = swapper.http.post(path, json=body)
+        assert refused.status_code == 404
+        error = refused.json()["error"]
+        assert error["code"] == "endpoint_not_supported"
+        assert "'qwen'" in error["message"] and path in error["message"]
+    status = swapper.status()["models"]
+    assert status["qwen"]["status"] == "UNLOADED" and status["qwen"]["pid"] is None
+    assert status["tiny-a"]["status"] == "LOADED"  # nothing was evicted for it
+    assert processes_with(OLLAMA) == []
+    # What Ollama does serve still loads it.
+    assert chat(swapper, "qwen").status_code == 200
+    assert processes_with(OLLAMA) != []
+
+
+def test_a_reload_updates_the_model_list(swapper_factory: Any) -> None:
+    workdir = swapper_factory.workdir
+    swapper = swapper_factory(models={"m": tiny_model(workdir, aliases=["m1"])})
+    assert [m["id"] for m in swapper.http.get("/v1/models").json()["data"]] == ["m"]
+    config = yaml.safe_load(swapper.config_path.read_text())
+    config["server"]["list_aliases"] = True
+    config["models"]["n"] = tiny_model(workdir, "b", unlisted=True)
+    swapper.config_path.write_text(yaml.safe_dump(config))
+    assert swapper.http.post("/admin/reload").status_code == 200
+    assert [m["id"] for m in swapper.http.get("/v1/models").json()["data"]] == ["m", "m1"]
+    assert swapper.http.get("/v1/models/n").json()["status"] == "UNLOADED"
