@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
@@ -192,6 +192,12 @@ class TimeoutSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
                 raise ValueError(f"{name}: must be a number > 0")
 
 
+#: An environment variable's name, as a process environment can hold it: no "=", no NUL.
+_EnvName = Annotated[str, msgspec.Meta(pattern=r"^[^=\x00]+$")]
+#: An environment variable's value: anything but NUL (YAML numbers must be quoted: "0").
+_EnvValue = Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$")]
+
+
 class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Keys every model entry has; each backend extends this with its own keys."""
 
@@ -204,6 +210,8 @@ class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     vram_mb: float | None = None
     #: Evicted last (multi-active). None: pinned when it is the default_model.
     pinned: bool | None = None
+    #: Variables set in the backend process's environment, on top of swapper's own.
+    env: dict[_EnvName, _EnvValue] = {}
 
 
 class _RawModelEntry(msgspec.Struct, frozen=True):
