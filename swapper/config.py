@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import msgspec
 import yaml
@@ -192,12 +192,6 @@ class TimeoutSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
                 raise ValueError(f"{name}: must be a number > 0")
 
 
-#: An environment variable's name, as a process environment can hold it: no "=", no NUL.
-_EnvName = Annotated[str, msgspec.Meta(pattern=r"^[^=\x00]+$")]
-#: An environment variable's value: anything but NUL (YAML numbers must be quoted: "0").
-_EnvValue = Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$")]
-
-
 class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Keys every model entry has; each backend extends this with its own keys."""
 
@@ -211,7 +205,7 @@ class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     #: Evicted last (multi-active). None: pinned when it is the default_model.
     pinned: bool | None = None
     #: Variables set in the backend process's environment, on top of swapper's own.
-    env: dict[_EnvName, _EnvValue] = {}
+    env: dict[str, str] = {}
 
 
 class _RawModelEntry(msgspec.Struct, frozen=True):
@@ -356,6 +350,14 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
         vram = models[model_id].vram_mb
         if vram is not None and not (math.isfinite(vram) and vram >= 0):
             raise ConfigError(f"{source}: {where}.vram_mb: must be a number >= 0")
+        for name, value in models[model_id].env.items():
+            if not name or "=" in name or "\x00" in name:
+                raise ConfigError(
+                    f"{source}: {where}.env: {name!r} cannot name an environment variable "
+                    "(it must be non-empty, without '=' or NUL)"
+                )
+            if "\x00" in value:
+                raise ConfigError(f"{source}: {where}.env.{name}: a value cannot hold NUL")
         for index, alias in enumerate(models[model_id].aliases):
             if not _valid_name(alias):
                 raise ConfigError(
