@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -250,3 +251,20 @@ async def test_a_backend_error_fails_the_load_with_the_plugins_message(
         assert coordinator.status().models["t"].last_error == "load failed: refused: no GPU for you"
     finally:
         await coordinator.close()
+
+
+def test_the_documented_plugin_example_registers_and_builds_its_command(tmp_path: Path) -> None:
+    docs = (Path(__file__).parent.parent / "docs" / "backends.md").read_text()
+    section = docs.split("## Writing a backend plugin", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert code is not None, "docs/backends.md lost its plugin example"
+    namespace: dict[str, Any] = {"__name__": "docs_example"}
+    exec(compile(code.group(1), "docs/backends.md", "exec"), namespace)
+    registry = load_backends(_plugin(namespace["MyBackend"]))
+    config = parse_config(
+        {"models": {"m": {"backend": "mine", "binary": "/bin/srv", "model_path": "/m.bin"}}},
+        "docs.yaml",
+        registry.schemas(),
+    )
+    backend = registry.backends["mine"]("m", config.models["m"], BackendSettings())
+    assert backend.command(7) == ["/bin/srv", "--model", "/m.bin", "--port", "7"]
