@@ -163,6 +163,9 @@ def test_a_swap_unloads_from_ollama_before_the_next_model_loads(
     # "llama3.2" is "llama3.2:latest" to Ollama; the client still sees swapper's id.
     assert answer.model == "llama"
     assert answer.choices[0].message.content == "ollama llama3.2:latest says: b"
+    # An Ollama swapper does not run (serve: false) is no process of swapper's: no pid, no port.
+    loaded = swapper.model("llama")
+    assert loaded["status"] == "LOADED" and loaded["pid"] is None and loaded["port"] is None
     # Single-active: qwen was unloaded (and gone from /api/ps) before llama loaded.
     assert list(ps(external_ollama)) == ["llama3.2:latest"]
     assert swapper.model("qwen")["status"] == "UNLOADED"
