@@ -202,6 +202,8 @@ class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     vram_mb: float | None = None
     #: Evicted last (multi-active). None: pinned when it is the default_model.
     pinned: bool | None = None
+    #: Variables set in the backend process's environment, on top of swapper's own.
+    env: dict[str, str] = {}
 
 
 class _RawModelEntry(msgspec.Struct, frozen=True):
@@ -275,6 +277,14 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
         vram = models[model_id].vram_mb
         if vram is not None and not (math.isfinite(vram) and vram >= 0):
             raise ConfigError(f"{source}: {where}.vram_mb: must be a number >= 0")
+        for name, value in models[model_id].env.items():
+            if not name or "=" in name or "\x00" in name:
+                raise ConfigError(
+                    f"{source}: {where}.env: {name!r} cannot name an environment variable "
+                    "(it must be non-empty, without '=' or NUL)"
+                )
+            if "\x00" in value:
+                raise ConfigError(f"{source}: {where}.env.{name}: a value cannot hold NUL")
         for index, alias in enumerate(models[model_id].aliases):
             if not _valid_name(alias):
                 raise ConfigError(
