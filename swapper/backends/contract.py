@@ -127,6 +127,12 @@ class Backend(abc.ABC):
         """
         return None
 
+    # (H5, issue 11: a seam for the ``openai`` backend's api_key.)
+    def upstream_headers(self) -> Mapping[str, str]:
+        """Headers every forwarded request carries to the backend (a remote server's
+        ``Authorization``); none by default. Never logged or shown."""
+        return {}
+
     def estimate_vram_mb(self, total_mb: float | None) -> float | None:
         """VRAM the model will take, in MiB, before anything was measured; None: unknown.
 

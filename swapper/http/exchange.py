@@ -32,6 +32,7 @@ from swapper.errors import (
 from swapper.http.logs import note_stream_error
 from swapper.http.rename import ModelRename
 from swapper.http.responses import JSON, GuardedStream, error_event
+from swapper.http.upload import StreamedUpload
 from swapper.scheduling.coordinator import Lease
 from swapper.scheduling.model_state import Waiter
 from swapper.upstream.client import UpstreamResponse, normalise_error
@@ -47,11 +48,15 @@ class Forward(msgspec.Struct, frozen=True):
     """What one OpenAI request asks for, as routed: sent to ``path`` of ``model_id``'s backend."""
 
     path: str
-    body: bytes
+    #: A JSON body, or a multipart upload relayed as it arrives (H5, issue 11).
+    body: bytes | StreamedUpload
     model_id: str
     #: The name the body gives: ``model_id`` or one of its aliases.
     requested: str
     stream: bool
+    #: The answer may be binary (audio): a 200 is relayed as it arrives, whatever its type,
+    #: and never renamed (H5, issue 11).
+    binary: bool = False
 
 
 async def unless_stopping(state: State, work: Awaitable[T]) -> T:
@@ -169,21 +174,34 @@ class Exchange:
             lease = await self._take_lease()
             rename = self._rename
             try:
-                body = (
-                    forward.body
-                    if rename is None
-                    else rename.request(forward.body, forward.requested)
-                )
-                upstream = self.upstream = await state.upstream.send(
-                    forward.model_id,
-                    lease.base_url,
-                    forward.path,
-                    body,
-                    keep_alive=not forward.stream,
-                    max_connections=lease.max_connections,
-                )
+                upload = forward.body
+                if isinstance(upload, StreamedUpload):  # (H5, issue 11: multipart uploads)
+                    if rename is not None and upload.model != rename.theirs:
+                        upload = upload.naming(rename.theirs)
+                    upstream = self.upstream = await state.upstream.send(
+                        forward.model_id,
+                        lease.base_url,
+                        forward.path,
+                        upload.chunks(),
+                        max_connections=lease.max_connections,
+                        content_type=upload.content_type,
+                        content_length=upload.length,
+                        headers=lease.upstream_headers,
+                    )
+                else:
+                    body = upload if rename is None else rename.request(upload, forward.requested)
+                    upstream = self.upstream = await state.upstream.send(
+                        forward.model_id,
+                        lease.base_url,
+                        forward.path,
+                        body,
+                        keep_alive=not forward.stream,
+                        max_connections=lease.max_connections,
+                        headers=lease.upstream_headers,
+                    )
                 state.metrics.ttfb.labels(forward.model_id).observe(time.perf_counter() - started)
-                if upstream.is_stream and upstream.status == 200:
+                relayed = upstream.is_stream or forward.binary
+                if relayed and upstream.status == 200:
                     self._unclosed = upstream  # the relay streams it; close() ends it
                     return
                 content = await upstream.read()  # (closes the response)
@@ -244,8 +262,8 @@ class Exchange:
         scope, lease, upstream = self._scope, self.lease, self._unclosed
         assert lease is not None and upstream is not None, "relay() of an exchange not streaming"
         rename = self._rename
-        if rename is not None and not rename.responses:
-            rename = None
+        if rename is not None and not (rename.responses and upstream.is_stream):
+            rename = None  # (binary answers, H5: never rewritten)
         chunks = upstream.iter_bytes()
         try:
             async for chunk in chunks if rename is None else rename.stream(chunks):

@@ -27,6 +27,7 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from swapper.backends.contract import Backend, BackendSettings
@@ -91,6 +92,11 @@ class Lease:
     def upstream_model(self) -> str | None:
         """The backend's own name for the model, when requests must be rewritten to it."""
         return self._model.backend.upstream_model()
+
+    @property
+    def upstream_headers(self) -> Mapping[str, str]:
+        """Headers the backend needs on every request (H5, issue 11: the ``openai`` api_key)."""
+        return self._model.backend.upstream_headers()
 
 
 class SwapCoordinator(ModelLifecycle):

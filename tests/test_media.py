@@ -1,0 +1,164 @@
+"""Audio and image endpoints through a real swapper, to ``command`` backends running the fake
+media server (``tests/fake_servers/openai_media``) as real subprocesses, with the openai SDK.
+
+The fake answers a transcription with the byte count and SHA-256 of the file it received, so a
+test proves the upload arrived unchanged; its speech and images are derived from the request,
+so the bytes can be compared. Its ``--model`` is the name it knows: any other is a 404, so a
+200 proves the ``upstream_model`` rename reached it (multipart included).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.conftest import FAKES, SwapperProcess, sdk
+
+pytestmark = pytest.mark.integration
+
+FAKE = str(FAKES / "openai_media")
+MB = 1024 * 1024
+
+
+def media(upstream: str | None = None, *args: str) -> dict[str, Any]:
+    """A ``command`` entry running the fake, knowing the model as ``upstream`` (else its id)."""
+    name = upstream or "${MODEL_ID}"
+    command = [sys.executable, FAKE, "--port", "${PORT}", "--model", name, *args]
+    entry: dict[str, Any] = {"backend": "command", "command": command}
+    if upstream is not None:
+        entry["upstream_model"] = upstream
+    return entry
+
+
+@pytest.fixture
+def swapper(swapper_factory: Callable[..., SwapperProcess]) -> SwapperProcess:
+    models = {
+        "whisper": {**media("base.en"), "aliases": ["stt"]},
+        "tts": media("kokoro"),
+        "painter": media("sd-turbo"),
+    }
+    return swapper_factory(
+        swapper={"mode": "multi-active", "max_concurrent_models": 3}, models=models
+    )
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def test_a_20_mb_transcription_is_relayed_unchanged_and_not_held(
+    swapper: SwapperProcess,
+) -> None:
+    client = sdk(swapper, timeout=120)
+    # Warm up: the model loaded and every code path of an upload run once.
+    warm = client.audio.transcriptions.create(model="whisper", file=("w.wav", b"RIFF" * 1000))
+    assert (
+        warm.text == f"model=base.en bytes=4000 sha256={hashlib.sha256(b'RIFF' * 1000).hexdigest()}"
+    )
+    audio = os.urandom(20 * MB)
+    before = memory_kib(swapper.proc.pid)
+    answer = client.audio.transcriptions.create(model="stt", file=("speech.wav", audio))
+    after = memory_kib(swapper.proc.pid)
+    # The fake saw the rewritten model name and the very bytes sent.
+    assert (
+        answer.text
+        == f"model=base.en bytes={len(audio)} sha256={hashlib.sha256(audio).hexdigest()}"
+    )
+    peak_growth_mb = (after["VmHWM"] - before["VmHWM"]) / 1024
+    print(
+        f"swapper RSS {before['VmRSS'] / 1024:.1f} -> {after['VmRSS'] / 1024:.1f} MiB, "
+        f"peak {before['VmHWM'] / 1024:.1f} -> {after['VmHWM'] / 1024:.1f} MiB "
+        f"(+{peak_growth_mb:.1f} MiB) for a 20 MiB upload"
+    )
+    # Held once would be +20 MiB, twice +40: relayed as it arrives, the peak barely moves.
+    assert peak_growth_mb < 10, f"swapper's peak RSS grew {peak_growth_mb:.1f} MiB"
+
+
+def test_translations_route_by_the_model_field_also_after_other_fields(
+    swapper: SwapperProcess,
+) -> None:
+    # Fields before the model part, and the model given by its alias.
+    files = [("language", (None, "de")), ("model", (None, "stt")), ("file", ("a.wav", b"abc"))]
+    response = swapper.http.post("/v1/audio/translations", files=files)
+    assert response.status_code == 200, response.text
+    digest = hashlib.sha256(b"abc").hexdigest()
+    assert response.json() == {"text": f"model=base.en bytes=3 sha256={digest}"}
+
+
+def test_bad_uploads_get_clear_openai_errors(swapper: SwapperProcess) -> None:
+    client = sdk(swapper)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.audio.transcriptions.create(model="nope", file=("a.wav", b"x"))
+    assert "nope" in missing.value.message
+    no_model = swapper.http.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"x")})
+    assert no_model.status_code == 400
+    assert no_model.json()["error"]["param"] == "model"
+    as_json = swapper.http.post("/v1/audio/transcriptions", json={"model": "whisper"})
+    assert as_json.status_code == 415
+    assert "multipart/form-data" in as_json.json()["error"]["message"]
+    # The model after a file bigger than swapper holds while looking for it.
+    late = [("file", ("a.wav", b"x" * (2 * MB))), ("model", (None, "whisper"))]
+    too_late = swapper.http.post("/v1/audio/transcriptions", files=late)
+    assert too_late.status_code == 400
+    assert "must come before the file" in too_late.json()["error"]["message"]
+
+
+def test_speech_streams_binary_audio_back(swapper: SwapperProcess) -> None:
+    client = sdk(swapper)
+    with client.audio.speech.with_streaming_response.create(
+        model="tts", voice="alloy", input="hello there"
+    ) as response:
+        assert response.headers["content-type"] == "audio/mpeg"
+        chunks = list(response.iter_bytes())
+    audio = b"".join(chunks)
+    block = hashlib.sha256(b"kokoro|hello there").digest()
+    assert len(audio) == 262144
+    assert audio == (block * (262144 // 32))
+    assert len(chunks) > 1  # relayed in pieces as they came, not one buffered body
+
+
+def test_images_generate_and_edit(swapper: SwapperProcess) -> None:
+    client = sdk(swapper)
+    generated = client.images.generate(model="painter", prompt="a red fox")
+    assert generated.data is not None
+    expected = hashlib.sha256(b"sd-turbo|a red fox").digest()
+    assert base64.b64decode(generated.data[0].b64_json or "") == expected
+    image = os.urandom(300_000)
+    edited = client.images.edit(model="painter", image=("in.png", image), prompt="make it blue")
+    assert edited.data is not None
+    assert (
+        base64.b64decode(edited.data[0].b64_json or "")
+        == hashlib.sha256(image + b"make it blue").digest()
+    )
+
+
+def test_a_backend_error_comes_back_in_openai_shape(
+    swapper_factory: Callable[..., SwapperProcess],
+) -> None:
+    # The fake knows only "other": the request names "whisper" (no upstream_model), so the
+    # backend answers 404, relayed as OpenAI's error.
+    entry = {
+        "backend": "command",
+        "command": [sys.executable, FAKE, "--port", "${PORT}", "--model", "other"],
+    }
+    swapper = swapper_factory(models={"whisper": entry})
+    response = swapper.http.post(
+        "/v1/audio/transcriptions", files=[("model", (None, "whisper")), ("file", ("a", b"1"))]
+    )
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+    assert "whisper" in response.json()["error"]["message"]
