@@ -13,13 +13,15 @@ import base64
 import hashlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
+from swapper.errors import BackendUnreachable, InvalidRequest
+from swapper.http.upload import StreamedUpload, read_upload
 from tests.conftest import FAKES, SwapperProcess, sdk
 
 pytestmark = pytest.mark.integration
@@ -163,3 +165,54 @@ def test_a_backend_error_comes_back_in_openai_shape(
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "model_not_found"
     assert "whisper" in response.json()["error"]["message"]
+
+
+# -- the multipart reader, in-process: chunk edges, renames, a second send -------------------------
+
+
+def multipart_body(parts: list[tuple[str, bytes]], boundary: str = "b0und4ry") -> bytes:
+    out = b""
+    for name, value in parts:
+        filename = '; filename="f.wav"' if name == "file" else ""
+        out += (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"{filename}\r\n'.encode()
+        )
+        out += b"\r\n" + value + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+async def pieces(body: bytes, size: int) -> AsyncIterator[bytes]:
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+async def sent(upload: StreamedUpload) -> bytes:
+    return b"".join([chunk async for chunk in upload.chunks()])
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 1 << 20])
+@pytest.mark.anyio
+async def test_the_model_part_is_found_across_any_chunk_edges(size: int) -> None:
+    audio = os.urandom(5000)
+    body = multipart_body([("language", b"en"), ("model", b"stt"), ("file", audio)])
+    content_type = 'multipart/form-data; boundary="b0und4ry"'
+    upload = await read_upload(pieces(body, size), content_type, len(body))
+    assert upload.model == "stt"
+    renamed = upload.naming("base.en")
+    expected = multipart_body([("language", b"en"), ("model", b"base.en"), ("file", audio)])
+    assert renamed.length == len(expected)
+    assert await sent(renamed) == expected
+    # Its bytes went out once; neither it nor the original can be sent again.
+    for again in (renamed, upload):
+        with pytest.raises(BackendUnreachable):
+            await sent(again)
+
+
+@pytest.mark.anyio
+async def test_an_upload_without_a_model_part_is_refused() -> None:
+    body = multipart_body([("file", b"abc")])
+    with pytest.raises(InvalidRequest) as raised:
+        await read_upload(pieces(body, 3), "multipart/form-data; boundary=b0und4ry", None)
+    assert raised.value.param == "model"
+    with pytest.raises(InvalidRequest, match="no boundary"):
+        await read_upload(pieces(body, 3), "multipart/form-data", None)

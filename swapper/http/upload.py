@@ -25,20 +25,31 @@ _NAME = re.compile(rb'(?:^|;)\s*name="([^"]*)"', re.IGNORECASE)
 _DISPOSITION = b"content-disposition:"
 
 
+class _Rest:
+    """The part of the body not yet received; shared by an upload and its renamed copies, so
+    that none of them is ever sent after another began (the bytes sent are gone)."""
+
+    __slots__ = ("chunks", "taken")
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self.chunks = chunks
+        self.taken = False
+
+
 class StreamedUpload:
     """A multipart body being received: its head, held, then the rest as it arrives.
 
     It can be sent once: the rest of the stream is not kept.
     """
 
-    __slots__ = ("_head", "_rest", "_sent", "_span", "content_type", "length", "model")
+    __slots__ = ("_head", "_rest", "_span", "content_type", "length", "model")
 
     def __init__(
         self,
         content_type: str,
         head: bytes,
         span: tuple[int, int],
-        rest: AsyncIterator[bytes],
+        rest: AsyncIterator[bytes] | _Rest,
         length: int | None,
     ) -> None:
         #: The client's Content-Type, boundary included.
@@ -47,8 +58,7 @@ class StreamedUpload:
         self.length = length
         self._head = head
         self._span = span
-        self._rest = rest
-        self._sent = False
+        self._rest = rest if isinstance(rest, _Rest) else _Rest(rest)
         #: The ``model`` field's value.
         self.model = head[span[0] : span[1]].decode("utf-8", "replace")
 
@@ -58,19 +68,19 @@ class StreamedUpload:
         value = model.encode()
         head = self._head[:start] + value + self._head[end:]
         length = None if self.length is None else self.length + len(value) - (end - start)
-        renamed = StreamedUpload(
+        return StreamedUpload(
             self.content_type, head, (start, start + len(value)), self._rest, length
         )
-        return renamed
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The head, then the rest of the body as the client sends it."""
-        if self._sent:
+        rest = self._rest
+        if rest.taken:
             # The backend dropped the connection mid-upload: what was sent is gone.
             raise BackendUnreachable("the upload was cut off and cannot be sent again")
-        self._sent = True
+        rest.taken = True
         yield self._head
-        async for chunk in self._rest:
+        async for chunk in rest.chunks:
             if chunk:
                 yield chunk
 
