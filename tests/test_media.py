@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 
 from swapper.errors import BackendUnreachable, InvalidRequest
 from swapper.http.upload import StreamedUpload, read_upload
-from tests.conftest import FAKES, SwapperProcess, sdk
+from tests.conftest import FAKES, SwapperProcess, sdk, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -165,6 +166,31 @@ def test_a_backend_error_comes_back_in_openai_shape(
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "model_not_found"
     assert "whisper" in response.json()["error"]["message"]
+
+
+def test_a_client_that_leaves_mid_upload_frees_the_model(swapper: SwapperProcess) -> None:
+    client = sdk(swapper)
+    client.audio.transcriptions.create(model="whisper", file=("w.wav", b"warm"))
+    head = (
+        b'--xyz\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper\r\n'
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+    )
+    with socket.create_connection(("127.0.0.1", swapper.port)) as sock:
+        sock.sendall(
+            b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: multipart/form-data; boundary=xyz\r\n"
+            + f"Content-Length: {10 * MB}\r\n\r\n".encode()
+            + head
+            + b"\0" * MB
+        )
+        # The request reached the backend: it is in flight there.
+        wait_until(lambda: swapper.model("whisper")["in_flight"] == 1, 30, "the upload in flight")
+    wait_until(lambda: swapper.model("whisper")["in_flight"] == 0, 30, "the lease given back")
+    answer = client.audio.transcriptions.create(model="whisper", file=("b.wav", b"after"))
+    assert answer.text.startswith("model=base.en bytes=5 ")
+    assert "POST /v1/audio/transcriptions 499 model=whisper" in swapper.output()
+    assert "Traceback" not in swapper.output()
+    assert "unhandled error" not in swapper.output()
 
 
 # -- the multipart reader, in-process: chunk edges, renames, a second send -------------------------

@@ -61,13 +61,17 @@ def _json_model(request: Request[Any, Any, State], body: bytes) -> str:
     return model
 
 
+class _ClientLeft(Exception):
+    """The client disconnected before its upload was complete."""
+
+
 async def _received(request: Request[Any, Any, State]) -> AsyncIterator[bytes]:
-    """The request body as it arrives; a client that leaves mid-upload is a clear 400."""
+    """The request body as it arrives."""
     try:
         async for chunk in request.stream():
             yield chunk
     except InternalServerException:  # Litestar's word for an http.disconnect mid-body
-        raise InvalidRequest("The client disconnected during the upload") from None
+        raise _ClientLeft from None
 
 
 async def _until_disconnect(request: Request[Any, Any, State]) -> None:
@@ -123,11 +127,18 @@ async def _forward_upload(request: Request[Any, Any, State], path: str) -> Respo
         length = int(declared) if declared is not None else None
     except ValueError:
         raise InvalidRequest("Content-Length is not a number") from None
-    upload = await read_upload(_received(request), request.headers.get("content-type", ""), length)
-    model_id = state.coordinator.resolve(upload.model)
-    note_model(request.scope, model_id)
-    forward = Forward(path, upload, model_id, upload.model, False)
-    return await _exchange(request, forward, body_read=False)
+    try:
+        upload = await read_upload(
+            _received(request), request.headers.get("content-type", ""), length
+        )
+        model_id = state.coordinator.resolve(upload.model)
+        note_model(request.scope, model_id)
+        forward = Forward(path, upload, model_id, upload.model, False)
+        return await _exchange(request, forward, body_read=False)
+    except _ClientLeft:
+        # The exchange was closed on the way out (lease given back, backend connection cut).
+        logger.info("client went away during an upload to %s", path)
+        return Response(b"", status_code=499)
 
 
 @post("/v1/audio/transcriptions", guards=[require_key], status_code=200)
