@@ -6,6 +6,7 @@ checking ``Authorization: Bearer <key>`` as OpenAI-compatible servers started wi
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -173,3 +174,15 @@ def test_bad_entries_name_the_key(tmp_path: Path, extra: dict[str, Any], error: 
     with pytest.raises(ConfigError) as raised:
         load_config(str(path), load_backends().schemas())
     assert error in str(raised.value)
+
+
+def test_uploads_and_audio_carry_the_key_and_the_servers_name(
+    swapper_factory: Callable[..., SwapperProcess], remote: Remote
+) -> None:
+    swapper = swapper_factory(models={"big-remote": entry(remote, api_key=KEY)})
+    client = sdk(swapper)
+    audio = b"\x01\x02" * 50_000
+    text = client.audio.transcriptions.create(model="big-remote", file=("a.wav", audio)).text
+    assert text == f"model={UPSTREAM} bytes={len(audio)} sha256={hashlib.sha256(audio).hexdigest()}"
+    speech = client.audio.speech.create(model="big-remote", voice="alloy", input="hi").read()
+    assert speech[:32] == hashlib.sha256(f"{UPSTREAM}|hi".encode()).digest()
