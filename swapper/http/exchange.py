@@ -32,7 +32,7 @@ from swapper.errors import (
 from swapper.http.logs import note_stream_error
 from swapper.http.rename import ModelRename
 from swapper.http.responses import JSON, GuardedStream, error_event
-from swapper.http.upload import StreamedUpload
+from swapper.http.upload import StreamedUpload, outgoing_body
 from swapper.scheduling.coordinator import Lease
 from swapper.scheduling.model_state import Waiter
 from swapper.upstream.client import UpstreamResponse, normalise_error
@@ -174,31 +174,18 @@ class Exchange:
             lease = await self._take_lease()
             rename = self._rename
             try:
-                upload = forward.body
-                if isinstance(upload, StreamedUpload):  # (H5, issue 11: multipart uploads)
-                    if rename is not None and upload.model != rename.theirs:
-                        upload = upload.naming(rename.theirs)
-                    upstream = self.upstream = await state.upstream.send(
-                        forward.model_id,
-                        lease.base_url,
-                        forward.path,
-                        upload.chunks(),
-                        max_connections=lease.max_connections,
-                        content_type=upload.content_type,
-                        content_length=upload.length,
-                        headers=lease.upstream_headers,
-                    )
-                else:
-                    body = upload if rename is None else rename.request(upload, forward.requested)
-                    upstream = self.upstream = await state.upstream.send(
-                        forward.model_id,
-                        lease.base_url,
-                        forward.path,
-                        body,
-                        keep_alive=not forward.stream,
-                        max_connections=lease.max_connections,
-                        headers=lease.upstream_headers,
-                    )
+                body, content_type, length = outgoing_body(forward.body, rename, forward.requested)
+                upstream = self.upstream = await state.upstream.send(
+                    forward.model_id,
+                    lease.base_url,
+                    forward.path,
+                    body,
+                    keep_alive=not forward.stream,
+                    max_connections=lease.max_connections,
+                    content_type=content_type,
+                    content_length=length,
+                    headers=lease.upstream_headers,
+                )
                 state.metrics.ttfb.labels(forward.model_id).observe(time.perf_counter() - started)
                 relayed = upstream.is_stream or forward.binary
                 if relayed and upstream.status == 200:

@@ -14,8 +14,9 @@ import re
 from collections.abc import AsyncIterator
 
 from swapper.errors import BackendUnreachable, InvalidRequest, UnsupportedMediaType
+from swapper.http.rename import ModelRename
 
-__all__ = ["HEAD_LIMIT", "StreamedUpload", "read_upload"]
+__all__ = ["HEAD_LIMIT", "StreamedUpload", "outgoing_body", "read_upload"]
 
 #: The most of a body held while looking for its ``model`` part.
 HEAD_LIMIT = 1024 * 1024
@@ -151,3 +152,16 @@ async def read_upload(
     if delimiter not in buffer:
         raise InvalidRequest("The request body is not multipart/form-data with its boundary")
     raise InvalidRequest("You must provide a model parameter", param="model")
+
+
+def outgoing_body(
+    body: bytes | StreamedUpload, rename: ModelRename | None, requested: str
+) -> tuple[bytes | AsyncIterator[bytes], str, int | None]:
+    """What to send the backend for a request body: the bytes or chunks naming the backend's
+    model, their Content-Type and their length (None: unknown, sent chunked)."""
+    if isinstance(body, bytes):
+        sent = body if rename is None else rename.request(body, requested)
+        return sent, "application/json", len(sent)
+    if rename is not None and body.model != rename.theirs:
+        body = body.naming(rename.theirs)
+    return body.chunks(), body.content_type, body.length
