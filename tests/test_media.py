@@ -14,7 +14,7 @@ import hashlib
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +191,30 @@ def test_a_client_that_leaves_mid_upload_frees_the_model(swapper: SwapperProcess
     assert "POST /v1/audio/transcriptions 499 model=whisper" in swapper.output()
     assert "Traceback" not in swapper.output()
     assert "unhandled error" not in swapper.output()
+
+
+def test_an_upload_over_max_request_bytes_is_a_413(
+    swapper_factory: Callable[..., SwapperProcess],
+) -> None:
+    swapper = swapper_factory(server={"max_request_bytes": MB}, models={"whisper": media()})
+    with pytest.raises(openai.APIStatusError) as declared:
+        sdk(swapper).audio.transcriptions.create(model="whisper", file=("a.wav", b"x" * 2 * MB))
+    assert declared.value.status_code == 413
+    # Sent chunked, with no length to refuse up front: cut off once past the limit.
+    body = multipart_body([("model", b"whisper"), ("file", b"x" * 2 * MB)])
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(body), 65536):
+            yield body[start : start + 65536]
+
+    streamed = swapper.http.post(
+        "/v1/audio/transcriptions",
+        content=chunks(),
+        headers={"Content-Type": "multipart/form-data; boundary=b0und4ry"},
+    )
+    assert streamed.status_code == 413
+    assert streamed.json()["error"]["type"] == "invalid_request_error"
+    assert "Traceback" not in swapper.output()
 
 
 # -- the multipart reader, in-process: chunk edges, renames, a second send -------------------------
