@@ -29,9 +29,9 @@ def readme_plugin(tmp_path: Path) -> ModuleType:
     section = readme.split("## Write your own backend", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.DOTALL)
     assert code is not None, "the README lost its plugin example"
-    path = tmp_path / "swapper_command.py"
+    path = tmp_path / "swapper_myserver.py"
     path.write_text(code.group(1))
-    spec = importlib.util.spec_from_file_location("swapper_command", path)
+    spec = importlib.util.spec_from_file_location("swapper_myserver", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -48,7 +48,7 @@ async def client(
             "swapper": {"gpu_enabled": False, "model_swap_timeout": 30, "stop_timeout": 5},
             "models": {
                 "my-model": {
-                    "backend": "command",
+                    "backend": "myserver",
                     "command": [
                         llama_server,
                         "-m",
@@ -74,10 +74,10 @@ async def client(
 
 def test_readme_plugin_registers_its_backend(readme_plugin: ModuleType) -> None:
     registry = load_backends(readme_plugin)
-    assert {"llamacpp", "command"} <= set(registry.backends)
-    assert registry.backends["command"].__module__ == "swapper_command"
+    assert {"llamacpp", "myserver"} <= set(registry.backends)
+    assert registry.backends["myserver"].__module__ == "swapper_myserver"
     with pytest.raises(ConfigError, match=r"\$\.models\.m\.command: required key is missing"):
-        parse_config({"models": {"m": {"backend": "command"}}}, "x.yaml", registry.schemas())
+        parse_config({"models": {"m": {"backend": "myserver"}}}, "x.yaml", registry.schemas())
 
 
 async def test_readme_plugin_serves_a_chat(client: AsyncTestClient[Any]) -> None:
@@ -87,5 +87,5 @@ async def test_readme_plugin_serves_a_chat(client: AsyncTestClient[Any]) -> None
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["role"] == "assistant"
     status = (await client.get("/status")).json()["models"]["my-model"]
-    assert status["status"] == "LOADED" and status["backend"] == "command"
+    assert status["status"] == "LOADED" and status["backend"] == "myserver"
     assert status["pid"] is not None
