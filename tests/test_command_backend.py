@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from swapper_command import CommandBackend, CommandModel
 
@@ -55,6 +56,30 @@ def test_port_and_model_id_are_substituted_and_ready_is_the_entry_path(
     argv = cmdline(model["pid"])
     assert argv[argv.index("--port") + 1] == str(model["port"])
     assert argv[argv.index("--model") + 1] == "whisper"
+
+
+def test_the_servers_name_is_used_upstream_and_swappers_id_comes_back(
+    swapper_factory: Callable[..., SwapperProcess],
+) -> None:
+    models = {"chat": served("--model", "tiny.gguf", upstream_model="tiny.gguf")}
+    client = sdk(swapper_factory(models=models))
+    messages: Any = [{"role": "user", "content": "hi"}]
+    answer = client.chat.completions.create(model="chat", messages=messages)
+    assert (answer.model, answer.choices[0].message.content) == ("chat", "model=tiny.gguf")
+    chunks = list(client.chat.completions.create(model="chat", messages=messages, stream=True))
+    assert {chunk.model for chunk in chunks} == {"chat"}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "model=tiny.gguf"
+
+
+def test_a_missing_program_is_refused_before_anything_starts(
+    swapper_factory: Callable[..., SwapperProcess], tmp_path: Path
+) -> None:
+    missing = str(tmp_path / "whisper-server")
+    swapper = swapper_factory(models={"w": {"backend": "command", "command": [missing, "${PORT}"]}})
+    with pytest.raises(openai.APIStatusError) as raised:
+        sdk(swapper).chat.completions.create(model="w", messages=[{"role": "user", "content": "x"}])
+    assert raised.value.status_code == 503
+    assert f"command {missing!r} does not exist" in raised.value.message
 
 
 def test_a_crash_is_noticed_with_the_exit_status(

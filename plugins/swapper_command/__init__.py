@@ -14,7 +14,12 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from swapper.backends.contract import Backend, BackendHandle, SubprocessBackend
+from swapper.backends.contract import (
+    Backend,
+    BackendHandle,
+    SubprocessBackend,
+    executable_problem,
+)
 from swapper.backends.hookspecs import hookimpl
 from swapper.config import ModelEntry
 
@@ -95,6 +100,10 @@ class CommandBackend(SubprocessBackend):
     def upstream_model(self) -> str | None:
         """``upstream_model`` when the server knows the model by another name."""
         return self.spec.upstream_model
+
+    async def preflight(self) -> str | None:
+        """The program (the command's first word) must be executable."""
+        return executable_problem("command", self.spec.command[0])
 
     def command(self, port: int) -> list[str]:
         """The entry's ``command``, substituted."""
