@@ -186,3 +186,22 @@ def test_uploads_and_audio_carry_the_key_and_the_servers_name(
     assert text == f"model={UPSTREAM} bytes={len(audio)} sha256={hashlib.sha256(audio).hexdigest()}"
     speech = client.audio.speech.create(model="big-remote", voice="alloy", input="hi").read()
     assert speech[:32] == hashlib.sha256(f"{UPSTREAM}|hi".encode()).digest()
+
+
+def test_the_fake_speaks_what_the_openai_sdk_expects(remote: Remote) -> None:
+    # The fake itself, with no swapper in between: the SDK parses each of its answers.
+    client = openai.OpenAI(base_url=f"{remote.url}/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list()] == [UPSTREAM]
+    text = client.audio.transcriptions.create(model=UPSTREAM, file=("a.wav", b"abc")).text
+    assert text == f"model={UPSTREAM} bytes=3 sha256={hashlib.sha256(b'abc').hexdigest()}"
+    image = client.images.generate(model=UPSTREAM, prompt="p").data
+    assert image is not None and image[0].b64_json
+    answer = client.chat.completions.create(
+        model=UPSTREAM, messages=[{"role": "user", "content": "x"}]
+    )
+    assert answer.choices[0].message.content == f"model={UPSTREAM}"
+    wrong = openai.OpenAI(base_url=f"{remote.url}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    with pytest.raises(openai.NotFoundError):
+        client.images.generate(model="other", prompt="p")
