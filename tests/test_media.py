@@ -217,6 +217,25 @@ def test_an_upload_over_max_request_bytes_is_a_413(
     assert "Traceback" not in swapper.output()
 
 
+def test_a_chunked_upload_is_relayed_chunked(swapper: SwapperProcess) -> None:
+    # No Content-Length from the client: none to forward, so the backend gets it chunked.
+    audio = os.urandom(3 * MB)
+    body = multipart_body([("model", b"whisper"), ("file", audio)])
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(body), 65536):
+            yield body[start : start + 65536]
+
+    response = swapper.http.post(
+        "/v1/audio/transcriptions",
+        content=chunks(),
+        headers={"Content-Type": "multipart/form-data; boundary=b0und4ry"},
+    )
+    assert response.status_code == 200, response.text
+    digest = hashlib.sha256(audio).hexdigest()
+    assert response.json() == {"text": f"model=base.en bytes={len(audio)} sha256={digest}"}
+
+
 # -- the multipart reader, in-process: chunk edges, renames, a second send -------------------------
 
 
