@@ -117,6 +117,11 @@ class OpenaiBackend(Backend):
             )
         return status == 200
 
+    async def measure_vram_mb(self, handle: BackendHandle) -> float | None:
+        """None of this machine's GPU memory is the model's own: placement charges it its
+        configured ``vram_mb`` (if any), never what others happened to allocate meanwhile."""
+        return 0.0
+
     async def stop(self, handle: BackendHandle) -> None:
         """Nothing runs here: the slot is simply given back."""
 
