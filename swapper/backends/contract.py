@@ -160,6 +160,11 @@ class Backend(abc.ABC, Generic[EntryT]):
         """
         return None
 
+    def upstream_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """Headers every forwarded request carries to the backend, as sent on the wire (a
+        remote server's ``Authorization``); none by default. Never logged or shown."""
+        return ()
+
     def estimate_vram_mb(self, total_mb: float | None) -> float | None:
         """VRAM the model will take, in MiB, before anything was measured; None: unknown.
 

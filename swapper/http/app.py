@@ -38,6 +38,7 @@ from swapper.http.dashboard import UI_HANDLERS
 from swapper.http.endpoints import ENDPOINT_HANDLERS
 from swapper.http.forwarding import OPENAI_HANDLERS
 from swapper.http.logs import request_id_middleware
+from swapper.http.media import MEDIA_HANDLERS
 from swapper.http.metrics import Metrics
 from swapper.http.openapi import list_model_names
 from swapper.http.responses import JSON, json_response
@@ -150,7 +151,13 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
 
     cors = config.server.cors_origins
     app = Litestar(
-        route_handlers=[*OPENAI_HANDLERS, *ENDPOINT_HANDLERS, *ADMIN_HANDLERS, *UI_HANDLERS],
+        route_handlers=[
+            *OPENAI_HANDLERS,
+            *ENDPOINT_HANDLERS,
+            *MEDIA_HANDLERS,
+            *ADMIN_HANDLERS,
+            *UI_HANDLERS,
+        ],
         lifespan=[lifespan],
         exception_handlers={Exception: _render_error},
         request_max_body_size=config.server.max_request_bytes,

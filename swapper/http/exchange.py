@@ -33,6 +33,7 @@ from swapper.http.anthropic import anthropic_error_body, anthropic_error_event
 from swapper.http.logs import note_stream_error
 from swapper.http.rename import ModelRename
 from swapper.http.responses import JSON, GuardedStream, error_event
+from swapper.http.upload import StreamedUpload, outgoing_body
 from swapper.scheduling.coordinator import Lease
 from swapper.scheduling.model_state import Waiter
 from swapper.upstream.client import UpstreamResponse, normalise_error
@@ -48,7 +49,8 @@ class Forward(msgspec.Struct, frozen=True):
     """What one OpenAI request asks for, as routed: sent to ``path`` of ``model_id``'s backend."""
 
     path: str
-    body: bytes
+    #: A JSON body, or a multipart upload relayed as it arrives.
+    body: bytes | StreamedUpload
     model_id: str
     #: The name the body gives: ``model_id`` or one of its aliases.
     requested: str
@@ -61,6 +63,9 @@ class Forward(msgspec.Struct, frozen=True):
     headers: tuple[tuple[bytes, bytes], ...] = ()
     #: False: the body goes to the backend as the client sent it (no rename, no shaping).
     rewrite: bool = True
+    #: The answer may be binary (audio): a 200 is relayed as it arrives, whatever its type,
+    #: and never renamed.
+    binary: bool = False
 
 
 async def unless_stopping(state: State, work: Awaitable[T]) -> T:
@@ -182,11 +187,7 @@ class Exchange:
             lease = await self._take_lease()
             rename = self._rename
             try:
-                body = (
-                    forward.body
-                    if rename is None
-                    else rename.request(forward.body, forward.requested)
-                )
+                body, content_type, length = outgoing_body(forward.body, rename, forward.requested)
                 upstream = self.upstream = await state.upstream.send(
                     forward.model_id,
                     lease.base_url,
@@ -195,10 +196,13 @@ class Exchange:
                     keep_alive=not forward.stream,
                     max_connections=lease.max_connections,
                     method=forward.method,
-                    headers=forward.headers,
+                    headers=(*forward.headers, *lease.upstream_headers),
+                    content_type=content_type,
+                    content_length=length,
                 )
                 state.metrics.ttfb.labels(forward.model_id).observe(time.perf_counter() - started)
-                if upstream.is_stream and upstream.status == 200:
+                relayed = upstream.is_stream or forward.binary
+                if relayed and upstream.status == 200:
                     self._unclosed = upstream  # the relay streams it; close() ends it
                     return
                 content = await upstream.read()  # (closes the response)
@@ -259,8 +263,8 @@ class Exchange:
         scope, lease, upstream = self._scope, self.lease, self._unclosed
         assert lease is not None and upstream is not None, "relay() of an exchange not streaming"
         rename = self._rename
-        if rename is not None and not rename.responses:
-            rename = None
+        if rename is not None and not (rename.responses and upstream.is_stream):
+            rename = None  # binary answers are never rewritten
         chunks = upstream.iter_bytes()
         try:
             async for chunk in chunks if rename is None else rename.stream(chunks):

@@ -92,6 +92,11 @@ class Lease:
         """The backend's own name for the model, when requests must be rewritten to it."""
         return self._model.backend.upstream_model()
 
+    @property
+    def upstream_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """Headers the backend needs on every request (the ``openai`` backend's api_key)."""
+        return self._model.backend.upstream_headers()
+
 
 class SwapCoordinator(ModelLifecycle):
     """Owns every model's state and decides what is resident."""
