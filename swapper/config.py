@@ -21,6 +21,7 @@ from swapper.errors import ConfigError
 __all__ = [
     "Config",
     "ModelEntry",
+    "PeerSettings",
     "ServerSettings",
     "SwapperSettings",
     "TimeoutSettings",
@@ -192,6 +193,45 @@ class TimeoutSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
                 raise ValueError(f"{name}: must be a number > 0")
 
 
+class PeerSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One entry of ``peers:``: another swapper whose models this one forwards requests to."""
+
+    #: The peer's root URL (``http://node2.lan:8890``, without ``/v1``).
+    url: str
+    #: Sent to the peer as ``Authorization: Bearer``; never shown in ``/status``, logs or errors.
+    api_key: str | None = None
+    #: The model ids routed to this peer; None: every model the peer lists.
+    models: list[str] | None = None
+    #: Seconds to wait for a connection to the peer.
+    timeout: float = 5.0
+    #: Seconds between two reads of the peer's model list while it is up.
+    refresh: float = 30.0
+
+    def __post_init__(self) -> None:
+        scheme, _, rest = self.url.partition("://")
+        if scheme not in ("http", "https") or not rest.strip("/") or rest.startswith("/"):
+            raise ValueError("url: must be an http:// or https:// URL with a host")
+        if "?" in rest or "#" in rest or "@" in rest:
+            raise ValueError("url: must be the peer's root, without query, fragment or user")
+        if self.api_key == "":
+            raise ValueError("api_key: must not be empty (leave it out for a peer without keys)")
+        for name in ("timeout", "refresh"):
+            if not _positive(getattr(self, name)):
+                raise ValueError(f"{name}: must be a number > 0")
+        if self.models is not None and any(not _valid_name(m) for m in self.models):
+            raise ValueError(
+                "models: a model id must be non-empty, printable, without spaces or '/'"
+            )
+
+    def __repr__(self) -> str:
+        # Never print the key, wherever a config ends up being logged.
+        key = "<hidden>" if self.api_key else None
+        return (
+            f"PeerSettings(url={self.url!r}, api_key={key}, models={self.models!r}, "
+            f"timeout={self.timeout}, refresh={self.refresh})"
+        )
+
+
 class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Keys every model entry has; each backend extends this with its own keys."""
 
@@ -223,6 +263,7 @@ class _RawConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     server: ServerSettings = ServerSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
     models: dict[str, dict[str, Any]] = {}
+    peers: dict[str, PeerSettings] = {}
 
 
 class Config(msgspec.Struct, frozen=True):
@@ -236,6 +277,8 @@ class Config(msgspec.Struct, frozen=True):
     #: Every name a client may send (ids and aliases) -> its model id; the one index, built
     #: (and checked for clashes) by parse_config.
     names: dict[str, str]
+    #: Other swappers, by the name their models are listed under (``owned_by``).
+    peers: dict[str, PeerSettings] = {}
 
     def resolve(self, name: str) -> str | None:
         """The model id that ``name`` (an id or an alias) refers to, or None."""
@@ -319,6 +362,12 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
         raise ConfigError(
             f"{source}: $.swapper.default_model: {default!r} is not a configured model"
         )
+    for peer in raw.peers:
+        if not _valid_name(peer):
+            raise ConfigError(
+                f"{source}: $.peers.{peer}: a peer name must be non-empty, printable, "
+                "without spaces or '/'"
+            )
     settings = raw.swapper
     if default is not None and names[default] != default:
         settings = msgspec.structs.replace(settings, default_model=names[default])
@@ -329,6 +378,7 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
         timeouts=raw.timeouts,
         models=models,
         names=names,
+        peers=raw.peers,
     )
 
 

@@ -174,9 +174,10 @@ class SwapperProcess:
         workdir: Path,
         llama_server: str,
         extra_env: dict[str, str] | None = None,
+        port: int | None = None,  # (added for tests/test_peers.py: peers name each other's port)
     ) -> None:
         self.workdir = workdir
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = workdir / "swapper.yaml"
         self.config_path.write_text(yaml.safe_dump(config))

@@ -21,7 +21,7 @@ from swapper.scheduling.coordinator import SwapCoordinator
 from swapper.scheduling.events import STOPPED, next_event
 from swapper.scheduling.snapshot import Snapshot
 
-__all__ = ["ADMIN_HANDLERS", "read_status", "status_document"]
+__all__ = ["ADMIN_HANDLERS", "peers_section", "read_status", "status_document"]
 
 #: Seconds of silence after which an SSE stream sends a comment, so proxies keep it open.
 _PING = 15.0
@@ -102,7 +102,14 @@ async def read_status(state: State) -> dict[str, Any]:
     snapshot: Snapshot = state.coordinator.status()
     pids = {mid: m.pid for mid, m in snapshot.models.items() if m.pid is not None}
     gpus, measured = await asyncio.to_thread(_read_gpu, state.gpu, pids)
-    return status_document(snapshot, gpus, measured)
+    return {**status_document(snapshot, gpus, measured), **peers_section(state)}
+
+
+def peers_section(state: State) -> dict[str, Any]:
+    """``/status``'s ``peers``: each peer up or down, its last error and models (never its key);
+    absent without peers."""
+    peers = state.get("peers")
+    return {"peers": peers.status()} if peers is not None and peers.peers else {}
 
 
 def _round(value: float | None) -> float | None:

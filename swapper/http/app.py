@@ -42,6 +42,7 @@ from swapper.http.media import MEDIA_HANDLERS
 from swapper.http.metrics import Metrics
 from swapper.http.openapi import list_model_names
 from swapper.http.responses import JSON, json_response
+from swapper.peers import PeerDirectory
 from swapper.scheduling.coordinator import SwapCoordinator
 from swapper.scheduling.placement import default_state_file
 from swapper.upstream.client import UpstreamClient
@@ -126,6 +127,9 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
         app.state.stopping = asyncio.Event()  # set when shutdown begins: streams end then
         app.state.loop = asyncio.get_running_loop()
         app.state.metrics = Metrics(coordinator, app.state.gpu)
+        peers = PeerDirectory(config.peers, read_timeout=config.timeouts.read)
+        app.state.peers = peers
+        peers.start()
         logger.info("Swapper Service initialized with %d models", len(config.models))
         loop = asyncio.get_running_loop()
         # No SIGHUP where signals cannot be had: Windows, or a server run outside the main thread.
@@ -145,6 +149,7 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
                 warmup.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await warmup
+            await peers.aclose()
             await coordinator.close()
             await upstream.aclose()
             logger.info("Swapper Service stopped; every backend is down")
@@ -227,6 +232,7 @@ async def _reload(app: Litestar, registry: BackendRegistry) -> dict[str, Any]:
             "server.allowed_hosts",
             "server.max_request_bytes",
             "timeouts",
+            "peers",
         )
         if _pick(old, name) != _pick(new, name)
     ]

@@ -9,6 +9,7 @@ shaped, and its ``/v1/models`` entry, to which only the live ``status`` is added
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -81,12 +82,16 @@ class Catalog:
                 f"{', '.join(sorted(served))}"
             )
 
-    def list_document(self, loads: dict[str, ModelLoad]) -> bytes:
-        """The ``/v1/models`` body: every listed model with its live status."""
+    def list_document(
+        self, loads: dict[str, ModelLoad], others: Sequence[dict[str, Any]] = ()
+    ) -> bytes:
+        """The ``/v1/models`` body: every listed model with its live status, then ``others``
+        (other swappers' entries) except those whose id names a model here: a local one wins."""
         data = [
             _with_status(self._entries[name], loads.get(model_id))
             for name, model_id in self._listed
         ]
+        data.extend(entry for entry in others if entry.get("id") not in self.names)
         return _ENCODE.encode({"object": "list", "data": data})
 
     def model_document(self, name: str, loads: dict[str, ModelLoad]) -> bytes:

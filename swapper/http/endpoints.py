@@ -20,6 +20,7 @@ from swapper.http.exchange import Forward
 from swapper.http.forwarding import forward_now, forward_request
 from swapper.http.logs import note_model
 from swapper.http.openapi import ModelOperation
+from swapper.http.peers import PeerForward, forward_to_peer, route_to_peer
 
 __all__ = ["ENDPOINT_HANDLERS"]
 
@@ -92,13 +93,24 @@ async def upstream(
     """The model's backend itself at ``rest`` (``/props``, ``/slots``, ``/metrics``...), loading
     it first; request and answer pass as they are. Only GET is open to plain API keys."""
     state = request.app.state
-    model_id = state.coordinator.resolve(name)
-    note_model(request.scope, model_id)
     query = request.scope.get("query_string", b"")
     path = rest + ("?" + query.decode("latin-1") if query else "")
     content_type = request.headers.get("content-type")
     headers = () if content_type is None else ((b"content-type", content_type.encode("latin-1")),)
     body = await request.body()
+    peer = route_to_peer(request, name)
+    if peer is not None:  # the peer's own /upstream/{name}/... (its keys decide the method)
+        onward = PeerForward(
+            f"/upstream/{name}{path}",
+            body,
+            name,
+            dialect="raw",
+            method=request.method,
+            headers=headers,
+        )
+        return await forward_to_peer(request, peer, onward)
+    model_id = state.coordinator.resolve(name)
+    note_model(request.scope, model_id)
     forward = Forward(
         path,
         body,

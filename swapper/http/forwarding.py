@@ -21,6 +21,7 @@ from swapper.http.exchange import Exchange, Forward
 from swapper.http.loading import loading_stream
 from swapper.http.logs import note_model
 from swapper.http.openapi import ChatOperation, CompletionOperation, EmbeddingOperation
+from swapper.http.peers import PeerForward, forward_to_peer, peer_model, peer_models, route_to_peer
 from swapper.http.responses import JSON
 
 __all__ = ["OPENAI_HANDLERS", "forward_now", "forward_request"]
@@ -36,6 +37,7 @@ class _Routing(msgspec.Struct):
 
 
 _ROUTING = msgspec.json.Decoder(_Routing)
+_ENCODE = msgspec.json.Encoder()
 
 
 def _route(body: bytes) -> _Routing:
@@ -100,9 +102,6 @@ async def forward_request(
     _check_content_type(request)
     body = await request.body()
     routing = _route(body)
-    model_id = state.coordinator.resolve(routing.model)
-    note_model(request.scope, model_id)
-    state.catalog.check_serves(model_id, endpoint or path)
     headers: tuple[tuple[bytes, bytes], ...] = ()
     if dialect == "anthropic":
         headers = tuple(
@@ -110,6 +109,14 @@ async def forward_request(
             for name in _ANTHROPIC_HEADERS
             if (value := request.headers.get(name)) is not None
         )
+    peer = route_to_peer(request, routing.model)
+    if peer is not None:  # another swapper's model: it loads it, queues and shapes it
+        stream = routing.stream is True
+        onward = PeerForward(path, body, routing.model, stream, dialect, headers=headers)
+        return await forward_to_peer(request, peer, onward)
+    model_id = state.coordinator.resolve(routing.model)
+    note_model(request.scope, model_id)
+    state.catalog.check_serves(model_id, endpoint or path)
     forward = Forward(
         path, body, model_id, routing.model, routing.stream is True, dialect, headers=headers
     )
@@ -177,15 +184,21 @@ async def embeddings(request: Request[Any, Any, State]) -> Response[Any]:
 
 
 @get("/v1/models", guards=[require_key])
-async def list_models(state: State) -> Response[bytes]:
-    """Every listed model, loaded or not, with its status; never triggers a load."""
-    document = state.catalog.list_document(state.coordinator.loads())
+async def list_models(request: Request[Any, Any, State]) -> Response[bytes]:
+    """Every listed model, loaded or not, with its status, then the peers' models (``owned_by``
+    the peer); never triggers a load."""
+    state = request.app.state
+    document = state.catalog.list_document(state.coordinator.loads(), peer_models(request))
     return Response(document, media_type=JSON)
 
 
 @get("/v1/models/{name:str}", guards=[require_key])
-async def retrieve_model(state: State, name: FromPath[str]) -> Response[bytes]:
-    """One model by id or alias (unlisted ones too), with its status; never triggers a load."""
+async def retrieve_model(request: Request[Any, Any, State], name: FromPath[str]) -> Response[bytes]:
+    """One model by id or alias (unlisted ones too; a peer's), with its status; never triggers
+    a load."""
+    state = request.app.state
+    if name not in state.catalog.names:
+        return Response(_ENCODE.encode(peer_model(request, name)), media_type=JSON)
     document = state.catalog.model_document(name, state.coordinator.loads())
     return Response(document, media_type=JSON)
 

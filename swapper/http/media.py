@@ -24,7 +24,8 @@ from swapper.errors import InvalidRequest, UnsupportedMediaType
 from swapper.http.access import require_key
 from swapper.http.exchange import Exchange, Forward
 from swapper.http.logs import note_model
-from swapper.http.upload import read_upload
+from swapper.http.peers import PeerForward, forward_to_peer, route_to_peer
+from swapper.http.upload import outgoing_body, read_upload
 
 __all__ = ["MEDIA_HANDLERS"]
 
@@ -114,6 +115,9 @@ async def _forward_json(
     state = request.app.state
     body = await request.body()
     requested = _json_model(request, body)
+    peer = route_to_peer(request, requested)
+    if peer is not None:
+        return await forward_to_peer(request, peer, PeerForward(path, body, requested))
     model_id = state.coordinator.resolve(requested)
     note_model(request.scope, model_id)
     state.catalog.check_serves(model_id, path)  # a 404 before anything loads
@@ -132,6 +136,18 @@ async def _forward_upload(request: Request[Any, Any, State], path: str) -> Respo
         upload = await read_upload(
             _received(request), request.headers.get("content-type", ""), length
         )
+        peer = route_to_peer(request, upload.model)
+        if peer is not None:
+            body, content_type, length = outgoing_body(upload, None, upload.model)
+            onward = PeerForward(
+                path,
+                body,
+                upload.model,
+                content_type=content_type,
+                content_length=length,
+                watch_disconnect=False,
+            )
+            return await forward_to_peer(request, peer, onward)
         model_id = state.coordinator.resolve(upload.model)
         note_model(request.scope, model_id)
         state.catalog.check_serves(model_id, path)  # a 404 before anything loads

@@ -110,6 +110,14 @@ class UpstreamResponse:
         """True when the backend answers with server-sent events."""
         return self.content_type.startswith("text/event-stream")
 
+    def header(self, name: bytes) -> bytes | None:
+        """The value of the response header ``name`` (lower case), or None."""
+        # (Added for swapper/http/peers.py: a peer's Retry-After is passed on to the client.)
+        for key, value in self._response.headers:
+            if key.lower() == name:
+                return value
+        return None
+
     async def read(self) -> bytes:
         """The whole body; the response is closed afterwards."""
         try:

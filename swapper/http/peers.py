@@ -1,0 +1,201 @@
+"""Requests for a peer's model: found in one place, forwarded as they are.
+
+Every route that reads a ``model`` asks :func:`route_to_peer` first; when it names a peer, the
+request goes there with :func:`forward_to_peer`: the body as the client sent it (uploads as
+they arrive), the answer relayed as the peer sends it (streams, with the peer's own loading
+comments, as the bytes arrive). The peer's key replaces the client's, and the hop header marks
+the request so that the peer never forwards it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.datastructures import State
+
+from swapper.errors import BackendFailure, ModelNotFound
+from swapper.http.anthropic import anthropic_error_event
+from swapper.http.logs import note_model, note_stream_error
+from swapper.http.responses import JSON, GuardedStream, error_event
+from swapper.peers.directory import HOP_HEADER, Peer
+from swapper.upstream.client import UpstreamResponse
+
+__all__ = ["PeerForward", "forward_to_peer", "peer_model", "peer_models", "route_to_peer"]
+
+logger = logging.getLogger("swapper")
+
+#: Headers of the peer's answer passed on to the client besides its Content-Type.
+_ANSWER_HEADERS = (b"retry-after", b"retry-after-ms", b"x-should-retry")
+
+
+class PeerForward(msgspec.Struct, frozen=True):
+    """A request to send a peer as it came: ``path`` there, this body, these headers."""
+
+    path: str
+    #: The JSON body, or an upload's chunks as they arrive.
+    body: bytes | AsyncIterable[bytes]
+    model: str
+    stream: bool = False
+    #: The shape of an error that breaks a stream: ``openai``, ``anthropic`` or ``raw``.
+    dialect: str = "openai"
+    method: str = "POST"
+    #: The client's headers the peer needs too (``anthropic-version``...).
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    #: An upload's Content-Type (with its boundary); None: JSON.
+    content_type: bytes | None = None
+    #: An upload's length; None: known from the body, or sent chunked.
+    content_length: int | None = None
+    #: The client's body is read: a client that leaves cancels the request. (While an upload
+    #: is relayed, its body stream notices that itself.)
+    watch_disconnect: bool = True
+
+
+def came_from_peer(request: Request[Any, Any, State]) -> bool:
+    """True for a request another swapper forwarded here."""
+    return HOP_HEADER in request.headers
+
+
+def route_to_peer(request: Request[Any, Any, State], name: str) -> Peer | None:
+    """The peer that serves the model ``name`` for this request, or None.
+
+    None when ``name`` is a local model (a local id or alias wins), when the request came from
+    a peer (never forwarded twice: a model no node has is a 404 at the second, not a loop), or
+    when no peer serves it. Every route calls this before resolving the model locally.
+    """
+    state = request.app.state
+    peers = state.get("peers")
+    if peers is None or not peers.peers or name in state.config.names:
+        return None
+    if came_from_peer(request):
+        return None
+    return peers.owner(name)  # type: ignore[no-any-return]  # (State is untyped)
+
+
+def peer_models(request: Request[Any, Any, State]) -> list[dict[str, Any]]:
+    """The peers' ``/v1/models`` entries for this request; none for one from a peer."""
+    state = request.app.state
+    peers = state.get("peers")
+    if peers is None or came_from_peer(request):
+        return []
+    return peers.entries(state.config.names)  # type: ignore[no-any-return]  # (State is untyped)
+
+
+def peer_model(request: Request[Any, Any, State], name: str) -> dict[str, Any]:
+    """The ``/v1/models/{name}`` entry of a peer's model; ModelNotFound if no peer lists it."""
+    for entry in peer_models(request):
+        if entry["id"] == name:
+            return entry
+    raise ModelNotFound(f"The model {name!r} does not exist")
+
+
+async def _until_disconnect(request: Request[Any, Any, State]) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _send(peer: Peer, forward: PeerForward) -> UpstreamResponse:
+    return await peer.client.send(
+        f"peer {peer.name}",
+        peer.base_url,
+        forward.path,
+        forward.body,
+        keep_alive=not forward.stream,
+        method=forward.method,
+        headers=(*forward.headers, *peer.headers()),
+        content_type=forward.content_type,
+        content_length=forward.content_length,
+    )
+
+
+async def forward_to_peer(
+    request: Request[Any, Any, State], peer: Peer, forward: PeerForward
+) -> Response[Any]:
+    """Send ``forward`` to ``peer`` and relay its answer: a 503 naming the peer, at once,
+    while it is known down; a 499 if the client leaves first."""
+    note_model(request.scope, forward.model)
+    if peer.up is False:
+        raise peer.unavailable()
+    opening = asyncio.ensure_future(_send(peer, forward))
+    waits: set[asyncio.Future[Any]] = {opening}
+    disconnect = (
+        asyncio.ensure_future(_until_disconnect(request)) if forward.watch_disconnect else None
+    )
+    if disconnect is not None:
+        waits.add(disconnect)
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if disconnect is not None:
+            disconnect.cancel()
+        if not opening.done():
+            opening.cancel()
+            await asyncio.gather(opening, return_exceptions=True)
+    if opening.cancelled():
+        logger.info(
+            "client went away; request for %s on peer %s cancelled", forward.model, peer.name
+        )
+        return Response(b"", status_code=499)
+    try:
+        upstream = opening.result()
+    except BackendFailure as exc:
+        # No byte came back: the peer is gone (or hung). Later requests hear it at once.
+        peer.mark_down(exc.message)
+        raise peer.unavailable(exc.message) from None
+    headers = _answer_headers(upstream)
+    if upstream.status == 404:
+        peer.wake.set()  # its model list may have changed: read it again now
+    if upstream.status == 200 and (upstream.is_stream or forward.stream):
+        stream = GuardedStream(
+            _relay(request, peer, forward, upstream),
+            upstream.aclose,
+            status=upstream.status,
+            media_type=upstream.content_type or JSON,
+        )
+        stream.headers.update(headers)
+        return stream
+    try:
+        content = await upstream.read()
+    except BackendFailure as exc:
+        peer.mark_down(exc.message)
+        raise peer.unavailable(exc.message) from None
+    return Response(
+        content,
+        status_code=upstream.status,
+        media_type=upstream.content_type or JSON,
+        headers=headers,
+    )
+
+
+def _answer_headers(upstream: UpstreamResponse) -> dict[str, str]:
+    found = {}
+    for name in _ANSWER_HEADERS:
+        value = upstream.header(name)
+        if value is not None:
+            found[name.decode()] = value.decode("latin-1")
+    return found
+
+
+async def _relay(
+    request: Request[Any, Any, State], peer: Peer, forward: PeerForward, upstream: UpstreamResponse
+) -> AsyncIterator[bytes]:
+    """The peer's bytes as they arrive; a peer that breaks off ends the stream with an error
+    event in the client's dialect."""
+    try:
+        async for chunk in upstream.iter_bytes():
+            yield chunk
+    except BackendFailure as exc:
+        message = f"The peer {peer.name!r} broke off the stream: {peer.scrub(exc.message)}"
+        logger.warning("%s", message)
+        if upstream.is_stream and forward.dialect != "raw":
+            note_stream_error(request.scope)
+            if forward.dialect == "anthropic":
+                yield anthropic_error_event(message)
+            else:
+                yield error_event(message, code="peer_unavailable")
+    finally:
+        await upstream.aclose()
