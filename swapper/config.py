@@ -263,7 +263,8 @@ class _RawConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     server: ServerSettings = ServerSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
     models: dict[str, dict[str, Any]] = {}
-    peers: dict[str, PeerSettings] = {}
+    #: Decoded entry by entry in parse_config, so that errors name the peer.
+    peers: dict[str, dict[str, Any]] = {}
 
 
 class Config(msgspec.Struct, frozen=True):
@@ -362,12 +363,18 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
         raise ConfigError(
             f"{source}: $.swapper.default_model: {default!r} is not a configured model"
         )
-    for peer in raw.peers:
+    peers: dict[str, PeerSettings] = {}
+    for peer, peer_entry in raw.peers.items():
+        where = f"$.peers.{peer}"
         if not _valid_name(peer):
             raise ConfigError(
-                f"{source}: $.peers.{peer}: a peer name must be non-empty, printable, "
+                f"{source}: {where}: a peer name must be non-empty, printable, "
                 "without spaces or '/'"
             )
+        try:
+            peers[peer] = msgspec.convert(peer_entry, PeerSettings)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{source}: {describe_validation_error(exc, where)}") from None
     settings = raw.swapper
     if default is not None and names[default] != default:
         settings = msgspec.structs.replace(settings, default_model=names[default])
@@ -378,7 +385,7 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
         timeouts=raw.timeouts,
         models=models,
         names=names,
-        peers=raw.peers,
+        peers=peers,
     )
 
 

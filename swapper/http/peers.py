@@ -77,12 +77,12 @@ def route_to_peer(request: Request[Any, Any, State], name: str) -> Peer | None:
 
 
 def peer_models(request: Request[Any, Any, State]) -> list[dict[str, Any]]:
-    """The peers' ``/v1/models`` entries for this request; none for one from a peer."""
-    state = request.app.state
-    peers = state.get("peers")
+    """The peers' ``/v1/models`` entries for this request (local ids included: the catalog
+    leaves those out); none for one from a peer."""
+    peers = request.app.state.get("peers")
     if peers is None or came_from_peer(request):
         return []
-    return peers.entries(state.config.names)  # type: ignore[no-any-return]  # (State is untyped)
+    return peers.entries()  # type: ignore[no-any-return]  # (State is untyped)
 
 
 def peer_model(request: Request[Any, Any, State], name: str) -> dict[str, Any]:

@@ -218,10 +218,10 @@ class PeerDirectory:
                 return peer
         return None
 
-    def entries(self, local: Mapping[str, str]) -> list[dict[str, Any]]:
-        """The peers' ``/v1/models`` entries, less the ids in ``local`` (a local model wins)
-        and ids an earlier peer already lists."""
-        seen = set(local)
+    def entries(self) -> list[dict[str, Any]]:
+        """The peers' ``/v1/models`` entries, less ids an earlier peer already lists (the
+        catalog leaves out those a local model has)."""
+        seen: set[str] = set()
         listed = []
         for peer in self.peers.values():
             for entry in peer.entries():
