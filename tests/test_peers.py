@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -300,3 +301,30 @@ def test_unknown_model_with_peers_is_still_a_404(
     )
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "model_not_found"
+
+
+def test_every_routed_endpoint_reaches_the_peer(
+    nodes: tuple[SwapperProcess, SwapperProcess],
+) -> None:
+    """Anthropic's Messages API, llama.cpp's own endpoints, the raw passthrough and an upload:
+    each through node1 to node2's model, answered as node2 answers it."""
+    node1, node2 = nodes
+    client = anthropic.Anthropic(base_url=node1.url, api_key=KEY1, max_retries=0)
+    message = client.messages.create(model="tiny-b", max_tokens=2, messages=MESSAGES)
+    assert message.type == "message" and message.model == "tiny-b"
+    body = {"model": "tiny-b", "content": "hello peers"}
+    via_peer = node1.http.post("/tokenize", json=body)
+    direct = node2.http.post("/tokenize", json=body)
+    assert via_peer.status_code == 200 and via_peer.content == direct.content
+    props = node1.http.get("/upstream/tiny-b/props")
+    assert (
+        props.status_code == 200 and props.json() == node2.http.get("/upstream/tiny-b/props").json()
+    )
+    # An upload is relayed to node2, which reads its model field and answers for its model.
+    files = [("model", (None, "tiny-b")), ("file", ("a.wav", b"RIFF" * 4096))]
+    upload = node1.http.post("/v1/audio/transcriptions", files=files)
+    assert upload.status_code == 404, upload.text
+    assert upload.json()["error"]["code"] == "endpoint_not_supported"
+    assert "'tiny-b'" in upload.json()["error"]["message"]
+    # node1's access log names the model it forwarded.
+    assert "POST /tokenize 200 model=tiny-b" in node1.output()
