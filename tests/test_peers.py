@@ -211,17 +211,21 @@ def _bare_config(port: int, peers: dict[str, Any]) -> dict[str, Any]:
 def test_two_nodes_that_route_a_model_to_each_other_never_loop(
     tmp_path: Path, llama_server: str
 ) -> None:
-    """Both route ``ghost`` to the other, and neither has it: a 404, at once."""
+    """Both route ``ghost`` to the other, and neither has it: a 404, at once. One stops and
+    comes back: the other notices both."""
     port1, port2 = free_port(), free_port()
     started: list[SwapperProcess] = []
+    configs: dict[str, dict[str, Any]] = {}
     try:
         for name, port, other in (("n1", port1, port2), ("n2", port2, port1)):
             workdir = tmp_path / name
             workdir.mkdir()
-            peers = {"other": {"url": f"http://127.0.0.1:{other}", "models": ["ghost"]}}
-            started.append(
-                SwapperProcess(_bare_config(port, peers), workdir, llama_server, port=port)
-            )
+            # refresh 1: a peer that is down is checked again every second
+            peers = {
+                "other": {"url": f"http://127.0.0.1:{other}", "models": ["ghost"], "refresh": 1}
+            }
+            configs[name] = _bare_config(port, peers)
+            started.append(SwapperProcess(configs[name], workdir, llama_server, port=port))
         for node in started:
             wait_until(
                 lambda node=node: node.status()["peers"]["other"]["up"],
@@ -239,6 +243,17 @@ def test_two_nodes_that_route_a_model_to_each_other_never_loop(
         # Each node saw the request once from a client and once from its peer, no more.
         for node in started:
             assert node.output().count("/v1/chat/completions") == 2, node.output()
+        # n2 stops: n1 says so; n2 comes back on its port: n1 notices and forwards again.
+        n1, n2 = started
+        n2.stop()
+        down = n1.http.post("/v1/chat/completions", json={"model": "ghost", "messages": MESSAGES})
+        assert down.status_code == 503 and "'other'" in down.json()["error"]["message"]
+        n2 = SwapperProcess(configs["n2"], tmp_path / "n2", llama_server, port=port2)
+        started.append(n2)
+        wait_until(lambda: n1.status()["peers"]["other"]["up"], seconds(30), "n1 to see n2 back up")
+        back = n1.http.post("/v1/chat/completions", json={"model": "ghost", "messages": MESSAGES})
+        assert back.status_code == 404
+        assert n2.output().count("POST /v1/chat/completions 404") == 1, n2.output()
     finally:
         for node in started:
             node.stop()
