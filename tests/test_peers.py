@@ -343,3 +343,39 @@ def test_every_routed_endpoint_reaches_the_peer(
     assert "'tiny-b'" in upload.json()["error"]["message"]
     # node1's access log names the model it forwarded.
     assert "POST /tokenize 200 model=tiny-b" in node1.output()
+
+
+def test_a_peer_that_refuses_the_key_is_down_with_the_reason_and_the_key_hidden(
+    tmp_path: Path, llama_server: str
+) -> None:
+    wrong = "wrong-key-0b5e77"
+    n2dir, n1dir = tmp_path / "n2", tmp_path / "n1"
+    n2dir.mkdir()
+    n1dir.mkdir()
+    n2_config = _bare_config(free_port(), {})
+    n2_config["server"]["api_keys"] = [KEY2]
+    n2 = SwapperProcess(n2_config, n2dir, llama_server, port=n2_config["server"]["port"])
+    try:
+        peers = {"n2": {"url": n2.url, "api_key": "${env:N2_KEY}", "models": ["far"]}}
+        n1 = SwapperProcess(
+            _bare_config(free_port(), peers), n1dir, llama_server, {"N2_KEY": wrong}
+        )
+        try:
+            status = wait_until(
+                lambda: (s := n1.status()["peers"]["n2"])["up"] is False and s,
+                seconds(30),
+                "n2 to be marked down",
+            )
+            assert status["last_error"] == "GET /v1/models answered HTTP 401"
+            response = n1.http.post(
+                "/v1/chat/completions", json={"model": "far", "messages": MESSAGES}
+            )
+            assert response.status_code == 503
+            assert "'n2'" in response.json()["error"]["message"]
+            assert "HTTP 401" in response.json()["error"]["message"]
+            for text in (n1.output(), n2.output(), n1.http.get("/status").text, response.text):
+                assert wrong not in text
+        finally:
+            n1.stop()
+    finally:
+        n2.stop()

@@ -32,6 +32,8 @@ logger = logging.getLogger("swapper")
 HOP_HEADER = "x-swapper-hop"
 #: Seconds between two checks of a peer that is down (at most its ``refresh``).
 DOWN_RETRY = 5.0
+#: Seconds between two checks of a peer at least, however often they are asked for.
+MIN_RECHECK = 1.0
 
 _DECODE = msgspec.json.Decoder()
 
@@ -202,14 +204,16 @@ class PeerDirectory:
     async def _watch(self, peer: Peer) -> None:
         while True:
             peer.wake.clear()
+            checked = time.monotonic()
             await peer.check()
             delay = max(0.0, peer.next_check - time.monotonic())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(peer.wake.wait(), delay)
-            if peer.up is False:
-                # Woken by a failure just recorded: check now, but never faster than the
-                # down interval while it stays down.
-                await asyncio.sleep(max(0.0, peer.next_check - time.monotonic()))
+            # Woken early (a forwarded request failed, or the peer did not know a model it was
+            # thought to have): check again now, but never more often than once a second, nor
+            # faster than the down interval while it is down.
+            soonest = peer.next_check if peer.up is False else checked + MIN_RECHECK
+            await asyncio.sleep(max(0.0, soonest - time.monotonic()))
 
     def owner(self, model: str) -> Peer | None:
         """The peer that requests for ``model`` go to, or None."""
