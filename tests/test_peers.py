@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from tests.conftest import MESSAGES, SwapperProcess, free_port, seconds, tiny_model, wait_until
+from tests.test_disconnect import gated_llama_server, send_raw
 
 pytestmark = pytest.mark.integration
 
@@ -375,6 +376,51 @@ def test_a_peer_that_refuses_the_key_is_down_with_the_reason_and_the_key_hidden(
             assert "HTTP 401" in response.json()["error"]["message"]
             for text in (n1.output(), n2.output(), n1.http.get("/status").text, response.text):
                 assert wrong not in text
+        finally:
+            n1.stop()
+    finally:
+        n2.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+def test_a_client_that_hangs_up_cancels_the_request_on_the_peer(
+    tmp_path: Path, llama_server: str, tiny_models: dict[str, Path], stream: bool
+) -> None:
+    """The client leaves while the peer's model loads: the peer hears it too and gives the
+    queue place back (its llama-server starts only when the test opens a gate)."""
+    n2dir = _workdir(tmp_path, "n2", tiny_models)
+    wrapper, gate = gated_llama_server(tmp_path, llama_server)
+    n2_config = _bare_config(free_port(), {})
+    n2_config["models"] = {"tiny-b": tiny_model(n2dir, "b", binary=str(wrapper))}
+    n2_config["swapper"]["loading_feedback_interval"] = 0.2
+    n2 = SwapperProcess(n2_config, n2dir, llama_server, port=n2_config["server"]["port"])
+    n1dir = tmp_path / "n1"
+    n1dir.mkdir()
+    try:
+        n1 = SwapperProcess(_bare_config(free_port(), {"n2": {"url": n2.url}}), n1dir, llama_server)
+        try:
+            wait_until(lambda: n1.status()["peers"]["n2"]["up"], seconds(30), "n2 to be up")
+            body = {"model": "tiny-b", "messages": MESSAGES, "max_tokens": 2, "stream": stream}
+            sock = send_raw(n1, body)
+            try:
+                wait_until(
+                    lambda: (m := n2.model("tiny-b"))["status"] == "LOADING" and m["queued"] == 1,
+                    seconds(30),
+                    "the forwarded request to wait on n2",
+                )
+                if stream:
+                    head = sock.recv(65536)  # n2's 200 and loading comments, relayed
+                    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+            finally:
+                sock.close()
+            wait_until(
+                lambda: n2.model("tiny-b")["queued"] == 0,
+                seconds(30),
+                "n2 to hear of the hang-up through n1",
+            )
+            gate.touch()
+            response = n1.http.post("/v1/chat/completions", json={**body, "stream": False})
+            assert response.status_code == 200, response.text
         finally:
             n1.stop()
     finally:
