@@ -425,3 +425,33 @@ def test_a_client_that_hangs_up_cancels_the_request_on_the_peer(
             n1.stop()
     finally:
         n2.stop()
+
+
+def test_the_peers_own_errors_come_back_as_it_sent_them(
+    tmp_path: Path, llama_server: str, tiny_models: dict[str, Path]
+) -> None:
+    """A model that cannot load on the peer: its 503, body and Retry-After, unchanged."""
+    n2dir = _workdir(tmp_path, "n2", tiny_models)
+    n2_config = _bare_config(free_port(), {})
+    n2_config["models"] = {"broken": tiny_model(n2dir, "b", model_path=str(n2dir / "absent.gguf"))}
+    n2 = SwapperProcess(n2_config, n2dir, llama_server, port=n2_config["server"]["port"])
+    n1dir = tmp_path / "n1"
+    n1dir.mkdir()
+    try:
+        n1 = SwapperProcess(_bare_config(free_port(), {"n2": {"url": n2.url}}), n1dir, llama_server)
+        try:
+            wait_until(lambda: n1.status()["peers"]["n2"]["up"], seconds(30), "n2 to be up")
+            body = {"model": "broken", "messages": MESSAGES}
+            direct = n2.http.post("/v1/chat/completions", json=body)
+            assert direct.status_code == 503 and "retry-after" in direct.headers
+            via = n1.http.post("/v1/chat/completions", json=body)
+            assert via.status_code == direct.status_code
+            assert via.headers["retry-after"] == direct.headers["retry-after"]
+            assert via.json()["error"]["code"] == direct.json()["error"]["code"]
+            assert "absent.gguf" in via.json()["error"]["message"]
+            # n2 itself is up: only its model failed.
+            assert n1.status()["peers"]["n2"]["up"] is True
+        finally:
+            n1.stop()
+    finally:
+        n2.stop()
