@@ -4,7 +4,10 @@ included; a stopped node is a 503 naming it; no request loops between them."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -455,3 +458,68 @@ def test_the_peers_own_errors_come_back_as_it_sent_them(
             n1.stop()
     finally:
         n2.stop()
+
+
+class _CutOffPeer(http.server.BaseHTTPRequestHandler):
+    """A peer that dies mid-stream: it lists ``cut``, and answers a chat with SSE headers and
+    one event, then drops the connection (as a swapper killed mid-answer does) once told to."""
+
+    protocol_version = "HTTP/1.1"
+    cut = threading.Event()
+
+    def log_message(self, fmt: str, *args: Any) -> None:  # (quiet: pytest shows failures)
+        pass
+
+    def do_GET(self) -> None:
+        body = json.dumps({"object": "list", "data": [{"id": "cut", "object": "model"}]})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        event = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+        self.wfile.flush()
+        self.cut.wait(30)
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_peer_that_dies_mid_stream_ends_the_stream_with_an_error_event(
+    tmp_path: Path, llama_server: str
+) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CutOffPeer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    workdir = tmp_path / "n1"
+    workdir.mkdir()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        n1 = SwapperProcess(
+            _bare_config(free_port(), {"fake": {"url": url}}), workdir, llama_server
+        )
+        try:
+            wait_until(lambda: n1.status()["peers"]["fake"]["up"], seconds(30), "the peer up")
+            body = {"model": "cut", "messages": MESSAGES, "stream": True}
+            with n1.http.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                lines = response.iter_lines()
+                assert next(lines).startswith("data: ")  # the peer's first event, relayed
+                _CutOffPeer.cut.set()
+                rest = "\n".join(lines)
+            error = json.loads(rest.strip().removeprefix("data: "))["error"]
+            assert error["code"] == "peer_unavailable"
+            assert "'fake' broke off the stream" in error["message"]
+        finally:
+            n1.stop()
+    finally:
+        _CutOffPeer.cut.set()
+        server.shutdown()
+        server.server_close()
