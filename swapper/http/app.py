@@ -37,6 +37,7 @@ from swapper.http.dashboard import UI_HANDLERS
 from swapper.http.forwarding import OPENAI_HANDLERS
 from swapper.http.logs import request_id_middleware
 from swapper.http.metrics import Metrics
+from swapper.http.ollama.routes import OLLAMA_ROUTER
 from swapper.http.openapi import list_model_names
 from swapper.http.responses import json_response
 from swapper.scheduling.coordinator import SwapCoordinator
@@ -147,7 +148,7 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
 
     cors = config.server.cors_origins
     app = Litestar(
-        route_handlers=[*OPENAI_HANDLERS, *ADMIN_HANDLERS, *UI_HANDLERS],
+        route_handlers=[*OPENAI_HANDLERS, *ADMIN_HANDLERS, *UI_HANDLERS, OLLAMA_ROUTER],
         lifespan=[lifespan],
         exception_handlers={Exception: _render_error},
         request_max_body_size=config.server.max_request_bytes,
