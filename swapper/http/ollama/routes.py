@@ -10,18 +10,20 @@ backend get the request as it came, untranslated. Every error on ``/api/*`` is O
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import msgspec
 from litestar import Request, Response, Router, delete, get, post, route
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
+from litestar.params import FromPath
 from litestar.types import Scope
 
-from swapper.errors import SwapperError
+from swapper.errors import BackendFailure, SwapperError
 from swapper.http.access import require_key
 from swapper.http.admin import read_status
 from swapper.http.exchange import Exchange, Forward, unless_stopping
@@ -79,6 +81,17 @@ def _upstream_error(status: int, content: bytes) -> Response[bytes]:
     elif isinstance(error, str):
         message = error
     return json_response({"error": message}, status)
+
+
+@contextlib.contextmanager
+def _unexpected_answer(model_id: str) -> Iterator[None]:
+    """A backend answer that is not the OpenAI shape it should be: a 502, not a traceback."""
+    try:
+        yield
+    except (msgspec.DecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise BackendFailure(
+            f"The backend for {model_id!r} answered in an unexpected shape ({exc!r})"
+        ) from None
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -218,11 +231,16 @@ async def _converse(request: Request[Any, Any, State], generate: bool) -> Respon
     await exchange.close()
     if upstream.status >= 400:
         return _upstream_error(upstream.status, exchange.content)
-    answer = _DECODE.decode(exchange.content)
     total_ns = time.perf_counter_ns() - started
-    return json_response(
-        chat_answer(answer, name, generate=generate, total_ns=total_ns, load_ns=load_ns)
-    )
+    with _unexpected_answer(model_id):
+        answer = chat_answer(
+            _DECODE.decode(exchange.content),
+            name,
+            generate=generate,
+            total_ns=total_ns,
+            load_ns=load_ns,
+        )
+    return json_response(answer)
 
 
 async def _embed(request: Request[Any, Any, State], legacy: bool) -> Response[Any]:
@@ -243,8 +261,9 @@ async def _embed(request: Request[Any, Any, State], legacy: bool) -> Response[An
     assert upstream is not None and exchange.content is not None
     if upstream.status >= 400:
         return _upstream_error(upstream.status, exchange.content)
-    answer = _DECODE.decode(exchange.content)
-    vectors = [item["embedding"] for item in sorted(answer["data"], key=lambda d: d["index"])]
+    with _unexpected_answer(model_id):
+        answer = _DECODE.decode(exchange.content)
+        vectors = [item["embedding"] for item in sorted(answer["data"], key=lambda d: d["index"])]
     if legacy:
         return json_response({"embedding": vectors[0]})
     usage = answer.get("usage") or {}
@@ -331,20 +350,25 @@ def _not_managed(action: str) -> Response[bytes]:
     return json_response({"error": message}, 501)
 
 
-@post(["/pull", "/push", "/create", "/copy"], status_code=501)
+# Not in the OpenAPI schema: they are the operations swapper does not offer.
+@post(["/pull", "/push", "/create", "/copy"], status_code=501, include_in_schema=False)
 async def manage(request: Request[Any, Any, State]) -> Response[bytes]:
     """Pull, push, create and copy: swapper does not manage model files (501)."""
     return _not_managed(request.url.path.rsplit("/", 1)[-1])
 
 
-@delete("/delete", status_code=501)
+@delete("/delete", status_code=501, include_in_schema=False)
 async def delete_model() -> Response[bytes]:
     """Delete: swapper does not manage model files (501)."""
     return _not_managed("delete")
 
 
-@route("/{rest:path}", http_method=["GET", "POST", "PUT", "DELETE", "PATCH"])
-async def unknown(rest: str) -> Response[bytes]:
+@route(
+    "/{rest:path}",
+    http_method=["GET", "POST", "PUT", "DELETE", "PATCH"],
+    include_in_schema=False,
+)
+async def unknown(rest: FromPath[str]) -> Response[bytes]:
     """Any other ``/api/*`` path: 404 in Ollama's shape."""
     return json_response(
         {"error": f"/api/{rest.lstrip('/')} is not an endpoint swapper serves"}, 404
