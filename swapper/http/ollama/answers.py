@@ -59,7 +59,7 @@ def chat_answer(
     answer: dict[str, Any], name: str, *, generate: bool, total_ns: int, load_ns: int
 ) -> dict[str, Any]:
     """One Ollama object (``done: true``) for a whole OpenAI answer."""
-    choice = (answer.get("choices") or [{}])[0]
+    choice = answer["choices"][0]  # none: not an OpenAI answer (the caller says 502)
     message = choice.get("message") or {}
     text = message.get("content") if "message" in choice else choice.get("text")
     thinking = message.get("reasoning_content")
