@@ -212,3 +212,23 @@ def test_format_reaches_the_backend_and_its_refusal_comes_back_in_ollamas_shape(
         assert refused.value.status_code == 400
         assert "sampler" in refused.value.error
     assert c.chat(model="tiny-a", messages=MESSAGES, stream=False, options={"num_predict": 1}).done
+
+
+def test_tools_from_the_client_reach_the_backend(swapper: SwapperProcess) -> None:
+    def add(a: int, b: int) -> int:
+        """Add two numbers.
+
+        Args:
+          a: the first
+          b: the second
+
+        Returns:
+          int: the sum
+        """
+        return a + b
+
+    reply = client(swapper).chat(
+        model="tiny-a", messages=MESSAGES, tools=[add], stream=False, options={"num_predict": 2}
+    )
+    # Random weights call no tool, but the backend took the tools and answered.
+    assert reply.done is True and reply.eval_count == 2
