@@ -5,10 +5,11 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import time
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFWriter, LlamaFileType
+from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
 
 from swapper.gguf_info import gguf_info
 
@@ -63,6 +64,44 @@ def test_reads_the_header_of_a_tiny_model(tiny_models: dict[str, Path]) -> None:
     assert "<|im_start|>" in info.template
     assert info.metadata["general.name"] == "tiny-a"
     assert "tokenizer.ggml.tokens" not in info.metadata  # the vocabulary is left out
+
+
+def test_agrees_with_the_gguf_packages_own_reader(tiny_models: dict[str, Path]) -> None:
+    info = gguf_info(str(tiny_models["b"]))
+    assert info is not None
+    reader = GGUFReader(tiny_models["b"])
+    expected = {
+        key: field.contents()
+        for key, field in reader.fields.items()
+        if not key.startswith("GGUF.")
+        and (field.types[0] != GGUFValueType.ARRAY or len(field.data) <= 64)
+        and key != "tokenizer.chat_template"
+    }
+    assert {k: v for k, v in info.metadata.items() if k != "general.parameter_count"} == expected
+    assert info.parameter_count == sum(int(t.n_elements) for t in reader.tensors)
+    assert info.template == reader.fields["tokenizer.chat_template"].contents()
+
+
+def test_a_large_vocabulary_is_skipped_not_built(tmp_path: Path) -> None:
+    path = tmp_path / "vocab.gguf"
+    writer = GGUFWriter(path, "llama")
+    writer.add_token_list([f"tok{i}" for i in range(30_000)])
+    writer.add_token_scores([0.0] * 30_000)
+    writer.add_tensor("x", np.zeros(16, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    started = time.perf_counter()
+    info = gguf_info(str(path))
+    ours = time.perf_counter() - started
+    assert info is not None and "tokenizer.ggml.tokens" not in info.metadata
+    started = time.perf_counter()
+    GGUFReader(path)
+    theirs = time.perf_counter() - started
+    # gguf's reader builds a numpy view per token (7.5 s for 152k tokens here); the walk skips
+    # them: measured 33x faster, so 5x holds with room on a busy machine.
+    assert ours * 5 < theirs, (ours, theirs)
 
 
 def test_never_touches_the_weights(tmp_path: Path) -> None:
