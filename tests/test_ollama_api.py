@@ -3,6 +3,8 @@ official ``ollama`` Python client."""
 
 from __future__ import annotations
 
+import json
+import socket
 from typing import Any
 
 import httpx
@@ -232,3 +234,52 @@ def test_tools_from_the_client_reach_the_backend(swapper: SwapperProcess) -> Non
     )
     # Random weights call no tool, but the backend took the tools and answered.
     assert reply.done is True and reply.eval_count == 2
+
+
+def long_swapper(swapper_factory: Any) -> SwapperProcess:
+    """One slot and a long context: a 16000-token answer takes many seconds here."""
+    process: SwapperProcess = swapper_factory(
+        models={
+            "tiny-a": {
+                "backend": "llamacpp",
+                "model_path": str(swapper_factory.workdir / "tiny-a.gguf"),
+                "ctx_size": 16384,
+                "args": ["-np", "1"],
+            }
+        }
+    )
+    return process
+
+
+def backend_cancelled(swapper: SwapperProcess) -> bool:
+    lines = swapper.http.get("/models/tiny-a/logs", params={"lines": 1000}).json()["lines"]
+    return any("cancel task" in line for line in lines)
+
+
+LONG = {"model": "tiny-a", "messages": MESSAGES, "options": {"num_predict": 16000}}
+
+
+def test_a_client_leaving_a_stream_cancels_the_generation(swapper_factory: Any) -> None:
+    swapper = long_swapper(swapper_factory)
+    with httpx.Client(base_url=swapper.url, timeout=30) as http:
+        with http.stream("POST", "/api/chat", json=LONG) as response:
+            lines = response.iter_lines()  # keep a reference: a dropped iterator hangs up
+            assert '"done":false' in next(lines)
+            assert swapper.model("tiny-a")["in_flight"] == 1
+    wait_until(lambda: swapper.model("tiny-a")["in_flight"] == 0, 10, "in_flight to drop")
+    wait_until(lambda: backend_cancelled(swapper), 10, "llama-server to cancel the task")
+
+
+def test_a_client_leaving_a_whole_answer_cancels_the_generation(swapper_factory: Any) -> None:
+    swapper = long_swapper(swapper_factory)
+    body = json.dumps({**LONG, "prompt": "hi", "stream": False}).encode()
+    head = (
+        f"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", swapper.port)) as sock:
+        sock.sendall(head + body)
+        wait_until(lambda: swapper.model("tiny-a")["in_flight"] == 1, 30, "the request to start")
+    # Hung up long before 16000 tokens: the generation is cancelled and the slot freed.
+    wait_until(lambda: swapper.model("tiny-a")["in_flight"] == 0, 10, "in_flight to drop")
+    wait_until(lambda: backend_cancelled(swapper), 10, "llama-server to cancel the task")

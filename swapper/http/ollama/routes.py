@@ -10,10 +10,9 @@ backend get the request as it came, untranslated. Every error on ``/api/*`` is O
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -21,15 +20,20 @@ from litestar import Request, Response, Router, delete, get, post, route
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.params import FromPath
-from litestar.types import Scope
 
-from swapper.errors import BackendFailure, SwapperError
+from swapper.errors import SwapperError
 from swapper.http.access import require_key
 from swapper.http.admin import read_status
 from swapper.http.exchange import Exchange, Forward, unless_stopping
 from swapper.http.logs import note_model
 from swapper.http.ollama import models
 from swapper.http.ollama.answers import StreamTranslator, chat_answer, now_rfc3339
+from swapper.http.ollama.exchanges import (
+    ClientLeft,
+    open_exchange,
+    unexpected_answer,
+    upstream_error,
+)
 from swapper.http.ollama.translate import (
     OllamaRequestError,
     chat_request,
@@ -58,6 +62,8 @@ _ENCODE = msgspec.json.Encoder()
 
 def _render_error(request: Request[Any, Any, State], exc: Exception) -> Response[bytes]:
     """Every error on ``/api/*`` as Ollama's ``{"error": "..."}``; never a traceback."""
+    if isinstance(exc, ClientLeft):
+        return Response(b"", status_code=499)  # no one reads it; the access log does
     if isinstance(exc, SwapperError):
         return json_response({"error": exc.message}, exc.status_code, exc.headers())
     if isinstance(exc, OllamaRequestError):
@@ -66,32 +72,6 @@ def _render_error(request: Request[Any, Any, State], exc: Exception) -> Response
         return json_response({"error": exc.detail}, exc.status_code, dict(exc.headers or {}))
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return json_response({"error": "internal server error"}, 500)
-
-
-def _upstream_error(status: int, content: bytes) -> Response[bytes]:
-    """A backend's error answer (OpenAI's shape, or anything) in Ollama's shape."""
-    message = content.decode("utf-8", "replace").strip() or f"backend returned HTTP {status}"
-    try:
-        data = _DECODE.decode(content)
-    except msgspec.DecodeError:
-        data = None
-    error = data.get("error") if isinstance(data, dict) else None
-    if isinstance(error, dict) and error.get("message"):
-        message = str(error["message"])
-    elif isinstance(error, str):
-        message = error
-    return json_response({"error": message}, status)
-
-
-@contextlib.contextmanager
-def _unexpected_answer(model_id: str) -> Iterator[None]:
-    """A backend answer that is not the OpenAI shape it should be: a 502, not a traceback."""
-    try:
-        yield
-    except (msgspec.DecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise BackendFailure(
-            f"The backend for {model_id!r} answered in an unexpected shape ({exc!r})"
-        ) from None
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -118,28 +98,6 @@ def _model(request: Request[Any, Any, State], data: dict[str, Any]) -> tuple[str
     return name, model_id
 
 
-async def _open(state: State, scope: Scope, forward: Forward) -> tuple[Exchange, int]:
-    """An opened exchange for ``forward``, and the ns spent waiting for the model to load."""
-    coordinator = state.coordinator
-    ticket = None
-    load_ns = 0
-    if not coordinator.admits_now(forward.model_id):
-        started = time.perf_counter_ns()
-        await coordinator.preflight(forward.model_id)
-        if state.stopping.is_set():
-            coordinator.begin_shutdown()  # the enqueue below answers 503
-        waiting = coordinator.enqueue(forward.model_id)
-        ticket = await unless_stopping(state, coordinator.redeem(waiting))
-        load_ns = time.perf_counter_ns() - started
-    exchange = Exchange(state, scope, forward, ticket)
-    try:
-        await exchange.open()
-    except BaseException:
-        await exchange.close()
-        raise
-    return exchange, load_ns
-
-
 def _keep_alive(state: State, model_id: str, seconds: float | None) -> None:
     if seconds is not None:
         state.coordinator.keep_alive(model_id, seconds)
@@ -156,7 +114,7 @@ async def _native(
     state = request.app.state
     seconds = keep_alive_seconds(data.pop("keep_alive", None))
     forward = Forward(path, _ENCODE.encode(data), model_id, name, False)
-    exchange, _ = await _open(state, request.scope, forward)
+    exchange, _ = await open_exchange(request, forward)
     _keep_alive(state, model_id, seconds)
     async with exchange:
         upstream = exchange.upstream
@@ -220,7 +178,7 @@ async def _converse(request: Request[Any, Any, State], generate: bool) -> Respon
     else:
         path, body = "/v1/chat/completions", chat_request(data, model_id, ctx_size)
     forward = Forward(path, _ENCODE.encode(body), model_id, model_id, body["stream"])
-    exchange, load_ns = await _open(state, request.scope, forward)
+    exchange, load_ns = await open_exchange(request, forward)
     _keep_alive(state, model_id, seconds)  # with the lease held: it applies once idle
     upstream = exchange.upstream
     assert upstream is not None
@@ -230,9 +188,9 @@ async def _converse(request: Request[Any, Any, State], generate: bool) -> Respon
         return GuardedStream(stream, exchange.close, media_type=NDJSON)
     await exchange.close()
     if upstream.status >= 400:
-        return _upstream_error(upstream.status, exchange.content)
+        return upstream_error(upstream.status, exchange.content)
     total_ns = time.perf_counter_ns() - started
-    with _unexpected_answer(model_id):
+    with unexpected_answer(model_id):
         answer = chat_answer(
             _DECODE.decode(exchange.content),
             name,
@@ -254,14 +212,14 @@ async def _embed(request: Request[Any, Any, State], legacy: bool) -> Response[An
     seconds = keep_alive_seconds(data.get("keep_alive"))
     body = embed_request(data, model_id, legacy=legacy)
     forward = Forward("/v1/embeddings", _ENCODE.encode(body), model_id, model_id, False)
-    exchange, load_ns = await _open(state, request.scope, forward)
+    exchange, load_ns = await open_exchange(request, forward)
     _keep_alive(state, model_id, seconds)
     await exchange.close()
     upstream = exchange.upstream
     assert upstream is not None and exchange.content is not None
     if upstream.status >= 400:
-        return _upstream_error(upstream.status, exchange.content)
-    with _unexpected_answer(model_id):
+        return upstream_error(upstream.status, exchange.content)
+    with unexpected_answer(model_id):
         answer = _DECODE.decode(exchange.content)
         vectors = [item["embedding"] for item in sorted(answer["data"], key=lambda d: d["index"])]
     if legacy:
