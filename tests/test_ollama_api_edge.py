@@ -52,7 +52,7 @@ async def test_the_backend_gets_an_openai_body(
                 "model": "alpha:latest",
                 "messages": HI,
                 "stream": False,
-                "options": {"num_predict": 3, "temperature": 0},
+                "options": {"num_predict": 3, "temperature": 0, "num_gpu": 99, "tfs_z": 1},
                 "format": "json",
             },
         )
@@ -90,9 +90,9 @@ async def test_backend_errors_and_odd_answers_come_back_in_ollamas_shape(
         assert "unexpected shape" in assert_ollama_error(odd, 502)
         for body in (b"[1]", b"{", json.dumps({"messages": HI}).encode()):
             assert_ollama_error(await client.post("/api/chat", content=body), 400)
-        bad_option = {"model": "a", "messages": HI, "options": {"num_thing": 1}}
-        assert "num_thing" in assert_ollama_error(
-            await client.post("/api/chat", json=bad_option), 400
+        bad_options = {"model": "a", "messages": HI, "options": [1]}
+        assert "options" in assert_ollama_error(
+            await client.post("/api/chat", json=bad_options), 400
         )
         bad_keep = {"model": "a", "messages": HI, "keep_alive": "soon"}
         assert "keep_alive" in assert_ollama_error(

@@ -93,26 +93,16 @@ _OPTIONS = {
     "mirostat_eta": "mirostat_eta",
     "num_keep": "n_keep",
 }
-#: Options that describe how the model is loaded: a backend already running ignores them.
-_LOAD_OPTIONS = {
-    "num_gpu",
-    "main_gpu",
-    "num_thread",
-    "num_batch",
-    "use_mmap",
-    "use_mlock",
-    "numa",
-    "low_vram",
-    "vocab_only",
-    "f16_kv",
-}
 
 
 def options_fields(options: Any, ctx_size: int | None) -> dict[str, Any]:
     """OpenAI body fields for Ollama's ``options``.
 
     ``num_ctx`` cannot change a running model's context: larger than the entry's ``ctx_size``
-    is refused (never a silent reload); equal or smaller is served as it is.
+    is refused (never a silent reload); equal or smaller is served as it is. Other options are
+    dropped, as Ollama itself drops options it does not know: load-time ones (``num_gpu``,
+    ``num_thread``, ``use_mmap``, ...) cannot change a backend already running, and clients
+    send options of older Ollama releases (``tfs_z``, ``penalize_newline``).
     """
     if options is None:
         return {}
@@ -133,8 +123,6 @@ def options_fields(options: Any, ctx_size: int | None) -> dict[str, Any]:
             if name == "num_predict" and isinstance(value, int) and value < 0:
                 continue  # -1: until the model stops, which is OpenAI's default too
             fields[_OPTIONS[name]] = value
-        elif name not in _LOAD_OPTIONS:
-            raise OllamaRequestError(f"options.{name}: not an option swapper can pass on")
     return fields
 
 
