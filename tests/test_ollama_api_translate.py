@@ -130,7 +130,7 @@ def test_tools_and_tool_calls_map_both_ways() -> None:
     call = body["messages"][1]["tool_calls"][0]
     assert call["type"] == "function" and call["function"]["name"] == "add"
     assert json.loads(call["function"]["arguments"]) == {"a": 1, "b": 2}  # a JSON string
-    assert body["messages"][2]["tool_call_id"] == "add"
+    assert body["messages"][2] == {"role": "tool", "content": "3", "tool_call_id": call["id"]}
     answer = {
         "choices": [
             {
@@ -156,6 +156,24 @@ def test_tools_and_tool_calls_map_both_ways() -> None:
     ]
     assert out["done"] is True and out["done_reason"] == "stop"
     assert (out["prompt_eval_count"], out["eval_count"]) == (5, 9)
+
+
+def test_tool_results_are_paired_with_their_calls_by_name_then_order() -> None:
+    def call(name: str) -> dict[str, Any]:
+        return {"function": {"name": name, "arguments": {}}}
+
+    messages = [
+        *HI,
+        {"role": "assistant", "content": "", "tool_calls": [call("a"), call("b"), call("a")]},
+        {"role": "tool", "content": "B", "tool_name": "b"},
+        {"role": "tool", "content": "A1"},
+        {"role": "tool", "content": "A2", "tool_name": "a"},
+    ]
+    sent = chat_request({"messages": messages}, "m", None)["messages"]
+    ids = [c["id"] for c in sent[1]["tool_calls"]]
+    assert len(set(ids)) == 3
+    assert [m["tool_call_id"] for m in sent[2:]] == [ids[1], ids[0], ids[2]]
+    assert all("_tool_name" not in m for m in sent)
 
 
 def test_images_become_image_parts() -> None:

@@ -150,7 +150,7 @@ def _image_parts(images: Any) -> list[dict[str, Any]]:
     ]
 
 
-def _tool_calls_to_openai(calls: Any) -> list[dict[str, Any]]:
+def _tool_calls_to_openai(calls: Any, turn: int) -> list[dict[str, Any]]:
     if not isinstance(calls, list):
         raise OllamaRequestError("tool_calls: must be a list")
     out = []
@@ -161,7 +161,7 @@ def _tool_calls_to_openai(calls: Any) -> list[dict[str, Any]]:
         arguments = function.get("arguments", {})
         out.append(
             {
-                "id": call.get("id") or f"call_{index}",
+                "id": call.get("id") or f"call_{turn}_{index}",  # unique in the conversation
                 "type": "function",
                 "function": {
                     "name": function["name"],
@@ -175,7 +175,7 @@ def _tool_calls_to_openai(calls: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _message_to_openai(message: Any) -> dict[str, Any]:
+def _message_to_openai(message: Any, turn: int = 0) -> dict[str, Any]:
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise OllamaRequestError("messages: each message needs a role")
     content = message.get("content", "")
@@ -185,10 +185,11 @@ def _message_to_openai(message: Any) -> dict[str, Any]:
     if message.get("images"):
         out["content"] = [{"type": "text", "text": content or ""}, *_image_parts(message["images"])]
     if message.get("tool_calls"):
-        out["tool_calls"] = _tool_calls_to_openai(message["tool_calls"])
+        out["tool_calls"] = _tool_calls_to_openai(message["tool_calls"], turn)
     if message["role"] == "tool":
         # OpenAI needs the id of the call answered; Ollama names the tool instead.
         out["tool_call_id"] = message.get("tool_call_id") or message.get("tool_name") or ""
+        out["_tool_name"] = message.get("tool_name")  # for _link_tool_results
     if message.get("thinking") and message["role"] == "assistant":
         out["reasoning_content"] = message["thinking"]
     return out
@@ -215,13 +216,35 @@ def _common(request: dict[str, Any], model: str, ctx_size: int | None) -> dict[s
     return body
 
 
+def _link_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Give each tool result the id of the call it answers: OpenAI pairs them by id, Ollama by
+    order and ``tool_name``. A result without a known id takes the first unanswered call of its
+    tool's name (or, without a name, the first unanswered call)."""
+    pending: list[tuple[str, str]] = []  # (id, name) of the calls not answered yet
+    for message in messages:
+        for call in message.get("tool_calls", []):
+            pending.append((call["id"], call["function"]["name"]))
+        if message["role"] != "tool":
+            continue
+        named = message.pop("_tool_name", None)
+        ids = [call_id for call_id, _ in pending]
+        if message["tool_call_id"] in ids:
+            pending.pop(ids.index(message["tool_call_id"]))
+        elif pending:
+            index = next((i for i, (_, name) in enumerate(pending) if name == named), 0)
+            message["tool_call_id"] = pending.pop(index)[0]
+    return messages
+
+
 def chat_request(request: dict[str, Any], model: str, ctx_size: int | None) -> dict[str, Any]:
     """The ``/v1/chat/completions`` body for an ``/api/chat`` request."""
     messages = request.get("messages") or []
     if not isinstance(messages, list):
         raise OllamaRequestError("messages: must be a list")
     body = _common(request, model, ctx_size)
-    body["messages"] = [_message_to_openai(m) for m in messages]
+    body["messages"] = _link_tool_results(
+        [_message_to_openai(m, turn) for turn, m in enumerate(messages)]
+    )
     tools = request.get("tools")
     if tools:
         if not isinstance(tools, list):
