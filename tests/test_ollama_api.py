@@ -234,6 +234,21 @@ def test_tools_from_the_client_reach_the_backend(swapper: SwapperProcess) -> Non
     )
     # Random weights call no tool, but the backend took the tools and answered.
     assert reply.done is True and reply.eval_count == 2
+    # A conversation carrying a call and its result, in Ollama's shape (arguments an object,
+    # the result named by tool), reaches llama-server as OpenAI's and is answered.
+    history = [
+        *MESSAGES,
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "add", "arguments": {"a": 1, "b": 2}}}],
+        },
+        {"role": "tool", "content": "3", "tool_name": "add"},
+    ]
+    reply = client(swapper).chat(
+        model="tiny-a", messages=history, tools=[add], stream=False, options={"num_predict": 2}
+    )
+    assert reply.done is True and reply.eval_count == 2
 
 
 def long_swapper(swapper_factory: Any) -> SwapperProcess:
