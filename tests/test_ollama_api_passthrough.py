@@ -50,6 +50,11 @@ def test_keep_alive_zero_is_swappers_to_apply(swapper: SwapperProcess) -> None:
     c.generate(model="qwen", prompt="hi", stream=False, keep_alive=0)
     # swapper unloads it (stopping the ollama serve it owns), not Ollama behind its back.
     swapper.wait_status("qwen", "UNLOADED")
+    # Ollama's preload and unload requests are swapper's loads and unloads too.
+    assert c.generate(model="qwen").done_reason == "load"
+    assert swapper.model("qwen")["status"] == "LOADED"
+    assert c.generate(model="qwen", keep_alive=0).done_reason == "unload"
+    swapper.wait_status("qwen", "UNLOADED")
 
 
 def test_tags_lists_both_backends(swapper: SwapperProcess) -> None:

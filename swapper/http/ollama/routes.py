@@ -99,8 +99,9 @@ def _model(request: Request[Any, Any, State], data: dict[str, Any]) -> tuple[str
 
 
 def _keep_alive(state: State, model_id: str, seconds: float | None) -> None:
-    if seconds is not None:
-        state.coordinator.keep_alive(model_id, seconds)
+    """Apply a request's ``keep_alive``. As in Ollama, every request sets it: one without
+    (None) puts the model back on its configured ttl."""
+    state.coordinator.keep_alive(model_id, seconds)
 
 
 async def _native(
@@ -148,8 +149,8 @@ async def _load_only(
         reason = "unload"
     else:
         lease = await unless_stopping(state, state.coordinator.acquire(model_id))
+        _keep_alive(state, model_id, seconds)  # before the release: it applies once idle
         lease.release(used=False)
-        _keep_alive(state, model_id, seconds)
         reason = "load"
     answer: dict[str, Any] = {"model": name, "created_at": now_rfc3339()}
     if generate:
@@ -165,13 +166,15 @@ async def _converse(request: Request[Any, Any, State], generate: bool) -> Respon
     data = await _body(request)
     name, model_id = _model(request, data)
     entry = state.config.models[model_id]
+    if not (data.get("prompt") if generate else data.get("messages")):
+        # Loading and unloading are swapper's, whatever the backend.
+        seconds = keep_alive_seconds(data.get("keep_alive"))
+        return await _load_only(state, model_id, name, seconds, generate)
     if entry.backend == "ollama":
         return await _native(
             request, "/api/generate" if generate else "/api/chat", data, name, model_id
         )
     seconds = keep_alive_seconds(data.get("keep_alive"))
-    if not (data.get("prompt") if generate else data.get("messages")):
-        return await _load_only(state, model_id, name, seconds, generate)
     ctx_size = getattr(entry, "ctx_size", None)
     if generate:
         path, body = generate_request(data, model_id, ctx_size)
