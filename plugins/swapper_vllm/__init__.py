@@ -28,6 +28,7 @@ from swapper.backends.contract import (
 )
 from swapper.backends.hookspecs import hookimpl
 from swapper.config import ModelEntry
+from swapper.errors import BackendError
 
 __all__ = ["VllmBackend", "VllmModel", "register_backends"]
 
@@ -62,7 +63,7 @@ class VllmModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only=Tru
             raise ValueError("served_model_name: must not be empty")
 
 
-class VllmBackend(SubprocessBackend):
+class VllmBackend(SubprocessBackend[VllmModel]):
     """Runs ``vllm serve MODEL --host 127.0.0.1 --port N --served-model-name NAME``."""
 
     name = "vllm"
@@ -72,8 +73,7 @@ class VllmBackend(SubprocessBackend):
 
     @property
     def spec(self) -> VllmModel:
-        """The model entry, typed."""
-        assert isinstance(self.entry, VllmModel)
+        """The model entry (kept as a name the code reads well with)."""
         return self.entry
 
     @property
@@ -135,9 +135,9 @@ class VllmBackend(SubprocessBackend):
         try:
             response = await self.http().post(f"{handle.base_url}{path}", json=body)
         except httpx.HTTPError as exc:
-            raise RuntimeError(f"vLLM did not answer {path}: {exc}") from None
+            raise BackendError(f"vLLM did not answer {path}: {exc}") from None
         if response.status_code != 200:
-            raise RuntimeError(
+            raise BackendError(
                 f"vLLM answered {path} with HTTP {response.status_code}: {response.text[:200]}"
             )
 
