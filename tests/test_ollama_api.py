@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 from typing import Any
 
 import httpx
 import ollama
 import pytest
 
-from tests.conftest import SwapperProcess, wait_until
+from tests.conftest import FAKES, SwapperProcess, wait_until
+from tests.fake_servers import fakegpu
 
 pytestmark = pytest.mark.integration
 
@@ -298,3 +300,20 @@ def test_a_client_leaving_a_whole_answer_cancels_the_generation(swapper_factory:
     # Hung up long before 16000 tokens: the generation is cancelled and the slot freed.
     wait_until(lambda: swapper.model("tiny-a")["in_flight"] == 0, 10, "in_flight to drop")
     wait_until(lambda: backend_cancelled(swapper), 10, "llama-server to cancel the task")
+
+
+def test_ps_reports_the_vram_nvml_measures(swapper_factory: Any, tmp_path: Path) -> None:
+    # The fake pynvml on swapper's path reads a fake GPU on which this test makes the real
+    # llama-server's pid hold 1234 MiB: what NVML would report for a CUDA build.
+    directory = tmp_path / "gpu"
+    fakegpu.setup(directory, total_mb=16384, release_lag=0)
+    swapper = swapper_factory(
+        env={"SWAPPER_FAKE_GPU_DIR": str(directory), "PYTHONPATH": str(FAKES / "nvml")}
+    )
+    c = client(swapper)
+    c.chat(model="tiny-a", messages=MESSAGES, stream=False, options={"num_predict": 1})
+    fakegpu.hold(1234, directory, pid=swapper.model("tiny-a")["pid"])
+    running = c.ps().models
+    assert [m.model for m in running] == ["tiny-a:latest"]
+    assert running[0].size_vram == 1234 * 1024 * 1024
+    assert running[0].size == 1234 * 1024 * 1024  # more than the file: what it takes loaded
