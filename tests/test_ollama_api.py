@@ -317,3 +317,18 @@ def test_ps_reports_the_vram_nvml_measures(swapper_factory: Any, tmp_path: Path)
     assert [m.model for m in running] == ["tiny-a:latest"]
     assert running[0].size_vram == 1234 * 1024 * 1024
     assert running[0].size == 1234 * 1024 * 1024  # more than the file: what it takes loaded
+
+
+def test_images_reach_the_backend_as_image_parts(swapper: SwapperProcess) -> None:
+    # A 1x1 PNG. The tiny model has no vision projector, so llama-server refuses the image part
+    # with its own words, which arrive in Ollama's shape; a text-only chat would be answered.
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+    with pytest.raises(ollama.ResponseError) as refused:
+        client(swapper).chat(
+            model="tiny-a",
+            messages=[{"role": "user", "content": "what is this?", "images": [png]}],
+            stream=False,
+            options={"num_predict": 1},
+        )
+    assert refused.value.status_code == 500  # llama-server's status, passed on
+    assert "image input is not supported" in refused.value.error
