@@ -125,6 +125,8 @@ class SwapCoordinator(ModelLifecycle):
             tuple[ModelRecord, frozenset[ModelStatus], asyncio.Future[None]]
         ] = []
         self._closing = False
+        #: TEMP keep_alive shim: idle ttl overrides by model id (replaced by H1's at merge).
+        self._keep_alive: dict[str, float] = {}
 
     def _make_backend(self, model_id: str, config: Config) -> Backend:
         entry = config.models[model_id]
@@ -497,7 +499,26 @@ class SwapCoordinator(ModelLifecycle):
             if self._waiters or model.draining or model.evicting_for is not None:
                 self._schedule()
 
+    def keep_alive(self, model_id: str, seconds: float | None) -> None:
+        """TEMP shim (replaced by H1's at merge): 0 unloads when idle, negative never unloads
+        when idle, positive sets the idle ttl from now; None forgets the override."""
+        model = self._models.get(model_id)
+        if model is None:
+            return
+        if seconds is None:
+            self._keep_alive.pop(model_id, None)
+            self._disarm_idle(model)
+            self._arm_idle(model)
+            return
+        # A tiny positive ttl fires as soon as the model is idle; 0 is "never" for _arm_idle.
+        self._keep_alive[model_id] = 1e-6 if seconds == 0 else 0.0 if seconds < 0 else seconds
+        if seconds < 0:
+            self._disarm_idle(model)
+        self._arm_idle(model)
+
     def _ttl(self, model: ModelRecord) -> float:
+        if model.id in self._keep_alive:
+            return self._keep_alive[model.id]
         ttl = self.config.models[model.id].ttl if model.id in self.config.models else None
         return self.config.swapper.default_ttl if ttl is None else ttl
 
