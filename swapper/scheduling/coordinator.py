@@ -15,7 +15,8 @@ at once when that model is resident, or queues it and schedules loads and evicti
 
 All scheduling decisions are taken synchronously in :meth:`SwapCoordinator._schedule` on the
 event loop, so there is no lock and no interleaving to reason about; loads and unloads run as
-tasks (:mod:`swapper.scheduling.lifecycle`) that report back through ``_transition``.
+tasks of each model's :class:`~swapper.scheduling.runtime.ModelRuntime`, which report back
+through the coordinator's :class:`~swapper.scheduling.runtime.RuntimeHost` methods.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from swapper.backends.contract import Backend, BackendSettings
@@ -39,10 +41,11 @@ from swapper.errors import (
     ServiceUnavailable,
 )
 from swapper.scheduling.events import EventBus
-from swapper.scheduling.lifecycle import ModelLifecycle
+from swapper.scheduling.lease import Lease
 from swapper.scheduling.logbook import ModelLog
-from swapper.scheduling.model_state import ModelRecord, ModelStatus, Waiter
-from swapper.scheduling.placement import HOLDING_STATUSES, GpuView, Placement, holds_slot
+from swapper.scheduling.model_state import ModelStatus, Waiter
+from swapper.scheduling.placement import GpuView, Placement
+from swapper.scheduling.runtime import ModelRuntime
 from swapper.scheduling.snapshot import ModelLoad, ModelSnapshot, Snapshot, VramSnapshot
 
 __all__ = ["Lease", "ModelStatus", "SwapCoordinator"]
@@ -50,51 +53,8 @@ __all__ = ["Lease", "ModelStatus", "SwapCoordinator"]
 logger = logging.getLogger("swapper.coordinator")
 
 
-class Lease:
-    """Permission to send one request to a resident model; release it when the response ends."""
-
-    __slots__ = ("_coordinator", "_model", "base_url", "max_connections", "released")
-
-    def __init__(self, coordinator: SwapCoordinator, model: ModelRecord, base_url: str) -> None:
-        self._coordinator = coordinator
-        self._model = model
-        self.base_url = base_url
-        handle = model.handle
-        self.max_connections = handle.max_connections if handle else None
-        self.released = False
-
-    @property
-    def model_id(self) -> str:
-        """The model this lease is for."""
-        return self._model.id
-
-    def release(self, *, used: bool = True) -> None:
-        """End the request (idempotent); ``used=False`` leaves ``last_used`` alone."""
-        if not self.released:
-            self.released = True
-            self._coordinator._release(self._model, used=used)
-
-    async def backend_unreachable(self) -> None:
-        """The backend refused or dropped the connection: wait until a crash is noticed."""
-        await self._coordinator._settle_unreachable(self._model, self.base_url)
-
-    def backend_silent(self) -> None:
-        """The backend missed ``timeouts.read``: have the coordinator check whether it froze."""
-        self._coordinator._check_frozen(self._model, self.base_url)
-
-    @property
-    def cut_reason(self) -> str | None:
-        """Why the request was cut off (its model was evicted past drain_timeout), if it was."""
-        return self._model.cut_reason
-
-    @property
-    def upstream_model(self) -> str | None:
-        """The backend's own name for the model, when requests must be rewritten to it."""
-        return self._model.backend.upstream_model()
-
-
-class SwapCoordinator(ModelLifecycle):
-    """Owns every model's state and decides what is resident."""
+class SwapCoordinator:
+    """Owns the queue and decides what is resident; each model's runtime does the moving."""
 
     def __init__(
         self, config: Config, registry: BackendRegistry, gpu: GpuView | None = None
@@ -102,23 +62,20 @@ class SwapCoordinator(ModelLifecycle):
         self.config = config
         self.placement = Placement(config, gpu)
         self._registry = registry
-        self._models: dict[str, ModelRecord] = {}
-        #: Models removed by a reload that still hold a process until they unload.
-        self._retired: set[ModelRecord] = set()
-        for model_id in config.models:
-            self._models[model_id] = self._new_model(model_id, config)
-        self._names = config.names
         #: Status changes, swaps, loads, unloads and queue changes, for metrics and /events.
         self.events = EventBus()
+        self._models: dict[str, ModelRuntime] = {}
+        #: Models removed by a reload that still hold a process until they unload.
+        self._retired: set[ModelRuntime] = set()
+        for model_id in config.models:
+            self._models[model_id] = self._new_runtime(model_id, config)
+        self._names = config.names
         #: Overtakes granted past the first blocked waiter (``_blocked_seq``) so far.
         self._overtaken = 0
         self._blocked_seq: int | None = None
         self._waiters: collections.deque[Waiter] = collections.deque()
         self._seq = itertools.count()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._status_waiters: list[
-            tuple[ModelRecord, frozenset[ModelStatus], asyncio.Future[None]]
-        ] = []
         self._closing = False
 
     def _make_backend(self, model_id: str, config: Config) -> Backend:
@@ -130,11 +87,9 @@ class SwapCoordinator(ModelLifecycle):
         )
         return self._registry.backends[entry.backend](model_id, entry, settings)
 
-    def _new_model(self, model_id: str, config: Config) -> ModelRecord:
-        model = ModelRecord(id=model_id, backend=self._make_backend(model_id, config))
-        model.backend.log_sink = model.log.append
-        model.unloaded.set()
-        return model
+    def _new_runtime(self, model_id: str, config: Config) -> ModelRuntime:
+        backend = self._make_backend(model_id, config)
+        return ModelRuntime(model_id, backend, self, self.placement, self.events)
 
     # -- public API -------------------------------------------------------------------------
 
@@ -144,6 +99,18 @@ class SwapCoordinator(ModelLifecycle):
             return self._names[name]
         except KeyError:
             raise ModelNotFound(f"The model {name!r} does not exist") from None
+
+    def runtime(self, model_id: str) -> ModelRuntime:
+        """The runtime of a configured model (KeyError if there is none)."""
+        return self._models[model_id]
+
+    def waiting(self) -> list[Waiter]:
+        """The queued requests, in arrival order."""
+        return list(self._waiters)
+
+    def background_tasks(self) -> list[asyncio.Task[Any]]:
+        """The loads, unloads, watchers, probes and measurements running now."""
+        return list(self._tasks)
 
     async def acquire(self, model_id: str, *, manual: bool = False) -> Lease:
         """Wait until ``model_id`` is resident and admitted; the caller must release the lease.
@@ -166,7 +133,7 @@ class SwapCoordinator(ModelLifecycle):
         if problem is not None:
             error = f"cannot start: {problem}"
             if model.status == ModelStatus.UNLOADED:
-                self._transition(model, ModelStatus.FAILED, error=error)
+                model.transition(ModelStatus.FAILED, error=error)
             model.last_error = error
             raise ModelUnavailable(f"Model {model_id!r} cannot start: {problem}")
 
@@ -211,13 +178,12 @@ class SwapCoordinator(ModelLifecycle):
         if isinstance(ticket, Lease):
             return ticket
         ticket.redeemed = True
-        model = ticket.model
         try:
             base_url = await ticket.future
         except asyncio.CancelledError:
             self.abandon(ticket)
             raise
-        return Lease(self, model, base_url)
+        return Lease(self, ticket.model, base_url)
 
     def abandon(self, ticket: Lease | Waiter) -> None:
         """Give up a ticket whose request will not be sent (the client left); idempotent."""
@@ -228,16 +194,37 @@ class SwapCoordinator(ModelLifecycle):
         if future.done() and not future.cancelled() and future.exception() is None:
             if not ticket.abandoned:
                 ticket.abandoned = True
-                self._release(ticket.model, used=False)  # admitted just as the client went away
+                self.release(ticket.model, used=False)  # admitted just as the client went away
         elif not future.done() or future.cancelled():
             future.cancel()  # (a cancelled awaiting task has cancelled it already)
             self._drop_waiter(ticket)
+            self._schedule()
+
+    def release(self, model: ModelRuntime, *, used: bool = True) -> None:
+        """One admitted request to ``model`` ended (a :class:`Lease` calls this once)."""
+        model.release(used=used)
+        self._queue_changed(model)
+        if model.queued or (
+            model.in_flight == 0 and (self._waiters or model.draining or model.eviction is not None)
+        ):
             self._schedule()
 
     def admits_now(self, model_id: str) -> bool:
         """True when a request for ``model_id`` would be admitted without waiting."""
         model = self._models.get(model_id)
         return model is not None and self._may_admit(model)
+
+    def keep_alive(self, model_id: str, seconds: float | None) -> None:
+        """A client's keep_alive (Ollama's semantics) for ``model_id``, until it next unloads.
+
+        ``0``: unload once no request is in flight (now, if idle); negative: never unload
+        when idle (it can still be evicted for another model); positive: unload after that
+        many idle seconds; None: back to the configured ttl.
+        """
+        model = self._models.get(model_id)
+        if model is None:
+            raise ModelNotFound(f"The model {model_id!r} does not exist")
+        model.keep_alive(seconds)
 
     async def load(self, model_id: str) -> None:
         """Make ``model_id`` resident (swapping as a request would) and return once it is.
@@ -263,12 +250,12 @@ class SwapCoordinator(ModelLifecycle):
         if model is None:
             return  # removed, and out already
         if model.status == ModelStatus.FAILED:
-            self._transition(model, ModelStatus.UNLOADED)
+            model.transition(ModelStatus.UNLOADED)
         elif model.status == ModelStatus.SLEEPING:
             # Unloading a sleeping model stops its process (a first unload put it to sleep).
-            self._start_unload(model, full=True)
+            model.start_unload(full=True)
         elif model.status in (ModelStatus.LOADING, ModelStatus.LOADED):
-            model.draining = True
+            model.drain()
             self._schedule()
         await model.unloaded.wait()
 
@@ -277,7 +264,8 @@ class SwapCoordinator(ModelLifecycle):
 
         Unchanged models keep running, mid-request included. A changed model keeps serving
         until its next request, which restarts it with the new entry. A removed model stops
-        taking requests and unloads once idle. Service settings apply at once.
+        taking requests and unloads once idle. Service settings apply at once; a client's
+        keep_alive gives way to the new ttl.
         """
         old = self.config
         self.config = config
@@ -294,7 +282,7 @@ class SwapCoordinator(ModelLifecycle):
         summary: dict[str, list[str]] = {"added": [], "changed": [], "removed": [], "unchanged": []}
         for model_id in [m for m in self._models if m not in config.models]:
             model = self._models.pop(model_id)
-            model.removed = True
+            model.retire()
             self._fail_waiters(
                 model, ModelNotFound(f"The model {model_id!r} was removed from the config")
             )
@@ -306,21 +294,14 @@ class SwapCoordinator(ModelLifecycle):
         for model_id, entry in config.models.items():
             current = self._models.get(model_id)
             if current is None:
-                self._models[model_id] = self._new_model(model_id, config)
+                self._models[model_id] = self._new_runtime(model_id, config)
                 summary["added"].append(model_id)
-            elif entry == old.models[model_id] and not backend_settings_changed:
+                continue
+            current.keep_alive(None)
+            if entry == old.models[model_id] and not backend_settings_changed:
                 summary["unchanged"].append(model_id)
             else:
-                backend = self._make_backend(model_id, config)
-                backend.log_sink = current.log.append
-                if current.handle is None and current.status in (
-                    ModelStatus.UNLOADED,
-                    ModelStatus.FAILED,
-                ):
-                    self._spawn(current.backend.aclose(), f"close:{model_id}")
-                    current.backend, current.failures, current.retry_at = backend, 0, None
-                else:
-                    current.pending = backend  # swapped in when the running process stops
+                current.replace_backend(self._make_backend(model_id, config))
                 summary["changed"].append(model_id)
         self._names = config.names
         logger.info(
@@ -333,26 +314,13 @@ class SwapCoordinator(ModelLifecycle):
 
     async def wait_for_status(self, model_id: str, *statuses: ModelStatus) -> None:
         """Return once ``model_id`` is in one of ``statuses`` (an event, not a poll)."""
-        model = self._models[model_id]
-        if model.status not in statuses:
-            await self._next_status(model, frozenset(statuses))
+        await self._models[model_id].wait_for_status(*statuses)
 
-    async def _next_status(self, model: ModelRecord, statuses: frozenset[ModelStatus]) -> None:
-        """Wait for ``model``'s next transition into one of ``statuses``."""
-        future = asyncio.get_running_loop().create_future()
-        entry = (model, statuses, future)
-        self._status_waiters.append(entry)
-        try:
-            await future
-        finally:
-            with contextlib.suppress(ValueError):
-                self._status_waiters.remove(entry)
-
-    def _all_models(self) -> list[ModelRecord]:
+    def _all_models(self) -> list[ModelRuntime]:
         return [*self._models.values(), *self._retired]
 
-    def _holders(self) -> list[ModelRecord]:
-        return [m for m in self._all_models() if m.status in HOLDING_STATUSES]
+    def _holders(self) -> list[ModelRuntime]:
+        return [m for m in self._all_models() if m.holds_memory]
 
     @property
     def active_model(self) -> str | None:
@@ -363,11 +331,12 @@ class SwapCoordinator(ModelLifecycle):
     @property
     def resident_models(self) -> list[str]:
         """Models holding a slot (loading, loaded or unloading), in the order they started."""
-        holders = [m for m in self._all_models() if holds_slot(m)]
+        holders = [m for m in self._all_models() if m.holds_slot]
         return [m.id for m in sorted(holders, key=lambda m: m.started_seq)]
 
     def status(self) -> Snapshot:
-        """Every model's state and placement's accounting, in raw values (see :mod:`swapper.scheduling.snapshot`)."""
+        """Every model's state and placement's accounting, in raw values (see
+        :mod:`swapper.scheduling.snapshot`)."""
         placement = self.placement
         models = {}
         for model in self._models.values():
@@ -384,19 +353,13 @@ class SwapCoordinator(ModelLifecycle):
                 last_used=model.last_used,
                 failures=model.failures,
                 retry_at=model.retry_at,
-                vram_mb=(
-                    model.sleep_vram_mb
-                    if model.status == ModelStatus.SLEEPING
-                    else model.vram_mb
-                    if model.status == ModelStatus.LOADED
-                    else None
-                ),
+                vram_mb=model.shown_vram_mb,
                 predicted_vram_mb=placement.predicted_mb(model),
                 pinned=placement.pinned(model),
             )
         vram = VramSnapshot(
             budget_mb=placement.budget_mb,
-            committed_mb=sum(placement.charge_mb(m) for m in self._holders()),
+            committed_mb=sum(m.charge_mb for m in self._holders()),
             learned_mb=placement.sizes.snapshot(),
         )
         return Snapshot(
@@ -441,34 +404,53 @@ class SwapCoordinator(ModelLifecycle):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for model in self._all_models():
-            if model.status in (ModelStatus.LOADED, ModelStatus.SLEEPING):
-                self._transition(model, ModelStatus.UNLOADING)
-            await self._stop_backend(model)
-            if model.status == ModelStatus.UNLOADING:
-                self._transition(model, ModelStatus.UNLOADED)
+            await model.shut_down()
+
+    # -- the runtimes' host (see RuntimeHost) -------------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        """Shutting down: no new work, and unloads stop rather than sleep."""
+        return self._closing
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` as a background task that :meth:`close` cancels."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def reschedule(self) -> None:
+        """A runtime's state changed: take the decisions that allows."""
+        self._schedule()
+
+    def next_seq(self) -> int:
+        """The next number in arrival/start order."""
+        return next(self._seq)
+
+    def load_failed(self, runtime: ModelRuntime, error: Exception) -> None:
+        """A load failed: its queued requests get ``error``."""
+        self._fail_waiters(runtime, error)
+        self._schedule()
+
+    def retired(self, runtime: ModelRuntime) -> None:
+        """A model removed by a reload is out: forget it."""
+        self._retired.discard(runtime)
 
     # -- scheduling ---------------------------------------------------------------------------
 
-    def _may_admit(self, model: ModelRecord) -> bool:
-        """Fast path: the model is resident, takes requests, and no one it must let pass waits."""
-        if (
-            model.status != ModelStatus.LOADED
-            or model.draining
-            or model.queued
-            or model.pending is not None
-            or self._closing
-        ):
+    def _may_admit(self, model: ModelRuntime) -> bool:
+        """Fast path: the model takes requests, and no one it must let pass waits."""
+        if not model.takes_requests or model.queued or self._closing:
             return False
-        return model.evicting_for is None or self._overtaken < self.config.swapper.max_overtake
+        return model.eviction is None or self._overtaken < self.config.swapper.max_overtake
 
-    def _admit(self, model: ModelRecord) -> Lease:
-        model.in_flight += 1
-        if model.evicting_for is not None:
+    def _admit(self, model: ModelRuntime) -> Lease:
+        base_url = model.admit()
+        if model.eviction is not None:
             self._overtaken += 1
-            self._arm_drain(model)
-        self._disarm_idle(model)
-        assert model.handle is not None
-        return Lease(self, model, model.handle.base_url)
+            model.arm_drain()
+        return Lease(self, model, base_url)
 
     def _drop_waiter(self, waiter: Waiter) -> None:
         with contextlib.suppress(ValueError):
@@ -476,40 +458,11 @@ class SwapCoordinator(ModelLifecycle):
             waiter.model.queued -= 1
             self._queue_changed(waiter.model)
 
-    def _queue_changed(self, model: ModelRecord) -> None:
+    def _queue_changed(self, model: ModelRuntime) -> None:
         if self.events.subscribed:
             self.events.emit(
                 "queue", model=model.id, queued=model.queued, in_flight=model.in_flight
             )
-
-    def _release(self, model: ModelRecord, *, used: bool = True) -> None:
-        model.in_flight -= 1
-        if used:
-            model.last_used = time.time()
-        self._queue_changed(model)
-        if model.in_flight == 0:
-            self._arm_idle(model)
-            if self._waiters or model.draining or model.evicting_for is not None:
-                self._schedule()
-
-    def _ttl(self, model: ModelRecord) -> float:
-        ttl = self.config.models[model.id].ttl if model.id in self.config.models else None
-        return self.config.swapper.default_ttl if ttl is None else ttl
-
-    def _arm_idle(self, model: ModelRecord) -> None:
-        """Start the idle clock of a resident model with nothing in flight (ttl 0: never)."""
-        ttl = self._ttl(model)
-        if ttl <= 0 or model.status != ModelStatus.LOADED or model.in_flight:
-            return
-        self._disarm_idle(model)
-        model.idle_timer = asyncio.get_running_loop().call_later(ttl, self._idle_expired, model)
-
-    def _idle_expired(self, model: ModelRecord) -> None:
-        model.idle_timer = None
-        if model.status == ModelStatus.LOADED and not model.in_flight and not model.queued:
-            logger.info("%s idle for %gs (ttl); unloading", model.id, self._ttl(model))
-            model.draining = True
-            self._schedule()
 
     def _schedule(self) -> None:
         """Take every decision the current state allows; never awaits."""
@@ -518,25 +471,25 @@ class SwapCoordinator(ModelLifecycle):
         self._place()
         for model in self._all_models():
             if model.status == ModelStatus.SLEEPING and (model.removed or model.pending):
-                self._start_unload(model, full=True)  # a changed or removed model restarts
+                model.start_unload(full=True)  # a changed or removed model restarts
                 continue
             if model.status != ModelStatus.LOADED:
                 continue  # a load or unload is running; its end calls us again
             if model.removed or (model.pending is not None and model.queued):
                 # Removed by a reload: unload once idle. Changed by a reload: restart on next use.
-                model.draining = True
+                model.drain()
             if not model.draining:
                 self._admit_queued(model)
-            if model.in_flight == 0 and (model.draining or model.evicting_for is not None):
-                self._start_unload(model)
-            elif model.evicting_for is not None:
-                self._arm_drain(model)
+            if model.in_flight == 0 and (model.draining or model.eviction is not None):
+                model.start_unload()
+            elif model.eviction is not None:
+                model.arm_drain()
 
     def _place(self) -> None:
         """Start the loads that fit, in arrival order; the first that does not picks evictions."""
-        evictions: dict[ModelRecord, tuple[bool, ModelRecord]] = {}
+        evictions: dict[ModelRuntime, tuple[bool, ModelRuntime]] = {}
         blocked: Waiter | None = None
-        seen: set[ModelRecord] = set()
+        seen: set[ModelRuntime] = set()
         for waiter in list(self._waiters):
             model = waiter.model
             if model in seen or waiter.future.done():
@@ -552,7 +505,7 @@ class SwapCoordinator(ModelLifecycle):
                 self._fail_waiters(model, ModelUnavailable(plan.refuse))
                 continue
             if plan.start:
-                self._start_load(model, manual=waiter.manual)
+                model.start_load(manual=waiter.manual)
                 continue
             blocked = waiter
             for eviction in plan.evict:
@@ -564,91 +517,36 @@ class SwapCoordinator(ModelLifecycle):
         for model in self._all_models():
             chosen = evictions.get(model)
             if chosen is None:
-                if model.evicting_for is not None and model.status == ModelStatus.LOADED:
-                    model.evicting_for, model.stop_fully = None, False
-                    self._disarm_drain(model)
+                if model.eviction is not None and model.status == ModelStatus.LOADED:
+                    model.clear_eviction()
                 continue
             full, target = chosen
-            model.stop_fully = model.stop_fully or full
-            model.evicting_for = target
+            model.choose_for_eviction(target, full=full)
             if model.status == ModelStatus.SLEEPING:
-                self._start_unload(model, full=True)  # nothing to drain: out at once
+                model.start_unload(full=True)  # nothing to drain: out at once
 
-    def _arm_drain(self, model: ModelRecord) -> None:
-        """Start the drain deadline of a model chosen for eviction that still serves requests."""
-        if model.in_flight and model.drain_timer is None:
-            model.drain_timer = asyncio.get_running_loop().call_later(
-                self.config.swapper.drain_timeout, self._drain_expired, model
-            )
-
-    def _drain_expired(self, model: ModelRecord) -> None:
-        """An evicted model's requests ran past drain_timeout: cut them off, with a reason."""
-        model.drain_timer = None
-        target = model.evicting_for
-        if target is None or model.status != ModelStatus.LOADED or not model.in_flight:
-            return
-        timeout = self.config.swapper.drain_timeout
-        model.cut_reason = (
-            f"Model {model.id!r} was unloaded to make room for {target.id!r}: its requests did "
-            f"not finish within swapper.drain_timeout ({timeout:g}s)"
-        )
-        logger.warning(
-            "%s: %d request(s) still running after drain_timeout (%gs); cutting "
-            "them off to load %s",
-            model.id,
-            model.in_flight,
-            timeout,
-            target.id,
-        )
-        self._start_unload(model)
-
-    def _admit_queued(self, model: ModelRecord) -> None:
-        """Admit waiters for a resident model: earlier arrivals freely, later ones up to the bound."""
-        first_other = self._blocked_seq if model.evicting_for is not None else None
+    def _admit_queued(self, model: ModelRuntime) -> None:
+        """Admit waiters for a resident model: earlier arrivals freely, later ones up to the
+        bound, and never more in flight than its concurrency_limit."""
+        first_other = self._blocked_seq if model.eviction is not None else None
         bound = self.config.swapper.max_overtake
         for waiter in list(self._waiters):
             if waiter.model is not model or waiter.future.done():
                 continue  # another model's, or cancelled: its task drops it when it resumes
+            if model.at_limit:
+                return
             if first_other is not None and waiter.seq > first_other:
                 if self._overtaken >= bound:
                     return
                 self._overtaken += 1
             self._waiters.remove(waiter)
             model.queued -= 1
-            model.in_flight += 1
-            self._disarm_idle(model)
+            base_url = model.admit()
             self._queue_changed(model)
-            assert model.handle is not None
-            waiter.future.set_result(model.handle.base_url)
+            waiter.future.set_result(base_url)
 
-    def _fail_waiters(self, model: ModelRecord, error: Exception) -> None:
+    def _fail_waiters(self, model: ModelRuntime, error: Exception) -> None:
         for waiter in [w for w in self._waiters if w.model is model]:
             self._drop_waiter(waiter)
             if not waiter.future.done():
                 waiter.future.set_exception(error)
-
-    async def _settle_unreachable(self, model: ModelRecord, base_url: str) -> None:
-        """After a refused or reset connection: if the backend died, wait until that is noticed.
-
-        The watcher marks a dead backend FAILED, and the next acquire restarts it; a backend
-        still alive gets its request again on a fresh connection.
-        """
-        handle = model.handle
-        if handle is None or handle.base_url != base_url or model.status != ModelStatus.LOADED:
-            return  # noticed already: a restart (or another model) is on its way
-        try:
-            async with asyncio.timeout(self.config.timeouts.health):
-                await model.backend.wait_exit(handle)
-                while model.handle is handle and model.status == ModelStatus.LOADED:
-                    await self._next_status(model, frozenset(ModelStatus))
-        except TimeoutError:
-            pass  # it lives: a closed pooled connection, not a crash
-
-    def _next_seq(self) -> int:
-        return next(self._seq)
-
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
