@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from swapper.config import Config
 from swapper.errors import SwapperError
 from swapper.scheduling.coordinator import Lease, SwapCoordinator
-from swapper.scheduling.model_state import ModelStatus, Waiter
+from swapper.scheduling.model_state import PHASES, ModelStatus, Waiter
 from swapper.scheduling.runtime import ModelRuntime
 from tests.conftest import fake_config
 from tests.fakes import FakeGpu, FakeWorld
@@ -167,6 +167,10 @@ async def _run(
         # Processes that are up and not asleep: never more than the slots, at any moment.
         assert world.max_awake <= slots, (world.alive, world.asleep)
         assert world.max_held <= BUDGET, world.held
+        # Every model is in a phase its status declares (the table against use).
+        for model_id in coordinator.status().models:
+            runtime = coordinator.runtime(model_id)
+            assert runtime.phase in PHASES[runtime.status], (model_id, runtime.status)
 
     try:
         with coordinator.events.subscribe() as events:

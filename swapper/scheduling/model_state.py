@@ -71,7 +71,8 @@ class Phase(enum.StrEnum):
     PLAIN = "plain"
     #: LOADED: takes requests.
     SERVING = "serving"
-    #: LOADED: takes no new requests and unloads once idle (operator unload, ttl, reload).
+    #: LOADED (or LOADING): takes no new requests and unloads once idle (operator unload,
+    #: ttl, reload).
     DRAINING = "draining"
     #: LOADED: chosen to make room (an :class:`Eviction`); admits a bounded number of
     #: overtakers, then unloads once idle or at its drain deadline.
@@ -87,7 +88,8 @@ _P = Phase
 #: runtime checks it at every transition, and the placement fuzz test checks every step).
 PHASES: dict[ModelStatus, frozenset[Phase]] = {
     _S.UNLOADED: frozenset({_P.PLAIN}),
-    _S.LOADING: frozenset({_P.PLAIN}),
+    # an operator's unload while it loads: it unloads once loaded
+    _S.LOADING: frozenset({_P.PLAIN, _P.DRAINING}),
     _S.LOADED: frozenset({_P.SERVING, _P.DRAINING, _P.EVICTING}),
     _S.UNLOADING: frozenset({_P.STOPPING, _P.GOING_TO_SLEEP, _P.STOPPING_ASLEEP}),
     _S.SLEEPING: frozenset({_P.PLAIN}),
