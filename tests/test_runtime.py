@@ -27,6 +27,15 @@ pytestmark = pytest.mark.anyio
 _S = ModelStatus
 
 
+async def status_reached(coordinator: SwapCoordinator, model_id: str, status: ModelStatus) -> None:
+    """Wait for ``model_id`` to reach ``status``; fail (not hang) after a generous bound."""
+    try:
+        async with asyncio.timeout(30):
+            await coordinator.wait_for_status(model_id, status)
+    except TimeoutError:
+        raise AssertionError(f"{model_id} never became {status}") from None
+
+
 def test_the_phase_table_declares_every_status_and_exit() -> None:
     assert set(PHASES) == set(TRANSITIONS) == set(ModelStatus)
     assert set(EXIT_PHASES) == set(Exit)
@@ -64,7 +73,7 @@ async def test_every_declared_phase_is_reached_and_no_other(
     # An operator's unload while the model loads: DRAINING from LOADING on.
     world.queue("a", Behaviour.GATED)
     loading = asyncio.create_task(coordinator.load("a"))
-    await coordinator.wait_for_status("a", _S.LOADING)
+    await status_reached(coordinator, "a", _S.LOADING)
     unloading = asyncio.create_task(coordinator.unload("a"))
     await asyncio.sleep(0)  # one turn: the new task runs up to its wait (not a wait for time)
     assert coordinator.runtime("a").draining
@@ -104,7 +113,7 @@ async def test_keep_alive_zero_unloads_once_the_last_request_ends(
     lease.release()
     assert coordinator.model_status("a") == _S.LOADED  # one request still runs
     second.release()
-    await coordinator.wait_for_status("a", _S.UNLOADED)
+    await status_reached(coordinator, "a", _S.UNLOADED)
     assert world.events == [("start", "a"), ("stop", "a")]
 
 
@@ -114,7 +123,7 @@ async def test_keep_alive_zero_on_an_idle_model_unloads_it_now(
     coordinator = coordinator_factory(default_ttl=0)
     (await coordinator.acquire("a")).release()
     coordinator.keep_alive("a", 0)
-    await coordinator.wait_for_status("a", _S.UNLOADED)
+    await status_reached(coordinator, "a", _S.UNLOADED)
     # Until the model unloads: the next load is back on the configured ttl (never).
     (await coordinator.acquire("a")).release()
     assert coordinator.runtime("a").idle_timer is None
@@ -128,7 +137,7 @@ async def test_a_positive_keep_alive_is_the_idle_ttl_from_now_on(
     assert coordinator.runtime("a").idle_timer is None
     released = time.monotonic()
     coordinator.keep_alive("a", 0.2)
-    await coordinator.wait_for_status("a", _S.UNLOADED)
+    await status_reached(coordinator, "a", _S.UNLOADED)
     assert time.monotonic() - released >= 0.2
 
 
