@@ -16,15 +16,12 @@ at once when that model is resident, or queues it and schedules loads and evicti
 All scheduling decisions are taken synchronously in :meth:`SwapCoordinator._schedule` on the
 event loop, so there is no lock and no interleaving to reason about; loads and unloads run as
 tasks of each model's :class:`~swapper.scheduling.runtime.ModelRuntime`, which report back
-through the coordinator's :class:`~swapper.scheduling.runtime.RuntimeHost` methods.
+through the coordinator's :class:`~swapper.scheduling.host.RuntimeHost` methods.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
-import itertools
 import logging
 import math
 import time
@@ -40,13 +37,14 @@ from swapper.errors import (
     QueueFull,
     ServiceUnavailable,
 )
+from swapper.scheduling.admission import Admission
 from swapper.scheduling.events import EventBus
 from swapper.scheduling.lease import Lease
 from swapper.scheduling.logbook import ModelLog
 from swapper.scheduling.model_state import ModelStatus, Waiter
 from swapper.scheduling.placement import GpuView, Placement
 from swapper.scheduling.runtime import ModelRuntime
-from swapper.scheduling.snapshot import ModelLoad, ModelSnapshot, Snapshot, VramSnapshot
+from swapper.scheduling.snapshot import ModelLoad, Snapshot, VramSnapshot, model_snapshot
 
 __all__ = ["Lease", "ModelStatus", "SwapCoordinator"]
 
@@ -64,17 +62,14 @@ class SwapCoordinator:
         self._registry = registry
         #: Status changes, swaps, loads, unloads and queue changes, for metrics and /events.
         self.events = EventBus()
+        #: The queue, admission and the start/evict decisions.
+        self._admission = Admission(self, self.placement, self.events)
         self._models: dict[str, ModelRuntime] = {}
         #: Models removed by a reload that still hold a process until they unload.
         self._retired: set[ModelRuntime] = set()
         for model_id in config.models:
             self._models[model_id] = self._new_runtime(model_id, config)
         self._names = config.names
-        #: Overtakes granted past the first blocked waiter (``_blocked_seq``) so far.
-        self._overtaken = 0
-        self._blocked_seq: int | None = None
-        self._waiters: collections.deque[Waiter] = collections.deque()
-        self._seq = itertools.count()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
 
@@ -106,7 +101,7 @@ class SwapCoordinator:
 
     def waiting(self) -> list[Waiter]:
         """The queued requests, in arrival order."""
-        return list(self._waiters)
+        return self._admission.waiting()
 
     def background_tasks(self) -> list[asyncio.Task[Any]]:
         """The loads, unloads, watchers, probes and measurements running now."""
@@ -148,8 +143,8 @@ class SwapCoordinator:
         model = self._models.get(model_id)
         if model is None:
             raise ModelNotFound(f"The model {model_id!r} does not exist")
-        if self._may_admit(model):
-            return self._admit(model)
+        if self._admission.may_admit(model):
+            return Lease(self, model, self._admission.admit(model))
         if model.retry_at is not None:
             remaining = model.retry_at - time.monotonic()
             if remaining > 0:
@@ -161,15 +156,12 @@ class SwapCoordinator:
         refusal = self.placement.refusal(model)
         if refusal is not None:
             raise ModelUnavailable(refusal)
-        if len(self._waiters) >= self.config.swapper.max_queue:
+        if len(self._admission) >= self.config.swapper.max_queue:
             raise QueueFull(
-                f"{len(self._waiters)} requests are already waiting for models "
+                f"{len(self._admission)} requests are already waiting for models "
                 f"(swapper.max_queue); retry shortly"
             )
-        waiter = Waiter(model, next(self._seq), asyncio.get_running_loop().create_future(), manual)
-        self._waiters.append(waiter)
-        model.queued += 1
-        self._queue_changed(model)
+        waiter = self._admission.enqueue(model, manual=manual)
         self._schedule()
         return waiter
 
@@ -197,22 +189,23 @@ class SwapCoordinator:
                 self.release(ticket.model, used=False)  # admitted just as the client went away
         elif not future.done() or future.cancelled():
             future.cancel()  # (a cancelled awaiting task has cancelled it already)
-            self._drop_waiter(ticket)
+            self._admission.drop(ticket)
             self._schedule()
 
     def release(self, model: ModelRuntime, *, used: bool = True) -> None:
         """One admitted request to ``model`` ended (a :class:`Lease` calls this once)."""
         model.release(used=used)
-        self._queue_changed(model)
+        self._admission.queue_changed(model)
         if model.queued or (
-            model.in_flight == 0 and (self._waiters or model.draining or model.eviction is not None)
+            model.in_flight == 0
+            and (len(self._admission) or model.draining or model.eviction is not None)
         ):
             self._schedule()
 
     def admits_now(self, model_id: str) -> bool:
         """True when a request for ``model_id`` would be admitted without waiting."""
         model = self._models.get(model_id)
-        return model is not None and self._may_admit(model)
+        return model is not None and self._admission.may_admit(model)
 
     def keep_alive(self, model_id: str, seconds: float | None) -> None:
         """A client's keep_alive (Ollama's semantics) for ``model_id``, until it next unloads.
@@ -283,7 +276,7 @@ class SwapCoordinator:
         for model_id in [m for m in self._models if m not in config.models]:
             model = self._models.pop(model_id)
             model.retire()
-            self._fail_waiters(
+            self._admission.fail(
                 model, ModelNotFound(f"The model {model_id!r} was removed from the config")
             )
             if model.status not in (ModelStatus.UNLOADED, ModelStatus.FAILED):
@@ -338,25 +331,7 @@ class SwapCoordinator:
         """Every model's state and placement's accounting, in raw values (see
         :mod:`swapper.scheduling.snapshot`)."""
         placement = self.placement
-        models = {}
-        for model in self._models.values():
-            handle = model.handle
-            models[model.id] = ModelSnapshot(
-                status=model.status,
-                backend=model.backend.name,
-                pid=handle.pid if handle else None,
-                port=handle.port if handle else None,
-                loaded_at=model.loaded_at,
-                last_error=model.last_error,
-                in_flight=model.in_flight,
-                queued=model.queued,
-                last_used=model.last_used,
-                failures=model.failures,
-                retry_at=model.retry_at,
-                vram_mb=model.shown_vram_mb,
-                predicted_vram_mb=placement.predicted_mb(model),
-                pinned=placement.pinned(model),
-            )
+        models = {m.id: model_snapshot(m, placement) for m in self._models.values()}
         vram = VramSnapshot(
             budget_mb=placement.budget_mb,
             committed_mb=sum(m.charge_mb for m in self._holders()),
@@ -391,11 +366,7 @@ class SwapCoordinator:
         In-flight requests keep their backends until :meth:`close`.
         """
         self._closing = True
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            waiter.model.queued -= 1
-            if not waiter.future.done():
-                waiter.future.set_exception(ServiceUnavailable("swapper is shutting down"))
+        self._admission.fail_all(ServiceUnavailable("swapper is shutting down"))
 
     async def close(self) -> None:
         """Refuse new work, fail queued requests and stop every backend."""
@@ -426,127 +397,17 @@ class SwapCoordinator:
 
     def next_seq(self) -> int:
         """The next number in arrival/start order."""
-        return next(self._seq)
+        return self._admission.next_seq()
 
     def load_failed(self, runtime: ModelRuntime, error: Exception) -> None:
         """A load failed: its queued requests get ``error``."""
-        self._fail_waiters(runtime, error)
+        self._admission.fail(runtime, error)
         self._schedule()
 
     def retired(self, runtime: ModelRuntime) -> None:
         """A model removed by a reload is out: forget it."""
         self._retired.discard(runtime)
 
-    # -- scheduling ---------------------------------------------------------------------------
-
-    def _may_admit(self, model: ModelRuntime) -> bool:
-        """Fast path: the model takes requests, and no one it must let pass waits."""
-        if not model.takes_requests or model.queued or self._closing:
-            return False
-        return model.eviction is None or self._overtaken < self.config.swapper.max_overtake
-
-    def _admit(self, model: ModelRuntime) -> Lease:
-        base_url = model.admit()
-        if model.eviction is not None:
-            self._overtaken += 1
-            model.arm_drain()
-        return Lease(self, model, base_url)
-
-    def _drop_waiter(self, waiter: Waiter) -> None:
-        with contextlib.suppress(ValueError):
-            self._waiters.remove(waiter)
-            waiter.model.queued -= 1
-            self._queue_changed(waiter.model)
-
-    def _queue_changed(self, model: ModelRuntime) -> None:
-        if self.events.subscribed:
-            self.events.emit(
-                "queue", model=model.id, queued=model.queued, in_flight=model.in_flight
-            )
-
     def _schedule(self) -> None:
-        """Take every decision the current state allows; never awaits."""
-        if self._closing:
-            return
-        self._place()
-        for model in self._all_models():
-            if model.status == ModelStatus.SLEEPING and (model.removed or model.pending):
-                model.start_unload(full=True)  # a changed or removed model restarts
-                continue
-            if model.status != ModelStatus.LOADED:
-                continue  # a load or unload is running; its end calls us again
-            if model.removed or (model.pending is not None and model.queued):
-                # Removed by a reload: unload once idle. Changed by a reload: restart on next use.
-                model.drain()
-            if not model.draining:
-                self._admit_queued(model)
-            if model.in_flight == 0 and (model.draining or model.eviction is not None):
-                model.start_unload()
-            elif model.eviction is not None:
-                model.arm_drain()
-
-    def _place(self) -> None:
-        """Start the loads that fit, in arrival order; the first that does not picks evictions."""
-        evictions: dict[ModelRuntime, tuple[bool, ModelRuntime]] = {}
-        blocked: Waiter | None = None
-        seen: set[ModelRuntime] = set()
-        for waiter in list(self._waiters):
-            model = waiter.model
-            if model in seen or waiter.future.done():
-                continue
-            seen.add(model)
-            if model.status in (ModelStatus.LOADING, ModelStatus.LOADED):
-                continue
-            if model.status == ModelStatus.UNLOADING:
-                blocked = waiter  # it loads again once it is out
-                break
-            plan = self.placement.plan(model, self._holders())
-            if plan.refuse is not None:  # the budget shrank under it (a reload)
-                self._fail_waiters(model, ModelUnavailable(plan.refuse))
-                continue
-            if plan.start:
-                model.start_load(manual=waiter.manual)
-                continue
-            blocked = waiter
-            for eviction in plan.evict:
-                evictions[eviction.model] = (eviction.full, model)
-            break
-        seq = blocked.seq if blocked is not None else None
-        if seq != self._blocked_seq:
-            self._blocked_seq, self._overtaken = seq, 0
-        for model in self._all_models():
-            chosen = evictions.get(model)
-            if chosen is None:
-                if model.eviction is not None and model.status == ModelStatus.LOADED:
-                    model.clear_eviction()
-                continue
-            full, target = chosen
-            model.choose_for_eviction(target, full=full)
-            if model.status == ModelStatus.SLEEPING:
-                model.start_unload(full=True)  # nothing to drain: out at once
-
-    def _admit_queued(self, model: ModelRuntime) -> None:
-        """Admit waiters for a resident model: earlier arrivals freely, later ones up to the
-        bound, and never more in flight than its concurrency_limit."""
-        first_other = self._blocked_seq if model.eviction is not None else None
-        bound = self.config.swapper.max_overtake
-        for waiter in list(self._waiters):
-            if waiter.model is not model or waiter.future.done():
-                continue  # another model's, or cancelled: its task drops it when it resumes
-            if model.at_limit:
-                return
-            if first_other is not None and waiter.seq > first_other:
-                if self._overtaken >= bound:
-                    return
-                self._overtaken += 1
-            self._waiters.remove(waiter)
-            model.queued -= 1
-            base_url = model.admit()
-            self._queue_changed(model)
-            waiter.future.set_result(base_url)
-
-    def _fail_waiters(self, model: ModelRuntime, error: Exception) -> None:
-        for waiter in [w for w in self._waiters if w.model is model]:
-            self._drop_waiter(waiter)
-            if not waiter.future.done():
-                waiter.future.set_exception(error)
+        if not self._closing:
+            self._admission.schedule(self._all_models())

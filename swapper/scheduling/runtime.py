@@ -5,7 +5,8 @@ A :class:`ModelRuntime` owns everything about one model that changes over time: 
 idle and drain timers, its eviction and exit plan, and the one :meth:`ModelRuntime.transition`
 through which its status changes. The coordinator decides *what* loads and unloads and when;
 it drives runtimes through their public methods, and they report back through the small
-:class:`RuntimeHost` interface (reschedule, spawn a task, a failed load, a retired model).
+:class:`~swapper.scheduling.host.RuntimeHost` interface (reschedule, spawn a task, a failed
+load, a retired model).
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
-from typing import Any, Protocol
 
 from swapper.backends.contract import Backend, BackendHandle
-from swapper.config import Config
 from swapper.scheduling.driver import BackendDriver
 from swapper.scheduling.events import EventBus
+from swapper.scheduling.host import RuntimeHost
 from swapper.scheduling.logbook import ModelLog
 from swapper.scheduling.model_state import (
     EXIT_PHASES,
@@ -33,7 +32,7 @@ from swapper.scheduling.model_state import (
 from swapper.scheduling.placement import Placement
 from swapper.scheduling.runtime_tasks import RuntimeTasks
 
-__all__ = ["SLOT_STATUSES", "ModelRuntime", "RuntimeHost"]
+__all__ = ["SLOT_STATUSES", "ModelRuntime"]
 
 logger = logging.getLogger("swapper.coordinator")
 
@@ -42,37 +41,6 @@ _S = ModelStatus
 SLOT_STATUSES = frozenset({_S.LOADING, _S.LOADED, _S.UNLOADING})
 #: Statuses whose process holds VRAM.
 HOLDING_STATUSES = SLOT_STATUSES | {_S.SLEEPING}
-
-
-class RuntimeHost(Protocol):
-    """What a runtime needs from its coordinator."""
-
-    config: Config
-
-    @property
-    def closing(self) -> bool:
-        """Shutting down: unloads stop rather than sleep."""
-        ...
-
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        """Run ``coro`` as a tracked background task (cancelled on close)."""
-        ...
-
-    def reschedule(self) -> None:
-        """Take the decisions the runtime's new state allows."""
-        ...
-
-    def next_seq(self) -> int:
-        """The next number of the coordinator's arrival/start order."""
-        ...
-
-    def load_failed(self, runtime: ModelRuntime, error: Exception) -> None:
-        """``runtime`` failed to load: answer its queued requests with ``error``."""
-        ...
-
-    def retired(self, runtime: ModelRuntime) -> None:
-        """A model removed by a reload is out: forget it."""
-        ...
 
 
 class ModelRuntime:
@@ -449,29 +417,4 @@ class ModelRuntime:
 
     def arm_drain(self) -> None:
         """Start the drain deadline of a model chosen for eviction that still serves requests."""
-        eviction = self.eviction
-        if eviction is not None and self.in_flight and eviction.deadline is None:
-            eviction.deadline = asyncio.get_running_loop().call_later(
-                self.host.config.swapper.drain_timeout, self._drain_expired, eviction
-            )
-
-    def _drain_expired(self, eviction: Eviction) -> None:
-        """An evicted model's requests ran past drain_timeout: cut them off, with a reason."""
-        eviction.deadline = None
-        if self.eviction is not eviction or self.status != _S.LOADED or not self.in_flight:
-            return
-        timeout = self.host.config.swapper.drain_timeout
-        target = eviction.target.id
-        self.cut_reason = (
-            f"Model {self.id!r} was unloaded to make room for {target!r}: its requests did "
-            f"not finish within swapper.drain_timeout ({timeout:g}s)"
-        )
-        logger.warning(
-            "%s: %d request(s) still running after drain_timeout (%gs); cutting "
-            "them off to load %s",
-            self.id,
-            self.in_flight,
-            timeout,
-            target,
-        )
-        self.start_unload()
+        self.tasks.arm_drain()

@@ -1,5 +1,6 @@
 """The background tasks of one :class:`~swapper.scheduling.runtime.ModelRuntime`: load (or
-wake), unload (sleep or stop), watch the process, probe a silent backend, measure its VRAM.
+wake), unload (sleep or stop), watch the process, probe a silent backend, measure its VRAM,
+and the drain deadline of an evicted model.
 
 Each task drives the runtime's :class:`~swapper.scheduling.driver.BackendDriver` and records the
 outcome through the runtime's public :meth:`transition`; it tells the coordinator through the
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from swapper.backends.contract import BackendHandle, Unloaded
 from swapper.errors import ModelUnavailable
-from swapper.scheduling.model_state import Exit, ModelStatus
+from swapper.scheduling.model_state import Eviction, Exit, ModelStatus
 
 if TYPE_CHECKING:
     from swapper.scheduling.runtime import ModelRuntime
@@ -37,6 +38,37 @@ class RuntimeTasks:
         self.watcher: asyncio.Task[None] | None = None
         #: A frozen-backend probe is running.
         self.probing = False
+
+    def arm_drain(self) -> None:
+        """Start the drain deadline of a model chosen for eviction that still serves requests."""
+        rt = self.runtime
+        eviction = rt.eviction
+        if eviction is not None and rt.in_flight and eviction.deadline is None:
+            eviction.deadline = asyncio.get_running_loop().call_later(
+                rt.host.config.swapper.drain_timeout, self._drain_expired, eviction
+            )
+
+    def _drain_expired(self, eviction: Eviction) -> None:
+        """An evicted model's requests ran past drain_timeout: cut them off, with a reason."""
+        rt = self.runtime
+        eviction.deadline = None
+        if rt.eviction is not eviction or rt.status != _S.LOADED or not rt.in_flight:
+            return
+        timeout = rt.host.config.swapper.drain_timeout
+        target = eviction.target.id
+        rt.cut_reason = (
+            f"Model {rt.id!r} was unloaded to make room for {target!r}: its requests did "
+            f"not finish within swapper.drain_timeout ({timeout:g}s)"
+        )
+        logger.warning(
+            "%s: %d request(s) still running after drain_timeout (%gs); cutting "
+            "them off to load %s",
+            rt.id,
+            rt.in_flight,
+            timeout,
+            target,
+        )
+        rt.start_unload()
 
     async def load(self, reason: str, waking: bool) -> None:
         """LOADING → LOADED (or FAILED): wake, or wait for memory and start until ready."""
