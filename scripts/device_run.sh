@@ -95,7 +95,7 @@ for name in ("litestar", "msgspec", "uvicorn", "yaml", "prometheus_client", "htt
         missing.append(name)
         print(f"  {name:18} MISSING: {type(exc).__name__}: {exc}")
 if not missing:
-    from swapper.plugins import load_backends
+    from swapper.backends.registry import load_backends
     registry = load_backends()
     print("backends:", ", ".join(f"{n} ({registry.sources[n]})" for n in sorted(registry.backends)))
     if registry.failures:

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
-import yaml
 
+from swapper.config_source import describe_validation_error, expand_env, read_yaml
 from swapper.errors import ConfigError
 
 __all__ = [
@@ -149,6 +147,8 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_connections: int = 4096
     #: One log line per request (method, path, status, model, duration, bytes, request id).
     access_log: bool = True
+    #: True: ``/v1/models`` lists every alias as an entry of its own too.
+    list_aliases: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -206,6 +206,14 @@ class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     pinned: bool | None = None
     #: Most requests in flight to this model at once; more wait in the queue. None: no limit.
     concurrency_limit: int | None = None
+    #: Variables set in the backend process's environment, on top of swapper's own.
+    env: dict[str, str] = {}
+    #: Top-level keys removed from every request body sent to this model.
+    strip_params: list[str] = []
+    #: Top-level keys set in every request body that does not already have them.
+    set_params: dict[str, Any] = {}
+    #: True: left out of ``/v1/models``, but still served by its id and aliases.
+    unlisted: bool = False
 
 
 class _RawModelEntry(msgspec.Struct, frozen=True):
@@ -236,77 +244,6 @@ class Config(msgspec.Struct, frozen=True):
         return self.names.get(name)
 
 
-_MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.DOTALL)
-
-
-def _describe(error: msgspec.ValidationError, prefix: str) -> str:
-    """Turn msgspec's message into ``$.key.path: what is wrong``."""
-    match = _MSGSPEC_PATH.match(str(error))
-    assert match is not None  # the pattern matches any string
-    message, path = match["msg"], match["path"] or "$"
-    path = prefix + path[1:]
-    non_string_key = re.match(r"Expected `str`, got `(\w+)` - at `key` in `(\$[^`]*)`", str(error))
-    if non_string_key:
-        return f"{prefix}{non_string_key[2][1:]}: keys must be strings, got {non_string_key[1]}"
-    unknown = re.match(r"Object contains unknown field `(.*)`", message, re.DOTALL)
-    if unknown:
-        return f"{path}.{unknown[1]}: unknown key"
-    missing = re.match(r"Object missing required field `(.*)`", message, re.DOTALL)
-    if missing:
-        return f"{path}.{missing[1]}: required key is missing"
-    # Cross-field checks in __post_init__ say "key: problem"; move the key into the path.
-    keyed = re.match(r"(?P<key>[a-z_]+): (?P<problem>.*)", message, re.DOTALL)
-    if keyed:
-        return f"{path}.{keyed['key']}: {keyed['problem']}"
-    message = message.replace("`", "").replace(" | null", "")
-    message = message.replace("Expected object", "expected a mapping")
-    return f"{path}: {message[:1].lower()}{message[1:]}"
-
-
-_ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
-#: A config is small; these bounds turn self-referencing or exploding YAML aliases into errors.
-_MAX_DEPTH = 64
-_MAX_NODES = 100_000
-
-
-def _expand_env(
-    node: Any, path: str, source: str, budget: list[int] | None = None, depth: int = 0
-) -> Any:
-    """Replace ``${env:NAME}`` in every string with the variable's value (secrets stay out of files)."""
-    budget = [_MAX_NODES] if budget is None else budget
-    budget[0] -= 1
-    if depth > _MAX_DEPTH:
-        raise ConfigError(
-            f"{source}: {path}: nested deeper than {_MAX_DEPTH} levels "
-            "(a YAML alias that refers to itself?)"
-        )
-    if budget[0] < 0:
-        raise ConfigError(f"{source}: more than {_MAX_NODES} values (YAML aliases expanding?)")
-    if isinstance(node, str):
-
-        def value(match: re.Match[str]) -> str:
-            name = match[1]
-            found = os.environ.get(name)
-            # Empty counts as missing: an empty key must never quietly become "no key".
-            if not found:
-                state = "not set" if found is None else "empty"
-                raise ConfigError(f"{source}: {path}: environment variable {name} is {state}")
-            return found
-
-        return _ENV_REF.sub(value, node)
-    if isinstance(node, dict):
-        return {
-            key: _expand_env(item, f"{path}.{key}", source, budget, depth + 1)
-            for key, item in node.items()
-        }
-    if isinstance(node, list):
-        return [
-            _expand_env(item, f"{path}[{i}]", source, budget, depth + 1)
-            for i, item in enumerate(node)
-        ]
-    return node
-
-
 def _valid_name(name: str) -> bool:
     """Model ids and aliases: what a client can send as ``model`` and see in a URL path."""
     return bool(name) and name.isprintable() and not any(c.isspace() or c == "/" for c in name)
@@ -316,11 +253,11 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
     """Validate an already-parsed YAML tree. ``backends`` maps backend names to their schemas."""
     if data is None:
         raise ConfigError(f"{source}: the file is empty")
-    data = _expand_env(data, "$", source)
+    data = expand_env(data, "$", source)
     try:
         raw = msgspec.convert(data, _RawConfig)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc, '$')}") from None
+        raise ConfigError(f"{source}: {describe_validation_error(exc, '$')}") from None
 
     models: dict[str, ModelEntry] = {}
     names: dict[str, str] = {}
@@ -333,7 +270,7 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
         try:
             backend = msgspec.convert(entry, _RawModelEntry).backend
         except msgspec.ValidationError as exc:
-            raise ConfigError(f"{source}: {_describe(exc, where)}") from None
+            raise ConfigError(f"{source}: {describe_validation_error(exc, where)}") from None
         schema = backends.get(backend)
         if schema is None:
             known = ", ".join(sorted(backends)) or "none installed"
@@ -343,7 +280,7 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
         try:
             models[model_id] = msgspec.convert(entry, schema)
         except msgspec.ValidationError as exc:
-            raise ConfigError(f"{source}: {_describe(exc, where)}") from None
+            raise ConfigError(f"{source}: {describe_validation_error(exc, where)}") from None
         ttl = models[model_id].ttl  # checked here: a plugin's __post_init__ may not call ours
         if ttl is not None and not (math.isfinite(ttl) and ttl >= 0):
             raise ConfigError(f"{source}: {where}.ttl: must be a number >= 0 (0 = never)")
@@ -353,6 +290,19 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
         limit = models[model_id].concurrency_limit
         if limit is not None and limit < 1:
             raise ConfigError(f"{source}: {where}.concurrency_limit: must be an integer >= 1")
+        for name, value in models[model_id].env.items():
+            if not name or "=" in name or "\x00" in name:
+                raise ConfigError(
+                    f"{source}: {where}.env: {name!r} cannot name an environment variable "
+                    "(it must be non-empty, without '=' or NUL)"
+                )
+            if "\x00" in value:
+                raise ConfigError(f"{source}: {where}.env.{name}: a value cannot hold NUL")
+        if "model" in models[model_id].strip_params or "model" in models[model_id].set_params:
+            raise ConfigError(
+                f"{source}: {where}: strip_params and set_params must not name 'model' "
+                "(swapper routes by it; use aliases or the backend's upstream name)"
+            )
         for index, alias in enumerate(models[model_id].aliases):
             if not _valid_name(alias):
                 raise ConfigError(
@@ -389,21 +339,7 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
 
 def load_config(path: str | Path, backends: Mapping[str, type[ModelEntry]]) -> Config:
     """Read and validate a YAML config file; every problem is a one-line ConfigError."""
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{source}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{source}: cannot read: {exc}") from None
-    try:
-        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(f"{source}: invalid YAML: {where}{problem}") from None
-    return parse_config(data, source, backends)
+    return parse_config(read_yaml(path), str(path), backends)
 
 
 def is_loopback(host: str) -> bool:

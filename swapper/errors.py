@@ -7,6 +7,7 @@ layer turns them into OpenAI error JSON; nothing else reaches a client.
     SwapperError
     ├── ConfigError               bad configuration: one line for the operator (400 on reload)
     ├── PluginError               a backend plugin broke the contract
+    ├── BackendError              a backend could not start, load, unload, sleep or wake a model
     ├── InvalidRequest            400: malformed body, missing ``model``
     │   └── UnsupportedMediaType  415: a Content-Type other than JSON
     ├── ModelNotFound             404: no such model or alias
@@ -25,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "BackendError",
     "BackendFailure",
     "BackendTimeout",
     "BackendUnreachable",
@@ -87,6 +89,18 @@ class ConfigError(SwapperError):
 
 class PluginError(SwapperError):
     """A backend plugin that broke the plugin contract; the message names the plugin."""
+
+
+class BackendError(SwapperError):
+    """What a backend plugin raises when it cannot do what was asked (start, load, unload,
+    sleep, wake): the message says why, in the backend's own words where it gave any.
+
+    The coordinator records the message as the model's ``last_error`` (a failed load: clients
+    then get :class:`ModelUnavailable`), so it is one line or a line and the backend's output.
+    """
+
+    status_code = 502
+    code = "backend_error"
 
 
 class InvalidRequest(SwapperError):

@@ -168,6 +168,16 @@ def test_seed_models_are_in_the_gpu_config() -> None:
             'aliases: ["qwen3\\x00"]',
             "$.models.qwen3-8b.aliases[0]: an alias must",
         ),
+        # env: names and values a process environment can hold; YAML numbers must be quoted.
+        ("aliases: [qwen3]", 'env: {"A=B": "1"}', "$.models.qwen3-8b.env: 'A=B' cannot name"),
+        ("aliases: [qwen3]", 'env: {"": "1"}', "$.models.qwen3-8b.env: '' cannot name an"),
+        (
+            "aliases: [qwen3]",
+            "env: {CUDA_VISIBLE_DEVICES: 0}",
+            "$.models.qwen3-8b.env[...]: expected str, got int",
+        ),
+        ("aliases: [qwen3]", 'env: {A: "x\\x00"}', "$.models.qwen3-8b.env.A: a value cannot"),
+        ("aliases: [qwen3]", "env: [A]", "$.models.qwen3-8b.env: expected a mapping, got array"),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path: Path, old: str, new: str, expected: str) -> None:

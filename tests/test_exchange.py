@@ -95,6 +95,7 @@ def _state(coordinator: SwapCoordinator, upstream: FakeUpstream) -> Any:
         metrics=metrics,
         stopping=asyncio.Event(),
         config=SimpleNamespace(swapper=swapper),
+        catalog=SimpleNamespace(shaping={}),  # (H3, issue 11: models' request shaping; none)
     )
 
 

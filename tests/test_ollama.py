@@ -93,6 +93,8 @@ def test_a_chat_through_an_ollama_swapper_runs_itself(
             "serve": True,
             "binary": OLLAMA,
             "vram_mb": 1000,
+            # Reaches ollama serve, except the address: swapper picks the port.
+            "env": {"OLLAMA_DEBUG": "1", "OLLAMA_HOST": "0.0.0.0:11434"},
         }
     }  # an estimate, to be replaced
     swapper = swapper_factory(models=models, env={"FAKE_OLLAMA_MODELS": PULLED})
@@ -105,6 +107,10 @@ def test_a_chat_through_an_ollama_swapper_runs_itself(
     status = swapper.model("qwen")
     assert status["status"] == "LOADED" and status["backend"] == "ollama"
     ollama_url = f"http://127.0.0.1:{status['port']}"
+    child_env = Path(f"/proc/{status['pid']}/environ").read_bytes().split(b"\0")
+    assert b"OLLAMA_DEBUG=1" in child_env
+    assert f"OLLAMA_HOST=127.0.0.1:{status['port']}".encode() in child_env
+    assert b"OLLAMA_KEEP_ALIVE=-1" in child_env
     loaded = ps(ollama_url)
     assert list(loaded) == ["qwen3:8b"]
     # Measured through Ollama's own size_vram, and kept for the next start.
@@ -157,6 +163,9 @@ def test_a_swap_unloads_from_ollama_before_the_next_model_loads(
     # "llama3.2" is "llama3.2:latest" to Ollama; the client still sees swapper's id.
     assert answer.model == "llama"
     assert answer.choices[0].message.content == "ollama llama3.2:latest says: b"
+    # An Ollama swapper does not run (serve: false) is no process of swapper's: no pid, no port.
+    loaded = swapper.model("llama")
+    assert loaded["status"] == "LOADED" and loaded["pid"] is None and loaded["port"] is None
     # Single-active: qwen was unloaded (and gone from /api/ps) before llama loaded.
     assert list(ps(external_ollama)) == ["llama3.2:latest"]
     assert swapper.model("qwen")["status"] == "UNLOADED"

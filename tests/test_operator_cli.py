@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from swapper import operator_cli
+from swapper import operator_cli, operator_client, operator_format
 from swapper.cli import main
 from tests.conftest import free_port, tiny_model, wait_until
 
@@ -147,20 +147,20 @@ def test_notes_name_failed_models_and_the_gpus() -> None:
         },
     }
     retry = dt.datetime(2025, 1, 1, 12, 0, 30, tzinfo=dt.UTC).astimezone()
-    assert operator_cli._notes(doc) == [
+    assert operator_format.notes(doc) == [
         f"x: load failed: boom (next try at {retry:%H:%M:%S})",
         "gpu 0 NVIDIA H100: 1024 of 81559 MiB used, 80535 MiB free",
     ]
-    assert operator_cli._notes({"models": {}, "gpu": {"available": False, "gpus": []}}) == [
+    assert operator_format.notes({"models": {}, "gpu": {"available": False, "gpus": []}}) == [
         "gpu: none visible to swapper"
     ]
-    assert operator_cli._notes({"models": {}}) == []  # a swapper that reports no GPUs
+    assert operator_format.notes({"models": {}}) == []  # a swapper that reports no GPUs
 
 
 def test_plain_progress_prints_at_most_once_a_second() -> None:
     out = io.StringIO()
     console = Console(file=out, force_terminal=False)
-    with operator_cli._Progress(console, "loading", "m") as progress:
+    with operator_format.Progress(console, "loading", "m") as progress:
         for tenth in range(1, 26):
             progress.update("LOADING", tenth / 10)
     assert out.getvalue().splitlines() == [
@@ -181,7 +181,7 @@ def test_server_sent_events_yield_data_and_skip_pings() -> None:
         ": ping",
         "",
     ]
-    assert list(operator_cli._sse_data(iter(lines))) == ['{"line": "one"}', '{"line": "two"}']
+    assert list(operator_client.sse_data(iter(lines))) == ['{"line": "one"}', '{"line": "two"}']
 
 
 # -- command line, without a swapper --------------------------------------------------------------
@@ -423,5 +423,5 @@ def test_the_header_lists_every_resident_model_in_multi_active_mode() -> None:
             "c": model("SLEEPING", pid=43),
         },
     }
-    assert operator_cli._header(doc) == "mode: multi-active  resident: a, b"
+    assert operator_format.header(doc) == "mode: multi-active  resident: a, b"
     assert operator_cli.status_rows(doc, NOW)[2][:4] == ["c", "SLEEPING", "llamacpp", "43"]

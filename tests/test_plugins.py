@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,11 +14,13 @@ from typing import Any
 import pytest
 from swapper_llamacpp import LlamaCppBackend, LlamaCppModel
 
+import swapper.backends
 from swapper.backends import hookspecs
 from swapper.backends.contract import Backend, BackendHandle, BackendSettings
 from swapper.backends.registry import load_backends
-from swapper.config import ModelEntry
-from swapper.errors import PluginError
+from swapper.config import ModelEntry, parse_config
+from swapper.errors import BackendError, ModelUnavailable, PluginError, SwapperError
+from swapper.scheduling.coordinator import SwapCoordinator
 
 
 def _hookspecs() -> set[str]:
@@ -188,3 +191,80 @@ def test_logged_command_lines_hide_secrets() -> None:
         "-m",
         "x.gguf",
     ]
+
+
+def test_the_plugin_api_is_exported_from_swapper_backends() -> None:
+    # Third-party plugins import these names from here (tests/plugins/swapper-example-backend).
+    for name in ("Backend", "BackendError", "BackendHandle", "SubprocessBackend", "hookimpl"):
+        assert name in swapper.backends.__all__ and hasattr(swapper.backends, name)
+    assert swapper.backends.BackendError is BackendError
+    assert issubclass(BackendError, SwapperError)
+
+
+class _Typed(ModelEntry, frozen=True, kw_only=True):
+    greeting: str
+    #: What start raises: a plugin's BackendError, or the RuntimeError plugins raised before.
+    error: str = "BackendError"
+
+
+class _TypedBackend(Backend[_Typed]):
+    """Reads its own entry's keys with no isinstance check: the class is generic over it."""
+
+    name = "typed"
+    entry_type = _Typed
+
+    async def start(self) -> BackendHandle:
+        error = BackendError if self.entry.error == "BackendError" else RuntimeError
+        raise error(f"refused: {self.entry.greeting}")
+
+    async def ready(self, handle: BackendHandle) -> bool:
+        return True
+
+    async def stop(self, handle: BackendHandle) -> None:
+        return None
+
+    async def alive(self, handle: BackendHandle) -> bool:
+        return True
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("error", ["BackendError", "RuntimeError"])
+async def test_a_backend_error_fails_the_load_with_the_plugins_message(
+    tmp_path: Path, error: str
+) -> None:
+    registry = load_backends(_plugin(_TypedBackend))
+    config = parse_config(
+        {
+            "swapper": {"gpu_enabled": False, "state_file": str(tmp_path / "state.json")},
+            "models": {"t": {"backend": "typed", "greeting": "no GPU for you", "error": error}},
+        },
+        "typed.yaml",
+        registry.schemas(),
+    )
+    coordinator = SwapCoordinator(config, registry, None)
+    try:
+        with pytest.raises(ModelUnavailable) as info:
+            await coordinator.acquire("t")
+        # Reported as a RuntimeError always was: the plugin's message, no class name added.
+        assert info.value.message.endswith(": refused: no GPU for you")
+        assert info.value.code == "model_unavailable"
+        assert coordinator.status().models["t"].last_error == "load failed: refused: no GPU for you"
+    finally:
+        await coordinator.close()
+
+
+def test_the_documented_plugin_example_registers_and_builds_its_command(tmp_path: Path) -> None:
+    docs = (Path(__file__).parent.parent / "docs" / "backends.md").read_text()
+    section = docs.split("## Writing a backend plugin", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert code is not None, "docs/backends.md lost its plugin example"
+    namespace: dict[str, Any] = {"__name__": "docs_example"}
+    exec(compile(code.group(1), "docs/backends.md", "exec"), namespace)
+    registry = load_backends(_plugin(namespace["MyBackend"]))
+    config = parse_config(
+        {"models": {"m": {"backend": "mine", "binary": "/bin/srv", "model_path": "/m.bin"}}},
+        "docs.yaml",
+        registry.schemas(),
+    )
+    backend = registry.backends["mine"]("m", config.models["m"], BackendSettings())
+    assert backend.command(7) == ["/bin/srv", "--model", "/m.bin", "--port", "7"]

@@ -29,13 +29,24 @@ def readme_plugin(tmp_path: Path) -> ModuleType:
     section = readme.split("## Write your own backend", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.DOTALL)
     assert code is not None, "the README lost its plugin example"
-    path = tmp_path / "swapper_command.py"
+    path = tmp_path / "swapper_readme_example.py"
     path.write_text(code.group(1))
-    spec = importlib.util.spec_from_file_location("swapper_command", path)
+    spec = importlib.util.spec_from_file_location("swapper_readme_example", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def kind_of(plugin: ModuleType) -> str:
+    """The backend kind the README's plugin registers (whatever the README names it)."""
+    kinds = [
+        name
+        for name, cls in load_backends(plugin).backends.items()
+        if cls.__module__ == plugin.__name__
+    ]
+    assert len(kinds) == 1, f"the README's plugin registers {kinds}, not one backend"
+    return kinds[0]
 
 
 @pytest.fixture
@@ -48,7 +59,7 @@ async def client(
             "swapper": {"gpu_enabled": False, "model_swap_timeout": 30, "stop_timeout": 5},
             "models": {
                 "my-model": {
-                    "backend": "command",
+                    "backend": kind_of(readme_plugin),
                     "command": [
                         llama_server,
                         "-m",
@@ -74,18 +85,23 @@ async def client(
 
 def test_readme_plugin_registers_its_backend(readme_plugin: ModuleType) -> None:
     registry = load_backends(readme_plugin)
-    assert {"llamacpp", "command"} <= set(registry.backends)
-    assert registry.backends["command"].__module__ == "swapper_command"
+    kind = kind_of(readme_plugin)
+    assert "llamacpp" in registry.backends
     with pytest.raises(ConfigError, match=r"\$\.models\.m\.command: required key is missing"):
-        parse_config({"models": {"m": {"backend": "command"}}}, "x.yaml", registry.schemas())
+        parse_config({"models": {"m": {"backend": kind}}}, "x.yaml", registry.schemas())
+    # The README's config example names the kind its plugin registers.
+    section = (ROOT / "README.md").read_text().split("## Write your own backend", 1)[1]
+    assert f"backend: {kind}\n" in section
 
 
-async def test_readme_plugin_serves_a_chat(client: AsyncTestClient[Any]) -> None:
+async def test_readme_plugin_serves_a_chat(
+    client: AsyncTestClient[Any], readme_plugin: ModuleType
+) -> None:
     response = await client.post(
         "/v1/chat/completions", json={"model": "my-model", "messages": MESSAGES, "max_tokens": 4}
     )
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["role"] == "assistant"
     status = (await client.get("/status")).json()["models"]["my-model"]
-    assert status["status"] == "LOADED" and status["backend"] == "command"
+    assert status["status"] == "LOADED" and status["backend"] == kind_of(readme_plugin)
     assert status["pid"] is not None

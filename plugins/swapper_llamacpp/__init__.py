@@ -38,21 +38,34 @@ class LlamaCppModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only
 HTTP_THREADS = 32
 
 
-class LlamaCppBackend(SubprocessBackend):
+class LlamaCppBackend(SubprocessBackend[LlamaCppModel]):
     """Runs ``llama-server`` on a loopback port; ready when ``GET /health`` answers 200."""
 
     name = "llamacpp"
     entry_type = LlamaCppModel
+    # Capabilities: every JSON endpoint llama-server answers (the README's endpoint table).
+    endpoints = frozenset(
+        {
+            *("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"),
+            *("/v1/messages", "/v1/messages/count_tokens", "/v1/rerank", "/infill"),
+            *("/completion", "/tokenize", "/detokenize", "/apply-template"),
+        }
+    )
+
+    @classmethod
+    def declares(cls, entry: ModelEntry) -> dict[str, object]:
+        """``context_length``: the entry's ``ctx_size`` when it sets one (0 is the model's own,
+        unknown until loaded)."""
+        assert isinstance(entry, LlamaCppModel)
+        return {"context_length": entry.ctx_size} if entry.ctx_size else {}
 
     def binary(self) -> str:
         """The llama-server executable to run."""
-        assert isinstance(self.entry, LlamaCppModel)
         binary = self.entry.binary or os.environ.get("SWAPPER_LLAMA_SERVER") or "llama-server"
         return shutil.which(binary) or binary
 
     async def preflight(self) -> str | None:
         """The llama-server binary must be executable and the model file readable."""
-        assert isinstance(self.entry, LlamaCppModel)
         return executable_problem("llama-server binary", self.binary()) or readable_file_problem(
             "model file", self.entry.model_path
         )
@@ -68,7 +81,6 @@ class LlamaCppBackend(SubprocessBackend):
         """``llama-server -m PATH --host 127.0.0.1 --port N [-c CTX] -ngl K --alias ID
         --threads-http T [args]``."""
         entry = self.entry
-        assert isinstance(entry, LlamaCppModel)
         argv = [self.binary(), "-m", entry.model_path, "--host", self.host, "--port", str(port)]
         if entry.ctx_size is not None:
             argv += ["-c", str(entry.ctx_size)]
@@ -83,7 +95,6 @@ class LlamaCppBackend(SubprocessBackend):
         llama-server parks a thread on each kept-alive connection; with more connections than
         threads, a new one waits for an idle one to time out (5 s).
         """
-        assert isinstance(self.entry, LlamaCppModel)
         threads = HTTP_THREADS
         args = self.entry.args
         for flag, value in itertools.pairwise(args):

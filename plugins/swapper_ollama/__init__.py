@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -28,10 +27,18 @@ from typing import Any
 
 import httpx
 
-from swapper.backends.contract import Backend, BackendHandle, SubprocessBackend, Unloaded
+from swapper.backends.contract import (
+    Backend,
+    BackendHandle,
+    BackendSettings,
+    Unloaded,
+    child_environment,
+)
 from swapper.backends.hookspecs import hookimpl
-from swapper.backends.process import ManagedProcess, free_port
+from swapper.backends.output import secret_env_values
+from swapper.backends.process import ManagedProcess, free_port, port_in_use
 from swapper.config import ModelEntry
+from swapper.errors import BackendError
 
 __all__ = ["OllamaBackend", "OllamaModel", "register_backends", "same_model", "shortest_name"]
 
@@ -58,6 +65,8 @@ class OllamaModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only=T
             raise ValueError("model: must name an Ollama tag, e.g. qwen3:8b")
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError("base_url: must start with http:// or https://")
+        if self.env and not self.serve:
+            raise ValueError("env: needs serve: true (otherwise swapper starts no process)")
 
 
 def _pinned(expires_at: object) -> bool:
@@ -97,45 +106,56 @@ def same_model(a: str, b: str) -> bool:
     return shortest_name(a).casefold() == shortest_name(b).casefold()
 
 
-class OllamaBackend(SubprocessBackend):
-    """One Ollama tag; loaded with keep_alive -1, unloaded with keep_alive 0."""
+class OllamaBackend(Backend[OllamaModel]):
+    """One Ollama tag; loaded with keep_alive -1, unloaded with keep_alive 0.
+
+    Not a :class:`~swapper.backends.SubprocessBackend`: with ``serve: false`` there is no process
+    at all. With ``serve: true`` the handle holds the ``ollama serve`` process it started.
+    """
 
     name = "ollama"
     entry_type = OllamaModel
+    #: Where an ``ollama serve`` of our own listens.
+    host = "127.0.0.1"
+    # Capabilities: Ollama's /v1 endpoints (the README's endpoint table).
+    endpoints = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, model_id: str, entry: OllamaModel, settings: BackendSettings) -> None:
+        super().__init__(model_id, entry, settings)
         self._preload: asyncio.Task[None] | None = None
 
     @property
     def tag(self) -> str:
         """The model's Ollama tag."""
-        assert isinstance(self.entry, OllamaModel)
         return self.entry.model
 
     def upstream_model(self) -> str:
         """Ollama knows the model by its tag."""
         return self.tag
 
-    def command(self, port: int) -> list[str]:
+    def command(self) -> list[str]:
         """``ollama serve`` (its address comes from ``OLLAMA_HOST``)."""
-        assert isinstance(self.entry, OllamaModel)
         return [shutil.which(self.entry.binary) or self.entry.binary, "serve"]
 
     async def start(self) -> BackendHandle:
         """Start ``ollama serve`` when asked to; the preload begins once the server answers."""
-        assert isinstance(self.entry, OllamaModel)
         self._preload = None
         if not self.entry.serve:
             return BackendHandle(base_url=self.entry.base_url.rstrip("/"))
         port = free_port(self.host)
-        argv = self.command(port)
-        env = {**os.environ, "OLLAMA_HOST": f"{self.host}:{port}", "OLLAMA_KEEP_ALIVE": "-1"}
+        argv = self.command()
+        # The entry's env, then what swapper needs: its port, and no expiry of its own.
+        ours = {"OLLAMA_HOST": f"{self.host}:{port}", "OLLAMA_KEEP_ALIVE": "-1"}
+        env = child_environment(None, {**self.entry.env, **ours})
         logger.info(
-            "Starting %s: %s (OLLAMA_HOST=%s)", self.model_id, " ".join(argv), env["OLLAMA_HOST"]
+            "Starting %s: %s (OLLAMA_HOST=%s)", self.model_id, " ".join(argv), ours["OLLAMA_HOST"]
         )
         process = await ManagedProcess.spawn(
-            argv, name=self.model_id, env=env, on_line=self.log_sink
+            argv,
+            name=self.model_id,
+            env=env,
+            on_line=self.log_sink,
+            secrets=secret_env_values(self.entry.env),
         )
         return BackendHandle(
             base_url=f"http://{self.host}:{port}", pid=process.pid, port=port, process=process
@@ -149,13 +169,13 @@ class OllamaBackend(SubprocessBackend):
                 json={"model": self.tag, "keep_alive": keep_alive, "stream": False},
             )
         except httpx.HTTPError as exc:
-            raise RuntimeError(f"Ollama at {handle.base_url} did not answer: {exc}") from None
+            raise BackendError(f"Ollama at {handle.base_url} did not answer: {exc}") from None
         if response.status_code != 200:
             try:
                 reason = response.json().get("error") or response.text
             except ValueError:
                 reason = response.text
-            raise RuntimeError(
+            raise BackendError(
                 f"Ollama refused {self.tag!r} (HTTP {response.status_code}): {reason}"
             )
 
@@ -200,7 +220,7 @@ class OllamaBackend(SubprocessBackend):
             await asyncio.wait_for(self._generate(handle, 0), self.settings.stop_timeout)
             while await self._listed(handle) is not None and time.monotonic() < deadline:
                 await asyncio.sleep(_POLL)
-        except (RuntimeError, TimeoutError) as exc:
+        except (BackendError, TimeoutError) as exc:
             if handle.process is None:
                 logger.warning("%s: unloading from Ollama failed: %s", self.model_id, exc)
         if handle.process is not None:
@@ -213,7 +233,7 @@ class OllamaBackend(SubprocessBackend):
             return
         try:
             await asyncio.wait_for(self._generate(handle, 0), 2.0)
-        except (RuntimeError, TimeoutError) as exc:
+        except (BackendError, TimeoutError) as exc:
             logger.warning("%s: unloading a silent Ollama failed: %s", self.model_id, exc)
 
     async def alive(self, handle: BackendHandle) -> bool:
@@ -230,7 +250,7 @@ class OllamaBackend(SubprocessBackend):
             if process is not None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(process.wait()), _WATCH)
-                    return await super().wait_exit(handle)
+                    return await process.exit_reason()
             elif not await self.alive(handle):
                 return f"Ollama at {handle.base_url} does not answer"
             else:
@@ -246,8 +266,14 @@ class OllamaBackend(SubprocessBackend):
                     "another model past OLLAMA_MAX_LOADED_MODELS, or at another client's request)"
                 )
             if not _pinned(listed.get("expires_at")):
-                with contextlib.suppress(RuntimeError):
+                with contextlib.suppress(BackendError):
                     await self._generate(handle, -1)
+
+    def port_taken(self, handle: BackendHandle) -> bool:
+        """Our server: whether something else took its port after it exited during the load."""
+        if handle.process is None or handle.port is None:
+            return False
+        return port_in_use(self.host, handle.port)
 
     async def measure_vram_mb(self, handle: BackendHandle) -> float | None:
         """Ollama's own figure: ``size_vram`` in ``/api/ps`` (0 on a CPU: unknown)."""

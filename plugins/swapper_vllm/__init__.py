@@ -28,6 +28,7 @@ from swapper.backends.contract import (
 )
 from swapper.backends.hookspecs import hookimpl
 from swapper.config import ModelEntry
+from swapper.errors import BackendError
 
 __all__ = ["VllmBackend", "VllmModel", "register_backends"]
 
@@ -62,18 +63,31 @@ class VllmModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only=Tru
             raise ValueError("served_model_name: must not be empty")
 
 
-class VllmBackend(SubprocessBackend):
+class VllmBackend(SubprocessBackend[VllmModel]):
     """Runs ``vllm serve MODEL --host 127.0.0.1 --port N --served-model-name NAME``."""
 
     name = "vllm"
     entry_type = VllmModel
+    # Capabilities: the OpenAI and Anthropic endpoints vLLM serves (the README's endpoint table).
+    endpoints = frozenset(
+        {
+            *("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"),
+            *("/v1/rerank", "/v1/audio/transcriptions", "/v1/messages"),
+        }
+    )
+
+    @classmethod
+    def declares(cls, entry: ModelEntry) -> dict[str, object]:
+        """``context_length``: the entry's ``max_model_len`` when it sets one."""
+        assert isinstance(entry, VllmModel)
+        return {"context_length": entry.max_model_len} if entry.max_model_len else {}
+
     #: What a sleeping vLLM still holds: its CUDA context (about 1 GB), until measured.
     sleep_residual_mb = 1024.0
 
     @property
     def spec(self) -> VllmModel:
-        """The model entry, typed."""
-        assert isinstance(self.entry, VllmModel)
+        """The model entry (kept as a name the code reads well with)."""
         return self.entry
 
     @property
@@ -135,9 +149,9 @@ class VllmBackend(SubprocessBackend):
         try:
             response = await self.http().post(f"{handle.base_url}{path}", json=body)
         except httpx.HTTPError as exc:
-            raise RuntimeError(f"vLLM did not answer {path}: {exc}") from None
+            raise BackendError(f"vLLM did not answer {path}: {exc}") from None
         if response.status_code != 200:
-            raise RuntimeError(
+            raise BackendError(
                 f"vLLM answered {path} with HTTP {response.status_code}: {response.text[:200]}"
             )
 

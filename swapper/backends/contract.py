@@ -1,7 +1,9 @@
 """The backend contract: what a plugin's backend object must do.
 
 A plugin registers a :class:`Backend` subclass (see :mod:`swapper.backends.hookspecs`). The class names
-its backend kind and the schema of its model entries; one instance serves one configured model,
+its backend kind and the schema of its model entries (``class MyBackend(Backend[MyModel])`` with
+``entry_type = MyModel``, so ``self.entry`` is a ``MyModel`` to the type checker too); one
+instance serves one configured model,
 and the coordinator drives it through ``start`` → ``ready``... → ``stop``, asking ``alive`` /
 ``wait_exit`` to notice a crash. Backends that run a command line extend
 :class:`SubprocessBackend`, which owns the process and leaves them only ``command`` and ``ready``.
@@ -14,29 +16,39 @@ import asyncio
 import logging
 import os
 import shutil
-import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Generic
 
 import httpcore
 import httpx
 
+# typing.TypeVar takes a default only from Python 3.13 on (PEP 696).
+from typing_extensions import TypeVar
+
 from swapper.backends.output import SECRET_FLAGS as _SECRET_FLAGS
-from swapper.backends.process import ManagedProcess, free_port
+from swapper.backends.output import secret_env_values
+from swapper.backends.process import ManagedProcess, free_port, port_in_use
 from swapper.config import ModelEntry
 
 __all__ = [
     "Backend",
     "BackendHandle",
     "BackendSettings",
+    "EntryT",
     "SubprocessBackend",
+    "child_environment",
     "executable_problem",
     "readable_file_problem",
     "redact_argv",
 ]
 
 logger = logging.getLogger("swapper.backend")
+
+#: A backend's model-entry type. Covariant: a backend only reads its entry (a frozen Struct), so
+#: a ``Backend[LlamaCppModel]`` is a ``Backend[ModelEntry]``; that default lets the registry and the
+#: coordinator hold any backend as a plain ``Backend``.
+EntryT = TypeVar("EntryT", bound=ModelEntry, default=ModelEntry, covariant=True)
 
 
 @dataclass(frozen=True)
@@ -60,15 +72,36 @@ class BackendHandle:
     max_connections: int | None = None
 
 
-class Backend(abc.ABC):
+class Backend(abc.ABC, Generic[EntryT]):
     """One model served by one backend kind. Subclass it and register the class in a plugin."""
 
     #: The ``backend:`` value configs use to select this kind.
     name: ClassVar[str]
-    #: The schema of this kind's model entries (extends :class:`ModelEntry`).
-    entry_type: ClassVar[type[ModelEntry]]
+    #: The schema of this kind's model entries (extends :class:`ModelEntry`); config decoding
+    #: gives ``__init__`` an instance of it. (Not a ClassVar: a ClassVar cannot name EntryT.)
+    entry_type: type[EntryT]
 
-    def __init__(self, model_id: str, entry: ModelEntry, settings: BackendSettings) -> None:
+    # -- capabilities (issue 11) -------------------------------------------------------------
+    #: The API endpoints this kind serves, by canonical path (the README's endpoint table);
+    #: a request for any other endpoint to one of its models is a 404, and nothing loads.
+    endpoints: ClassVar[frozenset[str]] = frozenset(
+        {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
+    )
+
+    @classmethod
+    def serves(cls, entry: ModelEntry) -> frozenset[str]:
+        """The endpoints the model of ``entry`` serves; default :attr:`endpoints` (a kind whose
+        entries choose theirs overrides this)."""
+        return cls.endpoints
+
+    @classmethod
+    def declares(cls, entry: ModelEntry) -> dict[str, object]:
+        """What ``/v1/models`` shows of the model besides its id (e.g. ``context_length``)."""
+        return {}
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def __init__(self, model_id: str, entry: EntryT, settings: BackendSettings) -> None:
         self.model_id = model_id
         self.entry = entry
         self.settings = settings
@@ -126,6 +159,11 @@ class Backend(abc.ABC):
         Requests are then rewritten to name it, and responses rewritten back to swapper's id.
         """
         return None
+
+    def upstream_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """Headers every forwarded request carries to the backend, as sent on the wire (a
+        remote server's ``Authorization``); none by default. Never logged or shown."""
+        return ()
 
     def estimate_vram_mb(self, total_mb: float | None) -> float | None:
         """VRAM the model will take, in MiB, before anything was measured; None: unknown.
@@ -214,6 +252,16 @@ def readable_file_problem(what: str, path: str) -> str | None:
     return None
 
 
+def child_environment(
+    base: Mapping[str, str] | None, extra: Mapping[str, str]
+) -> Mapping[str, str] | None:
+    """A child's environment: ``base`` (None: swapper's own) with ``extra`` (an entry's ``env``)
+    set on top; None when that is swapper's own, unchanged."""
+    if not extra:
+        return base
+    return {**(os.environ if base is None else base), **extra}
+
+
 def redact_argv(argv: list[str]) -> list[str]:
     """The command line with secret values hidden, for logs."""
     shown: list[str] = []
@@ -230,7 +278,7 @@ def redact_argv(argv: list[str]) -> list[str]:
     return shown
 
 
-class SubprocessBackend(Backend):
+class SubprocessBackend(Backend[EntryT]):
     """A backend that runs one command line listening on a loopback port swapper picks."""
 
     host: ClassVar[str] = "127.0.0.1"
@@ -240,16 +288,26 @@ class SubprocessBackend(Backend):
         """The argv that serves the model on ``127.0.0.1:port``."""
 
     def environment(self) -> Mapping[str, str] | None:
-        """The child's environment; None inherits swapper's."""
+        """The child's environment before the entry's ``env``; None inherits swapper's."""
         return None
 
     async def start(self) -> BackendHandle:
-        """Pick a free loopback port and start the command."""
+        """Pick a free loopback port and start the command, with the entry's ``env`` on top."""
         port = free_port(self.host)
         argv = self.command(port)
-        logger.info("Starting %s: %s", self.model_id, " ".join(redact_argv(argv)))
+        env = child_environment(self.environment(), self.entry.env)
+        logger.info(
+            "Starting %s: %s%s",
+            self.model_id,
+            " ".join(redact_argv(argv)),
+            f" (env: {', '.join(sorted(self.entry.env))})" if self.entry.env else "",
+        )
         process = await ManagedProcess.spawn(
-            argv, name=self.model_id, env=self.environment(), on_line=self.log_sink
+            argv,
+            name=self.model_id,
+            env=env,
+            on_line=self.log_sink,
+            secrets=secret_env_values(self.entry.env),
         )
         return BackendHandle(
             base_url=f"http://{self.host}:{port}",
@@ -275,16 +333,7 @@ class SubprocessBackend(Backend):
 
     def port_taken(self, handle: BackendHandle) -> bool:
         """True when something else now listens on the port the backend was given."""
-        if handle.port is None:
-            return False
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            # SO_REUSEADDR: a port in TIME_WAIT is free to use; only a live listener is a clash.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((self.host, handle.port))
-            except OSError:
-                return True
-        return False
+        return handle.port is not None and port_in_use(self.host, handle.port)
 
     async def alive(self, handle: BackendHandle) -> bool:
         """True while the process runs."""
@@ -293,7 +342,4 @@ class SubprocessBackend(Backend):
     async def wait_exit(self, handle: BackendHandle) -> str:
         """Return when the process exits, with its status and last output lines."""
         assert handle.process is not None
-        code = await handle.process.wait()
-        reason = f"exited with status {code}" if code >= 0 else f"killed by signal {-code}"
-        tail = handle.process.output_tail(5)
-        return f"backend process {reason}" + (f"; last output:\n{tail}" if tail else "")
+        return await handle.process.exit_reason()

@@ -25,9 +25,18 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["BURST", "MAX_LINE", "RATE", "SECRET_FLAGS", "OutputReader", "secret_values"]
+__all__ = [
+    "BURST",
+    "MAX_LINE",
+    "RATE",
+    "SECRET_ENV_WORDS",
+    "SECRET_FLAGS",
+    "OutputReader",
+    "secret_env_values",
+    "secret_values",
+]
 
 #: Lines a second each backend may print before lines are only counted.
 RATE = 1000.0
@@ -54,6 +63,19 @@ def secret_values(argv: Sequence[str]) -> list[str]:
             values.append(value)
     # Short values would mask ordinary words; no real key is that short.
     return [value for value in values if len(value) >= 4]
+
+
+#: Words in an environment variable's name that mark its value as a secret (HF_TOKEN, API_KEY).
+SECRET_ENV_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+def secret_env_values(env: Mapping[str, str]) -> list[str]:
+    """The values of an entry's ``env`` whose names look secret, to mask in the output."""
+    return [
+        value
+        for name, value in env.items()
+        if len(value) >= 4 and any(word in name.upper() for word in SECRET_ENV_WORDS)
+    ]
 
 
 class _Budget:

@@ -26,7 +26,7 @@ from swapper.backends import leftovers
 from swapper.backends.output import OutputReader, secret_values
 from swapper.backends.reaper import Reaper
 
-__all__ = ["ManagedProcess", "free_port"]
+__all__ = ["ManagedProcess", "free_port", "port_in_use"]
 
 _PR_SET_PDEATHSIG = 1
 logger = logging.getLogger("swapper.process")
@@ -37,6 +37,18 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something listens on ``host:port`` (a port in TIME_WAIT counts as free)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR: a port in TIME_WAIT is free to use; only a live listener is a clash.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def _load_prctl() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
@@ -176,6 +188,13 @@ class ManagedProcess:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(self._pump), timeout=1.0)
         return code
+
+    async def exit_reason(self) -> str:
+        """Wait for the child to exit; say how it ended, with its last output lines."""
+        code = await self.wait()
+        reason = f"exited with status {code}" if code >= 0 else f"killed by signal {-code}"
+        tail = self.output_tail(5)
+        return f"backend process {reason}" + (f"; last output:\n{tail}" if tail else "")
 
     def _signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -82,6 +82,11 @@ def load_backends(*extra_plugins: object) -> BackendRegistry:
 
     backends: dict[str, type[Backend]] = {}
     sources: dict[str, str] = {}
+    # Each implementation is called on its own, not through ``manager.hook.register_backends``:
+    # a hook call hands every plugin the same arguments, so one shared ``register`` could not
+    # tell which plugin registered a class, and an error must name the plugin (and `swapper
+    # plugins` its package). pluggy still validated each implementation's signature against
+    # the hookspec when it was registered; the hook has no wrappers or results to lose.
     for impl in manager.hook.register_backends.get_hookimpls():
         plugin_name = impl.plugin_name
         source = sources_by_plugin.get(id(impl.plugin), plugin_name)

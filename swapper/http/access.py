@@ -23,7 +23,13 @@ from litestar.types import (
 from swapper.config import ServerSettings, is_loopback
 from swapper.errors import Forbidden, Unauthorized
 
-__all__ = ["HostOriginGuard", "require_admin", "require_key", "require_metrics_key"]
+__all__ = [
+    "HostOriginGuard",
+    "require_admin",
+    "require_admin_unless_get",
+    "require_key",
+    "require_metrics_key",
+]
 
 _MISSING = "Missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
 
@@ -77,6 +83,15 @@ def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHa
     if _matches(key, server.api_keys):
         raise Forbidden("This endpoint needs a key from server.admin_api_keys")
     raise Unauthorized("Invalid API key")
+
+
+def require_admin_unless_get(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
+    """Guard: reading (GET, HEAD) needs any key, anything else an admin key (``/upstream``: a
+    POST there may change the backend's state, e.g. llama-server's ``/slots`` actions)."""
+    if connection.scope.get("method") not in ("GET", "HEAD"):
+        require_admin(connection, handler)
 
 
 def require_metrics_key(

@@ -1,8 +1,8 @@
 """The HTTP application: Litestar wiring, the lifespan that owns the coordinator, and errors.
 
 Every error, swapper's or the framework's, becomes OpenAI error JSON in one place,
-:func:`_render_error`. The endpoints live in :mod:`swapper.http.forwarding` (OpenAI) and
-:mod:`swapper.http.admin` (operators).
+:func:`_render_error`. The endpoints live in :mod:`swapper.http.forwarding` (OpenAI),
+:mod:`swapper.http.endpoints` (the other routed ones) and :mod:`swapper.http.admin` (operators).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -33,12 +32,16 @@ from swapper.errors import SwapperError
 from swapper.gpu import GpuMonitor
 from swapper.http.access import HostOriginGuard, require_key
 from swapper.http.admin import ADMIN_HANDLERS
+from swapper.http.anthropic import ANTHROPIC_PATHS, anthropic_error_body
+from swapper.http.catalog import Catalog
 from swapper.http.dashboard import UI_HANDLERS
+from swapper.http.endpoints import ENDPOINT_HANDLERS
 from swapper.http.forwarding import OPENAI_HANDLERS
 from swapper.http.logs import request_id_middleware
+from swapper.http.media import MEDIA_HANDLERS
 from swapper.http.metrics import Metrics
 from swapper.http.openapi import list_model_names
-from swapper.http.responses import json_response
+from swapper.http.responses import JSON, json_response
 from swapper.scheduling.coordinator import SwapCoordinator
 from swapper.scheduling.placement import default_state_file
 from swapper.upstream.client import UpstreamClient
@@ -54,7 +57,17 @@ _ENCODE = msgspec.json.Encoder()
 
 
 def _render_error(request: Request[Any, Any, State], exc: Exception) -> Response[bytes]:
-    """Every error, ours or the framework's, as OpenAI error JSON; never a traceback."""
+    """Every error, ours or the framework's, as OpenAI error JSON (Anthropic's on its own
+    endpoints); never a traceback."""
+    response = _render_openai_error(request, exc)
+    if request.url.path in ANTHROPIC_PATHS:
+        status = response.status_code or HTTP_500_INTERNAL_SERVER_ERROR
+        body = anthropic_error_body(status, response.content)
+        return Response(body, status_code=status, media_type=JSON, headers=response.headers)
+    return response
+
+
+def _render_openai_error(request: Request[Any, Any, State], exc: Exception) -> Response[bytes]:
     if isinstance(exc, SwapperError):
         return json_response(exc.to_openai(), exc.status_code, exc.headers())
     if isinstance(exc, HTTPException):
@@ -89,15 +102,6 @@ def _render_error(request: Request[Any, Any, State], exc: Exception) -> Response
 # -- application -----------------------------------------------------------------------------------
 
 
-def _models_document(config: Config) -> bytes:
-    created = int(time.time())
-    data = [
-        {"id": model_id, "object": "model", "created": created, "owned_by": "swapper"}
-        for model_id in config.models
-    ]
-    return _ENCODE.encode({"object": "list", "data": data})
-
-
 def create_app(config: Config, registry: BackendRegistry) -> Litestar:
     """Build the Litestar app; the lifespan owns the coordinator and the upstream client."""
 
@@ -116,7 +120,7 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
         app.state.config = config
         app.state.coordinator = coordinator
         app.state.upstream = upstream
-        app.state.models_document = _models_document(config)
+        app.state.catalog = Catalog(config, registry)
         app.state.reload = lambda: _reload(app, registry)
         app.state.gpu = gpu
         app.state.stopping = asyncio.Event()  # set when shutdown begins: streams end then
@@ -147,7 +151,13 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
 
     cors = config.server.cors_origins
     app = Litestar(
-        route_handlers=[*OPENAI_HANDLERS, *ADMIN_HANDLERS, *UI_HANDLERS],
+        route_handlers=[
+            *OPENAI_HANDLERS,
+            *ENDPOINT_HANDLERS,
+            *MEDIA_HANDLERS,
+            *ADMIN_HANDLERS,
+            *UI_HANDLERS,
+        ],
         lifespan=[lifespan],
         exception_handlers={Exception: _render_error},
         request_max_body_size=config.server.max_request_bytes,
@@ -224,7 +234,7 @@ async def _reload(app: Litestar, registry: BackendRegistry) -> dict[str, Any]:
         logger.warning("config reload: %s changed; restart swapper to apply", ", ".join(fixed))
     summary = app.state.coordinator.reload(new)
     app.state.config = new
-    app.state.models_document = _models_document(new)
+    app.state.catalog = Catalog(new, registry)
     return {"reloaded": new.path, **summary, "needs_restart": fixed}
 
 

@@ -29,9 +29,11 @@ from swapper.errors import (
     ServiceUnavailable,
     SwapperError,
 )
+from swapper.http.anthropic import anthropic_error_body, anthropic_error_event
 from swapper.http.logs import note_stream_error
 from swapper.http.rename import ModelRename
 from swapper.http.responses import JSON, GuardedStream, error_event
+from swapper.http.upload import StreamedUpload, outgoing_body
 from swapper.scheduling.coordinator import Lease
 from swapper.scheduling.model_state import Waiter
 from swapper.upstream.client import UpstreamResponse, normalise_error
@@ -47,11 +49,23 @@ class Forward(msgspec.Struct, frozen=True):
     """What one OpenAI request asks for, as routed: sent to ``path`` of ``model_id``'s backend."""
 
     path: str
-    body: bytes
+    #: A JSON body, or a multipart upload relayed as it arrives.
+    body: bytes | StreamedUpload
     model_id: str
     #: The name the body gives: ``model_id`` or one of its aliases.
     requested: str
     stream: bool
+    #: The shape of errors: ``openai``, ``anthropic``, or ``raw`` (the backend's, untouched).
+    dialect: str = "openai"
+    method: str = "POST"
+    #: Headers sent to the backend besides swapper's own (``anthropic-version``...); for a raw
+    #: passthrough, the client's Content-Type too.
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    #: False: the body goes to the backend as the client sent it (no rename, no shaping).
+    rewrite: bool = True
+    #: The answer may be binary (audio): a 200 is relayed as it arrives, whatever its type,
+    #: and never renamed.
+    binary: bool = False
 
 
 async def unless_stopping(state: State, work: Awaitable[T]) -> T:
@@ -152,7 +166,11 @@ class Exchange:
         self._ticket = None
         self.lease = lease
         theirs = lease.upstream_model
-        self._rename = None if theirs is None else ModelRename(lease.model_id, theirs)
+        shaping = state.catalog.shaping.get(lease.model_id)
+        if not self.forward.rewrite or (theirs is None and shaping is None):
+            self._rename = None  # the hot path: the body goes as it came
+        else:
+            self._rename = ModelRename(lease.model_id, theirs, shaping)
         return lease
 
     async def open(self) -> None:
@@ -169,11 +187,7 @@ class Exchange:
             lease = await self._take_lease()
             rename = self._rename
             try:
-                body = (
-                    forward.body
-                    if rename is None
-                    else rename.request(forward.body, forward.requested)
-                )
+                body, content_type, length = outgoing_body(forward.body, rename, forward.requested)
                 upstream = self.upstream = await state.upstream.send(
                     forward.model_id,
                     lease.base_url,
@@ -181,9 +195,14 @@ class Exchange:
                     body,
                     keep_alive=not forward.stream,
                     max_connections=lease.max_connections,
+                    method=forward.method,
+                    headers=(*forward.headers, *lease.upstream_headers),
+                    content_type=content_type,
+                    content_length=length,
                 )
                 state.metrics.ttfb.labels(forward.model_id).observe(time.perf_counter() - started)
-                if upstream.is_stream and upstream.status == 200:
+                relayed = upstream.is_stream or forward.binary
+                if relayed and upstream.status == 200:
                     self._unclosed = upstream  # the relay streams it; close() ends it
                     return
                 content = await upstream.read()  # (closes the response)
@@ -244,8 +263,8 @@ class Exchange:
         scope, lease, upstream = self._scope, self.lease, self._unclosed
         assert lease is not None and upstream is not None, "relay() of an exchange not streaming"
         rename = self._rename
-        if rename is not None and not rename.responses:
-            rename = None
+        if rename is not None and not (rename.responses and upstream.is_stream):
+            rename = None  # binary answers are never rewritten
         chunks = upstream.iter_bytes()
         try:
             async for chunk in chunks if rename is None else rename.stream(chunks):
@@ -253,16 +272,22 @@ class Exchange:
             evicted = self.evicted()
             if evicted is not None:  # a backend stopped mid-stream may close it as if it were done
                 note_stream_error(scope)
-                yield error_event(evicted.message, code=evicted.code or "model_evicted")
+                yield self._error_event(evicted.message, evicted.code or "model_evicted")
         except SwapperError as exc:
             exc = self.evicted() or exc  # evicted: say so rather than "broken pipe"
             logger.warning("stream from %s ended early: %s", lease.model_id, exc.message)
             if isinstance(exc, BackendTimeout):
                 lease.backend_silent()
             note_stream_error(scope)
-            yield error_event(exc.message, code=exc.code or "backend_error")
+            yield self._error_event(exc.message, exc.code or "backend_error")
         finally:
             await self.close()
+
+    def _error_event(self, message: str, code: str) -> bytes:
+        """An in-stream error in the client's dialect."""
+        if self.forward.dialect == "anthropic":
+            return anthropic_error_event(message)
+        return error_event(message, code=code)
 
     def response(self) -> Response[Any]:
         """The answer to send the client, once :meth:`open` returned: a stream (relayed and
@@ -274,12 +299,12 @@ class Exchange:
             return GuardedStream(
                 self.relay(), self.close, status=upstream.status, media_type=upstream.content_type
             )
-        if upstream.status >= 400:
-            return Response(
-                normalise_error(upstream.status, content),
-                status_code=upstream.status,
-                media_type=JSON,
-            )
+        dialect = self.forward.dialect
+        if upstream.status >= 400 and dialect != "raw":
+            error = normalise_error(upstream.status, content)
+            if dialect == "anthropic":
+                error = anthropic_error_body(upstream.status, error)
+            return Response(error, status_code=upstream.status, media_type=JSON)
         return Response(
             content, status_code=upstream.status, media_type=upstream.content_type or JSON
         )

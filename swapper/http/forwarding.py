@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
+from litestar.params import FromPath
 
 from swapper.errors import InvalidRequest, UnsupportedMediaType
 from swapper.http.access import require_key
@@ -22,7 +23,7 @@ from swapper.http.logs import note_model
 from swapper.http.openapi import ChatOperation, CompletionOperation, EmbeddingOperation
 from swapper.http.responses import JSON
 
-__all__ = ["OPENAI_HANDLERS"]
+__all__ = ["OPENAI_HANDLERS", "forward_now", "forward_request"]
 
 logger = logging.getLogger("swapper")
 
@@ -79,17 +80,48 @@ def _check_content_type(request: Request[Any, Any, State]) -> None:
         )
 
 
-async def _forward(request: Request[Any, Any, State], path: str) -> Response[Any]:
-    """Route one OpenAI request to its model's backend and relay the answer."""
+#: Client headers passed on to the backend on Anthropic's paths (its SDK sends these).
+_ANTHROPIC_HEADERS = ("anthropic-version", "anthropic-beta")
+
+
+async def forward_request(
+    request: Request[Any, Any, State],
+    path: str,
+    *,
+    endpoint: str | None = None,
+    dialect: str = "openai",
+) -> Response[Any]:
+    """Route one request to its model's backend (``path`` there) and relay the answer.
+
+    ``endpoint`` is the capability asked for (default ``path``); a model whose backend does not
+    serve it is a 404 before anything loads. ``dialect`` is the shape of errors.
+    """
     state = request.app.state
     _check_content_type(request)
     body = await request.body()
     routing = _route(body)
     model_id = state.coordinator.resolve(routing.model)
     note_model(request.scope, model_id)
-    forward = Forward(path, body, model_id, routing.model, routing.stream is True)
+    state.catalog.check_serves(model_id, endpoint or path)
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    if dialect == "anthropic":
+        headers = tuple(
+            (name.encode(), value.encode("latin-1"))
+            for name in _ANTHROPIC_HEADERS
+            if (value := request.headers.get(name)) is not None
+        )
+    forward = Forward(
+        path, body, model_id, routing.model, routing.stream is True, dialect, headers=headers
+    )
     feedback = state.config.swapper.loading_feedback
-    if forward.stream and feedback != "none" and not state.coordinator.admits_now(model_id):
+    # Anthropic streams wait for the load silently: a failed load is then an HTTP error the
+    # SDK raises as its own class, not an event mid-stream.
+    if (
+        forward.stream
+        and feedback != "none"
+        and dialect == "openai"
+        and not state.coordinator.admits_now(model_id)
+    ):
         # Check and queue now, so that a model that cannot start, a full queue or a
         # backing-off model is still a 503/429; only then commit to a 200 whose stream
         # carries the loading progress.
@@ -99,10 +131,10 @@ async def _forward(request: Request[Any, Any, State], path: str) -> Response[Any
         ticket = state.coordinator.enqueue(model_id)
         mode = feedback if path == "/v1/chat/completions" else "comments"
         return loading_stream(state, request.scope, forward, mode, ticket)
-    return await _forward_now(request, forward)
+    return await forward_now(request, forward)
 
 
-async def _forward_now(request: Request[Any, Any, State], forward: Forward) -> Response[Any]:
+async def forward_now(request: Request[Any, Any, State], forward: Forward) -> Response[Any]:
     # A client that goes away while its model loads or its answer is generated cancels the
     # upstream work: race the exchange against the ASGI disconnect message.
     exchange = Exchange(request.app.state, request.scope, forward)
@@ -129,25 +161,33 @@ async def _forward_now(request: Request[Any, Any, State], forward: Forward) -> R
 @post("/v1/chat/completions", guards=[require_key], operation_class=ChatOperation, status_code=200)
 async def chat_completions(request: Request[Any, Any, State]) -> Response[Any]:
     """OpenAI chat completions, routed by the body's ``model``; streams pass through as SSE."""
-    return await _forward(request, "/v1/chat/completions")
+    return await forward_request(request, "/v1/chat/completions")
 
 
 @post("/v1/completions", guards=[require_key], operation_class=CompletionOperation, status_code=200)
 async def completions(request: Request[Any, Any, State]) -> Response[Any]:
     """OpenAI legacy completions, routed by the body's ``model``."""
-    return await _forward(request, "/v1/completions")
+    return await forward_request(request, "/v1/completions")
 
 
 @post("/v1/embeddings", guards=[require_key], operation_class=EmbeddingOperation, status_code=200)
 async def embeddings(request: Request[Any, Any, State]) -> Response[Any]:
     """OpenAI embeddings, routed by the body's ``model``."""
-    return await _forward(request, "/v1/embeddings")
+    return await forward_request(request, "/v1/embeddings")
 
 
 @get("/v1/models", guards=[require_key])
 async def list_models(state: State) -> Response[bytes]:
-    """Every configured model, loaded or not; never triggers a load."""
-    return Response(state.models_document, media_type=JSON)
+    """Every listed model, loaded or not, with its status; never triggers a load."""
+    document = state.catalog.list_document(state.coordinator.loads())
+    return Response(document, media_type=JSON)
 
 
-OPENAI_HANDLERS = [chat_completions, completions, embeddings, list_models]
+@get("/v1/models/{name:str}", guards=[require_key])
+async def retrieve_model(state: State, name: FromPath[str]) -> Response[bytes]:
+    """One model by id or alias (unlisted ones too), with its status; never triggers a load."""
+    document = state.catalog.model_document(name, state.coordinator.loads())
+    return Response(document, media_type=JSON)
+
+
+OPENAI_HANDLERS = [chat_completions, completions, embeddings, list_models, retrieve_model]

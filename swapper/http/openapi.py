@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from litestar import Litestar
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
 
-__all__ = ["ChatOperation", "CompletionOperation", "EmbeddingOperation", "list_model_names"]
+__all__ = [
+    "ChatOperation",
+    "CompletionOperation",
+    "EmbeddingOperation",
+    "ModelOperation",
+    "list_model_names",
+]
 
 _MESSAGE = Schema(
     type=OpenAPIType.OBJECT,
@@ -23,7 +29,6 @@ _MESSAGE = Schema(
         "content": Schema(type=OpenAPIType.STRING),
     },
 )
-_MODEL_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _COMMON = {
     "stream": Schema(type=OpenAPIType.BOOLEAN),
     "max_tokens": Schema(type=OpenAPIType.INTEGER, minimum=1, maximum=64),
@@ -78,12 +83,25 @@ class EmbeddingOperation(Operation):
         )
 
 
+@dataclass
+class ModelOperation(Operation):
+    """Any other endpoint routed by the body's ``model`` (``/v1/responses``, ``/tokenize``...)."""
+
+    def __post_init__(self) -> None:
+        self.request_body = _body([])
+
+
+_ROUTED = (ChatOperation, CompletionOperation, EmbeddingOperation, ModelOperation)
+
+
 def list_model_names(app: Litestar, names: list[str]) -> None:
     """Document the configured model ids and aliases as the values ``model`` takes."""
     paths = app.openapi_schema.paths or {}
-    for path in _MODEL_PATHS:
-        post = paths[path].post
-        assert post is not None and isinstance(post.request_body, RequestBody)
+    for item in paths.values():
+        post = item.post
+        if not isinstance(post, _ROUTED):
+            continue
+        assert isinstance(post.request_body, RequestBody)
         schema = post.request_body.content["application/json"].schema
         assert isinstance(schema, Schema) and schema.properties is not None
         model = schema.properties["model"]

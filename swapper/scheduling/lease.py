@@ -52,3 +52,8 @@ class Lease:
     def upstream_model(self) -> str | None:
         """The backend's own name for the model, when requests must be rewritten to it."""
         return self._runtime.backend.upstream_model()
+
+    @property
+    def upstream_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """Headers the backend needs on every request (the ``openai`` backend's api_key)."""
+        return self._runtime.backend.upstream_headers()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
 import httpcore
@@ -179,28 +179,45 @@ class UpstreamClient:
         model_id: str,
         base_url: str,
         path: str,
-        body: bytes,
+        body: bytes | AsyncIterable[bytes],
         *,
         keep_alive: bool = True,
         max_connections: int | None = None,
+        method: str = "POST",
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        content_type: bytes | None = None,
+        content_length: int | None = None,
     ) -> UpstreamResponse:
         """POST ``body`` to ``base_url + path`` and return once the response headers arrive.
 
+        ``method`` and ``headers`` (added to swapper's own) serve the raw ``/upstream``
+        passthrough, ``anthropic-version`` and a remote server's ``Authorization``. The
+        Content-Type is ``content_type``, else one among ``headers``, else ``application/json``.
+
         ``keep_alive=False`` asks the backend to close the connection after the response:
         llama-server sometimes drops a kept-alive connection after a stream, and the next
-        request sent on it would fail.
+        request sent on it would fail. A streamed ``body`` (an upload relayed as it arrives)
+        is sent with ``content_length`` when known, else chunked.
         """
         url = base_url + path
-        headers = [
+        if isinstance(body, bytes):
+            content_length = len(body)
+        sent = [
             (b"Host", url.split("/", 3)[2].encode()),
-            (b"Content-Type", b"application/json"),
-            (b"Content-Length", str(len(body)).encode()),
+            (b"Content-Length", str(content_length).encode())
+            if content_length is not None
+            else (b"Transfer-Encoding", b"chunked"),
             (b"Accept", b"*/*"),
+            *headers,
         ]
+        if content_type is not None:
+            sent.append((b"Content-Type", content_type))
+        elif not any(name.lower() == b"content-type" for name, _ in headers):
+            sent.append((b"Content-Type", b"application/json"))
         if not keep_alive:
-            headers.append((b"Connection", b"close"))
+            sent.append((b"Connection", b"close"))
         request = httpcore.Request(
-            b"POST", url, headers=headers, content=body, extensions={"timeout": self._timeouts}
+            method.encode(), url, headers=sent, content=body, extensions={"timeout": self._timeouts}
         )
         pool = self._pool(base_url, max_connections)
         with _map_transport_errors(model_id, answered=False):
@@ -212,12 +229,14 @@ class UpstreamClient:
                 # A pooled connection the backend had already closed: it never saw the request,
                 # so sending it once more, on a new connection, is safe.
                 response = await pool.handle_async_request(request)
-        content_type = b""
+        answered_type = b""
         for name, value in response.headers:
             if name.lower() == b"content-type":
-                content_type = value
+                answered_type = value
                 break
-        return UpstreamResponse(response.status, content_type.decode("latin-1"), response, model_id)
+        return UpstreamResponse(
+            response.status, answered_type.decode("latin-1"), response, model_id
+        )
 
     async def aclose(self) -> None:
         """Close every pooled connection."""

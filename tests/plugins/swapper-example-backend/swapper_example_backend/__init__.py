@@ -16,7 +16,7 @@ class ExampleModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only=
     context: int = 512
 
 
-class ExampleBackend(SubprocessBackend):
+class ExampleBackend(SubprocessBackend[ExampleModel]):
     """Runs ``$SWAPPER_LLAMA_SERVER`` on the entry's ``gguf`` file."""
 
     name = "example"
@@ -24,7 +24,6 @@ class ExampleBackend(SubprocessBackend):
 
     def command(self, port: int) -> list[str]:
         """llama-server on the loopback port swapper picked, CPU only."""
-        assert isinstance(self.entry, ExampleModel)
         binary = os.environ.get("SWAPPER_LLAMA_SERVER", "llama-server")
         return [
             binary,
