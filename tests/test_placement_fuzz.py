@@ -121,7 +121,7 @@ async def _run(
     overtaken: collections.Counter[int] = collections.Counter()
     arrivals = itertools.count()
 
-    # The overtake bound, as SwapCoordinator._place and _admit_queued implement it: _place
+    # The overtake bound, as Admission._place and _admit_queued implement it: _place
     # walks the waiters in arrival order; the first whose model can be neither served nor
     # started (the *blocked* waiter W, always the oldest waiter for its model) chooses models
     # to evict, and each gets an ``eviction`` for ``W.model``. A request admitted to such a model

@@ -11,12 +11,16 @@ at once when that model is resident, or queues it and schedules loads and evicti
   a bound, so no model starves);
 * an eviction waits for the evicted model's in-flight requests, up to ``drain_timeout``, stops
   its process (SIGTERM, grace, SIGKILL, reaped) or puts it to sleep, waits for NVML to show the
-  memory back, and only then starts the next one.
+  memory back, and only then starts the next one;
+* a model with a ``concurrency_limit`` has at most that many requests in flight; the rest
+  wait in the queue like any other.
 
-All scheduling decisions are taken synchronously in :meth:`SwapCoordinator._schedule` on the
-event loop, so there is no lock and no interleaving to reason about; loads and unloads run as
-tasks of each model's :class:`~swapper.scheduling.runtime.ModelRuntime`, which report back
-through the coordinator's :class:`~swapper.scheduling.host.RuntimeHost` methods.
+All scheduling decisions are taken synchronously on the event loop, in
+:meth:`Admission.schedule <swapper.scheduling.admission.Admission.schedule>`, so there is no
+lock and no interleaving to reason about. Each model's
+:class:`~swapper.scheduling.runtime.ModelRuntime` carries them out: its loads and unloads run as
+tasks that report back through the coordinator's
+:class:`~swapper.scheduling.host.RuntimeHost` methods.
 """
 
 from __future__ import annotations
