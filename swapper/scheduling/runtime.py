@@ -19,6 +19,7 @@ from swapper.backends.contract import Backend, BackendHandle
 from swapper.scheduling.driver import BackendDriver
 from swapper.scheduling.events import EventBus
 from swapper.scheduling.host import RuntimeHost
+from swapper.scheduling.idle import IdleClock
 from swapper.scheduling.logbook import ModelLog
 from swapper.scheduling.model_state import (
     EXIT_PHASES,
@@ -98,10 +99,8 @@ class ModelRuntime:
         self.swap_started: float | None = None
         #: Order in which models started loading (the most recent is the "active" one).
         self.started_seq = 0
-        #: Unloads the model when it has been idle for its ttl.
-        self.idle_timer: asyncio.TimerHandle | None = None
-        #: A client's keep_alive (seconds; negative: never), until the model next unloads.
-        self.keep_alive_s: float | None = None
+        #: Unloads the model when it has been idle for its ttl (or a client's keep_alive).
+        self.idle = IdleClock(self)
         self._status_waiters: list[tuple[frozenset[ModelStatus], asyncio.Future[None]]] = []
         self.tasks = RuntimeTasks(self)
 
@@ -209,7 +208,7 @@ class ModelRuntime:
             raise RuntimeError(f"illegal transition for {self.id}: {old} -> {new}")
         self.status = new
         if new != _S.LOADED:
-            self.disarm_idle()
+            self.idle.disarm()
             self.clear_eviction()
         if new in (_S.LOADING, _S.UNLOADING):
             self.unloaded.clear()
@@ -226,7 +225,7 @@ class ModelRuntime:
         if new in (_S.FAILED, _S.UNLOADED, _S.SLEEPING):
             self.draining = False
             self.exit = None
-            self.keep_alive_s = None
+            self.idle.keep_alive_s = None
             self.vram_mb = self.loaded_at = None
             self.unloaded.set()  # no process serves it any more
         if new in (_S.FAILED, _S.UNLOADED):
@@ -341,7 +340,7 @@ class ModelRuntime:
     def admit(self) -> str:
         """Count one more request in flight; the base URL to send it to."""
         self.in_flight += 1
-        self.disarm_idle()
+        self.idle.disarm()
         assert self.handle is not None
         return self.handle.base_url
 
@@ -351,7 +350,7 @@ class ModelRuntime:
         if used:
             self.last_used = time.time()
         if self.in_flight == 0:
-            self.arm_idle()
+            self.idle.arm()
 
     def check_frozen(self, base_url: str) -> None:
         """A request to it missed ``timeouts.read``: probe whether the backend froze."""
@@ -363,43 +362,14 @@ class ModelRuntime:
 
     # -- timers -----------------------------------------------------------------------------
 
+    @property
+    def idle_timer(self) -> asyncio.TimerHandle | None:
+        """The idle clock's timer, while it runs."""
+        return self.idle.timer
+
     def keep_alive(self, seconds: float | None) -> None:
-        """A client's keep_alive: 0 unloads once idle, negative never unloads when idle,
-        positive is the idle ttl from now on; None returns to the configured ttl."""
-        self.keep_alive_s = seconds
-        self.disarm_idle()
-        self.arm_idle()
-
-    def idle_ttl(self) -> float | None:
-        """Seconds idle before it unloads; None: never."""
-        if self.keep_alive_s is not None:
-            return None if self.keep_alive_s < 0 else self.keep_alive_s
-        config = self.host.config
-        entry = config.models.get(self.id)
-        ttl = entry.ttl if entry is not None else None
-        ttl = config.swapper.default_ttl if ttl is None else ttl
-        return ttl if ttl > 0 else None
-
-    def arm_idle(self) -> None:
-        """Start the idle clock of a resident model with nothing in flight."""
-        ttl = self.idle_ttl()
-        if ttl is None or self.status != _S.LOADED or self.in_flight:
-            return
-        self.disarm_idle()
-        self.idle_timer = asyncio.get_running_loop().call_later(ttl, self._idle_expired)
-
-    def disarm_idle(self) -> None:
-        """Stop the idle clock."""
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
-
-    def _idle_expired(self) -> None:
-        self.idle_timer = None
-        if self.status == _S.LOADED and not self.in_flight and not self.queued:
-            logger.info("%s idle for %gs (ttl); unloading", self.id, self.idle_ttl() or 0.0)
-            self.draining = True
-            self.host.reschedule()
+        """A client's keep_alive (see :meth:`~swapper.scheduling.idle.IdleClock.keep_alive`)."""
+        self.idle.keep_alive(seconds)
 
     def choose_for_eviction(self, target: ModelRuntime, *, full: bool) -> None:
         """Make room for ``target`` (stopped when ``full``, or when chosen so before)."""

@@ -124,7 +124,7 @@ class RuntimeTasks:
             self.watcher = rt.host.spawn(self._watch(handle), f"watch:{rt.id}")
         rt.host.spawn(self._measure(handle), f"measure:{rt.id}")
         rt.host.reschedule()
-        rt.arm_idle()  # loaded for a request that gave up, or by an operator
+        rt.idle.arm()  # loaded for a request that gave up, or by an operator
 
     def _load_failed(self, reason: str) -> None:
         """FAILED, with exponential back-off once failures repeat; waiters get a 503."""
