@@ -79,12 +79,7 @@ class SwapCoordinator:
 
     def _make_backend(self, model_id: str, config: Config) -> Backend:
         entry = config.models[model_id]
-        settings = BackendSettings(
-            gpu_enabled=config.swapper.gpu_enabled,
-            metal_acceleration=config.swapper.metal_acceleration,
-            stop_timeout=config.swapper.stop_timeout,
-        )
-        return self._registry.backends[entry.backend](model_id, entry, settings)
+        return self._registry.backends[entry.backend](model_id, entry, _backend_settings(config))
 
     def _new_runtime(self, model_id: str, config: Config) -> ModelRuntime:
         backend = self._make_backend(model_id, config)
@@ -267,15 +262,7 @@ class SwapCoordinator:
         old = self.config
         self.config = config
         self.placement.config = config  # budget, pinning and slots apply from the next decision
-        backend_settings_changed = (
-            old.swapper.gpu_enabled,
-            old.swapper.metal_acceleration,
-            old.swapper.stop_timeout,
-        ) != (
-            config.swapper.gpu_enabled,
-            config.swapper.metal_acceleration,
-            config.swapper.stop_timeout,
-        )
+        backend_settings_changed = _backend_settings(old) != _backend_settings(config)
         summary: dict[str, list[str]] = {"added": [], "changed": [], "removed": [], "unchanged": []}
         for model_id in [m for m in self._models if m not in config.models]:
             model = self._models.pop(model_id)
@@ -415,3 +402,12 @@ class SwapCoordinator:
     def _schedule(self) -> None:
         if not self._closing:
             self._admission.schedule(self._all_models())
+
+
+def _backend_settings(config: Config) -> BackendSettings:
+    """The service-wide settings every backend is built with."""
+    return BackendSettings(
+        gpu_enabled=config.swapper.gpu_enabled,
+        metal_acceleration=config.swapper.metal_acceleration,
+        stop_timeout=config.swapper.stop_timeout,
+    )
