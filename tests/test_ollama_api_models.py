@@ -84,22 +84,23 @@ async def test_names_resolve_with_or_without_latest_and_by_alias() -> None:
 
 
 def test_ps_lists_loaded_models_with_their_expiry() -> None:
-    config, _ = fake_config(
-        FakeWorld(), {"a": {"ttl": 60}, "b": {"ttl": 0}, "c": {}, "d": {"ttl": 60}}
-    )
+    config, _ = fake_config(FakeWorld(), {m: {} for m in "abcde"})
     files = {m: ModelFile(None, 0, 0.0, None) for m in config.models}
     snap = snapshot(
         {
-            "a": model(ModelStatus.LOADED),
-            "b": model(ModelStatus.LOADED),  # ttl 0: never unloads when idle
-            "c": model(ModelStatus.UNLOADED),
-            "d": model(ModelStatus.LOADED, in_flight=1),  # busy: its clock has not started
+            "a": model(ModelStatus.LOADED, idle_ttl=60.0),
+            "b": model(ModelStatus.LOADED, idle_ttl=None),  # never unloads when idle
+            "c": model(ModelStatus.UNLOADED, idle_ttl=60.0),
+            "d": model(ModelStatus.LOADED, in_flight=1, idle_ttl=60.0),  # busy: no clock yet
+            # A client's keep_alive of 5 minutes, in the snapshot's idle_ttl like a ttl.
+            "e": model(ModelStatus.LOADED, idle_ttl=300.0),
         }
     )
     document = ps_document(config, snap, files, {"a": 1000.0})
     rows = {row["model"]: row for row in document["models"]}
-    assert set(rows) == {"a:latest", "b:latest", "d:latest"}
+    assert set(rows) == {"a:latest", "b:latest", "d:latest", "e:latest"}
     assert rows["a:latest"]["expires_at"] == iso(NOW - 10 + 60)  # last used + ttl
+    assert rows["e:latest"]["expires_at"] == iso(NOW - 10 + 300)
     assert rows["a:latest"]["size_vram"] == 1000 * 1024 * 1024  # NVML's figure wins
     assert rows["b:latest"]["size_vram"] == 512 * 1024 * 1024  # else the backend's own
     assert rows["b:latest"]["expires_at"].startswith("2318")

@@ -135,8 +135,10 @@ async def test_a_positive_keep_alive_is_the_idle_ttl_from_now_on(
     coordinator = coordinator_factory(default_ttl=0)
     (await coordinator.acquire("a")).release()
     assert coordinator.runtime("a").idle_timer is None
+    assert coordinator.status().models["a"].idle_ttl is None  # default_ttl 0: never
     released = time.monotonic()
     coordinator.keep_alive("a", 0.2)
+    assert coordinator.status().models["a"].idle_ttl == 0.2  # what /api/ps shows
     await status_reached(coordinator, "a", _S.UNLOADED)
     assert time.monotonic() - released >= 0.2
 

@@ -42,6 +42,8 @@ class ModelSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     vram_mb: float | None
     predicted_vram_mb: float
     pinned: bool
+    #: Seconds idle before it unloads (its ttl, or a client's keep_alive); None: never.
+    idle_ttl: float | None = None
 
 
 class VramSnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -95,4 +97,5 @@ def model_snapshot(model: ModelRuntime, placement: Placement) -> ModelSnapshot:
         vram_mb=model.shown_vram_mb,
         predicted_vram_mb=placement.predicted_mb(model),
         pinned=placement.pinned(model),
+        idle_ttl=model.idle.ttl(),
     )

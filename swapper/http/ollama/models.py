@@ -161,8 +161,8 @@ def ps_document(
         measured = measured_mb.get(model_id)
         vram_mb = measured if measured is not None else model.vram_mb
         size_vram = int((vram_mb or 0) * _MIB)
-        ttl = config.swapper.default_ttl if entry.ttl is None else entry.ttl
-        if ttl <= 0 or model.in_flight or model.pinned:
+        ttl = model.idle_ttl  # the configured ttl, or the last request's keep_alive
+        if ttl is None or model.in_flight:
             expires = _FOREVER
         else:
             since = max(model.last_used or 0.0, model.loaded_at or 0.0) or snapshot.wall_time
