@@ -3,6 +3,7 @@ to the faithful fake ``ollama serve`` (tests/fake_servers/ollama)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import ollama
@@ -39,9 +40,11 @@ def test_generate_goes_to_ollamas_own_endpoint(swapper: SwapperProcess) -> None:
     # answer would carry swapper's total_duration.
     assert whole.done_reason == "stop" and whole.prompt_eval_count == 2
     assert whole.total_duration is None
+    assert whole.model == "qwen"  # the name the client used, not Ollama's tag
     parts = list(c.generate(model="qwen:latest", prompt="stream please", stream=True))
     assert "".join(p.response for p in parts) == "ollama qwen3:8b says: stream please"
     assert parts[-1].done is True
+    assert {p.model for p in parts} == {"qwen:latest"}
     assert swapper.model("qwen")["status"] == "LOADED"
 
 
@@ -64,3 +67,21 @@ def test_tags_lists_both_backends(swapper: SwapperProcess) -> None:
     assert qwen is not None and qwen.format == ""  # no local GGUF file: details unknown
     tiny = listed["tiny-a:latest"].details
     assert tiny is not None and tiny.format == "gguf"
+
+
+def test_a_native_stream_is_relayed_line_by_line_as_it_arrives(swapper_factory: Any) -> None:
+    delay = 0.2  # the fake waits this long before each word
+    models = {"qwen": {"backend": "ollama", "model": "qwen3:8b", "serve": True, "binary": OLLAMA}}
+    swapper = swapper_factory(
+        models=models,
+        env={"FAKE_OLLAMA_MODELS": "qwen3:8b=5200", "FAKE_OLLAMA_TOKEN_DELAY": str(delay)},
+    )
+    c = ollama.Client(host=swapper.url, timeout=60)
+    c.generate(model="qwen")  # loaded first: only the generation is timed below
+    arrivals = []
+    for part in c.generate(model="qwen", prompt="one two three", stream=True):
+        arrivals.append(time.monotonic())
+        assert part.model == "qwen"
+    # Seven words, each after a pause: held back until the end, they would arrive together.
+    assert len(arrivals) >= 5
+    assert arrivals[-2] - arrivals[0] >= 3 * delay

@@ -171,3 +171,37 @@ class StreamTranslator:
         out["done_reason"] = _done_reason(self._finish)
         out.update(_stats(self._last, total_ns, load_ns))
         return _ENCODE.encode(out) + b"\n"
+
+
+class NativeLines:
+    """An ``ollama`` backend's own NDJSON answer, line by line, naming the model as the client
+    did (Ollama writes its tag). Only whole lines are rewritten; a line that is not a JSON
+    object goes through as it came."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._partial = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The whole lines ``chunk`` completes, renamed; the rest waits for the next chunk."""
+        data = self._partial + chunk
+        cut = data.rfind(b"\n") + 1
+        self._partial = data[cut:]
+        return b"".join(self.line(line) for line in data[:cut].splitlines(keepends=True))
+
+    def finish(self) -> bytes:
+        """A last line the backend did not end with a newline."""
+        rest, self._partial = self._partial, b""
+        return self.line(rest) if rest.strip() else b""
+
+    def line(self, line: bytes) -> bytes:
+        """One NDJSON line (or a whole JSON answer) with ``model`` set to the client's name."""
+        try:
+            data = _DECODE.decode(line)
+        except msgspec.DecodeError:
+            return line
+        if not isinstance(data, dict) or "model" not in data:
+            return line
+        data["model"] = self._name
+        end = b"\n" if line.endswith(b"\n") else b""
+        return _ENCODE.encode(data) + end

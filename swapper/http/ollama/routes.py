@@ -27,7 +27,7 @@ from swapper.http.admin import read_status
 from swapper.http.exchange import Exchange, Forward, unless_stopping
 from swapper.http.logs import note_model
 from swapper.http.ollama import models
-from swapper.http.ollama.answers import StreamTranslator, chat_answer, now_rfc3339
+from swapper.http.ollama.answers import NativeLines, StreamTranslator, chat_answer, now_rfc3339
 from swapper.http.ollama.exchanges import (
     ClientLeft,
     open_exchange,
@@ -114,17 +114,36 @@ async def _native(
     """
     state = request.app.state
     seconds = keep_alive_seconds(data.pop("keep_alive", None))
-    forward = Forward(path, _ENCODE.encode(data), model_id, name, False)
+    stream = data.get("stream", True) is not False and path != "/api/embed"
+    # A stream is relayed as it arrives (``binary``: whatever its type, never rewritten as
+    # SSE), its lines renamed here; the request body still names Ollama's tag.
+    forward = Forward(path, _ENCODE.encode(data), model_id, name, stream, binary=stream)
     exchange, _ = await open_exchange(request, forward)
     _keep_alive(state, model_id, seconds)
+    lines = NativeLines(name)  # as translated answers do: the name the client used
+    if exchange.content is None:
+        return GuardedStream(_native_lines(exchange, lines), exchange.close, media_type=NDJSON)
     async with exchange:
         upstream = exchange.upstream
         assert upstream is not None and exchange.content is not None
+        content = exchange.content
         return Response(
-            exchange.content,
+            lines.line(content) if upstream.status < 400 else content,
             status_code=upstream.status,
             media_type=upstream.content_type or JSON,
         )
+
+
+async def _native_lines(exchange: Exchange, lines: NativeLines) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in exchange.relay():
+            renamed = lines.feed(chunk)
+            if renamed:
+                yield renamed
+        if last := lines.finish():
+            yield last
+    finally:
+        await exchange.close()
 
 
 async def _ndjson(
