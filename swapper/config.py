@@ -244,6 +244,8 @@ class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     vram_mb: float | None = None
     #: Evicted last (multi-active). None: pinned when it is the default_model.
     pinned: bool | None = None
+    #: Most requests in flight to this model at once; more wait in the queue. None: no limit.
+    concurrency_limit: int | None = None
     #: Variables set in the backend process's environment, on top of swapper's own.
     env: dict[str, str] = {}
     #: Top-level keys removed from every request body sent to this model.
@@ -329,6 +331,9 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
         vram = models[model_id].vram_mb
         if vram is not None and not (math.isfinite(vram) and vram >= 0):
             raise ConfigError(f"{source}: {where}.vram_mb: must be a number >= 0")
+        limit = models[model_id].concurrency_limit
+        if limit is not None and limit < 1:
+            raise ConfigError(f"{source}: {where}.concurrency_limit: must be an integer >= 1")
         for name, value in models[model_id].env.items():
             if not name or "=" in name or "\x00" in name:
                 raise ConfigError(

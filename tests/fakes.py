@@ -310,4 +310,4 @@ def queued(coordinator: SwapCoordinator, model_id: str) -> int:
 
 async def finished(coordinator: SwapCoordinator, name: str) -> None:
     """Await the coordinator's background tasks called ``name`` (``probe:a``, ``measure:a``)."""
-    await asyncio.gather(*(t for t in coordinator._tasks if t.get_name() == name))
+    await asyncio.gather(*(t for t in coordinator.background_tasks() if t.get_name() == name))

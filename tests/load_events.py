@@ -100,7 +100,7 @@ class EventLog:
         """Follow one model's queue: a waiter joins (+1), is admitted (-1 with in_flight up) or
         leaves (-1, in_flight unchanged); a release changes in_flight only. Each step moves
         ``queued`` by at most one, and a model's waiters are admitted in their arrival order
-        (SwapCoordinator._admit_queued walks the queue in order), so the n-th join of a model
+        (Admission._admit_queued walks the queue in order), so the n-th join of a model
         is its n-th admission."""
         before_queued, before_in_flight = self._queue.get(model, (0, 0))
         self._queue[model] = (queued, in_flight)

@@ -285,9 +285,8 @@ async def test_close_stops_everything_and_refuses_new_work(
 
 async def test_illegal_transition_is_refused(coordinator_factory: CoordinatorFactory) -> None:
     coordinator = coordinator_factory()
-    model = coordinator._models["a"]
     with pytest.raises(RuntimeError, match="illegal transition"):
-        coordinator._transition(model, ModelStatus.LOADED)
+        coordinator.runtime("a").transition(ModelStatus.LOADED)
 
 
 async def test_queue_cap_refuses_beyond_max_queue(
@@ -373,7 +372,7 @@ async def test_reload_keeps_unchanged_restarts_changed_on_next_use_and_unloads_r
     held.release()
     # b changed while unloaded: its next start uses the new entry
     lease_b = await coordinator.acquire("b")
-    assert coordinator._models["b"].backend.entry.note == "changed"  # type: ignore[attr-defined]
+    assert coordinator.runtime("b").backend.entry.note == "changed"  # type: ignore[attr-defined]
     lease_b.release()
 
 
@@ -389,7 +388,7 @@ async def test_reload_restarts_a_resident_changed_model_on_its_next_request(
     assert world.starts("a") == 1
     lease = await coordinator.acquire("a")
     assert world.events[-2:] == [("stop", "a"), ("start", "a")]
-    assert coordinator._models["a"].backend.entry.note == "v2"  # type: ignore[attr-defined]
+    assert coordinator.runtime("a").backend.entry.note == "v2"  # type: ignore[attr-defined]
     lease.release()
 
 
@@ -416,9 +415,9 @@ async def test_idle_model_unloads_after_its_ttl_but_never_while_in_flight(
 ) -> None:
     coordinator = coordinator_factory(default_ttl=0.05)
     lease = await coordinator.acquire("a")
-    assert coordinator._models["a"].idle_timer is None  # in flight: no idle clock at all
+    assert coordinator.runtime("a").idle_timer is None  # in flight: no idle clock at all
     lease.release()
-    assert coordinator._models["a"].idle_timer is not None
+    assert coordinator.runtime("a").idle_timer is not None
     await coordinator.wait_for_status("a", ModelStatus.UNLOADED)
     assert world.events == [("start", "a"), ("stop", "a")]
     assert coordinator.active_model is None
@@ -429,7 +428,7 @@ async def test_a_request_resets_the_idle_clock_and_ttl_zero_means_never(
 ) -> None:
     coordinator = coordinator_factory(default_ttl=0)
     (await coordinator.acquire("a")).release()
-    assert coordinator._models["a"].idle_timer is None  # ttl 0: never unloads when idle
+    assert coordinator.runtime("a").idle_timer is None  # ttl 0: never unloads when idle
     coordinator.config, _ = fake_config(
         world,
         {"a": {"ttl": 0.05}, "b": {}, "c": {}},
@@ -438,7 +437,7 @@ async def test_a_request_resets_the_idle_clock_and_ttl_zero_means_never(
     )
     lease = await coordinator.acquire("a")  # the model's own ttl wins over default_ttl
     lease.release()
-    first = coordinator._models["a"].idle_timer
+    first = coordinator.runtime("a").idle_timer
     assert first is not None
     (await coordinator.acquire("a")).release()  # a new request restarts the clock
     assert first.cancelled()
@@ -497,7 +496,7 @@ async def test_a_removed_models_log_is_freed(
     assert coordinator.reload(smaller)["removed"] == ["b", "c"]
     await until(coordinator, lambda: coordinator.active_model is None, "c to unload")
     # Its watcher task ends (seeing the stop, or cancelled by it): then nothing holds the model.
-    watchers = [t for t in coordinator._tasks if t.get_name() == "watch:c"]
+    watchers = [t for t in coordinator.background_tasks() if t.get_name() == "watch:c"]
     if watchers:
         await asyncio.wait(watchers)
     del watchers  # a cancelled task's traceback holds its frame, and so the model

@@ -76,13 +76,13 @@ class Releases:
 
     def __init__(self, coordinator: SwapCoordinator, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
-        release = coordinator._release
+        release = coordinator.release
 
         def counted(model: Any, *, used: bool = True) -> None:
             self.count += 1
             release(model, used=used)
 
-        monkeypatch.setattr(coordinator, "_release", counted)
+        monkeypatch.setattr(coordinator, "release", counted)
 
 
 def _state(coordinator: SwapCoordinator, upstream: FakeUpstream) -> Any:

@@ -53,7 +53,7 @@ MESSAGES = [{"role": "user", "content": "Say something."}]
 MAX_QUEUE = 64
 MAX_OVERTAKE = 8
 #: The most swaps a queued request can wait, from joining the queue to its admission, derived
-#: from SwapCoordinator._place and _admit_queued (one slot, 3 models, no request gives up, no
+#: from Admission._place and _admit_queued (one slot, 3 models, no request gives up, no
 #: ttl or manual unload). A request W joins behind at most MAX_QUEUE - 1 waiters, and later
 #: arrivals never get ahead of it (arrival order). Each swap loads the model m of the oldest
 #: waiter whose model is not resident, so that waiter is W or ahead of W. On LOADED, m admits

@@ -135,6 +135,11 @@ def test_an_endpoint_the_model_does_not_serve_is_a_404_that_loads_nothing(
     assert "tts" in wrong.value.message and "/v1/audio/transcriptions" in wrong.value.message
     with pytest.raises(openai.NotFoundError):
         client.images.generate(model="whisper", prompt="a cat")
+    # Ollama's API too: a chat to a transcription-only model, refused in Ollama's shape.
+    chat = swapper.http.post(
+        "/api/chat", json={"model": "whisper", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert chat.status_code == 404 and "/v1/chat/completions" in chat.json()["error"]
     models = swapper.http.get("/status").json()["models"]
     assert models["tts"]["status"] == models["whisper"]["status"] == "UNLOADED"
 

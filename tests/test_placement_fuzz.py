@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from swapper.config import Config
 from swapper.errors import SwapperError
 from swapper.scheduling.coordinator import Lease, SwapCoordinator
-from swapper.scheduling.model_state import ModelRecord, ModelStatus, Waiter
+from swapper.scheduling.model_state import PHASES, ModelStatus, Waiter
+from swapper.scheduling.runtime import ModelRuntime
 from tests.conftest import fake_config
 from tests.fakes import FakeGpu, FakeWorld
 
@@ -71,7 +72,9 @@ async def _progress(coordinator: SwapCoordinator, events: asyncio.Queue[Any], qu
     """Let the coordinator's loads, unloads, probes and measurements advance: to its next
     event, or (``quiet``) until none runs. Timers (drain, idle) are not waited for."""
     async with asyncio.timeout(20):
-        while busy := [t for t in coordinator._tasks if not t.get_name().startswith("watch:")]:
+        while busy := [
+            t for t in coordinator.background_tasks() if not t.get_name().startswith("watch:")
+        ]:
             event = asyncio.ensure_future(events.get())
             done, _ = await asyncio.wait([event, *busy], return_when=asyncio.FIRST_COMPLETED)
             event.cancel()
@@ -118,24 +121,24 @@ async def _run(
     overtaken: collections.Counter[int] = collections.Counter()
     arrivals = itertools.count()
 
-    # The overtake bound, as SwapCoordinator._place and _admit_queued implement it: _place
+    # The overtake bound, as Admission._place and _admit_queued implement it: _place
     # walks the waiters in arrival order; the first whose model can be neither served nor
     # started (the *blocked* waiter W, always the oldest waiter for its model) chooses models
-    # to evict, and each gets ``evicting_for = W.model``. A request admitted to such a model
+    # to evict, and each gets an ``eviction`` for ``W.model``. A request admitted to such a model
     # (at once, or from the queue) that arrived after W overtakes W; every waiter before W
     # is served freely, and so is any model not being evicted for W (it holds no one up). So:
     # no waiting request is overtaken by more than max_overtake later-arriving requests for
     # the models evicted for it. Checked at the moment of each admission, counted over W's
     # whole wait (the coordinator counts per stretch as the blocked waiter; no run here has
     # needed more than max_overtake in total).
-    def admitted(index: int, model: ModelRecord) -> None:
+    def admitted(index: int, model: ModelRuntime) -> None:
         """Called at the moment of admission: count the overtake, if it is one."""
-        target = model.evicting_for
+        target = model.eviction.target if model.eviction is not None else None
         if target is None:
             return  # not being evicted: its requests do not hold anyone up
         heads = [
             arrival[w]
-            for w in coordinator._waiters
+            for w in coordinator.waiting()
             if w.model is target and not w.future.done() and w in arrival
         ]
         if heads and index > min(heads):
@@ -146,7 +149,7 @@ async def _run(
         index = next(arrivals)
         ticket = coordinator.enqueue(model_id)  # synchronous: the arrival order is exact
         if isinstance(ticket, Lease):
-            admitted(index, coordinator._models[model_id])
+            admitted(index, coordinator.runtime(model_id))
         elif ticket.future.done():  # admitted from the queue within enqueue itself
             admitted(index, ticket.model)
         else:
@@ -164,6 +167,10 @@ async def _run(
         # Processes that are up and not asleep: never more than the slots, at any moment.
         assert world.max_awake <= slots, (world.alive, world.asleep)
         assert world.max_held <= BUDGET, world.held
+        # Every model is in a phase its status declares (the table against use).
+        for model_id in coordinator.status().models:
+            runtime = coordinator.runtime(model_id)
+            assert runtime.phase in PHASES[runtime.status], (model_id, runtime.status)
 
     try:
         with coordinator.events.subscribe() as events:

@@ -40,6 +40,7 @@ from swapper.http.forwarding import OPENAI_HANDLERS
 from swapper.http.logs import request_id_middleware
 from swapper.http.media import MEDIA_HANDLERS
 from swapper.http.metrics import Metrics
+from swapper.http.ollama.routes import OLLAMA_ROUTER
 from swapper.http.openapi import list_model_names
 from swapper.http.responses import JSON, json_response
 from swapper.peers import PeerDirectory
@@ -162,6 +163,7 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
             *MEDIA_HANDLERS,
             *ADMIN_HANDLERS,
             *UI_HANDLERS,
+            OLLAMA_ROUTER,
         ],
         lifespan=[lifespan],
         exception_handlers={Exception: _render_error},

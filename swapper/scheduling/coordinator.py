@@ -11,22 +11,25 @@ at once when that model is resident, or queues it and schedules loads and evicti
   a bound, so no model starves);
 * an eviction waits for the evicted model's in-flight requests, up to ``drain_timeout``, stops
   its process (SIGTERM, grace, SIGKILL, reaped) or puts it to sleep, waits for NVML to show the
-  memory back, and only then starts the next one.
+  memory back, and only then starts the next one;
+* a model with a ``concurrency_limit`` has at most that many requests in flight; the rest
+  wait in the queue like any other.
 
-All scheduling decisions are taken synchronously in :meth:`SwapCoordinator._schedule` on the
-event loop, so there is no lock and no interleaving to reason about; loads and unloads run as
-tasks (:mod:`swapper.scheduling.lifecycle`) that report back through ``_transition``.
+All scheduling decisions are taken synchronously on the event loop, in
+:meth:`Admission.schedule <swapper.scheduling.admission.Admission.schedule>`, so there is no
+lock and no interleaving to reason about. Each model's
+:class:`~swapper.scheduling.runtime.ModelRuntime` carries them out: its loads and unloads run as
+tasks that report back through the coordinator's
+:class:`~swapper.scheduling.host.RuntimeHost` methods.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
-import itertools
 import logging
 import math
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from swapper.backends.contract import Backend, BackendSettings
@@ -38,68 +41,22 @@ from swapper.errors import (
     QueueFull,
     ServiceUnavailable,
 )
+from swapper.scheduling.admission import Admission
 from swapper.scheduling.events import EventBus
-from swapper.scheduling.lifecycle import ModelLifecycle
+from swapper.scheduling.lease import Lease
 from swapper.scheduling.logbook import ModelLog
-from swapper.scheduling.model_state import ModelRecord, ModelStatus, Waiter
-from swapper.scheduling.placement import HOLDING_STATUSES, GpuView, Placement, holds_slot
-from swapper.scheduling.snapshot import ModelLoad, ModelSnapshot, Snapshot, VramSnapshot
+from swapper.scheduling.model_state import ModelStatus, Waiter
+from swapper.scheduling.placement import GpuView, Placement
+from swapper.scheduling.runtime import ModelRuntime
+from swapper.scheduling.snapshot import ModelLoad, Snapshot, VramSnapshot, model_snapshot
 
 __all__ = ["Lease", "ModelStatus", "SwapCoordinator"]
 
 logger = logging.getLogger("swapper.coordinator")
 
 
-class Lease:
-    """Permission to send one request to a resident model; release it when the response ends."""
-
-    __slots__ = ("_coordinator", "_model", "base_url", "max_connections", "released")
-
-    def __init__(self, coordinator: SwapCoordinator, model: ModelRecord, base_url: str) -> None:
-        self._coordinator = coordinator
-        self._model = model
-        self.base_url = base_url
-        handle = model.handle
-        self.max_connections = handle.max_connections if handle else None
-        self.released = False
-
-    @property
-    def model_id(self) -> str:
-        """The model this lease is for."""
-        return self._model.id
-
-    def release(self, *, used: bool = True) -> None:
-        """End the request (idempotent); ``used=False`` leaves ``last_used`` alone."""
-        if not self.released:
-            self.released = True
-            self._coordinator._release(self._model, used=used)
-
-    async def backend_unreachable(self) -> None:
-        """The backend refused or dropped the connection: wait until a crash is noticed."""
-        await self._coordinator._settle_unreachable(self._model, self.base_url)
-
-    def backend_silent(self) -> None:
-        """The backend missed ``timeouts.read``: have the coordinator check whether it froze."""
-        self._coordinator._check_frozen(self._model, self.base_url)
-
-    @property
-    def cut_reason(self) -> str | None:
-        """Why the request was cut off (its model was evicted past drain_timeout), if it was."""
-        return self._model.cut_reason
-
-    @property
-    def upstream_model(self) -> str | None:
-        """The backend's own name for the model, when requests must be rewritten to it."""
-        return self._model.backend.upstream_model()
-
-    @property
-    def upstream_headers(self) -> tuple[tuple[bytes, bytes], ...]:
-        """Headers the backend needs on every request (the ``openai`` backend's api_key)."""
-        return self._model.backend.upstream_headers()
-
-
-class SwapCoordinator(ModelLifecycle):
-    """Owns every model's state and decides what is resident."""
+class SwapCoordinator:
+    """Owns the queue and decides what is resident; each model's runtime does the moving."""
 
     def __init__(
         self, config: Config, registry: BackendRegistry, gpu: GpuView | None = None
@@ -107,39 +64,26 @@ class SwapCoordinator(ModelLifecycle):
         self.config = config
         self.placement = Placement(config, gpu)
         self._registry = registry
-        self._models: dict[str, ModelRecord] = {}
-        #: Models removed by a reload that still hold a process until they unload.
-        self._retired: set[ModelRecord] = set()
-        for model_id in config.models:
-            self._models[model_id] = self._new_model(model_id, config)
-        self._names = config.names
         #: Status changes, swaps, loads, unloads and queue changes, for metrics and /events.
         self.events = EventBus()
-        #: Overtakes granted past the first blocked waiter (``_blocked_seq``) so far.
-        self._overtaken = 0
-        self._blocked_seq: int | None = None
-        self._waiters: collections.deque[Waiter] = collections.deque()
-        self._seq = itertools.count()
+        #: The queue, admission and the start/evict decisions.
+        self._admission = Admission(self, self.placement, self.events)
+        self._models: dict[str, ModelRuntime] = {}
+        #: Models removed by a reload that still hold a process until they unload.
+        self._retired: set[ModelRuntime] = set()
+        for model_id in config.models:
+            self._models[model_id] = self._new_runtime(model_id, config)
+        self._names = config.names
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._status_waiters: list[
-            tuple[ModelRecord, frozenset[ModelStatus], asyncio.Future[None]]
-        ] = []
         self._closing = False
 
     def _make_backend(self, model_id: str, config: Config) -> Backend:
         entry = config.models[model_id]
-        settings = BackendSettings(
-            gpu_enabled=config.swapper.gpu_enabled,
-            metal_acceleration=config.swapper.metal_acceleration,
-            stop_timeout=config.swapper.stop_timeout,
-        )
-        return self._registry.backends[entry.backend](model_id, entry, settings)
+        return self._registry.backends[entry.backend](model_id, entry, _backend_settings(config))
 
-    def _new_model(self, model_id: str, config: Config) -> ModelRecord:
-        model = ModelRecord(id=model_id, backend=self._make_backend(model_id, config))
-        model.backend.log_sink = model.log.append
-        model.unloaded.set()
-        return model
+    def _new_runtime(self, model_id: str, config: Config) -> ModelRuntime:
+        backend = self._make_backend(model_id, config)
+        return ModelRuntime(model_id, backend, self, self.placement, self.events)
 
     # -- public API -------------------------------------------------------------------------
 
@@ -149,6 +93,18 @@ class SwapCoordinator(ModelLifecycle):
             return self._names[name]
         except KeyError:
             raise ModelNotFound(f"The model {name!r} does not exist") from None
+
+    def runtime(self, model_id: str) -> ModelRuntime:
+        """The runtime of a configured model (KeyError if there is none)."""
+        return self._models[model_id]
+
+    def waiting(self) -> list[Waiter]:
+        """The queued requests, in arrival order."""
+        return self._admission.waiting()
+
+    def background_tasks(self) -> list[asyncio.Task[Any]]:
+        """The loads, unloads, watchers, probes and measurements running now."""
+        return list(self._tasks)
 
     async def acquire(self, model_id: str, *, manual: bool = False) -> Lease:
         """Wait until ``model_id`` is resident and admitted; the caller must release the lease.
@@ -171,7 +127,7 @@ class SwapCoordinator(ModelLifecycle):
         if problem is not None:
             error = f"cannot start: {problem}"
             if model.status == ModelStatus.UNLOADED:
-                self._transition(model, ModelStatus.FAILED, error=error)
+                model.transition(ModelStatus.FAILED, error=error)
             model.last_error = error
             raise ModelUnavailable(f"Model {model_id!r} cannot start: {problem}")
 
@@ -186,8 +142,8 @@ class SwapCoordinator(ModelLifecycle):
         model = self._models.get(model_id)
         if model is None:
             raise ModelNotFound(f"The model {model_id!r} does not exist")
-        if self._may_admit(model):
-            return self._admit(model)
+        if self._admission.may_admit(model):
+            return Lease(self, model, self._admission.admit(model))
         if model.retry_at is not None:
             remaining = model.retry_at - time.monotonic()
             if remaining > 0:
@@ -199,15 +155,12 @@ class SwapCoordinator(ModelLifecycle):
         refusal = self.placement.refusal(model)
         if refusal is not None:
             raise ModelUnavailable(refusal)
-        if len(self._waiters) >= self.config.swapper.max_queue:
+        if len(self._admission) >= self.config.swapper.max_queue:
             raise QueueFull(
-                f"{len(self._waiters)} requests are already waiting for models "
+                f"{len(self._admission)} requests are already waiting for models "
                 f"(swapper.max_queue); retry shortly"
             )
-        waiter = Waiter(model, next(self._seq), asyncio.get_running_loop().create_future(), manual)
-        self._waiters.append(waiter)
-        model.queued += 1
-        self._queue_changed(model)
+        waiter = self._admission.enqueue(model, manual=manual)
         self._schedule()
         return waiter
 
@@ -216,13 +169,12 @@ class SwapCoordinator(ModelLifecycle):
         if isinstance(ticket, Lease):
             return ticket
         ticket.redeemed = True
-        model = ticket.model
         try:
             base_url = await ticket.future
         except asyncio.CancelledError:
             self.abandon(ticket)
             raise
-        return Lease(self, model, base_url)
+        return Lease(self, ticket.model, base_url)
 
     def abandon(self, ticket: Lease | Waiter) -> None:
         """Give up a ticket whose request will not be sent (the client left); idempotent."""
@@ -233,16 +185,38 @@ class SwapCoordinator(ModelLifecycle):
         if future.done() and not future.cancelled() and future.exception() is None:
             if not ticket.abandoned:
                 ticket.abandoned = True
-                self._release(ticket.model, used=False)  # admitted just as the client went away
+                self.release(ticket.model, used=False)  # admitted just as the client went away
         elif not future.done() or future.cancelled():
             future.cancel()  # (a cancelled awaiting task has cancelled it already)
-            self._drop_waiter(ticket)
+            self._admission.drop(ticket)
+            self._schedule()
+
+    def release(self, model: ModelRuntime, *, used: bool = True) -> None:
+        """One admitted request to ``model`` ended (a :class:`Lease` calls this once)."""
+        model.release(used=used)
+        self._admission.queue_changed(model)
+        if model.queued or (
+            model.in_flight == 0
+            and (len(self._admission) or model.draining or model.eviction is not None)
+        ):
             self._schedule()
 
     def admits_now(self, model_id: str) -> bool:
         """True when a request for ``model_id`` would be admitted without waiting."""
         model = self._models.get(model_id)
-        return model is not None and self._may_admit(model)
+        return model is not None and self._admission.may_admit(model)
+
+    def keep_alive(self, model_id: str, seconds: float | None) -> None:
+        """A client's keep_alive (Ollama's semantics) for ``model_id``, until it next unloads.
+
+        ``0``: unload once no request is in flight (now, if idle); negative: never unload
+        when idle (it can still be evicted for another model); positive: unload after that
+        many idle seconds; None: back to the configured ttl.
+        """
+        model = self._models.get(model_id)
+        if model is None:
+            raise ModelNotFound(f"The model {model_id!r} does not exist")
+        model.keep_alive(seconds)
 
     async def load(self, model_id: str) -> None:
         """Make ``model_id`` resident (swapping as a request would) and return once it is.
@@ -268,12 +242,12 @@ class SwapCoordinator(ModelLifecycle):
         if model is None:
             return  # removed, and out already
         if model.status == ModelStatus.FAILED:
-            self._transition(model, ModelStatus.UNLOADED)
+            model.transition(ModelStatus.UNLOADED)
         elif model.status == ModelStatus.SLEEPING:
             # Unloading a sleeping model stops its process (a first unload put it to sleep).
-            self._start_unload(model, full=True)
+            model.start_unload(full=True)
         elif model.status in (ModelStatus.LOADING, ModelStatus.LOADED):
-            model.draining = True
+            model.drain()
             self._schedule()
         await model.unloaded.wait()
 
@@ -282,25 +256,18 @@ class SwapCoordinator(ModelLifecycle):
 
         Unchanged models keep running, mid-request included. A changed model keeps serving
         until its next request, which restarts it with the new entry. A removed model stops
-        taking requests and unloads once idle. Service settings apply at once.
+        taking requests and unloads once idle. Service settings apply at once; a client's
+        keep_alive gives way to the new ttl.
         """
         old = self.config
         self.config = config
         self.placement.config = config  # budget, pinning and slots apply from the next decision
-        backend_settings_changed = (
-            old.swapper.gpu_enabled,
-            old.swapper.metal_acceleration,
-            old.swapper.stop_timeout,
-        ) != (
-            config.swapper.gpu_enabled,
-            config.swapper.metal_acceleration,
-            config.swapper.stop_timeout,
-        )
+        backend_settings_changed = _backend_settings(old) != _backend_settings(config)
         summary: dict[str, list[str]] = {"added": [], "changed": [], "removed": [], "unchanged": []}
         for model_id in [m for m in self._models if m not in config.models]:
             model = self._models.pop(model_id)
-            model.removed = True
-            self._fail_waiters(
+            model.retire()
+            self._admission.fail(
                 model, ModelNotFound(f"The model {model_id!r} was removed from the config")
             )
             if model.status not in (ModelStatus.UNLOADED, ModelStatus.FAILED):
@@ -311,21 +278,14 @@ class SwapCoordinator(ModelLifecycle):
         for model_id, entry in config.models.items():
             current = self._models.get(model_id)
             if current is None:
-                self._models[model_id] = self._new_model(model_id, config)
+                self._models[model_id] = self._new_runtime(model_id, config)
                 summary["added"].append(model_id)
-            elif entry == old.models[model_id] and not backend_settings_changed:
+                continue
+            current.keep_alive(None)
+            if entry == old.models[model_id] and not backend_settings_changed:
                 summary["unchanged"].append(model_id)
             else:
-                backend = self._make_backend(model_id, config)
-                backend.log_sink = current.log.append
-                if current.handle is None and current.status in (
-                    ModelStatus.UNLOADED,
-                    ModelStatus.FAILED,
-                ):
-                    self._spawn(current.backend.aclose(), f"close:{model_id}")
-                    current.backend, current.failures, current.retry_at = backend, 0, None
-                else:
-                    current.pending = backend  # swapped in when the running process stops
+                current.replace_backend(self._make_backend(model_id, config))
                 summary["changed"].append(model_id)
         self._names = config.names
         logger.info(
@@ -338,26 +298,13 @@ class SwapCoordinator(ModelLifecycle):
 
     async def wait_for_status(self, model_id: str, *statuses: ModelStatus) -> None:
         """Return once ``model_id`` is in one of ``statuses`` (an event, not a poll)."""
-        model = self._models[model_id]
-        if model.status not in statuses:
-            await self._next_status(model, frozenset(statuses))
+        await self._models[model_id].wait_for_status(*statuses)
 
-    async def _next_status(self, model: ModelRecord, statuses: frozenset[ModelStatus]) -> None:
-        """Wait for ``model``'s next transition into one of ``statuses``."""
-        future = asyncio.get_running_loop().create_future()
-        entry = (model, statuses, future)
-        self._status_waiters.append(entry)
-        try:
-            await future
-        finally:
-            with contextlib.suppress(ValueError):
-                self._status_waiters.remove(entry)
-
-    def _all_models(self) -> list[ModelRecord]:
+    def _all_models(self) -> list[ModelRuntime]:
         return [*self._models.values(), *self._retired]
 
-    def _holders(self) -> list[ModelRecord]:
-        return [m for m in self._all_models() if m.status in HOLDING_STATUSES]
+    def _holders(self) -> list[ModelRuntime]:
+        return [m for m in self._all_models() if m.holds_memory]
 
     @property
     def active_model(self) -> str | None:
@@ -368,40 +315,17 @@ class SwapCoordinator(ModelLifecycle):
     @property
     def resident_models(self) -> list[str]:
         """Models holding a slot (loading, loaded or unloading), in the order they started."""
-        holders = [m for m in self._all_models() if holds_slot(m)]
+        holders = [m for m in self._all_models() if m.holds_slot]
         return [m.id for m in sorted(holders, key=lambda m: m.started_seq)]
 
     def status(self) -> Snapshot:
-        """Every model's state and placement's accounting, in raw values (see :mod:`swapper.scheduling.snapshot`)."""
+        """Every model's state and placement's accounting, in raw values (see
+        :mod:`swapper.scheduling.snapshot`)."""
         placement = self.placement
-        models = {}
-        for model in self._models.values():
-            handle = model.handle
-            models[model.id] = ModelSnapshot(
-                status=model.status,
-                backend=model.backend.name,
-                pid=handle.pid if handle else None,
-                port=handle.port if handle else None,
-                loaded_at=model.loaded_at,
-                last_error=model.last_error,
-                in_flight=model.in_flight,
-                queued=model.queued,
-                last_used=model.last_used,
-                failures=model.failures,
-                retry_at=model.retry_at,
-                vram_mb=(
-                    model.sleep_vram_mb
-                    if model.status == ModelStatus.SLEEPING
-                    else model.vram_mb
-                    if model.status == ModelStatus.LOADED
-                    else None
-                ),
-                predicted_vram_mb=placement.predicted_mb(model),
-                pinned=placement.pinned(model),
-            )
+        models = {m.id: model_snapshot(m, placement) for m in self._models.values()}
         vram = VramSnapshot(
             budget_mb=placement.budget_mb,
-            committed_mb=sum(placement.charge_mb(m) for m in self._holders()),
+            committed_mb=sum(m.charge_mb for m in self._holders()),
             learned_mb=placement.sizes.snapshot(),
         )
         return Snapshot(
@@ -433,11 +357,7 @@ class SwapCoordinator(ModelLifecycle):
         In-flight requests keep their backends until :meth:`close`.
         """
         self._closing = True
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            waiter.model.queued -= 1
-            if not waiter.future.done():
-                waiter.future.set_exception(ServiceUnavailable("swapper is shutting down"))
+        self._admission.fail_all(ServiceUnavailable("swapper is shutting down"))
 
     async def close(self) -> None:
         """Refuse new work, fail queued requests and stop every backend."""
@@ -446,214 +366,48 @@ class SwapCoordinator(ModelLifecycle):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for model in self._all_models():
-            if model.status in (ModelStatus.LOADED, ModelStatus.SLEEPING):
-                self._transition(model, ModelStatus.UNLOADING)
-            await self._stop_backend(model)
-            if model.status == ModelStatus.UNLOADING:
-                self._transition(model, ModelStatus.UNLOADED)
+            await model.shut_down()
 
-    # -- scheduling ---------------------------------------------------------------------------
+    # -- the runtimes' host (see RuntimeHost) -------------------------------------------------
 
-    def _may_admit(self, model: ModelRecord) -> bool:
-        """Fast path: the model is resident, takes requests, and no one it must let pass waits."""
-        if (
-            model.status != ModelStatus.LOADED
-            or model.draining
-            or model.queued
-            or model.pending is not None
-            or self._closing
-        ):
-            return False
-        return model.evicting_for is None or self._overtaken < self.config.swapper.max_overtake
+    @property
+    def closing(self) -> bool:
+        """Shutting down: no new work, and unloads stop rather than sleep."""
+        return self._closing
 
-    def _admit(self, model: ModelRecord) -> Lease:
-        model.in_flight += 1
-        if model.evicting_for is not None:
-            self._overtaken += 1
-            self._arm_drain(model)
-        self._disarm_idle(model)
-        assert model.handle is not None
-        return Lease(self, model, model.handle.base_url)
-
-    def _drop_waiter(self, waiter: Waiter) -> None:
-        with contextlib.suppress(ValueError):
-            self._waiters.remove(waiter)
-            waiter.model.queued -= 1
-            self._queue_changed(waiter.model)
-
-    def _queue_changed(self, model: ModelRecord) -> None:
-        if self.events.subscribed:
-            self.events.emit(
-                "queue", model=model.id, queued=model.queued, in_flight=model.in_flight
-            )
-
-    def _release(self, model: ModelRecord, *, used: bool = True) -> None:
-        model.in_flight -= 1
-        if used:
-            model.last_used = time.time()
-        self._queue_changed(model)
-        if model.in_flight == 0:
-            self._arm_idle(model)
-            if self._waiters or model.draining or model.evicting_for is not None:
-                self._schedule()
-
-    def _ttl(self, model: ModelRecord) -> float:
-        ttl = self.config.models[model.id].ttl if model.id in self.config.models else None
-        return self.config.swapper.default_ttl if ttl is None else ttl
-
-    def _arm_idle(self, model: ModelRecord) -> None:
-        """Start the idle clock of a resident model with nothing in flight (ttl 0: never)."""
-        ttl = self._ttl(model)
-        if ttl <= 0 or model.status != ModelStatus.LOADED or model.in_flight:
-            return
-        self._disarm_idle(model)
-        model.idle_timer = asyncio.get_running_loop().call_later(ttl, self._idle_expired, model)
-
-    def _idle_expired(self, model: ModelRecord) -> None:
-        model.idle_timer = None
-        if model.status == ModelStatus.LOADED and not model.in_flight and not model.queued:
-            logger.info("%s idle for %gs (ttl); unloading", model.id, self._ttl(model))
-            model.draining = True
-            self._schedule()
-
-    def _schedule(self) -> None:
-        """Take every decision the current state allows; never awaits."""
-        if self._closing:
-            return
-        self._place()
-        for model in self._all_models():
-            if model.status == ModelStatus.SLEEPING and (model.removed or model.pending):
-                self._start_unload(model, full=True)  # a changed or removed model restarts
-                continue
-            if model.status != ModelStatus.LOADED:
-                continue  # a load or unload is running; its end calls us again
-            if model.removed or (model.pending is not None and model.queued):
-                # Removed by a reload: unload once idle. Changed by a reload: restart on next use.
-                model.draining = True
-            if not model.draining:
-                self._admit_queued(model)
-            if model.in_flight == 0 and (model.draining or model.evicting_for is not None):
-                self._start_unload(model)
-            elif model.evicting_for is not None:
-                self._arm_drain(model)
-
-    def _place(self) -> None:
-        """Start the loads that fit, in arrival order; the first that does not picks evictions."""
-        evictions: dict[ModelRecord, tuple[bool, ModelRecord]] = {}
-        blocked: Waiter | None = None
-        seen: set[ModelRecord] = set()
-        for waiter in list(self._waiters):
-            model = waiter.model
-            if model in seen or waiter.future.done():
-                continue
-            seen.add(model)
-            if model.status in (ModelStatus.LOADING, ModelStatus.LOADED):
-                continue
-            if model.status == ModelStatus.UNLOADING:
-                blocked = waiter  # it loads again once it is out
-                break
-            plan = self.placement.plan(model, self._holders())
-            if plan.refuse is not None:  # the budget shrank under it (a reload)
-                self._fail_waiters(model, ModelUnavailable(plan.refuse))
-                continue
-            if plan.start:
-                self._start_load(model, manual=waiter.manual)
-                continue
-            blocked = waiter
-            for eviction in plan.evict:
-                evictions[eviction.model] = (eviction.full, model)
-            break
-        seq = blocked.seq if blocked is not None else None
-        if seq != self._blocked_seq:
-            self._blocked_seq, self._overtaken = seq, 0
-        for model in self._all_models():
-            chosen = evictions.get(model)
-            if chosen is None:
-                if model.evicting_for is not None and model.status == ModelStatus.LOADED:
-                    model.evicting_for, model.stop_fully = None, False
-                    self._disarm_drain(model)
-                continue
-            full, target = chosen
-            model.stop_fully = model.stop_fully or full
-            model.evicting_for = target
-            if model.status == ModelStatus.SLEEPING:
-                self._start_unload(model, full=True)  # nothing to drain: out at once
-
-    def _arm_drain(self, model: ModelRecord) -> None:
-        """Start the drain deadline of a model chosen for eviction that still serves requests."""
-        if model.in_flight and model.drain_timer is None:
-            model.drain_timer = asyncio.get_running_loop().call_later(
-                self.config.swapper.drain_timeout, self._drain_expired, model
-            )
-
-    def _drain_expired(self, model: ModelRecord) -> None:
-        """An evicted model's requests ran past drain_timeout: cut them off, with a reason."""
-        model.drain_timer = None
-        target = model.evicting_for
-        if target is None or model.status != ModelStatus.LOADED or not model.in_flight:
-            return
-        timeout = self.config.swapper.drain_timeout
-        model.cut_reason = (
-            f"Model {model.id!r} was unloaded to make room for {target.id!r}: its requests did "
-            f"not finish within swapper.drain_timeout ({timeout:g}s)"
-        )
-        logger.warning(
-            "%s: %d request(s) still running after drain_timeout (%gs); cutting "
-            "them off to load %s",
-            model.id,
-            model.in_flight,
-            timeout,
-            target.id,
-        )
-        self._start_unload(model)
-
-    def _admit_queued(self, model: ModelRecord) -> None:
-        """Admit waiters for a resident model: earlier arrivals freely, later ones up to the bound."""
-        first_other = self._blocked_seq if model.evicting_for is not None else None
-        bound = self.config.swapper.max_overtake
-        for waiter in list(self._waiters):
-            if waiter.model is not model or waiter.future.done():
-                continue  # another model's, or cancelled: its task drops it when it resumes
-            if first_other is not None and waiter.seq > first_other:
-                if self._overtaken >= bound:
-                    return
-                self._overtaken += 1
-            self._waiters.remove(waiter)
-            model.queued -= 1
-            model.in_flight += 1
-            self._disarm_idle(model)
-            self._queue_changed(model)
-            assert model.handle is not None
-            waiter.future.set_result(model.handle.base_url)
-
-    def _fail_waiters(self, model: ModelRecord, error: Exception) -> None:
-        for waiter in [w for w in self._waiters if w.model is model]:
-            self._drop_waiter(waiter)
-            if not waiter.future.done():
-                waiter.future.set_exception(error)
-
-    async def _settle_unreachable(self, model: ModelRecord, base_url: str) -> None:
-        """After a refused or reset connection: if the backend died, wait until that is noticed.
-
-        The watcher marks a dead backend FAILED, and the next acquire restarts it; a backend
-        still alive gets its request again on a fresh connection.
-        """
-        handle = model.handle
-        if handle is None or handle.base_url != base_url or model.status != ModelStatus.LOADED:
-            return  # noticed already: a restart (or another model) is on its way
-        try:
-            async with asyncio.timeout(self.config.timeouts.health):
-                await model.backend.wait_exit(handle)
-                while model.handle is handle and model.status == ModelStatus.LOADED:
-                    await self._next_status(model, frozenset(ModelStatus))
-        except TimeoutError:
-            pass  # it lives: a closed pooled connection, not a crash
-
-    def _next_seq(self) -> int:
-        return next(self._seq)
-
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` as a background task that :meth:`close` cancels."""
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def reschedule(self) -> None:
+        """A runtime's state changed: take the decisions that allows."""
+        self._schedule()
+
+    def next_seq(self) -> int:
+        """The next number in arrival/start order."""
+        return self._admission.next_seq()
+
+    def load_failed(self, runtime: ModelRuntime, error: Exception) -> None:
+        """A load failed: its queued requests get ``error``."""
+        self._admission.fail(runtime, error)
+        self._schedule()
+
+    def retired(self, runtime: ModelRuntime) -> None:
+        """A model removed by a reload is out: forget it."""
+        self._retired.discard(runtime)
+
+    def _schedule(self) -> None:
+        if not self._closing:
+            self._admission.schedule(self._all_models())
+
+
+def _backend_settings(config: Config) -> BackendSettings:
+    """The service-wide settings every backend is built with."""
+    return BackendSettings(
+        gpu_enabled=config.swapper.gpu_enabled,
+        metal_acceleration=config.swapper.metal_acceleration,
+        stop_timeout=config.swapper.stop_timeout,
+    )

@@ -1,15 +1,25 @@
-"""The state the coordinator keeps per model: its status machine and its record."""
+"""A model's status machine, the sub-states it carries, and a queued request."""
 
 from __future__ import annotations
 
 import asyncio
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from swapper.backends.contract import Backend, BackendHandle
-from swapper.scheduling.logbook import ModelLog
+if TYPE_CHECKING:
+    from swapper.scheduling.runtime import ModelRuntime
 
-__all__ = ["TRANSITIONS", "ModelRecord", "ModelStatus", "Waiter"]
+__all__ = [
+    "EXIT_PHASES",
+    "PHASES",
+    "TRANSITIONS",
+    "Eviction",
+    "Exit",
+    "ModelStatus",
+    "Phase",
+    "Waiter",
+]
 
 
 class ModelStatus(enum.StrEnum):
@@ -43,67 +53,74 @@ TRANSITIONS: dict[ModelStatus, frozenset[ModelStatus]] = {
 }
 
 
-@dataclass(eq=False)
-class ModelRecord:
-    """Everything the coordinator knows about one configured model."""
+class Exit(enum.StrEnum):
+    """How an UNLOADING model ends: its exit plan, fixed when the unload starts."""
 
-    id: str
-    backend: Backend
-    status: ModelStatus = ModelStatus.UNLOADED
-    handle: BackendHandle | None = None
-    loaded_at: float | None = None
-    last_error: str | None = None
-    in_flight: int = 0
-    queued: int = 0
-    last_used: float | None = None
-    watcher: asyncio.Task[None] | None = None
-    unloaded: asyncio.Event = field(default_factory=asyncio.Event)
-    #: Consecutive failed starts, and when (monotonic) a backed-off model may be tried again.
-    failures: int = 0
-    retry_at: float | None = None
-    #: A backend built from a reloaded config, swapped in when the running one stops.
-    pending: Backend | None = None
-    #: Removed from the config by a reload; it unloads once idle and is then forgotten.
-    removed: bool = False
-    probing: bool = False
-    #: Why the next load happens when it is not a plain request: "crashed" or "reload".
-    restart_reason: str | None = None
-    load_started: float = 0.0
-    unload_started: float = 0.0
-    log: ModelLog = field(default_factory=ModelLog)
-    #: Unloads the model when it has been idle for its ttl.
-    idle_timer: asyncio.TimerHandle | None = None
-    #: Takes no new requests and unloads once idle (operator unload, ttl, reload).
-    draining: bool = False
-    #: Chosen to make room for ``evicting_for``; admits a bounded number of overtakers.
-    evicting_for: ModelRecord | None = None
-    #: Cuts off a chosen model's in-flight requests after swapper.drain_timeout.
-    drain_timer: asyncio.TimerHandle | None = None
-    #: Why in-flight requests were cut off, for their error message.
-    cut_reason: str | None = None
-    #: The next unload must stop the process, not put it to sleep.
-    stop_fully: bool = False
-    #: While UNLOADING: it will end asleep; it was asleep (so it holds no slot, only memory).
-    unload_to_sleep: bool = False
-    leaving_sleep: bool = False
-    #: VRAM in MiB measured while LOADED / while SLEEPING (None: not measured).
-    vram_mb: float | None = None
-    sleep_vram_mb: float | None = None
-    #: NVML's used MiB without this model, and :attr:`Placement.gpu_changes` once its start (or
-    #: wake) was counted: the fallback measurement where NVML cannot tell our processes apart.
-    load_baseline: tuple[float, int] | None = None
-    #: The swap that brings this model in: which model left for it, and when that began.
-    swap_from: str | None = None
-    swap_started: float | None = None
-    #: Order in which models started loading (the most recent is the "active" one).
-    started_seq: int = 0
+    #: A serving process stops (→ UNLOADED); it holds its slot until it is gone.
+    STOP = "stop"
+    #: A serving process is put to sleep (→ SLEEPING); it keeps part of its memory.
+    SLEEP = "sleep"
+    #: A sleeping process stops (→ UNLOADED); it held no slot, only its sleeping memory.
+    STOP_ASLEEP = "stop-asleep"
+
+
+class Phase(enum.StrEnum):
+    """The sub-state of a status that scheduling branches on (see :data:`PHASES`)."""
+
+    #: Nothing more to say than the status.
+    PLAIN = "plain"
+    #: LOADED: takes requests.
+    SERVING = "serving"
+    #: LOADED (or LOADING): takes no new requests and unloads once idle (operator unload,
+    #: ttl, reload).
+    DRAINING = "draining"
+    #: LOADED: chosen to make room (an :class:`Eviction`); admits a bounded number of
+    #: overtakers, then unloads once idle or at its drain deadline.
+    EVICTING = "evicting"
+    #: UNLOADING, by its :class:`Exit` plan.
+    STOPPING = "stopping"
+    GOING_TO_SLEEP = "going-to-sleep"
+    STOPPING_ASLEEP = "stopping-asleep"
+
+
+_P = Phase
+#: The phases each status may be in; :attr:`ModelRuntime.phase` is always one of these (the
+#: runtime checks it at every transition, and the placement fuzz test checks every step).
+PHASES: dict[ModelStatus, frozenset[Phase]] = {
+    _S.UNLOADED: frozenset({_P.PLAIN}),
+    # an operator's unload while it loads: it unloads once loaded
+    _S.LOADING: frozenset({_P.PLAIN, _P.DRAINING}),
+    _S.LOADED: frozenset({_P.SERVING, _P.DRAINING, _P.EVICTING}),
+    _S.UNLOADING: frozenset({_P.STOPPING, _P.GOING_TO_SLEEP, _P.STOPPING_ASLEEP}),
+    _S.SLEEPING: frozenset({_P.PLAIN}),
+    _S.FAILED: frozenset({_P.PLAIN}),
+}
+
+#: The UNLOADING phase of each exit plan.
+EXIT_PHASES: dict[Exit, Phase] = {
+    Exit.STOP: _P.STOPPING,
+    Exit.SLEEP: _P.GOING_TO_SLEEP,
+    Exit.STOP_ASLEEP: _P.STOPPING_ASLEEP,
+}
+
+
+@dataclass(eq=False)
+class Eviction:
+    """A resident model chosen to make room for ``target``: the EVICTING sub-state."""
+
+    #: The model it makes room for.
+    target: ModelRuntime
+    #: It must stop, not sleep (sleeping would not free enough).
+    full: bool = False
+    #: Cuts off its in-flight requests after swapper.drain_timeout.
+    deadline: asyncio.TimerHandle | None = None
 
 
 @dataclass(eq=False)
 class Waiter:
     """A request queued for a model that is not resident yet."""
 
-    model: ModelRecord
+    model: ModelRuntime
     seq: int
     future: asyncio.Future[str]  # resolves to the backend's base URL on admission
     manual: bool = False  # an operator's load, not a client request

@@ -20,37 +20,28 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
 from swapper.config import Config, ModelEntry
-from swapper.scheduling.model_state import ModelRecord, ModelStatus
+from swapper.scheduling.model_state import ModelStatus
+
+if TYPE_CHECKING:
+    from swapper.scheduling.runtime import ModelRuntime
 
 __all__ = [
-    "Eviction",
+    "EvictionChoice",
     "GpuView",
     "Placement",
     "Plan",
     "SizeBook",
     "default_state_file",
-    "holds_slot",
 ]
 
 logger = logging.getLogger("swapper.placement")
 
 _S = ModelStatus
-#: Statuses that may take one of the ``max_concurrent_models`` slots (see :func:`holds_slot`).
-SLOT_STATUSES = frozenset({_S.LOADING, _S.LOADED, _S.UNLOADING})
-#: Statuses whose process holds VRAM.
-HOLDING_STATUSES = SLOT_STATUSES | {_S.SLEEPING}
-
-
-def holds_slot(model: ModelRecord) -> bool:
-    """Loading, loaded, or on its way out from serving; a sleeping model being stopped is not."""
-    return model.status in SLOT_STATUSES and not (
-        model.status == _S.UNLOADING and model.leaving_sleep
-    )
 
 
 #: Share of a freed model's memory NVML must show back before the next load (as Ollama does).
@@ -138,10 +129,10 @@ class SizeBook:
 
 
 @dataclass(frozen=True)
-class Eviction:
+class EvictionChoice:
     """A model to move out: put to sleep, or stopped (``full``)."""
 
-    model: ModelRecord
+    model: ModelRuntime
     full: bool
 
 
@@ -152,7 +143,7 @@ class Plan:
     #: It fits now: start it.
     start: bool = False
     #: Models to move out first (it starts once they are out).
-    evict: list[Eviction] = field(default_factory=list)
+    evict: list[EvictionChoice] = field(default_factory=list)
     #: Why it can never fit; the requests for it get a 503.
     refuse: str | None = None
 
@@ -198,7 +189,7 @@ class Placement:
 
     # -- sizes ------------------------------------------------------------------------------
 
-    def predicted_mb(self, model: ModelRecord) -> float:
+    def predicted_mb(self, model: ModelRuntime) -> float:
         """What ``model`` will take when loaded: learned, configured, estimated, else 0."""
         entry = model.backend.entry
         learned = self.sizes.get(model.id, entry)
@@ -208,31 +199,14 @@ class Placement:
             return entry.vram_mb
         return model.backend.estimate_vram_mb(self.total_mb) or 0.0
 
-    def start_need_mb(self, model: ModelRecord) -> float:
+    def start_need_mb(self, model: ModelRuntime) -> float:
         """Free memory ``model``'s backend needs to start: its predicted size, or more when the
         backend reserves a share of the GPU up front (vLLM refuses to start below
         ``gpu_memory_utilization`` × total, however small the model)."""
         reserved = model.backend.estimate_vram_mb(self.total_mb) or 0.0
         return max(self.predicted_mb(model), reserved)
 
-    def charge_mb(self, model: ModelRecord) -> float:
-        """What ``model`` holds (or is about to) now."""
-        if model.status == _S.SLEEPING or (model.status == _S.UNLOADING and model.leaving_sleep):
-            return self.sleep_mb(model)
-        if model.status in SLOT_STATUSES:
-            if model.status == _S.LOADED and model.vram_mb is not None:
-                return model.vram_mb
-            return self.predicted_mb(model)
-        return 0.0
-
-    @staticmethod
-    def sleep_mb(model: ModelRecord) -> float:
-        """What ``model`` holds once asleep."""
-        if model.sleep_vram_mb is not None:
-            return model.sleep_vram_mb
-        return model.backend.sleep_residual_mb
-
-    def pinned(self, model: ModelRecord) -> bool:
+    def pinned(self, model: ModelRuntime) -> bool:
         """Pinned models are evicted last; the default model is pinned unless configured."""
         entry = self.config.models.get(model.id)
         if entry is not None and entry.pinned is not None:
@@ -241,7 +215,7 @@ class Placement:
 
     # -- planning ---------------------------------------------------------------------------
 
-    def refusal(self, model: ModelRecord) -> str | None:
+    def refusal(self, model: ModelRuntime) -> str | None:
         """Why ``model`` can never fit, or None."""
         budget = self.budget_mb
         need = self.predicted_mb(model)
@@ -253,7 +227,7 @@ class Placement:
             )
         return None
 
-    def plan(self, target: ModelRecord, others: Iterable[ModelRecord]) -> Plan:
+    def plan(self, target: ModelRuntime, others: Iterable[ModelRuntime]) -> Plan:
         """Can ``target`` load now, and if not, which of ``others`` should make room?
 
         Models already on their way out count as gone (their end state: asleep or stopped);
@@ -265,20 +239,19 @@ class Placement:
         budget = self.budget_mb
         need = self.predicted_mb(target)
         slots = self.config.swapper.max_concurrent_models
-        residents = [m for m in others if m is not target and m.status in HOLDING_STATUSES]
+        residents = [m for m in others if m is not target and m.holds_memory]
 
         def fits(slot_count: int, used: float) -> bool:
             return slot_count + 1 <= slots and (budget is None or used + need <= budget)
 
-        now_slots = sum(holds_slot(m) for m in residents)
-        now_used = sum(self.charge_mb(m) for m in residents)
+        now_slots = sum(m.holds_slot for m in residents)
+        now_used = sum(m.charge_mb for m in residents)
         if fits(now_slots, now_used):
             return Plan(start=True)
         # What is left once the models already unloading are out.
         slots_left = sum(m.status in (_S.LOADING, _S.LOADED) for m in residents)
         used_left = sum(
-            self._after_unload(m) if m.status == _S.UNLOADING else self.charge_mb(m)
-            for m in residents
+            m.mb_after_unload if m.status == _S.UNLOADING else m.charge_mb for m in residents
         )
         plan = Plan()
         if fits(slots_left, used_left):
@@ -301,23 +274,20 @@ class Placement:
                 break
             if model.status == _S.SLEEPING:
                 if memory_short:
-                    plan.evict.append(Eviction(model, full=True))
-                    used_left -= self.charge_mb(model)
+                    plan.evict.append(EvictionChoice(model, full=True))
+                    used_left -= model.charge_mb
                 continue
             slots_left -= 1
-            charge = self.charge_mb(model)
-            if model.backend.can_sleep and not model.stop_fully:
-                asleep = self.sleep_mb(model)
+            charge = model.charge_mb
+            if model.backend.can_sleep and not model.must_stop:
+                asleep = model.sleep_mb
                 if budget is None or used_left - charge + asleep + need <= budget:
-                    plan.evict.append(Eviction(model, full=False))
+                    plan.evict.append(EvictionChoice(model, full=False))
                     used_left += asleep - charge
                     continue
-            plan.evict.append(Eviction(model, full=True))
+            plan.evict.append(EvictionChoice(model, full=True))
             used_left -= charge
         return plan
-
-    def _after_unload(self, model: ModelRecord) -> float:
-        return self.sleep_mb(model) if model.unload_to_sleep else 0.0
 
     # -- released memory ----------------------------------------------------------------------
 
@@ -344,7 +314,7 @@ class Placement:
             _Release(model_id, used_before_mb - _RELEASE_SHARE * freed_mb, deadline)
         )
 
-    async def wait_for_memory(self, model: ModelRecord, need_mb: float) -> None:
+    async def wait_for_memory(self, model: ModelRuntime, need_mb: float) -> None:
         """Before a load: wait until NVML shows recently freed memory back and ``need_mb`` free.
 
         CUDA's free figure lags an unload by 0.5-1.5 s, and vLLM refuses to start while free

@@ -8,11 +8,17 @@ job (:func:`swapper.http.admin.status_document`), not the domain's.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import msgspec
 
 from swapper.scheduling.model_state import ModelStatus
 
-__all__ = ["ModelLoad", "ModelSnapshot", "Snapshot", "VramSnapshot"]
+if TYPE_CHECKING:
+    from swapper.scheduling.placement import Placement
+    from swapper.scheduling.runtime import ModelRuntime
+
+__all__ = ["ModelLoad", "ModelSnapshot", "Snapshot", "VramSnapshot", "model_snapshot"]
 
 
 class ModelSnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,6 +42,8 @@ class ModelSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     vram_mb: float | None
     predicted_vram_mb: float
     pinned: bool
+    #: Seconds idle before it unloads (its ttl, or a client's keep_alive); None: never.
+    idle_ttl: float | None = None
 
 
 class VramSnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -69,3 +77,25 @@ class ModelLoad(msgspec.Struct, frozen=True):
     status: ModelStatus
     queued: int
     in_flight: int
+
+
+def model_snapshot(model: ModelRuntime, placement: Placement) -> ModelSnapshot:
+    """One model's runtime state and placement's view of it."""
+    handle = model.handle
+    return ModelSnapshot(
+        status=model.status,
+        backend=model.backend.name,
+        pid=handle.pid if handle else None,
+        port=handle.port if handle else None,
+        loaded_at=model.loaded_at,
+        last_error=model.last_error,
+        in_flight=model.in_flight,
+        queued=model.queued,
+        last_used=model.last_used,
+        failures=model.failures,
+        retry_at=model.retry_at,
+        vram_mb=model.shown_vram_mb,
+        predicted_vram_mb=placement.predicted_mb(model),
+        pinned=placement.pinned(model),
+        idle_ttl=model.idle.ttl(),
+    )
