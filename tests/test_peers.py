@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import ollama
 import openai
 import pytest
 
@@ -236,3 +237,20 @@ def test_every_routed_endpoint_reaches_the_peer(
     assert "'tiny-b'" in upload.json()["error"]["message"]
     # node1's access log names the model it forwarded.
     assert "POST /tokenize 200 model=tiny-b" in node1.output()
+
+
+def test_ollamas_api_reaches_the_peer(nodes: tuple[SwapperProcess, SwapperProcess]) -> None:
+    """The ollama client on node1, for node2's model as Ollama names it (``:latest``)."""
+    node1, _ = nodes
+    client = ollama.Client(host=node1.url, headers={"Authorization": f"Bearer {KEY1}"})
+    reply = client.chat(
+        model="tiny-b:latest", messages=MESSAGES, options={"num_predict": 2}, stream=False
+    )
+    assert reply.model == "tiny-b:latest" and reply.done
+    parts = list(
+        client.generate(model="tiny-b", prompt="hi", options={"num_predict": 2}, stream=True)
+    )
+    assert parts and parts[-1].done and parts[-1].model == "tiny-b"
+    shown = client.show("tiny-b")
+    assert shown.modelinfo is not None
+    assert "POST /api/chat 200 model=tiny-b" in node1.output()

@@ -25,9 +25,20 @@ from swapper.http.responses import JSON, GuardedStream, error_event
 from swapper.peers.directory import HOP_HEADER, Peer
 from swapper.upstream.client import UpstreamResponse
 
-__all__ = ["PeerForward", "forward_to_peer", "peer_model", "peer_models", "route_to_peer"]
+__all__ = [
+    "PeerForward",
+    "forward_ollama_to_peer",
+    "forward_to_peer",
+    "peer_model",
+    "peer_models",
+    "route_to_peer",
+]
 
 logger = logging.getLogger("swapper")
+
+_DECODE = msgspec.json.Decoder()
+#: Ollama's endpoints that answer in NDJSON lines unless the body says ``"stream": false``.
+_OLLAMA_STREAMS = ("/api/chat", "/api/generate")
 
 #: Headers of the peer's answer passed on to the client besides its Content-Type.
 _ANSWER_HEADERS = (b"retry-after", b"retry-after-ms", b"x-should-retry")
@@ -91,6 +102,29 @@ def peer_model(request: Request[Any, Any, State], name: str) -> dict[str, Any]:
         if entry["id"] == name:
             return entry
     raise ModelNotFound(f"The model {name!r} does not exist")
+
+
+async def forward_ollama_to_peer(
+    request: Request[Any, Any, State], path: str
+) -> Response[Any] | None:
+    """For Ollama's routes (``path`` is theirs, e.g. ``/api/chat``): the peer's own answer when
+    the body names a peer's model (``model``, or ``name`` as old clients send; with or without
+    ``:latest``), else None and the route serves the request here (and checks the body)."""
+    body = await request.body()  # (Litestar keeps it: the route reads it again)
+    try:
+        data = _DECODE.decode(body)
+    except msgspec.DecodeError:
+        return None
+    name = (data.get("model") or data.get("name")) if isinstance(data, dict) else None
+    if not isinstance(name, str) or not name:
+        return None
+    for candidate in dict.fromkeys((name, name.removesuffix(":latest"))):
+        peer = route_to_peer(request, candidate)
+        if peer is not None:
+            stream = path in _OLLAMA_STREAMS and data.get("stream", True) is not False
+            onward = PeerForward(path, body, candidate, stream, dialect="raw")
+            return await forward_to_peer(request, peer, onward)
+    return None
 
 
 async def _until_disconnect(request: Request[Any, Any, State]) -> None:

@@ -41,6 +41,7 @@ from swapper.http.ollama.translate import (
     generate_request,
     keep_alive_seconds,
 )
+from swapper.http.peers import forward_ollama_to_peer
 from swapper.http.responses import JSON, GuardedStream, json_response
 from swapper.scheduling.model_state import ModelStatus
 
@@ -182,6 +183,9 @@ async def _load_only(
 async def _converse(request: Request[Any, Any, State], generate: bool) -> Response[Any]:
     started = time.perf_counter_ns()
     state = request.app.state
+    path = "/api/generate" if generate else "/api/chat"
+    if (relayed := await forward_ollama_to_peer(request, path)) is not None:  # (H7: peers)
+        return relayed
     data = await _body(request)
     name, model_id = _model(request, data)
     entry = state.config.models[model_id]
@@ -227,9 +231,11 @@ async def _converse(request: Request[Any, Any, State], generate: bool) -> Respon
 async def _embed(request: Request[Any, Any, State], legacy: bool) -> Response[Any]:
     started = time.perf_counter_ns()
     state = request.app.state
+    path = "/api/embeddings" if legacy else "/api/embed"
+    if (relayed := await forward_ollama_to_peer(request, path)) is not None:  # (H7: peers)
+        return relayed
     data = await _body(request)
     name, model_id = _model(request, data)
-    path = "/api/embeddings" if legacy else "/api/embed"
     if state.config.models[model_id].backend == "ollama":
         return await _native(request, path, data, name, model_id)
     seconds = keep_alive_seconds(data.get("keep_alive"))
@@ -296,6 +302,8 @@ async def ps(state: State) -> Response[bytes]:
 @post("/show", status_code=200)
 async def show(request: Request[Any, Any, State]) -> Response[bytes]:
     """A model's details, GGUF metadata (``model_info``) and chat template; loads nothing."""
+    if (relayed := await forward_ollama_to_peer(request, "/api/show")) is not None:  # (H7: peers)
+        return relayed
     data = await _body(request)
     _, model_id = _model(request, data)
     entry = request.app.state.config.models[model_id]
