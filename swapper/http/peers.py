@@ -22,11 +22,12 @@ from swapper.errors import BackendFailure, ModelNotFound
 from swapper.http.anthropic import anthropic_error_event
 from swapper.http.logs import note_model, note_stream_error
 from swapper.http.responses import JSON, GuardedStream, error_event
-from swapper.peers.directory import HOP_HEADER, Peer
+from swapper.peers.directory import HOP_HEADER, Peer, PeerDirectory
 from swapper.upstream.client import UpstreamResponse
 
 __all__ = [
     "PeerForward",
+    "came_from_peer",
     "forward_ollama_to_peer",
     "forward_to_peer",
     "peer_model",
@@ -79,21 +80,21 @@ def route_to_peer(request: Request[Any, Any, State], name: str) -> Peer | None:
     when no peer serves it. Every route calls this before resolving the model locally.
     """
     state = request.app.state
-    peers = state.get("peers")
+    peers: PeerDirectory | None = state.get("peers")
     if peers is None or not peers.peers or name in state.config.names:
         return None
     if came_from_peer(request):
         return None
-    return peers.owner(name)  # type: ignore[no-any-return]  # (State is untyped)
+    return peers.owner(name)
 
 
 def peer_models(request: Request[Any, Any, State]) -> list[dict[str, Any]]:
     """The peers' ``/v1/models`` entries for this request (local ids included: the catalog
     leaves those out); none for one from a peer."""
-    peers = request.app.state.get("peers")
+    peers: PeerDirectory | None = request.app.state.get("peers")
     if peers is None or came_from_peer(request):
         return []
-    return peers.entries()  # type: ignore[no-any-return]  # (State is untyped)
+    return peers.entries()
 
 
 def peer_model(request: Request[Any, Any, State], name: str) -> dict[str, Any]:
