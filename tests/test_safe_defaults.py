@@ -103,7 +103,7 @@ def test_every_shipped_config_may_serve_on_its_own_host(
 ) -> None:
     monkeypatch.setenv("SWAPPER_API_KEY", "plain-1")
     monkeypatch.setenv("SWAPPER_ADMIN_KEY", "admin-1")
-    # (H7) The seed's node configs (node1.yaml, node2.yaml) name each node's keys.
+    # The seed's node configs (node1.yaml, node2.yaml) name each node's keys.
     for node in ("NODE1", "NODE2"):
         monkeypatch.setenv(f"{node}_KEY", f"{node.lower()}-plain")
         monkeypatch.setenv(f"{node}_ADMIN_KEY", f"{node.lower()}-admin")

@@ -184,7 +184,7 @@ async def _converse(request: Request[Any, Any, State], generate: bool) -> Respon
     started = time.perf_counter_ns()
     state = request.app.state
     path = "/api/generate" if generate else "/api/chat"
-    if (relayed := await forward_ollama_to_peer(request, path)) is not None:  # (H7: peers)
+    if (relayed := await forward_ollama_to_peer(request, path)) is not None:  # a peer's model
         return relayed
     data = await _body(request)
     name, model_id = _model(request, data)
@@ -232,7 +232,7 @@ async def _embed(request: Request[Any, Any, State], legacy: bool) -> Response[An
     started = time.perf_counter_ns()
     state = request.app.state
     path = "/api/embeddings" if legacy else "/api/embed"
-    if (relayed := await forward_ollama_to_peer(request, path)) is not None:  # (H7: peers)
+    if (relayed := await forward_ollama_to_peer(request, path)) is not None:  # a peer's model
         return relayed
     data = await _body(request)
     name, model_id = _model(request, data)
@@ -302,7 +302,9 @@ async def ps(state: State) -> Response[bytes]:
 @post("/show", status_code=200)
 async def show(request: Request[Any, Any, State]) -> Response[bytes]:
     """A model's details, GGUF metadata (``model_info``) and chat template; loads nothing."""
-    if (relayed := await forward_ollama_to_peer(request, "/api/show")) is not None:  # (H7: peers)
+    if (
+        relayed := await forward_ollama_to_peer(request, "/api/show")
+    ) is not None:  # a peer's model
         return relayed
     data = await _body(request)
     _, model_id = _model(request, data)
