@@ -19,6 +19,7 @@ from swapper.config_source import describe_validation_error, expand_env, read_ya
 from swapper.errors import ConfigError
 
 __all__ = [
+    "ActivitySettings",
     "Config",
     "ModelEntry",
     "ServerSettings",
@@ -176,6 +177,26 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         )
 
 
+class ActivitySettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The ``activity:`` section: how much history ``/activity`` and the dashboard keep."""
+
+    #: Recent requests kept.
+    requests: int = 1000
+    #: Recent swaps, loads and errors kept (each).
+    events: int = 500
+    #: Seconds each sample covers.
+    sample_seconds: float = 60.0
+    #: Samples kept: 1440 one-minute samples are 24 hours.
+    samples: int = 1440
+
+    def __post_init__(self) -> None:
+        for name in ("requests", "events", "samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1")
+        if not (_positive(self.sample_seconds) and self.sample_seconds <= 86400):
+            raise ValueError("sample_seconds: must be a number > 0 and <= 86400")
+
+
 class TimeoutSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """The ``timeouts:`` section: how long swapper waits on a backend, in seconds."""
 
@@ -222,6 +243,7 @@ class _RawConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     swapper: SwapperSettings = SwapperSettings()
     server: ServerSettings = ServerSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
+    activity: ActivitySettings = ActivitySettings()
     models: dict[str, dict[str, Any]] = {}
 
 
@@ -236,6 +258,7 @@ class Config(msgspec.Struct, frozen=True):
     #: Every name a client may send (ids and aliases) -> its model id; the one index, built
     #: (and checked for clashes) by parse_config.
     names: dict[str, str]
+    activity: ActivitySettings = ActivitySettings()
 
     def resolve(self, name: str) -> str | None:
         """The model id that ``name`` (an id or an alias) refers to, or None."""
@@ -329,6 +352,7 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
         timeouts=raw.timeouts,
         models=models,
         names=names,
+        activity=raw.activity,
     )
 
 

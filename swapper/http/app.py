@@ -31,6 +31,7 @@ from swapper.config import Config, load_config
 from swapper.errors import SwapperError
 from swapper.gpu import GpuMonitor
 from swapper.http.access import HostOriginGuard, require_key
+from swapper.http.activity import Activity
 from swapper.http.admin import ADMIN_HANDLERS
 from swapper.http.anthropic import ANTHROPIC_PATHS, anthropic_error_body
 from swapper.http.catalog import Catalog
@@ -126,6 +127,8 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
         app.state.stopping = asyncio.Event()  # set when shutdown begins: streams end then
         app.state.loop = asyncio.get_running_loop()
         app.state.metrics = Metrics(coordinator, app.state.gpu)
+        app.state.activity = activity = Activity(config.activity, coordinator, gpu)  # (H6)
+        activity.start()
         logger.info("Swapper Service initialized with %d models", len(config.models))
         loop = asyncio.get_running_loop()
         # No SIGHUP where signals cannot be had: Windows, or a server run outside the main thread.
@@ -145,6 +148,7 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
                 warmup.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await warmup
+            await activity.stop()
             await coordinator.close()
             await upstream.aclose()
             logger.info("Swapper Service stopped; every backend is down")
