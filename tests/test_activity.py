@@ -216,6 +216,12 @@ def test_stream_usage_reads_only_the_last_events() -> None:
         b"data: [DONE]\n\n"
     )
     assert stream_usage(tail) == Usage(7, 5, 41.5)
+    # Without a usage chunk: llama.cpp's timings alone (prompt tokens: evaluated + cached).
+    timings_only = (
+        b'data: {"choices":[],"timings":{"cache_n":24,"prompt_n":1,"predicted_n":3,'
+        b'"predicted_per_second":60.5}}\n\ndata: [DONE]\n\n'
+    )
+    assert stream_usage(timings_only) == Usage(25, 3, 60.5)
     assert stream_usage(b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n') is None
     assert stream_usage(b'data: {"usage": "nonsense"}\n\n') is None
     # Anthropic's names, in a whole body.

@@ -50,7 +50,9 @@ class _Usage(msgspec.Struct):
 
 
 class _Timings(msgspec.Struct):
+    #: Prompt tokens evaluated now; ``cache_n`` more were reused from the prompt cache.
     prompt_n: int | None = None
+    cache_n: int | None = None
     predicted_n: int | None = None
     predicted_per_second: float | None = None
 
@@ -86,7 +88,8 @@ def _usage_of(payload: bytes) -> Usage | None:
         if completion is None:
             completion = usage.output_tokens
     if timings is not None:
-        prompt = prompt if prompt is not None else timings.prompt_n
+        if prompt is None and timings.prompt_n is not None:
+            prompt = timings.prompt_n + (timings.cache_n or 0)
         completion = completion if completion is not None else timings.predicted_n
         speed = timings.predicted_per_second
     return Usage(prompt, completion, speed)
