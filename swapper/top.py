@@ -14,7 +14,9 @@ import contextlib
 import datetime as dt
 import os
 import select
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -142,6 +144,22 @@ def _read(client: Client) -> tuple[dict[str, Any], dict[str, Any]]:
     return status, activity
 
 
+@contextlib.contextmanager
+def _interrupts() -> Iterator[threading.Event]:
+    """An event set by Ctrl-C (SIGINT) instead of a KeyboardInterrupt: raised at a random
+    point (inside an HTTP read, or while rich leaves the alternate screen) it could end top
+    with a traceback or by the signal; as a flag, the loop sees it within a second."""
+    pressed = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.set())
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_top(url: str, key: str | None, *, console: Console | None = None) -> None:
     """Show the live view until ``q`` or Ctrl-C."""
     from rich.live import Live
@@ -151,22 +169,25 @@ def run_top(url: str, key: str | None, *, console: Console | None = None) -> Non
     try:
         status, activity = _read(client)  # a wrong URL or key: one line, before any drawing
         with (
+            _interrupts() as interrupted,
             _keys() as wait,
             Live(console=console, screen=True, auto_refresh=False) as live,
         ):
             problem = ""
-            while True:
+            while not interrupted.is_set():
                 live.update(render(status, activity, client.url, problem), refresh=True)
                 deadline = time.monotonic() + REFRESH
-                while (left := deadline - time.monotonic()) > 0:
-                    if "q" in wait(left).lower():
+                while (left := deadline - time.monotonic()) > 0 and not interrupted.is_set():
+                    if "q" in wait(min(left, 0.25)).lower():
                         return
+                if interrupted.is_set():
+                    return
                 try:
                     status, activity = _read(client)
                     problem = ""
                 except CommandError as exc:
                     problem = f"{time.strftime('%H:%M:%S')} {exc.message}; retrying"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C before the view was up
         return
     finally:
         client.close()

@@ -59,7 +59,8 @@ def served(swapper_factory: Any, llama_server: str) -> Iterator[SwapperProcess]:
 def _activity(swapper: SwapperProcess, **params: Any) -> dict[str, Any]:
     response = swapper.http.get("/activity", params=params)
     assert response.status_code == 200, response.text
-    return response.json()  # type: ignore[no-any-return]
+    doc: dict[str, Any] = response.json()
+    return doc
 
 
 def test_activity_keeps_requests_with_their_tokens(served: SwapperProcess) -> None:
@@ -227,3 +228,23 @@ def test_stream_usage_reads_only_the_last_events() -> None:
     # Anthropic's names, in a whole body.
     assert body_usage(b'{"usage":{"input_tokens":2,"output_tokens":9}}') == Usage(2, 9, None)
     assert body_usage(b"[1, 2]") is None
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"requests": 0}, "$.activity.requests: must be >= 1"),
+        ({"sample_seconds": 0}, "$.activity.sample_seconds: must be a number > 0"),
+        ({"samples": "many"}, "$.activity.samples: expected int, got str"),
+        ({"bogus": 1}, "$.activity.bogus: unknown key"),
+    ],
+)
+def test_activity_settings_are_checked(section: dict[str, Any], message: str) -> None:
+    from swapper.backends.registry import load_backends
+    from swapper.config import parse_config
+    from swapper.errors import ConfigError
+
+    schemas = load_backends().schemas()
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"activity": section, "models": {}}, "x.yaml", schemas)
+    assert str(caught.value).startswith(f"x.yaml: {message}"), caught.value

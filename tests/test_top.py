@@ -54,14 +54,34 @@ class Terminal:
             return last[0] if shows(last[0]) else None
 
         try:
-            return wait_until(seen, seconds(timeout), f"the terminal to show {what}")  # type: ignore[no-any-return]
+            return str(wait_until(seen, seconds(timeout), f"the terminal to show {what}"))
         except AssertionError as exc:
             raise AssertionError(f"{exc}; it shows:\n{last[0]}") from None
 
-    def exit_status(self) -> int | None:
-        shown = self.tmux("display-message", "-p", "-t", "top", "#{pane_dead}:#{pane_dead_status}")
-        dead, _, status = shown.strip().partition(":")
-        return int(status) if dead == "1" and status else None  # (status follows "dead")
+    def wait_exit(self, what: str) -> int:
+        """The command's exit status once it ended; on a timeout, the error shows the screen."""
+        try:
+            return int(wait_until(self.exit_status, seconds(10), what)[0])
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the terminal shows:\n{self.screen()}") from None
+
+    def exit_status(self) -> tuple[int] | None:
+        """(status,) once the command ended (-N: killed by signal N), else None."""
+        shown = self.tmux(
+            "display-message", "-p", "-t", "top", "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}:#{pane_pid}"
+        )  # fmt: skip
+        dead, status, killed, pid = shown.strip().split(":")
+        if dead != "1":
+            return None
+        if status or killed:
+            return (int(status) if status else -int(killed),)
+        # tmux saw the terminal close but has not reaped the process yet: a zombie's exit
+        # status is still in /proc/PID/stat (its last field, in waitpid's encoding).
+        try:
+            code = int(Path(f"/proc/{pid}/stat").read_text().rsplit(" ", 1)[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        return (code >> 8,) if code & 0x7F == 0 else (-(code & 0x7F),)
 
     def close(self) -> None:
         subprocess.run([*self.base, "kill-server"], capture_output=True, timeout=30, check=False)
@@ -139,8 +159,7 @@ def test_top_shows_models_swaps_and_tokens_live_and_quits_on_q(
     assert row(term.screen(), "tiny-b", "LOADED") and row(term.screen(), "tiny-a", "UNLOADED")
 
     term.tmux("send-keys", "-t", "top", "q")
-    wait_until(lambda: term.exit_status() is not None, seconds(10), "top to quit on q")
-    assert term.exit_status() == 0
+    assert term.wait_exit("top to quit on q") == 0
     assert "Traceback" not in term.screen()
 
 
@@ -148,8 +167,7 @@ def test_top_quits_on_ctrl_c(served: SwapperProcess, terminal: Any) -> None:
     term = terminal("--url", served.url, "--key", KEY)
     term.wait_for("tiny-a")
     term.tmux("send-keys", "-t", "top", "C-c")
-    wait_until(lambda: term.exit_status() is not None, seconds(10), "top to quit on Ctrl-C")
-    assert term.exit_status() == 0
+    assert term.wait_exit("top to quit on Ctrl-C") == 0
     assert "Traceback" not in term.screen()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from swapper.scheduling.coordinator import SwapCoordinator
 
 __all__ = ["Activity", "Usage", "body_usage", "stream_usage"]
+
+logger = logging.getLogger("swapper")
 
 #: Events replayed on ``/events`` to a client that connects late (never ``queue``: chatty).
 _HISTORY_TYPES = frozenset({"status", "swap", "loaded", "unloaded"})
@@ -304,7 +307,10 @@ class Activity:
         interval = self.settings.sample_seconds
         while True:
             await asyncio.sleep(interval - time.time() % interval)  # on the interval's edges
-            await self.sample()
+            try:
+                await self.sample()
+            except Exception:  # one bad reading must not end the history
+                logger.exception("activity sample failed")
 
     async def sample(self) -> dict[str, Any]:
         """Close the period being gathered into a sample: requests and tokens/s by model,
