@@ -43,6 +43,8 @@ def content_security_policy(page: bytes) -> str:
 
 
 _VENDOR_MARK = b"<!-- uPlot -->"
+#: The activity table and plots, a script of their own to keep index.html readable.
+_ACTIVITY_MARK = b"<!-- activity.js -->"
 
 
 @functools.cache
@@ -52,12 +54,14 @@ def _page() -> tuple[bytes, dict[str, str]]:
     vendor = ui.joinpath("vendor")
     script = vendor.joinpath("uPlot.iife.min.js").read_bytes()
     style = vendor.joinpath("uPlot.min.css").read_bytes()
+    activity = ui.joinpath("activity.js").read_bytes()
     page = (
         ui.joinpath("index.html")
         .read_bytes()
         .replace(
             _VENDOR_MARK, b"<style>" + style + b"</style>\n<script>" + script + b"</script>", 1
         )
+        .replace(_ACTIVITY_MARK, b"<script>" + activity + b"</script>", 1)
     )
     headers = {
         "Content-Security-Policy": content_security_policy(page),
