@@ -11,14 +11,23 @@ import ipaddress
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
 from swapper.config_source import describe_validation_error, expand_env, read_yaml
 from swapper.errors import ConfigError
+from swapper.settings import (
+    ActivitySettings,
+    PeerSettings,
+    ServerSettings,
+    SwapperSettings,
+    TimeoutSettings,
+    valid_name,
+)
 
 __all__ = [
+    "ActivitySettings",
     "Config",
     "ModelEntry",
     "PeerSettings",
@@ -30,206 +39,6 @@ __all__ = [
     "parse_config",
     "protected_mode_refusal",
 ]
-
-
-def _positive(value: float) -> bool:
-    return math.isfinite(value) and value > 0
-
-
-class SwapperSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """The ``swapper:`` section: how models share the GPU."""
-
-    mode: Literal["single-active", "multi-active"] = "single-active"
-    max_concurrent_models: int = 1
-    #: Seconds a load may take before the model is FAILED and its process killed.
-    model_swap_timeout: float = 300.0
-    #: False: backends start with no GPU offload.
-    gpu_enabled: bool = True
-    metal_acceleration: bool = False
-    #: Loaded at startup, with no request needed.
-    default_model: str | None = None
-    #: Anti-thrash fairness bound: how many later requests for the resident model may overtake
-    #: a request waiting for another model before the resident one drains and the swap happens.
-    max_overtake: int = 8
-    #: Seconds between SIGTERM and SIGKILL when a backend is stopped.
-    stop_timeout: float = 10.0
-    #: Seconds in-flight requests get to finish when swapper itself is told to stop.
-    shutdown_timeout: float = 30.0
-    #: Requests that may wait for a model (all models together); beyond it, 429 + Retry-After.
-    max_queue: int = 512
-    #: Consecutive failed starts after which a model backs off instead of retrying at once.
-    max_start_failures: int = 3
-    #: First back-off in seconds; it doubles with each further failure, up to the maximum.
-    retry_backoff: float = 5.0
-    retry_backoff_max: float = 300.0
-    #: While a streaming request waits for its model: SSE comment lines (invisible to chat
-    #: clients, but they reset read timeouts), progress in ``delta.reasoning_content`` (Open
-    #: WebUI's "thinking" block), or nothing.
-    loading_feedback: Literal["comments", "reasoning", "none"] = "comments"
-    loading_feedback_interval: float = 3.0
-    #: Seconds a resident model may sit idle before it is unloaded (a model's ``ttl`` wins);
-    #: 0 means never.
-    default_ttl: float = 0.0
-    #: VRAM (MiB) models may use together; default: the GPUs' total less ``vram_reserve_mb``.
-    #: Without a GPU and without this, placement counts models only.
-    vram_budget_mb: float | None = None
-    vram_reserve_mb: float = 512.0
-    #: Seconds to wait, before a load, for NVML to show an unloaded model's memory free again.
-    vram_release_timeout: float = 10.0
-    #: Seconds a model chosen for eviction gets to finish its requests; then they are cut off
-    #: with an error and it is unloaded.
-    drain_timeout: float = 120.0
-    #: Where measured VRAM sizes are kept across restarts; default
-    #: ``$XDG_STATE_HOME/swapper/state.json`` (``~/.local/state/...``).
-    state_file: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_concurrent_models < 1:
-            raise ValueError("max_concurrent_models: must be >= 1")
-        if self.mode == "single-active" and self.max_concurrent_models != 1:
-            raise ValueError(
-                "max_concurrent_models: single-active mode needs exactly 1 "
-                "(use mode: multi-active for more)"
-            )
-        if self.vram_budget_mb is not None and not _positive(self.vram_budget_mb):
-            raise ValueError("vram_budget_mb: must be a number > 0")
-        if not (math.isfinite(self.vram_reserve_mb) and self.vram_reserve_mb >= 0):
-            raise ValueError("vram_reserve_mb: must be a number >= 0")
-        for name in (
-            "model_swap_timeout",
-            "stop_timeout",
-            "shutdown_timeout",
-            "retry_backoff",
-            "retry_backoff_max",
-            "loading_feedback_interval",
-            "vram_release_timeout",
-            "drain_timeout",
-        ):
-            if not _positive(getattr(self, name)):
-                raise ValueError(f"{name}: must be a number > 0")
-        if self.max_overtake < 0:
-            raise ValueError("max_overtake: must be >= 0")
-        if self.max_queue < 0:
-            raise ValueError("max_queue: must be >= 0")
-        if self.max_start_failures < 1:
-            raise ValueError("max_start_failures: must be >= 1")
-        if not (math.isfinite(self.default_ttl) and self.default_ttl >= 0):
-            raise ValueError("default_ttl: must be a number >= 0 (0 = never)")
-
-
-class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """The ``server:`` section: where swapper listens and who may use it."""
-
-    host: str = "127.0.0.1"
-    port: int = 8890
-    #: Keys accepted as ``Authorization: Bearer K`` or ``x-api-key: K``; empty = no auth.
-    api_keys: list[str] = []
-    #: Keys for load, unload and reload; a plain API key cannot use those endpoints.
-    admin_api_keys: list[str] = []
-    #: Origins allowed by CORS; empty = CORS off.
-    cors_origins: list[str] = []
-    #: Request bodies larger than this get a 413.
-    max_request_bytes: int = 64 * 1024 * 1024
-    #: ``json``: one JSON object per log line, with the request id.
-    log_format: Literal["text", "json"] = "text"
-    #: False: ``/metrics`` is open (for a scraper on the host); True: it needs an API key.
-    metrics_require_key: bool = False
-    #: True: serve without ``api_keys`` on a non-loopback address (protected mode off).
-    allow_unauthenticated: bool = False
-    #: ``Host`` header values accepted besides loopback names and the bound address.
-    allowed_hosts: list[str] = []
-    #: Seconds a client has to send a whole request head.
-    header_timeout: float = 10.0
-    #: Seconds an idle keep-alive connection stays open.
-    keepalive_timeout: float = 5.0
-    #: Largest request head (request line and headers) in bytes.
-    max_header_bytes: int = 64 * 1024
-    #: Open client connections at most; beyond it new ones are refused.
-    max_connections: int = 4096
-    #: One log line per request (method, path, status, model, duration, bytes, request id).
-    access_log: bool = True
-    #: True: ``/v1/models`` lists every alias as an entry of its own too.
-    list_aliases: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise ValueError("port: must be between 1 and 65535")
-        if self.max_request_bytes < 1:
-            raise ValueError("max_request_bytes: must be >= 1")
-        for name in ("header_timeout", "keepalive_timeout"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name}: must be a number > 0")
-        for name in ("max_header_bytes", "max_connections"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1")
-        for name in ("api_keys", "admin_api_keys"):
-            if any(not key for key in getattr(self, name)):
-                raise ValueError(f"{name}: a key must not be empty")
-
-    def __repr__(self) -> str:
-        # Never print the keys, wherever a config ends up being logged.
-        return (
-            f"ServerSettings(host={self.host!r}, port={self.port}, "
-            f"api_keys=<{len(self.api_keys)} hidden>, "
-            f"admin_api_keys=<{len(self.admin_api_keys)} hidden>, "
-            f"cors_origins={self.cors_origins!r}, max_request_bytes={self.max_request_bytes})"
-        )
-
-
-class TimeoutSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """The ``timeouts:`` section: how long swapper waits on a backend, in seconds."""
-
-    #: Opening a connection to a backend.
-    connect: float = 5.0
-    #: Silence from a backend mid-request; then the request fails and the backend is checked.
-    read: float = 600.0
-    #: One health probe; a backend that misses it after a read timeout is killed as frozen.
-    health: float = 2.0
-
-    def __post_init__(self) -> None:
-        for name in ("connect", "read", "health"):
-            if not _positive(getattr(self, name)):
-                raise ValueError(f"{name}: must be a number > 0")
-
-
-class PeerSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """One entry of ``peers:``: another swapper whose models this one forwards requests to."""
-
-    #: The peer's root URL (``http://node2.lan:8890``, without ``/v1``).
-    url: str
-    #: Sent to the peer as ``Authorization: Bearer``; never shown in ``/status``, logs or errors.
-    api_key: str | None = None
-    #: The model ids routed to this peer; None: every model the peer lists.
-    models: list[str] | None = None
-    #: Seconds to wait for a connection to the peer.
-    timeout: float = 5.0
-    #: Seconds between two reads of the peer's model list while it is up.
-    refresh: float = 30.0
-
-    def __post_init__(self) -> None:
-        scheme, _, rest = self.url.partition("://")
-        if scheme not in ("http", "https") or not rest.strip("/") or rest.startswith("/"):
-            raise ValueError("url: must be an http:// or https:// URL with a host")
-        if "?" in rest or "#" in rest or "@" in rest:
-            raise ValueError("url: must be the peer's root, without query, fragment or user")
-        if self.api_key == "":
-            raise ValueError("api_key: must not be empty (leave it out for a peer without keys)")
-        for name in ("timeout", "refresh"):
-            if not _positive(getattr(self, name)):
-                raise ValueError(f"{name}: must be a number > 0")
-        if self.models is not None and any(not _valid_name(m) for m in self.models):
-            raise ValueError(
-                "models: a model id must be non-empty, printable, without spaces or '/'"
-            )
-
-    def __repr__(self) -> str:
-        # Never print the key, wherever a config ends up being logged.
-        key = "<hidden>" if self.api_key else None
-        return (
-            f"PeerSettings(url={self.url!r}, api_key={key}, models={self.models!r}, "
-            f"timeout={self.timeout}, refresh={self.refresh})"
-        )
 
 
 class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -264,6 +73,7 @@ class _RawConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     swapper: SwapperSettings = SwapperSettings()
     server: ServerSettings = ServerSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
+    activity: ActivitySettings = ActivitySettings()
     models: dict[str, dict[str, Any]] = {}
     #: Decoded entry by entry in parse_config, so that errors name the peer.
     peers: dict[str, dict[str, Any]] = {}
@@ -282,15 +92,11 @@ class Config(msgspec.Struct, frozen=True):
     names: dict[str, str]
     #: Other swappers, by the name their models are listed under (``owned_by``).
     peers: dict[str, PeerSettings] = {}
+    activity: ActivitySettings = ActivitySettings()
 
     def resolve(self, name: str) -> str | None:
         """The model id that ``name`` (an id or an alias) refers to, or None."""
         return self.names.get(name)
-
-
-def _valid_name(name: str) -> bool:
-    """Model ids and aliases: what a client can send as ``model`` and see in a URL path."""
-    return bool(name) and name.isprintable() and not any(c.isspace() or c == "/" for c in name)
 
 
 def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]]) -> Config:
@@ -307,7 +113,7 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
     names: dict[str, str] = {}
     for model_id, entry in raw.models.items():
         where = f"$.models.{model_id}"
-        if not _valid_name(model_id):
+        if not valid_name(model_id):
             raise ConfigError(
                 f"{source}: {where}: a model id must be non-empty, printable, without spaces or '/'"
             )
@@ -348,7 +154,7 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
                 "(swapper routes by it; use aliases or the backend's upstream name)"
             )
         for index, alias in enumerate(models[model_id].aliases):
-            if not _valid_name(alias):
+            if not valid_name(alias):
                 raise ConfigError(
                     f"{source}: {where}.aliases[{index}]: an alias must be "
                     "non-empty, printable, without spaces or '/', like a model id"
@@ -371,7 +177,7 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
     peers: dict[str, PeerSettings] = {}
     for peer, peer_entry in raw.peers.items():
         where = f"$.peers.{peer}"
-        if not _valid_name(peer):
+        if not valid_name(peer):
             raise ConfigError(
                 f"{source}: {where}: a peer name must be non-empty, printable, "
                 "without spaces or '/'"
@@ -391,6 +197,7 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
         models=models,
         names=names,
         peers=peers,
+        activity=raw.activity,
     )
 
 

@@ -38,6 +38,7 @@ from swapper.operator_format import (
     summary,
     write,
 )
+from swapper.top import add_top_command
 
 __all__ = [
     "DEFAULT_URL",
@@ -304,3 +305,5 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="how many of the last lines to print first (default: %(default)s)",
     )
     logs.set_defaults(run=_logs)
+
+    add_top_command(commands, common, DEFAULT_URL)  # `swapper top` lives in swapper.top

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,15 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
-from tests.conftest import fake_config, served_in_thread, tiny_model
+from tests.conftest import (
+    MESSAGES,
+    SwapperProcess,
+    fake_config,
+    seconds,
+    served_in_thread,
+    tiny_model,
+    wait_until,
+)
 from tests.fakes import Behaviour, FakeGpu, FakeWorld
 
 pytestmark = [pytest.mark.integration]
@@ -234,3 +244,110 @@ def test_dashboard_polls_while_the_event_stream_is_down(fake_gpu_swapper: str, p
     expect(page.get_by_test_id("link")).to_have_text("events: live")
     assert httpx.post(f"{fake_gpu_swapper}/models/qwen3-8b/unload", timeout=30).status_code == 200
     expect(page.get_by_test_id("events")).to_contain_text("qwen3-8b: UNLOADING → UNLOADED")
+
+
+@pytest.fixture
+def busy_swapper(swapper_factory: Any, llama_server: str) -> Iterator[SwapperProcess]:
+    """swapper on tiny-a and tiny-b, one-second samples, after some traffic: two requests to
+    tiny-a (one streamed), one to tiny-b (a swap) and one for a model that does not exist."""
+    workdir: Path = swapper_factory.workdir
+    config = {
+        "swapper": {"gpu_enabled": False, "model_swap_timeout": 30, "stop_timeout": 5},
+        "server": {"host": "127.0.0.1", "port": 1},
+        "activity": {"sample_seconds": 1},
+        "models": {
+            "tiny-a": tiny_model(workdir, "a", ctx_size=512),
+            "tiny-b": tiny_model(workdir, "b", ctx_size=512),
+        },
+    }
+    swapper = SwapperProcess(config, workdir, llama_server)
+    try:
+        ask = {"messages": MESSAGES, "max_tokens": 8}
+        for request_id, body in (
+            ("dash-1", {"model": "tiny-a", **ask}),
+            ("dash-2", {"model": "tiny-a", "stream": True, **ask}),
+            ("dash-3", {"model": "tiny-b", **ask}),
+            ("dash-4", {"model": "nope", **ask}),
+        ):
+            swapper.http.post(
+                "/v1/chat/completions", json=body, headers={"X-Request-Id": request_id}
+            )
+
+        def counted() -> bool:
+            samples = swapper.http.get("/activity").json()["samples"]
+            return sum(sum(s["requests"].values()) for s in samples) == 3
+
+        wait_until(counted, seconds(30), "the samples to count the three model requests")
+        yield swapper
+    finally:
+        swapper.stop()
+
+
+def test_dashboard_shows_the_history_after_traffic(
+    busy_swapper: SwapperProcess, page: Page, tmp_path: Path
+) -> None:
+    swapper = busy_swapper
+    page.set_viewport_size({"width": 1400, "height": 900})
+    page.goto(f"{swapper.url}/ui")
+    # What happened before the page was opened: replayed by /events, read from /activity.
+    swaps = page.get_by_test_id("swaps")
+    expect(swaps).to_contain_text("– → tiny-a (request) in")
+    expect(swaps.locator("li").first).to_contain_text("tiny-a → tiny-b (request) in")
+    expect(page.get_by_test_id("events")).to_contain_text("tiny-a: LOADING → LOADED")
+    expect(page.get_by_test_id("status-tiny-b")).to_have_text("LOADED")
+    expect(page.get_by_test_id("status-tiny-a")).to_have_text("UNLOADED")
+
+    rows = page.get_by_test_id("activity-row")
+    expect(rows).to_have_count(4)
+    ids = [rows.nth(i).get_attribute("data-request-id") for i in range(4)]
+    assert ids == ["dash-4", "dash-3", "dash-2", "dash-1"]  # latest first
+    expect(rows.first).to_contain_text("404")
+    page.get_by_test_id("activity-filter").select_option("tiny-a")
+    expect(rows).to_have_count(2)
+    rows.nth(1).click()  # dash-1: its whole record
+    detail = page.get_by_test_id("activity-detail")
+    expect(detail).to_contain_text('"request_id": "dash-1"')
+    doc = swapper.http.get("/activity").json()
+    record = next(r for r in doc["requests"] if r["request_id"] == "dash-1")
+    expect(detail).to_contain_text(f'"completion_tokens": {record["completion_tokens"]}')
+    # The stream's counts come from llama.cpp's last event (its timings: evaluated + cached).
+    streamed = next(r for r in doc["requests"] if r["request_id"] == "dash-2")
+    assert streamed["prompt_tokens"] == record["prompt_tokens"]
+    assert streamed["completion_tokens"] and streamed["tokens_per_s"] > 0
+
+    summary = doc["models"]["tiny-a"]
+    expect(page.get_by_test_id("loads-today-tiny-a")).to_have_text("1")
+    expect(page.get_by_test_id("mean-load-tiny-a")).to_have_text(f"{summary['mean_load_s']:.2f} s")
+    expect(page.get_by_test_id("tokens-tiny-a")).to_have_text(f"{summary['tokens_per_s']:.1f}")
+    expect(page.get_by_test_id("last-used-tiny-a")).not_to_have_text("–")
+
+    # The plots draw /activity's own figures.
+    expect(page.locator("#plot-requests canvas")).to_have_count(1)
+    expect(page.locator("#plot-swaps canvas")).to_have_count(1)
+    plotted = page.evaluate(
+        "() => ({ requests: swapperPlots.requests.data, labels: "
+        "swapperPlots.requests.series.slice(1).map(s => s.label), "
+        "swaps: swapperPlots.swaps.data })"
+    )
+    later = swapper.http.get("/activity").json()  # samples only grow meanwhile
+    by_time = {dt.datetime.fromisoformat(s["time"]).timestamp(): s for s in later["samples"]}
+    assert plotted["labels"] == ["tiny-a", "tiny-b"]
+    times, *series = plotted["requests"]
+    assert times and all(t in by_time for t in times)
+    for label, values in zip(plotted["labels"], series, strict=True):
+        expected = [by_time[t]["requests"].get(label, 0) / by_time[t]["seconds"] for t in times]
+        assert values == pytest.approx(expected)
+    assert sum(series[0]) == pytest.approx(2.0) and sum(series[1]) == pytest.approx(1.0)
+    swap_times, swap_seconds, load_seconds = plotted["swaps"]
+    assert sorted(s for s in swap_seconds if s is not None) == sorted(
+        s["seconds"] for s in later["swaps"]
+    )
+    assert len([s for s in load_seconds if s is not None]) == 2  # tiny-a, then tiny-b
+    assert swap_times == sorted(swap_times) and len(swap_times) == len(later["swaps"]) + 2
+
+    page.get_by_test_id("activity-filter").select_option("")
+    shot = tmp_path / "dashboard-activity.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.read_bytes()[:8] == PNG_MAGIC
+    if os.environ.get("SWAPPER_DOCS_SCREENSHOT"):  # refresh the README's picture on request
+        shutil.copyfile(shot, Path(__file__).resolve().parent.parent / "docs" / "dashboard.png")

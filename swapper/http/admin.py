@@ -12,13 +12,14 @@ from litestar.datastructures import State
 from litestar.params import FromPath, FromQuery
 from litestar.response import Stream
 
+from swapper.errors import InvalidRequest
 from swapper.gpu import GpuMonitor, GpuStats
 from swapper.http.access import require_admin, require_key, require_metrics_key
 from swapper.http.exchange import unless_stopping
 from swapper.http.metrics import CONTENT_TYPE
 from swapper.http.responses import SSE, SSE_HEADERS, json_response, sse_comment, sse_event
 from swapper.scheduling.coordinator import SwapCoordinator
-from swapper.scheduling.events import STOPPED, next_event
+from swapper.scheduling.events import STOPPED, Event, next_event
 from swapper.scheduling.snapshot import Snapshot
 
 __all__ = ["ADMIN_HANDLERS", "peers_section", "read_status", "status_document"]
@@ -176,12 +177,18 @@ async def _until_shutdown(
         yield _PING_COMMENT if item is None else render(item)
 
 
+def _render_event(event: Event, **extra: Any) -> bytes:
+    return sse_event({**event.data, "time": event.time, **extra}, event.type)
+
+
 async def _event_stream(state: State) -> AsyncIterator[bytes]:
     with state.coordinator.events.subscribe() as queue:
+        # Taken as the queue starts: each event is either in the history or in the queue.
+        history = state.activity.history()
         yield sse_event(await read_status(state), "snapshot")
-        async for chunk in _until_shutdown(
-            state, queue, lambda event: sse_event({**event.data, "time": event.time}, event.type)
-        ):
+        for event in history:
+            yield _render_event(event, history=True)
+        async for chunk in _until_shutdown(state, queue, _render_event):
             yield chunk
 
 
@@ -189,8 +196,10 @@ async def _event_stream(state: State) -> AsyncIterator[bytes]:
 async def events(state: State) -> Stream:
     """Live status changes, swaps (from, to, reason, seconds), loads, unloads and queue changes.
 
-    Server-sent events: a ``snapshot`` (the ``/status`` document) first, then one event per
-    change, and a ``: ping`` comment after 15 s of silence.
+    Server-sent events: a ``snapshot`` (the ``/status`` document) first, then the recent
+    history (the last status changes, swaps, loads and unloads, oldest first, each with
+    ``"history": true``), then one event per change, and a ``: ping`` comment after 15 s of
+    silence.
     """
     return Stream(_event_stream(state), media_type=SSE, headers=SSE_HEADERS)
 
@@ -221,6 +230,17 @@ async def model_logs(
     )
 
 
+@get("/activity", guards=[require_key])
+async def activity(state: State, limit: FromQuery[int | None] = None) -> Response[bytes]:
+    """Recent requests, swaps, loads and errors, per-model totals and the per-minute samples.
+
+    Each list is oldest first; ``?limit=N`` keeps the newest N of each.
+    """
+    if limit is not None and limit < 1:
+        raise InvalidRequest("limit: must be >= 1", param="limit")
+    return json_response(state.activity.document(limit))
+
+
 @get("/metrics", guards=[require_metrics_key])
 async def metrics(state: State) -> Response[bytes]:
     """Prometheus metrics; open unless ``server.metrics_require_key``."""
@@ -234,6 +254,7 @@ ADMIN_HANDLERS = [
     unload_model,
     reload_config,
     events,
+    activity,
     model_logs,
     metrics,
 ]

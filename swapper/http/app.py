@@ -31,6 +31,7 @@ from swapper.config import Config, load_config
 from swapper.errors import SwapperError
 from swapper.gpu import GpuMonitor
 from swapper.http.access import HostOriginGuard, require_key
+from swapper.http.activity import Activity
 from swapper.http.admin import ADMIN_HANDLERS
 from swapper.http.anthropic import ANTHROPIC_PATHS, anthropic_error_body
 from swapper.http.catalog import Catalog
@@ -131,6 +132,8 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
         peers = PeerDirectory(config.peers, read_timeout=config.timeouts.read)
         app.state.peers = peers
         peers.start()
+        app.state.activity = activity = Activity(config.activity, coordinator, gpu)
+        activity.start()
         logger.info("Swapper Service initialized with %d models", len(config.models))
         loop = asyncio.get_running_loop()
         # No SIGHUP where signals cannot be had: Windows, or a server run outside the main thread.
@@ -151,6 +154,7 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
                 with contextlib.suppress(asyncio.CancelledError):
                     await warmup
             await peers.aclose()
+            await activity.stop()
             await coordinator.close()
             await upstream.aclose()
             logger.info("Swapper Service stopped; every backend is down")

@@ -29,8 +29,9 @@ from swapper.errors import (
     ServiceUnavailable,
     SwapperError,
 )
+from swapper.http.activity import body_usage, stream_usage
 from swapper.http.anthropic import anthropic_error_body, anthropic_error_event
-from swapper.http.logs import note_stream_error
+from swapper.http.logs import note_stream_error, note_usage
 from swapper.http.rename import ModelRename
 from swapper.http.responses import JSON, GuardedStream, error_event
 from swapper.http.upload import StreamedUpload, outgoing_body
@@ -229,6 +230,8 @@ class Exchange:
             if rename is not None and rename.responses and upstream.status < 400:
                 content = rename.response(content)
             self.content = content
+            if upstream.status < 400:  # the tokens it reports, for /activity
+                note_usage(self._scope, body_usage(content))
             return
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
@@ -266,9 +269,15 @@ class Exchange:
         if rename is not None and not (rename.responses and upstream.is_stream):
             rename = None  # binary answers are never rewritten
         chunks = upstream.iter_bytes()
+        # The last two chunks: the final usage / timings event is read from them once the
+        # stream ends, for /activity; nothing is parsed while it runs.
+        before = last = b""
         try:
             async for chunk in chunks if rename is None else rename.stream(chunks):
+                before, last = last, chunk
                 yield chunk
+            if upstream.is_stream:
+                note_usage(scope, stream_usage(before + last))
             evicted = self.evicted()
             if evicted is not None:  # a backend stopped mid-stream may close it as if it were done
                 note_stream_error(scope)

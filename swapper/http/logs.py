@@ -20,10 +20,13 @@ from typing import Any
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from swapper.http.activity import Usage
+
 __all__ = [
     "REQUEST_ID",
     "note_model",
     "note_stream_error",
+    "note_usage",
     "request_id_middleware",
     "setup_logging",
 ]
@@ -35,6 +38,7 @@ _ACCESS = logging.getLogger("swapper.access")
 #: Keys of the ASGI scope's ``state`` the endpoints fill in for the access log and metrics.
 _MODEL_KEY = "swapper.model"
 _STREAM_ERROR_KEY = "swapper.stream_error"
+_USAGE_KEY = "swapper.usage"
 #: The status label of a stream that began with 200 and ended with an in-stream error event.
 STREAM_ERROR = "stream_error"
 
@@ -47,6 +51,12 @@ def note_model(scope: Scope, model_id: str) -> None:
 def note_stream_error(scope: Scope) -> None:
     """Record that a stream is ending with an error event (counted as such, not as 200)."""
     scope.setdefault("state", {})[_STREAM_ERROR_KEY] = True
+
+
+def note_usage(scope: Scope, usage: Usage | None) -> None:
+    """Record the tokens the backend reported for this answer, for the activity record."""
+    if usage is not None:
+        scope.setdefault("state", {})[_USAGE_KEY] = usage
 
 
 class _RequestIdFilter(logging.Filter):
@@ -106,11 +116,13 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
         header = (b"x-request-id", request_id.encode())
         status = 500  # unless a response starts: the app raised past every handler
         sent = 0
+        first: float | None = None  # when the response began (its status and headers)
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, sent
+            nonlocal status, sent, first
             if message["type"] == "http.response.start":
                 status = message["status"]
+                first = time.perf_counter()
                 message["headers"] = [*message.get("headers", []), header]
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
@@ -119,14 +131,18 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
         try:
             await app(scope, receive, send_with_id)
         finally:
-            _record(scope, request_id, status, sent, time.perf_counter() - started)
+            ended = time.perf_counter()
+            ttfb = None if first is None else first - started
+            _record(scope, request_id, status, sent, ended - started, ttfb)
             REQUEST_ID.reset(token)
 
     return middleware
 
 
-def _record(scope: Scope, request_id: str, status: int, sent: int, seconds: float) -> None:
-    """Count the request and write its access-log line."""
+def _record(
+    scope: Scope, request_id: str, status: int, sent: int, seconds: float, ttfb: float | None
+) -> None:
+    """Count the request, keep it in the activity history and write its access-log line."""
     state = scope.get("state") or {}
     model = state.get(_MODEL_KEY, "")
     outcome = STREAM_ERROR if state.get(_STREAM_ERROR_KEY) else str(status)
@@ -134,12 +150,27 @@ def _record(scope: Scope, request_id: str, status: int, sent: int, seconds: floa
     metrics = getattr(app_state, "metrics", None) if app_state is not None else None
     # The route's template, not the path: unknown paths must not grow the label set.
     endpoint = scope.get("path_template") or "unmatched"
+    method = scope.get("method", "-")
     if metrics is not None:
         metrics.requests.labels(model, endpoint, outcome).inc()
+    activity = getattr(app_state, "activity", None) if app_state is not None else None
+    if activity is not None:
+        client = scope.get("client")
+        activity.request(
+            model=model,
+            endpoint=endpoint,
+            method=method,
+            status=outcome,
+            seconds=seconds,
+            ttfb=ttfb,
+            request_id=request_id,
+            client=f"{client[0]}:{client[1]}" if client else None,
+            usage=state.get(_USAGE_KEY),
+        )
     config = getattr(app_state, "config", None) if app_state is not None else None
     if config is not None and not config.server.access_log:
         return
-    method, path = scope.get("method", "-"), scope.get("path", "-")
+    path = scope.get("path", "-")
     if _ACCESS.isEnabledFor(logging.INFO):
         _ACCESS.info(
             "%s %s %s model=%s %.3fs %dB id=%s",
