@@ -47,9 +47,20 @@ lint: install
     {{venv}}/bin/ruff format --check swapper plugins tests scripts
     {{venv}}/bin/mypy
 
-# added latency (p50/p99) and swap overhead against a real llama-server
-bench: models
-    {{py}} scripts/bench.py --llama-server "{{llama}}" --models models
+# what swapper adds against a real llama-server, beside a byte-relay floor; each target met or not
+bench *ARGS: models
+    {{py}} scripts/bench.py --llama-server "{{llama}}" --models models {{ARGS}}
+
+# `just bench`, with LiteLLM's proxy (installed once into its own venv in the cache) beside swapper
+bench-compare *ARGS: models
+    #!/usr/bin/env bash
+    set -euo pipefail
+    venv="${XDG_CACHE_HOME:-$HOME/.cache}/swapper/litellm-venv"
+    if ! test -x "$venv/bin/litellm"; then
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check "litellm[proxy]"
+    fi
+    {{py}} scripts/bench.py --llama-server "{{llama}}" --models models --litellm "$venv/bin/litellm" {{ARGS}}
 
 # on a lent GPU (under 4 min): VRAM-budget eviction and the wait for freed memory, as NVML sees them
 gpu-check:
