@@ -63,7 +63,13 @@ def _checked_key(connection: ASGIConnection[Any, Any, Any, Any]) -> tuple[Any, b
     return server, key
 
 
-def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+# The guards are coroutines: Litestar runs a plain function guard in a worker thread, a thread
+# hop per request on the hot path (issue 10's profile); these only compare a few bytes.
+
+
+async def require_key(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler | None
+) -> None:
     """Guard: any configured API key (or an admin key) when keys are configured."""
     checked = _checked_key(connection)
     if checked is not None:
@@ -72,7 +78,9 @@ def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHand
             raise Unauthorized("Invalid API key")
 
 
-def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def require_admin(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler | None
+) -> None:
     """Guard: an admin key for load, unload and reload whenever any keys are configured."""
     checked = _checked_key(connection)
     if checked is None:
@@ -85,21 +93,21 @@ def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHa
     raise Unauthorized("Invalid API key")
 
 
-def require_admin_unless_get(
+async def require_admin_unless_get(
     connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
 ) -> None:
     """Guard: reading (GET, HEAD) needs any key, anything else an admin key (``/upstream``: a
     POST there may change the backend's state, e.g. llama-server's ``/slots`` actions)."""
     if connection.scope.get("method") not in ("GET", "HEAD"):
-        require_admin(connection, handler)
+        await require_admin(connection, handler)
 
 
-def require_metrics_key(
+async def require_metrics_key(
     connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
 ) -> None:
     """Guard: ``/metrics`` needs a key only when ``server.metrics_require_key`` says so."""
     if connection.app.state.config.server.metrics_require_key:
-        require_key(connection, handler)
+        await require_key(connection, handler)
 
 
 # -- Host and Origin ------------------------------------------------------------------------------
