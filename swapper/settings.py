@@ -135,8 +135,10 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     allowed_hosts: list[str] = []
     #: Seconds a client has to send a whole request head.
     header_timeout: float = 10.0
-    #: Seconds an idle keep-alive connection stays open.
-    keepalive_timeout: float = 5.0
+    #: Seconds an idle keep-alive connection stays open. Longer than the clients' own pool
+    #: expiry (docs/backends.md, "Clients"), so that swapper never closes a connection just as
+    #: a client sends its next request on it (the client would see the connection drop).
+    keepalive_timeout: float = 30.0
     #: Largest request head (request line and headers) in bytes.
     max_header_bytes: int = 64 * 1024
     #: Open client connections at most; beyond it new ones are refused.

@@ -255,11 +255,36 @@ def test_steady_traffic_cannot_block_a_swap(swapper_factory: Any) -> None:
     served_a_after_b: list[float] = []
     errors: list[BaseException] = []
     long_stream: list[str] = []
+    #: (sent, finished) of every tiny-a request, in the test's clock.
+    spans_a: list[tuple[float, float]] = []
+    #: When this test learnt from /events that swapper had queued b (after swapper did).
+    b_queued: list[float] = []
+    subscribed = threading.Event()
+
+    def watch_queue() -> None:
+        try:
+            with (
+                httpx.Client(base_url=swapper.url, timeout=60) as client,
+                client.stream("GET", "/events") as response,
+            ):
+                kind = None
+                for line in response.iter_lines():
+                    if line.startswith("event: "):
+                        kind = line[len("event: ") :]
+                        subscribed.set()  # the snapshot comes first: queue events follow
+                    elif kind == "queue" and line.startswith("data: "):
+                        data = json.loads(line[len("data: ") :])
+                        if data["model"] == "tiny-b" and data["queued"] and not data.get("history"):
+                            b_queued.append(time.monotonic())
+                            return
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which fails
+            errors.append(exc)
 
     def steady_a() -> None:
         try:
             with httpx.Client(base_url=swapper.url, timeout=60) as client:
                 while not stop.is_set():
+                    sent = time.monotonic()
                     response = client.post(
                         "/v1/chat/completions",
                         json={"model": "tiny-a", "messages": MESSAGES, "max_tokens": 16},
@@ -267,6 +292,7 @@ def test_steady_traffic_cannot_block_a_swap(swapper_factory: Any) -> None:
                     code = None if response.status_code == 200 else response.json()["error"]["code"]
                     statuses.append((response.status_code, code))
                     finished_a.append(time.monotonic())
+                    spans_a.append((sent, finished_a[-1]))
                     if b_done.is_set() and response.status_code == 200:
                         served_a_after_b.append(time.monotonic())
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which fails
@@ -293,7 +319,9 @@ def test_steady_traffic_cannot_block_a_swap(swapper_factory: Any) -> None:
         worker.start()
     try:
         wait_until(lambda: len(finished_a) >= 6 or errors, 30, "steady traffic")
-        sent_b = time.monotonic()
+        watcher = threading.Thread(target=watch_queue)
+        watcher.start()
+        wait_until(lambda: subscribed.is_set() or errors, 30, "the /events subscription")
         response = chat(swapper, "tiny-b")  # must not wait for the traffic to stop
         answered_b = time.monotonic()
         assert response.status_code == 200, response.text
@@ -310,10 +338,14 @@ def test_steady_traffic_cannot_block_a_swap(swapper_factory: Any) -> None:
     assert statuses and set(statuses) <= {(200, None), (503, "model_evicted")}, set(statuses)
     assert (200, None) in statuses
     assert len(served_a_after_b) >= 3
-    # While b waited, tiny-a finished at most what was in flight (6 clients) plus the
-    # max_overtake requests allowed past b; unbounded overtaking finishes dozens in that time.
-    during_b = [t for t in finished_a if sent_b <= t <= answered_b]
-    assert len(during_b) <= 6 + 4, f"{len(during_b)} tiny-a requests finished while b waited"
+    # A tiny-a request sent after swapper had queued b and served before b's answer overtook b:
+    # at most max_overtake of them. (Counted from swapper's queueing, not from when the test
+    # sent b: on a busy machine b's request takes a while to arrive, and tiny-a traffic before
+    # that passes nobody.) Unbounded overtaking serves dozens in that time.
+    watcher.join(timeout=60)
+    assert b_queued, "swapper never reported b queued"
+    overtook = [f for sent, f in spans_a if sent >= b_queued[0] and f <= answered_b]
+    assert len(overtook) <= 4, f"{len(overtook)} tiny-a requests overtook b"
     # The long stream was what held the swap: cut off at drain_timeout, with the reason.
     assert "model_evicted" in long_stream[-1], long_stream[-1]
     assert swapper.output().count("Starting tiny-b") == 1
