@@ -62,8 +62,14 @@ def test_two_nodes_that_route_a_model_to_each_other_never_loop(
             assert response.status_code == 404, response.text
             assert response.json()["error"]["code"] == "model_not_found"
             assert time.perf_counter() - started_at < seconds(5)
-        # Each node saw the request once from a client and once from its peer, no more.
+        # Each node saw the request once from a client and once from its peer, no more. (The
+        # log is read from the process's output on a thread: wait for both lines to arrive.)
         for node in started:
+            wait_until(
+                lambda node=node: node.output().count("/v1/chat/completions") >= 2,
+                seconds(10),
+                "both access-log lines",
+            )
             assert node.output().count("/v1/chat/completions") == 2, node.output()
         # n2 stops: n1 says so; n2 comes back on its port: n1 notices and forwards again.
         n1, n2 = started
@@ -75,6 +81,9 @@ def test_two_nodes_that_route_a_model_to_each_other_never_loop(
         wait_until(lambda: n1.status()["peers"]["other"]["up"], seconds(30), "n1 to see n2 back up")
         back = n1.http.post("/v1/chat/completions", json={"model": "ghost", "messages": MESSAGES})
         assert back.status_code == 404
+        wait_until(
+            lambda: "POST /v1/chat/completions 404" in n2.output(), seconds(10), "n2's access line"
+        )
         assert n2.output().count("POST /v1/chat/completions 404") == 1, n2.output()
     finally:
         for node in started:
