@@ -236,7 +236,11 @@ def test_every_routed_endpoint_reaches_the_peer(
     assert upload.json()["error"]["code"] == "endpoint_not_supported"
     assert "'tiny-b'" in upload.json()["error"]["message"]
     # node1's access log names the model it forwarded.
-    wait_until(lambda: "POST /tokenize 200 model=tiny-b" in node1.output(), seconds(10), "node1's access line")
+    wait_until(
+        lambda: "POST /tokenize 200 model=tiny-b" in node1.output(),
+        seconds(10),
+        "node1's access line",
+    )
 
 
 def test_ollamas_api_reaches_the_peer(nodes: tuple[SwapperProcess, SwapperProcess]) -> None:
@@ -253,4 +257,8 @@ def test_ollamas_api_reaches_the_peer(nodes: tuple[SwapperProcess, SwapperProces
     assert parts and parts[-1].done and parts[-1].model == "tiny-b"
     shown = client.show("tiny-b")
     assert shown.modelinfo is not None
-    wait_until(lambda: "POST /api/chat 200 model=tiny-b" in node1.output(), seconds(10), "node1's access line")
+    wait_until(
+        lambda: "POST /api/chat 200 model=tiny-b" in node1.output(),
+        seconds(10),
+        "node1's access line",
+    )
