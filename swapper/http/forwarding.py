@@ -141,16 +141,26 @@ async def forward_request(
     return await forward_now(request, forward)
 
 
-async def forward_now(request: Request[Any, Any, State], forward: Forward) -> Response[Any]:
-    # A client that goes away while its model loads or its answer is generated cancels the
-    # upstream work: race the exchange against the ASGI disconnect message.
+async def forward_now(
+    request: Request[Any, Any, State], forward: Forward, *, watch_disconnect: bool = True
+) -> Response[Any]:
+    """Open the exchange and answer.
+
+    A client that goes away while its model loads or its answer is generated cancels the
+    upstream work: the exchange races the ASGI disconnect message. ``watch_disconnect=False``
+    while an upload is still being relayed: the body stream itself notices a disconnect then.
+    """
     exchange = Exchange(request.app.state, request.scope, forward)
     opening = exchange.start()
-    disconnect = asyncio.ensure_future(_until_disconnect(request))
+    waits: set[asyncio.Future[Any]] = {opening}
+    disconnect = asyncio.ensure_future(_until_disconnect(request)) if watch_disconnect else None
+    if disconnect is not None:
+        waits.add(disconnect)
     try:
-        await asyncio.wait((opening, disconnect), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        disconnect.cancel()
+        if disconnect is not None:
+            disconnect.cancel()
         if not opening.done():
             await exchange.close()  # (cancels the opening)
     if opening.cancelled():

@@ -10,7 +10,6 @@ backend where it knows the model by another name.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,7 +21,8 @@ from litestar.exceptions import InternalServerException
 
 from swapper.errors import InvalidRequest, UnsupportedMediaType
 from swapper.http.access import require_key
-from swapper.http.exchange import Exchange, Forward
+from swapper.http.exchange import Forward
+from swapper.http.forwarding import forward_now
 from swapper.http.logs import note_model
 from swapper.http.peers import PeerForward, forward_to_peer, route_to_peer
 from swapper.http.upload import outgoing_body, read_upload
@@ -75,40 +75,6 @@ async def _received(request: Request[Any, Any, State]) -> AsyncIterator[bytes]:
         raise _ClientLeft from None
 
 
-async def _until_disconnect(request: Request[Any, Any, State]) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _exchange(
-    request: Request[Any, Any, State], forward: Forward, *, body_read: bool
-) -> Response[Any]:
-    """Open the exchange and answer; once the body is read, a client that leaves cancels it.
-
-    While an upload is still being relayed, the body stream itself notices a disconnect.
-    """
-    exchange = Exchange(request.app.state, request.scope, forward)
-    opening = exchange.start()
-    waits: set[asyncio.Future[Any]] = {opening}
-    disconnect = asyncio.ensure_future(_until_disconnect(request)) if body_read else None
-    if disconnect is not None:
-        waits.add(disconnect)
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if disconnect is not None:
-            disconnect.cancel()
-        if not opening.done():
-            await exchange.close()  # (cancels the opening)
-    if opening.cancelled():
-        logger.info("client went away; request for %s cancelled", forward.model_id)
-        return Response(b"", status_code=499)
-    if opening.exception() is not None:
-        await exchange.close()
-        opening.result()  # raises it
-    return exchange.response()
-
-
 async def _forward_json(
     request: Request[Any, Any, State], path: str, *, binary: bool = False
 ) -> Response[Any]:
@@ -122,7 +88,7 @@ async def _forward_json(
     note_model(request.scope, model_id)
     state.catalog.check_serves(model_id, path)  # a 404 before anything loads
     forward = Forward(path, body, model_id, requested, False, binary=binary)
-    return await _exchange(request, forward, body_read=True)
+    return await forward_now(request, forward)
 
 
 async def _forward_upload(request: Request[Any, Any, State], path: str) -> Response[Any]:
@@ -152,7 +118,7 @@ async def _forward_upload(request: Request[Any, Any, State], path: str) -> Respo
         note_model(request.scope, model_id)
         state.catalog.check_serves(model_id, path)  # a 404 before anything loads
         forward = Forward(path, upload, model_id, upload.model, False)
-        return await _exchange(request, forward, body_read=False)
+        return await forward_now(request, forward, watch_disconnect=False)
     except _ClientLeft:
         # The exchange was closed on the way out (lease given back, backend connection cut).
         logger.info("client went away during an upload to %s", path)
