@@ -18,7 +18,14 @@ if TYPE_CHECKING:
     from swapper.scheduling.placement import Placement
     from swapper.scheduling.runtime import ModelRuntime
 
-__all__ = ["ModelLoad", "ModelSnapshot", "Snapshot", "VramSnapshot", "model_snapshot"]
+__all__ = [
+    "GpuBudgetSnapshot",
+    "ModelLoad",
+    "ModelSnapshot",
+    "Snapshot",
+    "VramSnapshot",
+    "model_snapshot",
+]
 
 
 class ModelSnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -44,6 +51,25 @@ class ModelSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     pinned: bool
     #: Seconds idle before it unloads (its ttl, or a client's keep_alive); None: never.
     idle_ttl: float | None = None
+    #: NVML indexes of the GPUs it is placed on (while it holds memory, or was last placed on);
+    #: None without GPU accounting.
+    gpus: list[int] | None = None
+
+
+class GpuBudgetSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """One GPU's budget in placement's accounting, in MiB; NVML's figures where it answered."""
+
+    #: NVML's index (as in ``CUDA_VISIBLE_DEVICES`` under ``CUDA_DEVICE_ORDER=PCI_BUS_ID``).
+    index: int
+    name: str | None
+    #: What models may use on this GPU together; None: unknown.
+    budget_mb: float | None
+    #: What the models placed on this GPU are charged on it (a split model: its share).
+    committed_mb: float
+    #: Ids of the models holding memory on this GPU.
+    models: list[str]
+    total_mb: float | None = None
+    used_mb: float | None = None
 
 
 class VramSnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -55,6 +81,8 @@ class VramSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     committed_mb: float
     #: Sizes measured on earlier loads, by model id.
     learned_mb: dict[str, float]
+    #: Each GPU's own budget; empty when no GPU is known (one budget, or none, then).
+    gpus: list[GpuBudgetSnapshot] = []
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
