@@ -11,7 +11,7 @@ import ipaddress
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -63,6 +63,11 @@ class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     set_params: dict[str, Any] = {}
     #: True: left out of ``/v1/models``, but still served by its id and aliases.
     unlisted: bool = False
+    #: The GPUs (NVML indexes) it loads on: ``auto`` (one GPU that fits, the one with the most
+    #: free budget; split evenly over the fewest GPUs only when no single one can hold it), or
+    #: a list used exactly (``[0, 1]``: split over both). An ``env: {CUDA_VISIBLE_DEVICES}``
+    #: of the entry's own wins over this and pins it to the GPUs it names.
+    gpus: Literal["auto"] | list[int] = "auto"
 
 
 class _RawModelEntry(msgspec.Struct, frozen=True):
@@ -148,6 +153,19 @@ def parse_config(data: Any, source: str, backends: Mapping[str, type[ModelEntry]
                 )
             if "\x00" in value:
                 raise ConfigError(f"{source}: {where}.env.{name}: a value cannot hold NUL")
+        gpus = models[model_id].gpus
+        if isinstance(gpus, list):
+            if not gpus:
+                raise ConfigError(
+                    f"{source}: {where}.gpus: must list at least one GPU index, or be 'auto'"
+                )
+            for index, gpu in enumerate(gpus):
+                if gpu < 0:
+                    raise ConfigError(
+                        f"{source}: {where}.gpus[{index}]: a GPU index must be >= 0, got {gpu}"
+                    )
+                if gpu in gpus[:index]:
+                    raise ConfigError(f"{source}: {where}.gpus[{index}]: GPU {gpu} is listed twice")
         if "model" in models[model_id].strip_params or "model" in models[model_id].set_params:
             raise ConfigError(
                 f"{source}: {where}: strip_params and set_params must not name 'model' "

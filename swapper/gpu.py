@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GpuMonitor", "GpuStats"]
+__all__ = ["GpuMonitor", "GpuStats", "parse_visible_devices"]
 
 logger = logging.getLogger("swapper.gpu")
 
@@ -30,6 +30,8 @@ class GpuStats:
     total_mb: float
     used_mb: float
     free_mb: float
+    #: NVML's ``GPU-...`` UUID ("" when unknown).
+    uuid: str = ""
 
 
 class GpuMonitor:
@@ -71,6 +73,7 @@ class GpuMonitor:
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 memory = nvml.nvmlDeviceGetMemoryInfo(handle)
                 name = nvml.nvmlDeviceGetName(handle)
+                uuid = nvml.nvmlDeviceGetUUID(handle)
                 stats.append(
                     GpuStats(
                         index,
@@ -78,6 +81,7 @@ class GpuMonitor:
                         memory.total / _MB,
                         memory.used / _MB,
                         memory.free / _MB,
+                        uuid.decode() if isinstance(uuid, bytes) else uuid,
                     )
                 )
             return stats
@@ -157,19 +161,7 @@ class GpuMonitor:
         for index in range(count):
             uuid = nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(index))
             uuids.append(uuid.decode() if isinstance(uuid, bytes) else uuid)
-        chosen: list[int] = []
-        for token in (t.strip() for t in setting.split(",")):
-            if token.isdigit() and int(token) < count:
-                found = [int(token)]
-            else:
-                found = [
-                    i
-                    for i, u in enumerate(uuids)
-                    if token and (u == token or (u.startswith(token) and token.startswith("GPU-")))
-                ]
-            if len(found) != 1 or found[0] in chosen:
-                break
-            chosen.extend(found)
+        chosen = parse_visible_devices(setting, uuids)
         if self._visible_logged != setting:
             self._visible_logged = setting
             logger.info(
@@ -179,6 +171,30 @@ class GpuMonitor:
                 count,
             )
         return chosen
+
+
+def parse_visible_devices(setting: str, uuids: list[str]) -> list[int]:
+    """The NVML indexes a ``CUDA_VISIBLE_DEVICES`` value names, given every GPU's UUID.
+
+    Like CUDA, the list ends at the first entry that names no GPU (``-1`` hides them all).
+    Tokens are indexes (NVML's, which is CUDA's under ``CUDA_DEVICE_ORDER=PCI_BUS_ID``) or
+    UUIDs, whole or as a unique ``GPU-`` prefix.
+    """
+    count = len(uuids)
+    chosen: list[int] = []
+    for token in (t.strip() for t in setting.split(",")):
+        if token.isdigit() and int(token) < count:
+            found = [int(token)]
+        else:
+            found = [
+                i
+                for i, u in enumerate(uuids)
+                if token and (u == token or (u.startswith(token) and token.startswith("GPU-")))
+            ]
+        if len(found) != 1 or found[0] in chosen:
+            break
+        chosen.extend(found)
+    return chosen
 
 
 def _process_tree(root: int) -> set[int]:

@@ -13,6 +13,7 @@ from typing import Literal
 import msgspec
 
 __all__ = [
+    "DEFAULT_RESERVE_MB",
     "ActivitySettings",
     "PeerSettings",
     "ServerSettings",
@@ -29,6 +30,22 @@ def valid_name(name: str) -> bool:
 
 def _positive(value: float) -> bool:
     return math.isfinite(value) and value > 0
+
+
+#: MiB kept free on a GPU unless ``vram_reserve_mb`` says otherwise.
+DEFAULT_RESERVE_MB = 512.0
+
+
+def _check_per_gpu(name: str, value: float | dict[int, float], valid: str) -> None:
+    """A number, or a map by GPU index, each value passing ``valid`` ("> 0" or ">= 0")."""
+    items = value.items() if isinstance(value, dict) else [(None, value)]
+    for index, number in items:
+        where = name if index is None else f"{name}.{index}"
+        if index is not None and index < 0:
+            raise ValueError(f"{where}: a GPU index must be >= 0")
+        ok = math.isfinite(number) and (number > 0 if valid == "> 0" else number >= 0)
+        if not ok:
+            raise ValueError(f"{where}: must be a number {valid}")
 
 
 class SwapperSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -65,10 +82,13 @@ class SwapperSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: Seconds a resident model may sit idle before it is unloaded (a model's ``ttl`` wins);
     #: 0 means never.
     default_ttl: float = 0.0
-    #: VRAM (MiB) models may use together; default: the GPUs' total less ``vram_reserve_mb``.
-    #: Without a GPU and without this, placement counts models only.
-    vram_budget_mb: float | None = None
-    vram_reserve_mb: float = 512.0
+    #: VRAM (MiB) models may use together on each GPU, or a map by NVML index
+    #: (``{0: 18000, 1: 22000}``; a GPU it leaves out gets its total less its reserve);
+    #: default: each GPU's total less ``vram_reserve_mb``. With no GPU known, a number is one
+    #: budget for every model; without a GPU and without this, placement counts models only.
+    vram_budget_mb: float | dict[int, float] | None = None
+    #: MiB kept free on each GPU, or a map by NVML index (unlisted GPUs keep 512).
+    vram_reserve_mb: float | dict[int, float] = DEFAULT_RESERVE_MB
     #: Seconds to wait, before a load, for NVML to show an unloaded model's memory free again.
     vram_release_timeout: float = 10.0
     #: Seconds a model chosen for eviction gets to finish its requests; then they are cut off
@@ -86,10 +106,9 @@ class SwapperSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
                 "max_concurrent_models: single-active mode needs exactly 1 "
                 "(use mode: multi-active for more)"
             )
-        if self.vram_budget_mb is not None and not _positive(self.vram_budget_mb):
-            raise ValueError("vram_budget_mb: must be a number > 0")
-        if not (math.isfinite(self.vram_reserve_mb) and self.vram_reserve_mb >= 0):
-            raise ValueError("vram_reserve_mb: must be a number >= 0")
+        if self.vram_budget_mb is not None:
+            _check_per_gpu("vram_budget_mb", self.vram_budget_mb, "> 0")
+        _check_per_gpu("vram_reserve_mb", self.vram_reserve_mb, ">= 0")
         for name in (
             "model_swap_timeout",
             "stop_timeout",
@@ -110,6 +129,25 @@ class SwapperSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError("max_start_failures: must be >= 1")
         if not (math.isfinite(self.default_ttl) and self.default_ttl >= 0):
             raise ValueError("default_ttl: must be a number >= 0 (0 = never)")
+
+    def reserve_for(self, index: int) -> float:
+        """MiB kept free on GPU ``index``."""
+        reserve = self.vram_reserve_mb
+        if isinstance(reserve, dict):
+            return reserve.get(index, DEFAULT_RESERVE_MB)
+        return reserve
+
+    def budget_for(self, index: int, total_mb: float | None) -> float | None:
+        """What models may use on GPU ``index`` of ``total_mb``; None: unknown."""
+        budget = self.vram_budget_mb
+        if isinstance(budget, dict):
+            if index in budget:
+                return budget[index]
+        elif budget is not None:
+            return budget
+        if total_mb is None:
+            return None
+        return max(0.0, total_mb - self.reserve_for(index))
 
 
 class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -70,6 +70,10 @@ class FakeWorld:
         #: not looked at yet)], until the lag passes; the lag (s) a FakeGpu applies to it.
         self.held: dict[str, float] = {}
         self.releasing: list[list[Any]] = []
+        #: The GPUs each fake was last started on (placement's choice; GPU 0 when none was
+        #: given), and the CUDA_VISIBLE_DEVICES its start would have set (None: none).
+        self.placed: dict[str, tuple[int, ...]] = {}
+        self.visible: dict[str, str | None] = {}
         self.release_lag = 0.0
         #: The GPU is read from worker threads (placement reads NVML off the event loop).
         self.gpu_lock = threading.Lock()
@@ -88,7 +92,7 @@ class FakeWorld:
                 self.held[model_id] = mb
             self.max_held = max(self.max_held, sum(self.held.values()))
             if freed > 0 and died:
-                self.releasing.append([freed, None])
+                self.releasing.append([freed, None, self.placed.get(model_id, (0,))])
 
     def queue(self, model_id: str, *behaviours: Behaviour) -> None:
         """Behaviours for the next starts of ``model_id`` (READY once they run out)."""
@@ -134,7 +138,8 @@ class FakeGpu:
     Its used memory is ``extra_mb`` (other programs) plus what the live fakes hold. What a
     stopped fake held still counts until ``release_lag`` seconds (default: the world's) after a
     reader first sees it gone, as ``tests/fake_servers/fakegpu.py`` does for dead holders and as
-    CUDA's free figure lags an unload; a lag of 0 shows it free at once. ``host_pids``: NVML
+    CUDA's free figure lags an unload; a lag of 0 shows it free at once. ``devices``: that many
+    GPUs of ``total_mb`` each; a fake holds its memory on the GPUs placement started it on. ``host_pids``: NVML
     lists only pids of another PID namespace (a container), so per-process memory is unknown.
     """
 
@@ -149,35 +154,56 @@ class FakeGpu:
         name: str = "Fake GPU",
         release_lag: float | None = None,
         host_pids: bool = False,
+        devices: int = 1,
     ) -> None:
         self.world = world
+        self.devices = devices
         self.host_pids = host_pids
         self.total_mb = total_mb
         self.extra_mb = extra_mb
         self.name = name
         self.release_lag = release_lag
 
-    def used_mb(self) -> float:
-        """MiB in use now; this read starts the lag of releases no one had seen yet."""
+    def used_mb(self, device: int | None = None) -> float:
+        """MiB in use now, on every GPU or on ``device``; this read starts the lag of releases
+        no one had seen yet. A fake split over several GPUs holds an even share on each."""
         world = self.world
         lag = world.release_lag if self.release_lag is None else self.release_lag
         now = time.monotonic()
+
+        def on(devices: tuple[int, ...]) -> float:
+            if device is None:
+                return 1.0
+            return 1.0 / len(devices) if device in devices else 0.0
+
         with world.gpu_lock:
             for release in world.releasing:
                 if release[1] is None:
                     release[1] = now
             world.releasing = [r for r in world.releasing if now - r[1] < lag]
-            return self.extra_mb + sum(world.held.values()) + sum(r[0] for r in world.releasing)
+            held = sum(mb * on(world.placed.get(m, (0,))) for m, mb in world.held.items())
+            releasing = sum(r[0] * on(r[2]) for r in world.releasing)
+            extra = self.extra_mb * (self.devices if device is None else 1)
+            return extra + held + releasing
 
     def gpus(self) -> list[GpuStats]:
-        """The one GPU's memory."""
-        used = self.used_mb()
-        return [GpuStats(0, self.name, self.total_mb, used, max(0.0, self.total_mb - used))]
+        """Each GPU's memory (``extra_mb`` is on each)."""
+        stats = []
+        for index in range(self.devices):
+            used = self.used_mb(index)
+            name = self.name if index == 0 else f"{self.name} #{index}"
+            free = max(0.0, self.total_mb - used)
+            stats.append(GpuStats(index, name, self.total_mb, used, free, f"GPU-fake-{index}"))
+        return stats
 
     def totals_mb(self) -> tuple[float, float, float]:
-        """Total, used and free MiB."""
-        gpu = self.gpus()[0]
-        return gpu.total_mb, gpu.used_mb, gpu.free_mb
+        """Total, used and free MiB over every GPU."""
+        gpus = self.gpus()
+        return (
+            sum(g.total_mb for g in gpus),
+            sum(g.used_mb for g in gpus),
+            sum(g.free_mb for g in gpus),
+        )
 
     def process_memory_mb(self, pid: int) -> float | None:
         """What the fake started as ``pid`` holds (0 once it is gone, or for a stranger; None
@@ -244,6 +270,8 @@ def fake_backend_class(world: FakeWorld) -> type[Backend]:
                 world.crash(self.model_id)
             pid = world.pid()
             world.pids[pid] = self.model_id
+            world.placed[self.model_id] = tuple(self.gpus) if self.gpus else (0,)
+            world.visible[self.model_id] = self.gpu_environment().get("CUDA_VISIBLE_DEVICES")
             world.hold(self.model_id, self.actual_mb())
             return BackendHandle(base_url=f"http://{self.model_id}.fake.test", pid=pid)
 

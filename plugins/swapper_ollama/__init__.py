@@ -146,9 +146,15 @@ class OllamaBackend(Backend[OllamaModel]):
         argv = self.command()
         # The entry's env, then what swapper needs: its port, and no expiry of its own.
         ours = {"OLLAMA_HOST": f"{self.host}:{port}", "OLLAMA_KEEP_ALIVE": "-1"}
-        env = child_environment(None, {**self.entry.env, **ours})
+        # Its GPUs first: the entry's own CUDA_VISIBLE_DEVICES wins (an operator's pin).
+        gpu_env = self.gpu_environment()
+        env = child_environment(None, {**gpu_env, **self.entry.env, **ours})
         logger.info(
-            "Starting %s: %s (OLLAMA_HOST=%s)", self.model_id, " ".join(argv), ours["OLLAMA_HOST"]
+            "Starting %s: %s (OLLAMA_HOST=%s)%s",
+            self.model_id,
+            " ".join(argv),
+            ours["OLLAMA_HOST"],
+            f" on GPU(s) {gpu_env['CUDA_VISIBLE_DEVICES']}" if gpu_env else "",
         )
         process = await ManagedProcess.spawn(
             argv,

@@ -36,6 +36,14 @@ __all__ = ["VllmBackend", "VllmModel", "register_backends"]
 DEFAULT_UTILIZATION = 0.9
 
 
+def _sets_tensor_parallel(args: list[str]) -> bool:
+    """The entry's own args choose the tensor-parallel size."""
+    return any(
+        arg in ("--tensor-parallel-size", "-tp") or arg.startswith("--tensor-parallel-size=")
+        for arg in args
+    )
+
+
 class VllmModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """A model entry with ``backend: vllm``."""
 
@@ -127,6 +135,9 @@ class VllmBackend(SubprocessBackend[VllmModel]):
             argv += ["--max-model-len", str(spec.max_model_len)]
         if spec.sleep_mode:
             argv.append("--enable-sleep-mode")
+        if self.gpus and len(self.gpus) > 1 and not _sets_tensor_parallel(spec.args):
+            # Split over several GPUs: one tensor-parallel rank on each (vLLM's default is 1).
+            argv += ["--tensor-parallel-size", str(len(self.gpus))]
         return argv + list(spec.args)
 
     def environment(self) -> Mapping[str, str] | None:

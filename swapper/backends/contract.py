@@ -107,6 +107,9 @@ class Backend(abc.ABC, Generic[EntryT]):
         self.settings = settings
         #: Where the backend's output lines go besides the log (the coordinator's per-model log).
         self.log_sink: Callable[[str], None] | None = None
+        #: The GPUs (NVML indexes) placement put the model on, set before each start; None: no
+        #: GPU is known, and CUDA_VISIBLE_DEVICES is left as swapper's own.
+        self.gpus: list[int] | None = None
         self._probe_pool: httpcore.AsyncConnectionPool | None = None
         self._client: httpx.AsyncClient | None = None
 
@@ -148,6 +151,15 @@ class Backend(abc.ABC, Generic[EntryT]):
         not executable), or None when nothing local can be checked or all is well.
         """
         return None
+
+    def gpu_environment(self) -> dict[str, str]:
+        """``CUDA_VISIBLE_DEVICES`` for the GPUs placement chose, in NVML's (PCI bus) order;
+        nothing when no GPU is known or the entry's own ``env`` sets it (the operator's pin)."""
+        if self.gpus is None or "CUDA_VISIBLE_DEVICES" in self.entry.env:
+            return {}
+        devices = ",".join(str(i) for i in self.gpus) if self.gpus else "-1"
+        # CUDA counts the fastest GPU first by default; NVML's indexes follow the PCI bus.
+        return {"CUDA_VISIBLE_DEVICES": devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
     def accelerator_args(self) -> list[str]:
         """Command-line arguments for ``gpu_enabled`` / ``metal_acceleration``; none by default."""
@@ -295,11 +307,13 @@ class SubprocessBackend(Backend[EntryT]):
         """Pick a free loopback port and start the command, with the entry's ``env`` on top."""
         port = free_port(self.host)
         argv = self.command(port)
-        env = child_environment(self.environment(), self.entry.env)
+        gpu_env = self.gpu_environment()
+        env = child_environment(self.environment(), {**gpu_env, **self.entry.env})
         logger.info(
-            "Starting %s: %s%s",
+            "Starting %s: %s%s%s",
             self.model_id,
             " ".join(redact_argv(argv)),
+            f" on GPU(s) {gpu_env['CUDA_VISIBLE_DEVICES']}" if gpu_env else "",
             f" (env: {', '.join(sorted(self.entry.env))})" if self.entry.env else "",
         )
         process = await ManagedProcess.spawn(

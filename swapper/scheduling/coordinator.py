@@ -48,7 +48,7 @@ from swapper.scheduling.logbook import ModelLog
 from swapper.scheduling.model_state import ModelStatus, Waiter
 from swapper.scheduling.placement import GpuView, Placement
 from swapper.scheduling.runtime import ModelRuntime
-from swapper.scheduling.snapshot import ModelLoad, Snapshot, VramSnapshot, model_snapshot
+from swapper.scheduling.snapshot import ModelLoad, Snapshot, model_snapshot, vram_snapshot
 
 __all__ = ["Lease", "ModelStatus", "SwapCoordinator"]
 
@@ -323,11 +323,7 @@ class SwapCoordinator:
         :mod:`swapper.scheduling.snapshot`)."""
         placement = self.placement
         models = {m.id: model_snapshot(m, placement) for m in self._models.values()}
-        vram = VramSnapshot(
-            budget_mb=placement.budget_mb,
-            committed_mb=sum(m.charge_mb for m in self._holders()),
-            learned_mb=placement.sizes.snapshot(),
-        )
+        vram = vram_snapshot(placement, self._holders())
         return Snapshot(
             mode=self.config.swapper.mode,
             active_model=self.active_model,

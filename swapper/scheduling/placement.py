@@ -25,6 +25,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 
 from swapper.config import Config, ModelEntry
+from swapper.gpu import GpuStats, parse_visible_devices
+from swapper.scheduling.gpu_budget import NO_GPU, Device, GpuPlanner, gpu_options
+from swapper.scheduling.memory_wait import ReleaseWatch
 from swapper.scheduling.model_state import ModelStatus
 
 if TYPE_CHECKING:
@@ -44,11 +47,6 @@ logger = logging.getLogger("swapper.placement")
 _S = ModelStatus
 
 
-#: Share of a freed model's memory NVML must show back before the next load (as Ollama does).
-_RELEASE_SHARE = 0.75
-_POLL = 0.1
-
-
 class GpuView(Protocol):
     """What placement needs of :class:`swapper.gpu.GpuMonitor` (a fake GPU in tests)."""
 
@@ -56,6 +54,8 @@ class GpuView(Protocol):
     def available(self) -> bool: ...
 
     def totals_mb(self) -> tuple[float, float, float] | None: ...
+
+    def gpus(self) -> list[GpuStats]: ...
 
     def process_memory_mb(self, pid: int) -> float | None: ...
 
@@ -146,28 +146,28 @@ class Plan:
     evict: list[EvictionChoice] = field(default_factory=list)
     #: Why it can never fit; the requests for it get a 503.
     refuse: str | None = None
-
-
-@dataclass
-class _Release:
-    """NVML must show ``used_mb`` at or below this before the next load."""
-
-    model_id: str
-    used_mb: float
-    deadline: float
+    #: The GPUs (NVML indexes) it goes on; :data:`NO_GPU` alone where no GPU is known.
+    gpus: tuple[int, ...] | None = None
 
 
 class Placement:
-    """VRAM accounting for the coordinator: budget, sizes, eviction order, released memory."""
+    """VRAM accounting for the coordinator: budgets per GPU, sizes, eviction order, released
+    memory (see :mod:`swapper.scheduling.gpu_budget` for the per-GPU part)."""
 
     def __init__(self, config: Config, gpu: GpuView | None) -> None:
         self.config = config
         self.gpu = gpu
-        totals = gpu.totals_mb() if gpu is not None and gpu.available else None
-        self.total_mb = totals[0] if totals else None
+        stats = gpu.gpus() if gpu is not None and gpu.available else []
+        #: The GPUs NVML showed at startup (empty: none known to NVML).
+        self.nvml_devices = [Device(g.index, g.name, g.uuid, g.total_mb) for g in stats]
+        self.total_mb = sum(g.total_mb for g in stats) if stats else None
         state = config.swapper.state_file
         self.sizes = SizeBook(Path(state) if state else default_state_file())
-        self._releases: list[_Release] = []
+        self.releases = ReleaseWatch(self)
+        #: NVML's figures as placement last read them (the snapshot shows them, unread since).
+        self.last_read: dict[int, GpuStats] = {g.index: g for g in stats}
+        #: GPUs chosen by the last plan that said "start", by model id (see :meth:`take_gpus`).
+        self._chosen: dict[str, tuple[int, ...]] = {}
         #: Counts backend starts, stops, sleeps and wakes: a change in NVML's used memory across a
         #: span in which it moved by one only is that one model's doing (see :meth:`note_change`).
         self.gpu_changes = 0
@@ -177,15 +177,76 @@ class Placement:
         self.gpu_changes += 1
         return self.gpu_changes
 
+    # -- GPUs and budgets ---------------------------------------------------------------------
+
+    @property
+    def devices(self) -> list[Device]:
+        """The GPUs models are placed on: NVML's, else those a ``vram_budget_mb`` map names,
+        else the one pseudo-device :data:`NO_GPU`."""
+        if self.nvml_devices:
+            return self.nvml_devices
+        budget = self.config.swapper.vram_budget_mb
+        if isinstance(budget, dict) and budget:
+            return [Device(index) for index in sorted(budget)]
+        return [Device(NO_GPU)]
+
+    @property
+    def per_gpu(self) -> bool:
+        """True when real GPUs are known (each with its own budget)."""
+        return self.devices[0].index != NO_GPU
+
+    def budgets(self) -> dict[int, float | None]:
+        """Each GPU's budget in MiB (None: unknown)."""
+        settings = self.config.swapper
+        if not self.per_gpu:
+            scalar = settings.vram_budget_mb
+            return {NO_GPU: scalar if not isinstance(scalar, dict) else None}
+        return {d.index: settings.budget_for(d.index, d.total_mb) for d in self.devices}
+
     @property
     def budget_mb(self) -> float | None:
-        """VRAM models may use together; None: unknown (no GPU, no configured budget)."""
-        settings = self.config.swapper
-        if settings.vram_budget_mb is not None:
-            return settings.vram_budget_mb
-        if self.total_mb is None:
+        """VRAM models may use together (every GPU's budget); None: unknown."""
+        budgets = list(self.budgets().values())
+        if any(b is None for b in budgets):
             return None
-        return max(0.0, self.total_mb - settings.vram_reserve_mb)
+        return sum(b for b in budgets if b is not None)
+
+    def fixed_gpus(self, model: ModelRuntime) -> tuple[int, ...] | None:
+        """The GPUs ``model`` must go on, or None (``auto``): where it holds memory now, its
+        entry's ``env`` ``CUDA_VISIBLE_DEVICES`` (the operator's pin wins), its ``gpus`` list."""
+        if not self.per_gpu:
+            return (NO_GPU,)
+        if model.holds_memory and model.gpus:
+            return model.gpus
+        entry = model.backend.entry
+        visible = entry.env.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            top = max(d.index for d in self.devices)
+            uuids = [""] * (top + 1)
+            for device in self.devices:
+                uuids[device.index] = device.uuid
+            named = parse_visible_devices(visible, uuids)
+            # A setting naming no GPU (-1, ""): the backend runs without one, charged nowhere.
+            return tuple(named)
+        return tuple(entry.gpus) if isinstance(entry.gpus, list) else None
+
+    def take_gpus(self, model: ModelRuntime) -> tuple[int, ...]:
+        """The GPUs the plan that started ``model`` chose (a model waking keeps its own)."""
+        chosen = self._chosen.pop(model.id, None)
+        if chosen is not None:
+            return chosen
+        fixed = self.fixed_gpus(model)
+        return fixed if fixed is not None else (self.devices[0].index,)
+
+    def _width(self, model: ModelRuntime) -> int:
+        """How many GPUs ``model`` is (or will be) on, for a backend's per-GPU estimate."""
+        gpus = model.gpus if model.holds_memory and model.gpus else self.fixed_gpus(model)
+        return max(1, len(gpus)) if gpus else 1
+
+    def _device_total_mb(self) -> float | None:
+        """One GPU's total memory (the largest), for a backend's estimate."""
+        totals = [d.total_mb for d in self.nvml_devices if d.total_mb is not None]
+        return max(totals) if totals else None
 
     # -- sizes ------------------------------------------------------------------------------
 
@@ -197,14 +258,15 @@ class Placement:
             return learned
         if entry.vram_mb is not None:
             return entry.vram_mb
-        return model.backend.estimate_vram_mb(self.total_mb) or 0.0
+        estimate = model.backend.estimate_vram_mb(self._device_total_mb()) or 0.0
+        return estimate * self._width(model)
 
     def start_need_mb(self, model: ModelRuntime) -> float:
         """Free memory ``model``'s backend needs to start: its predicted size, or more when the
-        backend reserves a share of the GPU up front (vLLM refuses to start below
+        backend reserves a share of each GPU up front (vLLM refuses to start below
         ``gpu_memory_utilization`` × total, however small the model)."""
-        reserved = model.backend.estimate_vram_mb(self.total_mb) or 0.0
-        return max(self.predicted_mb(model), reserved)
+        reserved = model.backend.estimate_vram_mb(self._device_total_mb()) or 0.0
+        return max(self.predicted_mb(model), reserved * self._width(model))
 
     def pinned(self, model: ModelRuntime) -> bool:
         """Pinned models are evicted last; the default model is pinned unless configured."""
@@ -215,17 +277,31 @@ class Placement:
 
     # -- planning ---------------------------------------------------------------------------
 
+    def _options(self, model: ModelRuntime) -> list[tuple[int, ...]] | str:
+        fixed = self.fixed_gpus(model)
+        if fixed == ():
+            return [()]  # runs on no GPU: only slots limit it
+        return gpu_options(self.predicted_mb(model), self.budgets(), fixed)
+
     def refusal(self, model: ModelRuntime) -> str | None:
         """Why ``model`` can never fit, or None."""
-        budget = self.budget_mb
-        need = self.predicted_mb(model)
-        if budget is not None and need > budget:
+        options = self._options(model)
+        if isinstance(options, str):
             return (
-                f"Model {model.id!r} needs about {need:.0f} MiB of VRAM, more than the "
-                f"{budget:.0f} MiB budget; it can never be loaded (check its vram_mb and "
-                f"swapper.vram_budget_mb)"
+                f"Model {model.id!r} {options}; it can never be loaded (check its vram_mb"
+                f"{', gpus' if self.per_gpu else ''} and swapper.vram_budget_mb)"
             )
         return None
+
+    def _eviction_key(self, model: ModelRuntime) -> tuple[object, ...]:
+        # Models already draining (an operator's unload, a ttl) are leaving anyway: first.
+        return (
+            not model.draining,
+            self.pinned(model),
+            model.status == _S.LOADED,
+            model.in_flight > 0 or model.queued > 0,
+            model.last_used or model.loaded_at or 0.0,
+        )
 
     def plan(self, target: ModelRuntime, others: Iterable[ModelRuntime]) -> Plan:
         """Can ``target`` load now, and if not, which of ``others`` should make room?
@@ -233,135 +309,57 @@ class Placement:
         Models already on their way out count as gone (their end state: asleep or stopped);
         if that is enough, nothing more is evicted and the load waits for them.
         """
-        refusal = self.refusal(target)
-        if refusal is not None:
-            return Plan(refuse=refusal)
-        budget = self.budget_mb
-        need = self.predicted_mb(target)
-        slots = self.config.swapper.max_concurrent_models
+        options = self._options(target)
+        if isinstance(options, str):
+            return Plan(refuse=self.refusal(target))
         residents = [m for m in others if m is not target and m.holds_memory]
-
-        def fits(slot_count: int, used: float) -> bool:
-            return slot_count + 1 <= slots and (budget is None or used + need <= budget)
-
-        now_slots = sum(m.holds_slot for m in residents)
-        now_used = sum(m.charge_mb for m in residents)
-        if fits(now_slots, now_used):
-            return Plan(start=True)
-        # What is left once the models already unloading are out.
-        slots_left = sum(m.status in (_S.LOADING, _S.LOADED) for m in residents)
-        used_left = sum(
-            m.mb_after_unload if m.status == _S.UNLOADING else m.charge_mb for m in residents
+        planner = GpuPlanner(
+            self.budgets(), self.config.swapper.max_concurrent_models, self._eviction_key
         )
-        plan = Plan()
-        if fits(slots_left, used_left):
-            return plan
-        candidates = [m for m in residents if m.status in (_S.SLEEPING, _S.LOADED)]
-        # Models already draining (an operator's unload, a ttl) are leaving anyway: first.
-        candidates.sort(
-            key=lambda m: (
-                not m.draining,
-                self.pinned(m),
-                m.status == _S.LOADED,
-                m.in_flight > 0 or m.queued > 0,
-                m.last_used or m.loaded_at or 0.0,
-            )
+        choice = planner.choose(self.predicted_mb(target), options, residents)
+        if choice.start and choice.gpus is not None:
+            self._chosen[target.id] = choice.gpus
+        return Plan(
+            start=choice.start,
+            evict=[EvictionChoice(m, full=full) for m, full in choice.evict],
+            gpus=choice.gpus,
         )
-        for model in candidates:
-            slot_short = slots_left + 1 > slots
-            memory_short = budget is not None and used_left + need > budget
-            if not (slot_short or memory_short):
-                break
-            if model.status == _S.SLEEPING:
-                if memory_short:
-                    plan.evict.append(EvictionChoice(model, full=True))
-                    used_left -= model.charge_mb
-                continue
-            slots_left -= 1
-            charge = model.charge_mb
-            if model.backend.can_sleep and not model.must_stop:
-                asleep = model.sleep_mb
-                if budget is None or used_left - charge + asleep + need <= budget:
-                    plan.evict.append(EvictionChoice(model, full=False))
-                    used_left += asleep - charge
-                    continue
-            plan.evict.append(EvictionChoice(model, full=True))
-            used_left -= charge
-        return plan
 
     # -- released memory ----------------------------------------------------------------------
 
     async def used_mb(self) -> float | None:
-        """NVML's used figure, read off the event loop (None without a GPU)."""
+        """NVML's used figure over every GPU, read off the event loop (None without a GPU)."""
+        used = await self.device_used_mb()
+        return None if used is None else sum(used.values())
+
+    async def device_used_mb(self) -> dict[int, float] | None:
+        """NVML's used figure of each GPU, read off the event loop (None without a GPU)."""
+        stats = await self.read_gpus()
+        return {i: g.used_mb for i, g in stats.items()} if stats else None
+
+    async def read_gpus(self) -> dict[int, GpuStats]:
+        """NVML's figures of each GPU by index, read off the event loop (empty without a GPU);
+        kept as :attr:`last_read` for the status snapshot."""
         if self.gpu is None or self.total_mb is None:
-            return None
-        totals = await asyncio.to_thread(self.gpu.totals_mb)
-        return totals[1] if totals else None
+            return {}
+        stats = await asyncio.to_thread(self.gpu.gpus)
+        self.last_read = {g.index: g for g in stats}
+        return self.last_read
 
     async def process_mb(self, pid: int | None) -> float | None:
-        """What ``pid``'s process tree holds on the GPU, read off the event loop (None without
+        """What ``pid``'s process tree holds on the GPUs, read off the event loop (None without
         a GPU or a pid)."""
         if self.gpu is None or self.total_mb is None or pid is None:
             return None
         return await asyncio.to_thread(self.gpu.process_memory_mb, pid)
 
-    def expect_release(self, model_id: str, used_before_mb: float | None, freed_mb: float) -> None:
-        """A model that held ``freed_mb`` was stopped (or slept); NVML should show it soon."""
-        if used_before_mb is None or freed_mb <= 0:
-            return
-        deadline = time.monotonic() + self.config.swapper.vram_release_timeout
-        self._releases.append(
-            _Release(model_id, used_before_mb - _RELEASE_SHARE * freed_mb, deadline)
-        )
+    def expect_release(
+        self, model: ModelRuntime, used_before: dict[int, float] | None, freed_mb: float
+    ) -> None:
+        """``model`` held ``freed_mb`` more than it does now; NVML should show it free soon."""
+        self.releases.expect(model, used_before, freed_mb)
 
     async def wait_for_memory(self, model: ModelRuntime, need_mb: float) -> None:
-        """Before a load: wait until NVML shows recently freed memory back and ``need_mb`` free.
-
-        CUDA's free figure lags an unload by 0.5-1.5 s, and vLLM refuses to start while free
-        memory is below what it reserves. Bounded by ``swapper.vram_release_timeout``; logged.
-        """
-        if self.gpu is None or self.total_mb is None:
-            return
-        reserve = self.config.swapper.vram_reserve_mb
-        started = time.monotonic()
-        timeout = self.config.swapper.vram_release_timeout
-        deadline = started + timeout
-        announced = False
-        while True:
-            now = time.monotonic()
-            self._releases = [r for r in self._releases if r.deadline > now]
-            totals = await asyncio.to_thread(self.gpu.totals_mb)
-            if totals is None:
-                return
-            _, used, free = totals
-            # A release seen through is done with: memory used again later is another matter.
-            self._releases = pending = [r for r in self._releases if used > r.used_mb]
-            enough = need_mb <= 0 or free >= min(need_mb, max(0.0, self.total_mb - reserve))
-            if not pending and enough:
-                waited = now - started
-                if waited >= _POLL:
-                    logger.info(
-                        "%s: waited %.2fs for GPU memory to be released (%.0f MiB free)",
-                        model.id,
-                        waited,
-                        free,
-                    )
-                return
-            why = (
-                f"still waiting for {', '.join(r.model_id for r in pending)} to release"
-                if pending
-                else f"{free:.0f} MiB free, {need_mb:.0f} MiB wanted"
-            )
-            if not announced:
-                announced = True
-                logger.info("%s: waiting up to %gs for free VRAM (%s)", model.id, timeout, why)
-            if now >= deadline:
-                logger.warning(
-                    "%s: gave up waiting %.1fs for GPU memory (%s); starting anyway",
-                    model.id,
-                    now - started,
-                    why,
-                )
-                self._releases = []
-                return
-            await asyncio.sleep(_POLL)
+        """Before a load: wait until NVML shows the memory recently freed on ``model``'s GPUs
+        back, and ``need_mb`` free there (see :class:`ReleaseWatch`)."""
+        await self.releases.wait(model, need_mb)

@@ -99,6 +99,9 @@ class ModelRuntime:
         self.swap_started: float | None = None
         #: Order in which models started loading (the most recent is the "active" one).
         self.started_seq = 0
+        #: The GPUs (NVML indexes) it is placed on while it holds memory, or was last placed on;
+        #: ``(NO_GPU,)`` where no GPU is known; empty: none yet, or it runs on no GPU.
+        self.gpus: tuple[int, ...] = ()
         #: Unloads the model when it has been idle for its ttl (or a client's keep_alive).
         self.idle = IdleClock(self)
         self._status_waiters: list[tuple[frozenset[ModelStatus], asyncio.Future[None]]] = []
@@ -280,6 +283,9 @@ class ModelRuntime:
         self.restart_reason = None
         self.started_seq = self.host.next_seq()
         waking = self.status == _S.SLEEPING
+        self.gpus = self.placement.take_gpus(self)
+        # The backend is told its GPUs (CUDA_VISIBLE_DEVICES) only where real GPUs are known.
+        self.backend.gpus = list(self.gpus) if self.placement.per_gpu else None
         self.transition(_S.LOADING)
         self.host.spawn(self.tasks.load(reason, waking), f"load:{self.id}")
 

@@ -239,7 +239,8 @@ class RuntimeTasks:
         """UNLOADING → SLEEPING (when asked and it works) or UNLOADED."""
         rt = self.runtime
         placement = rt.placement
-        used_before = await placement.used_mb()
+        before = await placement.device_used_mb()
+        used_before = None if before is None else sum(before.values())
         slept = False
         if sleep:
             timeout = rt.host.config.swapper.model_swap_timeout
@@ -254,7 +255,7 @@ class RuntimeTasks:
             await self.stop_backend()
             rt.transition(_S.UNLOADED)
             freed, verb = charge, "unloaded"
-        placement.expect_release(rt.id, used_before, freed)
+        placement.expect_release(rt, before, freed)
         seconds = time.monotonic() - rt.unload_started
         logger.info("%s %s in %.3fs", rt.id, verb, seconds)
         rt.events.emit(

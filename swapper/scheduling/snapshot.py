@@ -25,6 +25,7 @@ __all__ = [
     "Snapshot",
     "VramSnapshot",
     "model_snapshot",
+    "vram_snapshot",
 ]
 
 
@@ -126,4 +127,39 @@ def model_snapshot(model: ModelRuntime, placement: Placement) -> ModelSnapshot:
         predicted_vram_mb=placement.predicted_mb(model),
         pinned=placement.pinned(model),
         idle_ttl=model.idle.ttl(),
+        gpus=list(model.gpus) if placement.per_gpu and model.gpus else None,
     )
+
+
+def vram_snapshot(placement: Placement, holders: list[ModelRuntime]) -> VramSnapshot:
+    """Placement's accounting of the models holding memory, node-wide and per GPU."""
+    return VramSnapshot(
+        budget_mb=placement.budget_mb,
+        committed_mb=sum(m.charge_mb for m in holders),
+        learned_mb=placement.sizes.snapshot(),
+        gpus=_gpu_budgets(placement, holders),
+    )
+
+
+def _gpu_budgets(placement: Placement, holders: list[ModelRuntime]) -> list[GpuBudgetSnapshot]:
+    """Each GPU's budget, what the models holding memory are charged on it, and who they are;
+    empty when no GPU is known."""
+    if not placement.per_gpu:
+        return []
+    budgets = placement.budgets()
+    snapshots = []
+    for device in placement.devices:
+        on = [m for m in holders if device.index in m.gpus]
+        read = placement.last_read.get(device.index)
+        snapshots.append(
+            GpuBudgetSnapshot(
+                index=device.index,
+                name=device.name,
+                budget_mb=budgets.get(device.index),
+                committed_mb=sum(m.charge_mb / len(m.gpus) for m in on),
+                models=sorted(m.id for m in on),
+                total_mb=device.total_mb,
+                used_mb=read.used_mb if read is not None else None,
+            )
+        )
+    return snapshots

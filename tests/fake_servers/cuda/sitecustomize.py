@@ -5,7 +5,9 @@ drives the CUDA driver API through ctypes, like ``scripts/vram_holder.py``, allo
 fake GPU in ``$SWAPPER_FAKE_GPU_DIR`` instead: what it allocates is held by its pid, as NVML
 then reports, and freed when it exits (after the fake GPU's release lag). Only the calls the
 holder and ``scripts/gpu_check.py`` make exist; any other raises AttributeError, as a missing
-symbol would. The fake GPU is the only device (ordinal 0) and has the fake GPU's UUID.
+symbol would. CUDA's devices are the fake GPU's: those ``CUDA_VISIBLE_DEVICES`` names (see
+``fakegpu.visible``), else all of them, from ordinal 0; each has its fake device's UUID, and
+memory is held on the device whose primary context is current.
 
 Unlike a ctypes function, which passes whatever it is given when ``argtypes`` is unset, every
 entry point here insists on the real driver API's signature: a call before ``argtypes`` and
@@ -117,31 +119,41 @@ def _set(ref: Any, value: int) -> None:
 
 class _FakeCuda:
     def __init__(self) -> None:
-        self.held_mb = 0.0
+        self.held: dict[int, float] = {}  # fake device -> MiB this process holds there
+        self.current = 0  # the fake device of the current context
         self.next_pointer = 0x7F0000000000
         for name in SIGNATURES:
             setattr(self, name, _Function(name, getattr(self, "_" + name)))
 
+    @staticmethod
+    def _visible() -> list[int]:
+        """The fake devices CUDA shows, by ordinal."""
+        named = fakegpu.visible()
+        return named if named is not None else list(range(len(fakegpu.devices())))
+
+    def _device(self, ordinal: int) -> fakegpu.Snapshot:
+        return fakegpu.snapshot(device=self._visible()[ordinal])
+
     def _hold(self, mb: float) -> None:
-        self.held_mb += mb
-        fakegpu.hold(self.held_mb)
+        self.held[self.current] = self.held.get(self.current, 0.0) + mb
+        fakegpu.hold_devices(self.held)
 
     def _cuInit(self, flags: int) -> int:
         return 0
 
     def _cuDeviceGetCount(self, count: Any) -> int:
-        _set(count, 1)
+        _set(count, len(self._visible()))
         return 0
 
     def _cuDeviceGet(self, device: Any, ordinal: int) -> int:
-        if ordinal != 0:
+        if not 0 <= ordinal < len(self._visible()):
             return _INVALID_DEVICE
         _set(device, ordinal)
         return 0
 
     def _cuDeviceGetUuid(self, uuid: Any, device: int) -> int:
         target = getattr(uuid, "_obj", None) or uuid.contents
-        raw = bytes.fromhex(fakegpu.snapshot().uuid.removeprefix("GPU-").replace("-", ""))
+        raw = bytes.fromhex(self._device(device).uuid.removeprefix("GPU-").replace("-", ""))
         ctypes.memmove(ctypes.addressof(target), raw, 16)
         return 0
 
@@ -149,10 +161,11 @@ class _FakeCuda:
         return self._cuDeviceGetUuid(uuid, device)
 
     def _cuDeviceGetName(self, buffer: Any, length: int, device: int) -> int:
-        buffer.value = fakegpu.snapshot().name.encode()[: length - 1]
+        buffer.value = self._device(device).name.encode()[: length - 1]
         return 0
 
     def _cuDevicePrimaryCtxRetain(self, context: Any, device: int) -> int:
+        self.current = self._visible()[device]
         self._hold(_CONTEXT_MB)
         _set(context, 1)
         return 0
@@ -164,13 +177,13 @@ class _FakeCuda:
         return 0
 
     def _cuMemGetInfo_v2(self, free: Any, total: Any) -> int:
-        snapshot = fakegpu.snapshot()
+        snapshot = fakegpu.snapshot(device=self.current)
         _set(free, int(snapshot.free_mb * _MIB))
         _set(total, int(snapshot.total_mb * _MIB))
         return 0
 
     def _cuMemAlloc_v2(self, pointer: Any, size: int) -> int:
-        if size / _MIB > fakegpu.snapshot().free_mb:
+        if size / _MIB > fakegpu.snapshot(device=self.current).free_mb:
             return _OUT_OF_MEMORY
         self._hold(size / _MIB)
         _set(pointer, self.next_pointer)

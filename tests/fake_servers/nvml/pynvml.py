@@ -8,10 +8,13 @@ NVIDIA driver: ``NVMLError_LibraryNotFound``.
 Knobs (environment, read at each call):
   FAKE_NVML_PID_OFFSET (0)   report every pid plus this: the host PIDs NVML gives a process in a
                              container with its own PID namespace, none of which is ours
-  FAKE_NVML_OTHER_GPUS (0)   that many idle GPUs come first in NVML's order, so the fake GPU is
-                             NVML index N; CUDA (the fake driver) sees only the fake GPU, as
-                             ordinal 0, as under ``CUDA_VISIBLE_DEVICES=N``
-  FAKE_NVML_MIG (unset)      "1": MIG mode is enabled on the fake GPU
+  FAKE_NVML_OTHER_GPUS (0)   that many idle GPUs come first in NVML's order, so the fake GPU's
+                             device i is NVML index N + i; CUDA (the fake driver) sees only the
+                             fake GPU's devices, from ordinal 0, as under ``CUDA_VISIBLE_DEVICES=N``
+  FAKE_NVML_MIG (unset)      "1": MIG mode is enabled on the fake GPU's devices
+
+A fake GPU of several devices (``fakegpu.setup(..., devices=2)``) shows as that many GPUs, each
+with its own total, used memory, UUID and processes.
 """
 
 from __future__ import annotations
@@ -101,11 +104,16 @@ def _check_init() -> None:
         raise NVMLError_Uninitialized()
 
 
-def _snapshot() -> fakegpu.Snapshot:
+def _devices() -> list[fakegpu.Snapshot]:
     try:
-        return fakegpu.snapshot()
+        return fakegpu.devices()
     except (OSError, ValueError, RuntimeError) as exc:  # gpu.json removed under us
         raise NVMLError_DriverNotLoaded() from exc
+
+
+def _snapshot(handle: _Handle) -> fakegpu.Snapshot:
+    """The fake device behind ``handle`` (an idle GPU has none)."""
+    return _devices()[handle.index - _others()]
 
 
 def nvmlInit() -> None:
@@ -143,7 +151,11 @@ def _others() -> int:
 
 
 def _is_fake(handle: _Handle) -> bool:
-    return handle.index == _others()
+    return handle.index >= _others()
+
+
+def _count() -> int:
+    return _others() + len(_devices())
 
 
 def _idle_uuid(index: int) -> str:
@@ -152,12 +164,12 @@ def _idle_uuid(index: int) -> str:
 
 def nvmlDeviceGetCount() -> int:
     _check_init()
-    return _others() + 1
+    return _count()
 
 
 def nvmlDeviceGetHandleByIndex(index: int) -> _Handle:
     _check_init()
-    if not 0 <= index <= _others():
+    if not 0 <= index < _count():
         raise NVMLError_InvalidArgument()
     return _Handle(index)
 
@@ -165,7 +177,7 @@ def nvmlDeviceGetHandleByIndex(index: int) -> _Handle:
 def nvmlDeviceGetHandleByUUID(uuid: str | bytes) -> _Handle:
     _check_init()
     wanted = uuid.decode() if isinstance(uuid, bytes) else uuid
-    for index in range(_others() + 1):
+    for index in range(_count()):
         if nvmlDeviceGetUUID(_Handle(index)) == wanted:
             return _Handle(index)
     raise NVMLError_InvalidArgument()
@@ -173,7 +185,7 @@ def nvmlDeviceGetHandleByUUID(uuid: str | bytes) -> _Handle:
 
 def nvmlDeviceGetUUID(handle: _Handle) -> str:
     _check_init()
-    return _snapshot().uuid if _is_fake(handle) else _idle_uuid(handle.index)
+    return _snapshot(handle).uuid if _is_fake(handle) else _idle_uuid(handle.index)
 
 
 def nvmlDeviceGetMigMode(handle: _Handle) -> list[int]:
@@ -191,15 +203,16 @@ def nvmlDeviceGetMigMode(handle: _Handle) -> list[int]:
 
 def nvmlDeviceGetName(handle: _Handle) -> str:
     _check_init()
-    return _snapshot().name if _is_fake(handle) else f"Fake idle GPU {handle.index}"
+    return _snapshot(handle).name if _is_fake(handle) else f"Fake idle GPU {handle.index}"
 
 
 def nvmlDeviceGetMemoryInfo(handle: _Handle) -> c_nvmlMemory_t:
     _check_init()
-    snap = _snapshot()
-    total = int(snap.total_mb * _MIB)
     if not _is_fake(handle):
+        total = int(_devices()[0].total_mb * _MIB)  # idle GPUs: the size of the first fake one
         return c_nvmlMemory_t(total=total, free=total, used=0)
+    snap = _snapshot(handle)
+    total = int(snap.total_mb * _MIB)
     used = min(total, int(snap.used_mb * _MIB))
     return c_nvmlMemory_t(total=total, free=total - used, used=used)
 
@@ -211,5 +224,5 @@ def nvmlDeviceGetComputeRunningProcesses(handle: _Handle) -> list[c_nvmlProcessI
     offset = _knob("FAKE_NVML_PID_OFFSET")
     return [
         c_nvmlProcessInfo_t(pid + offset, int(mb * _MIB))
-        for pid, mb in sorted(_snapshot().processes.items())
+        for pid, mb in sorted(_snapshot(handle).processes.items())
     ]
