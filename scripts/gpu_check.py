@@ -16,7 +16,14 @@ under ``swapper.vram_budget_mb`` and three do not. Then:
    apart by coming and going, so host PIDs seen from a container do not matter);
 4. swapper's log lines about waiting for GPU memory and about eviction (shown, not judged);
 5. restart swapper: the learned sizes are in ``/status``'s ``vram.learned_mb`` and the state file;
-6. stop swapper: no holder process is left and NVML's used memory is back near the baseline.
+6. stop swapper: no holder process is left and NVML's used memory is back near the baseline;
+7. on a machine with two or more GPUs (those ``CUDA_VISIBLE_DEVICES`` names, if set): a fresh
+   swapper with two holders of ``--two-gpu-fraction`` each, placed ``auto``: two cannot share
+   one GPU's budget, so each must go on a GPU of its own, and NVML must show each GPU's used
+   memory grown by about a holder's share (one on each), with none evicted.
+
+Steps 2-5 pin ``a``, ``b`` and ``c`` to the watched GPU (``gpus: [index]``), so the budget,
+which applies per GPU, is judged on one GPU even where there are several.
 
 The GPU watched is the one the holders allocate on, CUDA's device 0, found in NVML by UUID, so
 ``CUDA_VISIBLE_DEVICES`` may remap indexes. A GPU in MIG mode is refused: NVML's memory and
@@ -76,6 +83,8 @@ CHECK_NAMES = (
     "no stray holder processes",
     "NVML used memory back near baseline",
 )
+#: Only on a machine with two or more GPUs (step 7).
+TWO_GPU_CHECK = "two models on two GPUs, NVML shows memory on each"
 
 
 # --- output ---------------------------------------------------------------------------------
@@ -171,6 +180,8 @@ class Nvml:
             raise NoGpu("NVML sees no GPU")
         self._nv: Any = pynvml
         self.index, self.uuid, self.mapping = self._find_cuda_device(count)
+        #: NVML indexes of the GPUs swapper counts (CUDA_VISIBLE_DEVICES's, when it is set).
+        self.visible = self._visible_indexes(count)
         self._handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
         name = pynvml.nvmlDeviceGetName(self._handle)
         self.name: str = name.decode() if isinstance(name, bytes) else name
@@ -200,6 +211,37 @@ class Nvml:
             return index, wanted, f"CUDA device 0 is NVML index {index} ({wanted})"
         self._refuse_mig(None)
         raise NoGpu(f"CUDA's device 0 ({wanted}) is none of NVML's GPUs {uuids}")
+
+    def _visible_indexes(self, count: int) -> list[int]:
+        """The NVML indexes ``CUDA_VISIBLE_DEVICES`` names (indexes or UUIDs), else all."""
+        setting = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if setting is None:
+            return list(range(count))
+        nv = self._nv
+        uuids = []
+        for index in range(count):
+            uuid = nv.nvmlDeviceGetUUID(nv.nvmlDeviceGetHandleByIndex(index))
+            uuids.append(uuid.decode() if isinstance(uuid, bytes) else str(uuid))
+        chosen: list[int] = []
+        for token in (t.strip() for t in setting.split(",")):
+            found = (
+                [int(token)]
+                if token.isdigit() and int(token) < count
+                else [
+                    i
+                    for i, u in enumerate(uuids)
+                    if token.startswith("GPU-") and u.startswith(token)
+                ]
+            )
+            if len(found) != 1 or found[0] in chosen:
+                break  # like CUDA: the list ends at the first entry that names no GPU
+            chosen.extend(found)
+        return chosen
+
+    def memory_of(self, index: int) -> Memory:
+        """Total, used and free memory of NVML GPU ``index`` now."""
+        info = self._nv.nvmlDeviceGetMemoryInfo(self._nv.nvmlDeviceGetHandleByIndex(index))
+        return Memory(info.total / _MIB, info.used / _MIB, info.free / _MIB)
 
     def _refuse_mig(self, index: int | None) -> None:
         """Raise :class:`MigEnabled` when GPU ``index`` (None: any) is in MIG mode."""
@@ -518,10 +560,10 @@ def tail(path: Path, lines: int) -> list[str]:
         return []
 
 
-def model_states(doc: dict[str, Any]) -> dict[str, str]:
+def model_states(doc: dict[str, Any], ids: tuple[str, ...] = MODELS) -> dict[str, str]:
     """Model id -> status (upper case) from a ``/status`` document."""
     models = doc.get("models") or {}
-    return {mid: str((models.get(mid) or {}).get("status", "?")).upper() for mid in MODELS}
+    return {mid: str((models.get(mid) or {}).get("status", "?")).upper() for mid in ids}
 
 
 def model_pid(doc: dict[str, Any], model_id: str) -> int | None:
@@ -597,8 +639,17 @@ def to_yaml(doc: dict[str, Any], indent: int = 0) -> str:
     return "\n".join(lines)
 
 
-def write_config(workdir: Path, total_mb: float, fraction: float, budget_fraction: float) -> Path:
-    """swapper's config: multi-active, three holders of ``fraction`` x total VRAM each."""
+def write_config(
+    workdir: Path,
+    total_mb: float,
+    fraction: float,
+    budget_fraction: float,
+    gpu: int | None,
+    model_ids: tuple[str, ...] = MODELS,
+    name: str = "swapper.yaml",
+) -> Path:
+    """swapper's config: multi-active, holders of ``fraction`` x total VRAM each, on NVML GPU
+    ``gpu`` (None: ``auto``)."""
     models = {
         model_id: {
             "backend": "vllm",
@@ -606,13 +657,15 @@ def write_config(workdir: Path, total_mb: float, fraction: float, budget_fractio
             "binary": str(HOLDER),
             "gpu_memory_utilization": fraction,
             "vram_mb": round(fraction * total_mb),
+            **({} if gpu is None else {"gpus": [gpu]}),
         }
-        for model_id in MODELS
+        for model_id in model_ids
     }
     config = {
         "swapper": {
             "mode": "multi-active",
             "max_concurrent_models": 3,  # the count never binds: only the VRAM budget does
+            # Per GPU: on each GPU, models may use this much together.
             "vram_budget_mb": round(budget_fraction * total_mb),
             "vram_reserve_mb": 512,
             "vram_release_timeout": 10,
@@ -625,7 +678,7 @@ def write_config(workdir: Path, total_mb: float, fraction: float, budget_fractio
         "server": {"host": "127.0.0.1"},
         "models": models,
     }
-    path = workdir / "swapper.yaml"
+    path = workdir / name
     path.write_text(to_yaml(config) + "\n")
     return path
 
@@ -666,7 +719,7 @@ def run(
             f"{2 * each + 2048:.0f} MiB needed"
         )
 
-    config = write_config(workdir, total, args.fraction, args.budget_fraction)
+    config = write_config(workdir, total, args.fraction, args.budget_fraction, nvml.index)
     detail(f"config {config}:")
     for line in config.read_text().splitlines():
         detail(f"    {line}")
@@ -818,6 +871,64 @@ def run(
                     detail(line)
 
 
+def run_two_gpus(
+    args: argparse.Namespace, nvml: Nvml, workdir: Path, checks: dict[str, bool | None]
+) -> None:
+    """Step 7: two holders, ``auto``, on a machine with two GPUs or more; fills TWO_GPU_CHECK."""
+    gpus = nvml.visible
+    step(f"7. two GPUs ({', '.join(f'NVML {i}' for i in gpus)}): two holders, gpus: auto")
+    before = {i: nvml.memory_of(i) for i in gpus}
+    for index, memory in before.items():
+        detail(f"NVML GPU {index} before: {memory}")
+    total = min(m.total_mb for m in before.values())
+    each = args.two_gpu_fraction * total
+    detail(
+        f"plan: each holder takes {args.two_gpu_fraction:g} x {total:.0f} MiB = {each:.0f} MiB; "
+        f"budget {args.budget_fraction:g} x total per GPU: two cannot share one GPU"
+    )
+    roomy = [i for i, m in before.items() if m.free_mb >= each + 2048]
+    if len(roomy) < 2:
+        raise RuntimeError(f"fewer than two GPUs have {each + 2048:.0f} MiB free: {roomy}")
+    config = write_config(
+        workdir,
+        total,
+        args.two_gpu_fraction,
+        args.budget_fraction,
+        None,
+        ("d", "e"),
+        "swapper-two-gpus.yaml",
+    )
+    swapper = Swapper(config, workdir / "swapper-3.log")
+    try:
+        swapper.start()
+        for model_id in ("d", "e"):
+            began = time.monotonic()
+            code, body = swapper.request("POST", f"/models/{model_id}/load", timeout=150)
+            detail(
+                f"POST /models/{model_id}/load -> {code} in {time.monotonic() - began:.1f}s"
+                + ("" if code == 200 else f": {json.dumps(body)[:400]}")
+            )
+        doc = swapper.status()
+        states = model_states(doc, ("d", "e"))
+        detail(f"/status: {states}")
+        after = {i: nvml.memory_of(i) for i in gpus}
+        grown = {i: after[i].used_mb - before[i].used_mb for i in gpus}
+        for index in gpus:
+            detail(f"NVML GPU {index} with d and e: {after[index]} (grew {grown[index]:.0f} MiB)")
+        holding = [i for i in gpus if grown[i] >= 0.9 * each]
+        detail(f"GPUs that grew by about a holder's share: {holding}")
+        checks[TWO_GPU_CHECK] = states.get("d") == states.get("e") == "LOADED" and len(holding) >= 2
+    finally:
+        code = swapper.stop()
+        detail(f"swapper stopped, exit status {code}")
+        wait_until(lambda: not holder_pids(), 15)
+        leftover = holder_pids()
+        checks["no stray holder processes"] = bool(checks["no stray holder processes"]) and not (
+            leftover
+        )
+        detail(f"holder processes left: {leftover or 'none'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the check; 0 when every check passes, 1 otherwise (or without a GPU)."""
     parser = argparse.ArgumentParser(
@@ -836,6 +947,12 @@ def main(argv: list[str] | None = None) -> int:
         help="swapper.vram_budget_mb as a share of total (default %(default)s)",
     )
     parser.add_argument(
+        "--two-gpu-fraction",
+        type=float,
+        default=0.6,
+        help="share of a GPU each of step 7's two holders takes (default %(default)s)",
+    )
+    parser.add_argument(
         "--time-limit",
         type=int,
         default=210,
@@ -852,6 +969,8 @@ def main(argv: list[str] | None = None) -> int:
         and args.budget_fraction <= 1.0
     ):
         parser.error("need 2 x fraction < budget-fraction < 3 x fraction, 3 x fraction > 1")
+    if not args.budget_fraction / 2 < args.two_gpu_fraction <= args.budget_fraction - 0.02:
+        parser.error("need budget-fraction / 2 < two-gpu-fraction < budget-fraction")
 
     try:
         nvml = Nvml()
@@ -872,6 +991,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     checks: dict[str, bool | None] = dict.fromkeys(CHECK_NAMES)  # None: not reached
+    two_gpus = len(nvml.visible) >= 2
+    if two_gpus:
+        checks[TWO_GPU_CHECK] = None
     workdir = Path(tempfile.mkdtemp(prefix="swapper-gpu-check-"))
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(signal.SIGTERM, _on_term)
@@ -879,6 +1001,8 @@ def main(argv: list[str] | None = None) -> int:
     error = ""
     try:
         run(args, nvml, workdir, checks)
+        if two_gpus:
+            run_two_gpus(args, nvml, workdir, checks)
     except CheckTimeout:
         error = f"the check ran past its {args.time_limit}s limit"
     except KeyboardInterrupt:

@@ -221,3 +221,15 @@ def test_the_release_order_is_judged_on_nvmls_timeline_not_on_pids() -> None:
     assert "a new process (pid 903) appeared at t=+0.60s, before 33000 MiB of pid 902" in why
     ok, why = check.started_after_release([sample(0.0, 66000, {})], 33000)  # type: ignore[attr-defined]
     assert not ok and "NVML lists no compute process" in why
+
+
+def test_gpu_check_places_two_models_on_two_gpus_when_there_are_two(tmp_path: Path) -> None:
+    gpu = tmp_path / "gpu"
+    env = fake_env(tmp_path)
+    fakegpu.setup(gpu, total_mb=81920, release_lag=1.0, name="Fake H100 80GB", devices=2)
+    result = run_check(env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    for check in (*ALWAYS_PASS, "two models on two GPUs, NVML shows memory on each"):
+        assert f"PASS    {check}" in output
+    assert "GPUs that grew by about a holder's share: [0, 1]" in output

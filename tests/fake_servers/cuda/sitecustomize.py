@@ -117,6 +117,11 @@ def _set(ref: Any, value: int) -> None:
     target.value = value
 
 
+def _int(value: Any) -> int:
+    """A CUdevice as given: a plain int, or a ctypes c_int."""
+    return int(getattr(value, "value", value))
+
+
 class _FakeCuda:
     def __init__(self) -> None:
         self.held: dict[int, float] = {}  # fake device -> MiB this process holds there
@@ -131,8 +136,8 @@ class _FakeCuda:
         named = fakegpu.visible()
         return named if named is not None else list(range(len(fakegpu.devices())))
 
-    def _device(self, ordinal: int) -> fakegpu.Snapshot:
-        return fakegpu.snapshot(device=self._visible()[ordinal])
+    def _device(self, ordinal: Any) -> fakegpu.Snapshot:
+        return fakegpu.snapshot(device=self._visible()[_int(ordinal)])
 
     def _hold(self, mb: float) -> None:
         self.held[self.current] = self.held.get(self.current, 0.0) + mb
@@ -165,7 +170,7 @@ class _FakeCuda:
         return 0
 
     def _cuDevicePrimaryCtxRetain(self, context: Any, device: int) -> int:
-        self.current = self._visible()[device]
+        self.current = self._visible()[_int(device)]
         self._hold(_CONTEXT_MB)
         _set(context, 1)
         return 0
