@@ -106,6 +106,18 @@ async def test_auto_splits_evenly_only_a_model_no_single_gpu_can_hold(
     assert [g.committed_mb for g in coordinator.status().vram.gpus] == [10000, 10000]
 
 
+async def test_a_split_uses_the_fewest_gpus_those_with_the_most_room(
+    make: Make, world: FakeWorld
+) -> None:
+    # Three GPUs; a holds 8000 on GPU 0. 20000 needs two GPUs: the two empty ones, not all three.
+    coordinator = make({"a": {"vram_mb": 8000}, "huge": {"vram_mb": 20000}}, devices=3)
+    await use(coordinator, "a")
+    await use(coordinator, "huge")
+    assert placed(coordinator) == {"a": [0], "huge": [1, 2]}
+    assert world.visible["huge"] == "1,2"
+    assert statuses(coordinator) == {"a": "LOADED", "huge": "LOADED"}
+
+
 async def test_a_model_larger_than_every_gpu_together_is_refused(make: Make) -> None:
     coordinator = make({"giant": {"vram_mb": 40000}})
     with pytest.raises(ModelUnavailable) as info:
