@@ -253,7 +253,7 @@ def test_a_peers_alias_reaches_the_peer(nodes: tuple[SwapperProcess, SwapperProc
         model="bee", messages=MESSAGES, max_tokens=2
     )
     assert reply.choices[0].message is not None
-    assert node2.status()["models"]["tiny-b"]["status"] == "loaded"
+    assert node2.status()["models"]["tiny-b"]["status"] == "LOADED"
     assert "tiny-b" not in node1.status()["models"]
 
 
