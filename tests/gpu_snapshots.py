@@ -59,14 +59,14 @@ def two_gpu_vram() -> VramSnapshot:
     """qwen-14b on GPU 0, big-70b split over GPUs 0 and 1; embed holds nothing."""
     return VramSnapshot(
         budget_mb=46080.04,
-        committed_mb=34816.46,
+        committed_mb=34816.42,
         learned_mb={"qwen-14b": 9216.42},
         gpus=[
             GpuBudgetSnapshot(
                 index=0,
                 name="NVIDIA RTX 4090",
                 budget_mb=23040.04,
-                committed_mb=14336.46,
+                committed_mb=14336.42,
                 models=["qwen-14b", "big-70b"],
                 total_mb=24564.0,
                 used_mb=15000.0,

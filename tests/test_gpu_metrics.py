@@ -68,7 +68,7 @@ TWO_GPU_SERIES: Samples = {
     ("swapper_gpu_memory_total_bytes", (("gpu", "1"),)): 24576.0 * MIB,
     ("swapper_gpu_budget_bytes", (("gpu", "0"),)): 23040.04 * MIB,
     ("swapper_gpu_budget_bytes", (("gpu", "1"),)): 23040.0 * MIB,
-    ("swapper_gpu_committed_bytes", (("gpu", "0"),)): 14336.46 * MIB,
+    ("swapper_gpu_committed_bytes", (("gpu", "0"),)): 14336.42 * MIB,
     ("swapper_gpu_committed_bytes", (("gpu", "1"),)): 20480.0 * MIB,
     ("swapper_model_gpu_info", (("gpu", "0"), ("model", "qwen-14b"))): 1.0,
     ("swapper_model_gpu_info", (("gpu", "0"), ("model", "big-70b"))): 1.0,

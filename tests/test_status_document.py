@@ -289,13 +289,13 @@ def test_slow_nvml_does_not_block_health(
 
 def test_the_document_shows_each_gpu_its_budget_and_models() -> None:
     doc = status_document(two_gpu_snapshot(), TWO_GPU_NVML, {})
-    assert doc["vram"]["budget_mb"] == 46080.0 and doc["vram"]["committed_mb"] == 34816.5
+    assert doc["vram"]["budget_mb"] == 46080.0 and doc["vram"]["committed_mb"] == 34816.4
     assert doc["vram"]["gpus"] == [
         {
             "index": 0,
             "name": "NVIDIA RTX 4090",
             "budget_mb": 23040.0,
-            "committed_mb": 14336.5,
+            "committed_mb": 14336.4,
             "budget_free_mb": 8703.6,
             "models": ["qwen-14b", "big-70b"],
             # This request's NVML reading, the same as the ``gpu`` section's.
