@@ -97,8 +97,7 @@ def _on_gpus(model_id: str, budgets: list[dict[str, Any]]) -> str:
 
 
 def status_columns(doc: dict[str, Any]) -> tuple[str, ...]:
-    """The table's columns: :data:`GPU_COLUMNS` when ``doc`` accounts per GPU, else
-    :data:`COLUMNS`."""
+    """The table's columns: with a GPU column where ``doc`` accounts per GPU."""
     return GPU_COLUMNS if _gpu_budgets(doc) else COLUMNS
 
 

@@ -6,6 +6,9 @@ Placement on several GPUs fills these sections for real; the renderers (``/statu
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -15,7 +18,8 @@ from swapper.gpu import GpuStats
 from swapper.scheduling.coordinator import SwapCoordinator
 from swapper.scheduling.model_state import ModelStatus
 from swapper.scheduling.snapshot import GpuBudgetSnapshot, ModelSnapshot, Snapshot, VramSnapshot
-from tests.fakes import FakeGpu
+from tests.conftest import fake_config, served_in_thread
+from tests.fakes import FakeGpu, FakeWorld
 
 __all__ = [
     "TWO_GPU_MODELS",
@@ -23,6 +27,7 @@ __all__ = [
     "TwoGpus",
     "fake_model",
     "report_two_gpus",
+    "served_with_two_gpus",
     "two_gpu_snapshot",
     "two_gpu_vram",
 ]
@@ -156,3 +161,20 @@ class TwoGpus(FakeGpu):
             sum(g.used_mb for g in TWO_GPU_NVML),
             sum(g.free_mb for g in TWO_GPU_NVML),
         )
+
+
+@contextlib.contextmanager
+def served_with_two_gpus(
+    world: FakeWorld, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[str]:
+    """swapper in-process on fake backends, reading :class:`TwoGpus` and reporting
+    :func:`two_gpu_snapshot`'s GPU sections; its URL."""
+    import swapper.http.app
+
+    monkeypatch.setattr(swapper.http.app, "GpuMonitor", lambda: TwoGpus(world))
+    report_two_gpus(monkeypatch)
+    config, registry = fake_config(
+        world, TWO_GPU_MODELS, swapper={"state_file": str(tmp_path / "state.json")}
+    )
+    with served_in_thread(swapper.http.app.create_app(config, registry)) as url:
+        yield url

@@ -22,7 +22,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.fakes import Behaviour, FakeGpu, FakeWorld
-from tests.gpu_snapshots import TWO_GPU_MODELS, TwoGpus, report_two_gpus
+from tests.gpu_snapshots import served_with_two_gpus
 
 pytestmark = [pytest.mark.integration]
 
@@ -237,15 +237,7 @@ def two_gpu_swapper(
     world: FakeWorld, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> Iterator[str]:
     """swapper in-process on fake backends, its snapshots reporting two GPUs; its URL."""
-
-    import swapper.http.app
-
-    monkeypatch.setattr(swapper.http.app, "GpuMonitor", lambda: TwoGpus(world))
-    report_two_gpus(monkeypatch)
-    config, registry = fake_config(
-        world, TWO_GPU_MODELS, swapper={"state_file": str(tmp_path / "state.json")}
-    )
-    with served_in_thread(swapper.http.app.create_app(config, registry)) as url:
+    with served_with_two_gpus(world, monkeypatch, tmp_path) as url:
         yield url
 
 

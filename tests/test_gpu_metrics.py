@@ -4,8 +4,9 @@ model is on; no series at all without GPUs."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
 
+import httpx
 import msgspec
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -13,19 +14,11 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-import swapper.http.app
 from swapper.gpu import GpuStats
 from swapper.http.metrics import gpu_families
 from swapper.scheduling.snapshot import VramSnapshot
-from tests.conftest import FakeApp
 from tests.fakes import FakeWorld
-from tests.gpu_snapshots import (
-    TWO_GPU_MODELS,
-    TWO_GPU_NVML,
-    TwoGpus,
-    report_two_gpus,
-    two_gpu_vram,
-)
+from tests.gpu_snapshots import TWO_GPU_NVML, served_with_two_gpus, two_gpu_vram
 
 MIB = 1024 * 1024
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -102,14 +95,11 @@ def test_a_gpu_of_unknown_budget_has_no_budget_series() -> None:
     assert got[("swapper_gpu_committed_bytes", (("gpu", "1"),))] == 20480.0 * MIB
 
 
-@pytest.mark.anyio
-async def test_the_metrics_endpoint_shows_each_gpu(
-    fake_app: FakeApp, world: FakeWorld, monkeypatch: pytest.MonkeyPatch
+def test_the_metrics_endpoint_shows_each_gpu(
+    world: FakeWorld, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(swapper.http.app, "GpuMonitor", lambda: TwoGpus(world))
-    report_two_gpus(monkeypatch)
-    async with fake_app(TWO_GPU_MODELS) as client:
-        response: Any = await client.get("/metrics")
+    with served_with_two_gpus(world, monkeypatch, tmp_path) as url:
+        response = httpx.get(url + "/metrics", timeout=30)
     assert response.status_code == 200
     got = samples(response.text)
     assert gpu_series(got) == pytest.approx(TWO_GPU_SERIES)
