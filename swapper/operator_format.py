@@ -15,6 +15,7 @@ from rich.text import Text
 
 __all__ = [
     "COLUMNS",
+    "GPU_COLUMNS",
     "Progress",
     "header",
     "notes",
