@@ -34,6 +34,7 @@ from swapper.operator_format import (
     notes,
     plain_table,
     rich_table,
+    status_columns,
     status_rows,
     summary,
     write,
@@ -76,7 +77,7 @@ def show_status(
         for note in notes(doc):
             console.print(Text(note, style="red" if not note.startswith("gpu") else "dim"))
         return
-    write(console, "\n".join([header(doc), *plain_table(rows), *notes(doc)]))
+    write(console, "\n".join([header(doc), *plain_table(rows, status_columns(doc)), *notes(doc)]))
 
 
 # -- load / unload ---------------------------------------------------------------------------------

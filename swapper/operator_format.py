@@ -15,11 +15,13 @@ from rich.text import Text
 
 __all__ = [
     "COLUMNS",
+    "GPU_COLUMNS",
     "Progress",
     "header",
     "notes",
     "plain_table",
     "rich_table",
+    "status_columns",
     "status_rows",
     "summary",
     "write",
@@ -34,6 +36,9 @@ _STATUS_STYLES = {
     "UNLOADED": "dim",
 }
 COLUMNS = ("MODEL", "STATUS", "BACKEND", "PID", "VRAM", "IDLE")
+#: With per-GPU accounting: the GPUs each model holds memory on, after its VRAM.
+GPU_COLUMNS = ("MODEL", "STATUS", "BACKEND", "PID", "VRAM", "GPU", "IDLE")
+_RIGHT = ("PID", "VRAM", "IDLE")
 
 
 def _parse_time(value: Any) -> dt.datetime | None:
@@ -78,22 +83,43 @@ def _vram(model: dict[str, Any]) -> str:
     return "-" if not isinstance(value, int | float) else f"{value:.0f} MiB"
 
 
+def _gpu_budgets(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """``vram.gpus``: each GPU's budget; empty from a swapper without per-GPU accounting."""
+    vram = doc.get("vram")
+    gpus = vram.get("gpus") if isinstance(vram, dict) else None
+    return [g for g in gpus if isinstance(g, dict)] if isinstance(gpus, list) else []
+
+
+def _on_gpus(model_id: str, budgets: list[dict[str, Any]]) -> str:
+    """The GPUs a model holds memory on, as the GPU lines list them; ``-`` for none."""
+    # Not the model's own ``gpus``: that also names where an unloaded model was last placed.
+    held = [str(g.get("index")) for g in budgets if model_id in (g.get("models") or [])]
+    return ",".join(held) or "-"
+
+
+def status_columns(doc: dict[str, Any]) -> tuple[str, ...]:
+    """The table's columns: with a GPU column where ``doc`` accounts per GPU."""
+    return GPU_COLUMNS if _gpu_budgets(doc) else COLUMNS
+
+
 def status_rows(doc: dict[str, Any], now: dt.datetime | None = None) -> list[list[str]]:
-    """One row of :data:`COLUMNS` per model of a ``/status`` document."""
+    """One row of :func:`status_columns` per model of a ``/status`` document."""
     now = now or dt.datetime.now(dt.UTC)
+    budgets = _gpu_budgets(doc)
     rows = []
     for model_id, model in (doc.get("models") or {}).items():
         pid = model.get("pid")
-        rows.append(
-            [
-                str(model_id),
-                str(model.get("status", "?")),
-                str(model.get("backend") or "-"),
-                "-" if pid is None else str(pid),
-                _vram(model),
-                _idle(model, now),
-            ]
-        )
+        row = [
+            str(model_id),
+            str(model.get("status", "?")),
+            str(model.get("backend") or "-"),
+            "-" if pid is None else str(pid),
+            _vram(model),
+            _idle(model, now),
+        ]
+        if budgets:
+            row.insert(5, _on_gpus(str(model_id), budgets))
+        rows.append(row)
     return rows
 
 
@@ -107,16 +133,37 @@ def notes(doc: dict[str, Any]) -> list[str]:
             if retry is not None:
                 note += f" (next try at {retry.astimezone():%H:%M:%S})"
             notes.append(note)
+    budgets = _gpu_budgets(doc)
+    notes.extend(_budget_line(g) for g in budgets)
     gpu = doc.get("gpu")
     if isinstance(gpu, dict):
-        if not gpu.get("available") or not gpu.get("gpus"):
+        if not budgets and (not gpu.get("available") or not gpu.get("gpus")):
             notes.append("gpu: none visible to swapper")
+        placed = {g.get("index") for g in budgets}
         for g in gpu.get("gpus") or []:
+            if g.get("index") in placed:
+                continue  # its budget line above has NVML's figures too
             notes.append(
                 f"gpu {g.get('index')} {g.get('name')}: {g.get('used_mb')} of "
                 f"{g.get('total_mb')} MiB used, {g.get('free_mb')} MiB free"
             )
     return notes
+
+
+def _mib(value: Any) -> str:
+    return f"{value:.0f}" if isinstance(value, int | float) else "?"
+
+
+def _budget_line(gpu: dict[str, Any]) -> str:
+    """``gpu 0 NAME: committed X of budget Y MiB (NVML used U of T MiB) — models a, b``."""
+    budget = gpu.get("budget_mb")
+    line = f"gpu {gpu.get('index')} {gpu.get('name') or '?'}: committed {_mib(gpu.get('committed_mb'))}"
+    line += f" of budget {_mib(budget)} MiB" if budget is not None else " MiB (budget unknown)"
+    total, used = gpu.get("total_mb"), gpu.get("used_mb")
+    if total is not None and used is not None:
+        line += f" (NVML used {_mib(used)} of {_mib(total)} MiB)"
+    models = [str(m) for m in gpu.get("models") or []]
+    return f"{line} — {'models ' + ', '.join(models) if models else 'no models'}"
 
 
 def header(doc: dict[str, Any]) -> str:
@@ -126,18 +173,18 @@ def header(doc: dict[str, Any]) -> str:
     return f"mode: {doc.get('mode', '?')}  active: {doc.get('active_model') or '-'}"
 
 
-def plain_table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in [list(COLUMNS), *rows]) for i in range(len(COLUMNS))]
+def plain_table(rows: list[list[str]], columns: tuple[str, ...] = COLUMNS) -> list[str]:
+    widths = [max(len(row[i]) for row in [list(columns), *rows]) for i in range(len(columns))]
     return [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in [list(COLUMNS), *rows]
+        for row in [list(columns), *rows]
     ]
 
 
 def rich_table(doc: dict[str, Any], rows: list[list[str]]) -> Table:
     table = Table(title=header(doc), title_justify="left")
-    for column in COLUMNS:
-        table.add_column(column, justify="right" if column in ("PID", "VRAM", "IDLE") else "left")
+    for column in status_columns(doc):
+        table.add_column(column, justify="right" if column in _RIGHT else "left")
     for row in rows:
         # Text, not markup strings: a model id or error with "[...]" must print as it is.
         cells = [Text(cell) for cell in row]

@@ -22,6 +22,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.fakes import Behaviour, FakeGpu, FakeWorld
+from tests.gpu_snapshots import served_with_two_gpus
 
 pytestmark = [pytest.mark.integration]
 
@@ -216,6 +217,8 @@ def test_dashboard_shows_progress_vram_and_failures(
     expect(page.locator('[data-model="qwen3-8b"]')).to_contain_text("5120 MiB")
     # The placement budget: the fake GPU's 20480 MiB less the default 512 MiB reserve.
     expect(page.get_by_test_id("vram-budget")).to_contain_text("MiB of 19968 MiB committed")
+    # One budget for the node: no per-GPU column.
+    expect(page.get_by_test_id("gpus-qwen3-8b")).to_be_hidden()
 
     page.get_by_test_id("load-broken").click()  # its start fails: 503, shown with the reason
     expect(page.get_by_test_id("status-broken")).to_have_text("FAILED")
@@ -225,6 +228,49 @@ def test_dashboard_shows_progress_vram_and_failures(
     expect(page.get_by_test_id("events")).to_contain_text("broken: LOADING → FAILED")
 
     shot = tmp_path / "dashboard-gpu.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.fixture
+def two_gpu_swapper(
+    world: FakeWorld, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[str]:
+    """swapper in-process on fake backends, its snapshots reporting two GPUs; its URL."""
+    with served_with_two_gpus(world, monkeypatch, tmp_path) as url:
+        yield url
+
+
+def test_dashboard_shows_each_gpu_with_its_models(
+    two_gpu_swapper: str, page: Page, tmp_path: Path
+) -> None:
+    page.goto(f"{two_gpu_swapper}/ui")
+    expect(page.get_by_test_id("link")).to_have_text("events: live")
+    first, second = page.get_by_test_id("gpu-0"), page.get_by_test_id("gpu-1")
+    expect(first).to_contain_text("GPU 0 NVIDIA RTX 4090: 14336 MiB of 23040 MiB committed")
+    expect(first).to_contain_text("NVML: 15101 MiB of 24564 MiB used")
+    expect(page.get_by_test_id("gpu-models-0")).to_have_text("qwen-14b · big-70b")
+    expect(second).to_contain_text("GPU 1 NVIDIA RTX 3090: 20480 MiB of 23040 MiB committed")
+    expect(second).to_contain_text("NVML: 21001 MiB of 24576 MiB used")
+    expect(page.get_by_test_id("gpu-models-1")).to_have_text("big-70b")
+    # Each bar is what is committed of that GPU's budget.
+    widths = [
+        page.get_by_test_id(f"gpu-bar-{i}").evaluate("bar => bar.style.width") for i in (0, 1)
+    ]
+    assert widths == ["62%", "89%"]
+    expect(page.get_by_test_id("vram-budget")).to_contain_text("34816 MiB of 46080 MiB committed")
+
+    # The model table's GPU column: where each model holds memory; a model holding none shows
+    # where it was last placed, as a hint.
+    expect(page.get_by_test_id("gpus-qwen-14b")).to_have_text("0")
+    expect(page.get_by_test_id("gpus-big-70b")).to_have_text("0, 1")
+    embed = page.get_by_test_id("gpus-embed")
+    expect(embed).to_have_text("(1)")
+    expect(embed).to_have_class("num gpu-col hint")
+    expect(embed).to_have_attribute("title", "holds no GPU memory; last placed on GPU 1")
+    expect(page.locator("#models-table th", has_text="GPU")).to_be_visible()
+
+    shot = tmp_path / "dashboard-two-gpus.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.read_bytes()[:8] == PNG_MAGIC
 

@@ -60,8 +60,8 @@ def _authorise(node: SwapperProcess, key: str) -> SwapperProcess:
 def nodes(
     tmp_path: Path, llama_server: str, tiny_models: dict[str, Path]
 ) -> Iterator[tuple[SwapperProcess, SwapperProcess]]:
-    """node1 serves tiny-a, node2 tiny-b; both have a tiny-c of their own; each lists the
-    other as a peer (every model it lists), its key from the environment."""
+    """node1 serves tiny-a, node2 tiny-b (alias ``bee``); both have a tiny-c of their own; each
+    lists the other as a peer (every model it lists), its key from the environment."""
     port1, port2 = free_port(), free_port()
     dir1 = node_workdir(tmp_path, "node1", tiny_models)
     dir2 = node_workdir(tmp_path, "node2", tiny_models)
@@ -74,7 +74,10 @@ def nodes(
     config2 = _config(
         port2,
         KEY2,
-        {"tiny-b": tiny_model(dir2, "b", ctx_size=256), "tiny-c": tiny_model(dir2, "c")},
+        {
+            "tiny-b": tiny_model(dir2, "b", ctx_size=256, aliases=["bee"]),
+            "tiny-c": tiny_model(dir2, "c"),
+        },
         {"node1": {"url": f"http://127.0.0.1:{port1}", "api_key": "${env:NODE1_KEY}"}},
     )
     env = {"NODE1_KEY": KEY1, "NODE2_KEY": KEY2}
@@ -243,6 +246,17 @@ def test_every_routed_endpoint_reaches_the_peer(
     )
 
 
+def test_a_peers_alias_reaches_the_peer(nodes: tuple[SwapperProcess, SwapperProcess]) -> None:
+    """node2 lists ``bee`` as an alias of tiny-b; node1 routes it there, and node2 resolves it."""
+    node1, node2 = nodes
+    reply = _client(node1, KEY1).chat.completions.create(
+        model="bee", messages=MESSAGES, max_tokens=2
+    )
+    assert reply.choices[0].message is not None
+    assert node2.status()["models"]["tiny-b"]["status"] == "LOADED"
+    assert "tiny-b" not in node1.status()["models"]
+
+
 def test_ollamas_api_reaches_the_peer(nodes: tuple[SwapperProcess, SwapperProcess]) -> None:
     """The ollama client on node1, for node2's model as Ollama names it (``:latest``)."""
     node1, _ = nodes
@@ -257,6 +271,13 @@ def test_ollamas_api_reaches_the_peer(nodes: tuple[SwapperProcess, SwapperProces
     assert parts and parts[-1].done and parts[-1].model == "tiny-b"
     shown = client.show("tiny-b")
     assert shown.modelinfo is not None
+    # The list Ollama clients pick from: node2's model with node2's own details (read from its
+    # GGUF there), node1's tiny-c once (the local one wins); node2 hears of its own only.
+    listed = {m.model: m for m in client.list().models}
+    assert set(listed) == {"tiny-a:latest", "tiny-b:latest", "tiny-c:latest"}
+    assert listed["tiny-b:latest"].size and listed["tiny-b:latest"].digest
+    own = node1.http.get("/api/tags", headers={"X-Swapper-Hop": "1"}).json()["models"]
+    assert {m["name"] for m in own} == {"tiny-a:latest", "tiny-c:latest"}
     wait_until(
         lambda: "POST /api/chat 200 model=tiny-b" in node1.output(),
         seconds(10),

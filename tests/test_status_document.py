@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 import swapper.http.app
@@ -22,6 +23,7 @@ from swapper.scheduling.model_state import ModelStatus
 from swapper.scheduling.snapshot import ModelSnapshot, Snapshot, VramSnapshot
 from tests.conftest import FakeApp, fake_config, served_in_thread
 from tests.fakes import FakeGpu, FakeWorld
+from tests.gpu_snapshots import TWO_GPU_NVML, two_gpu_snapshot
 
 ISO_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}\+00:00$")
 TOP_KEYS = {"mode", "active_model", "resident", "max_concurrent_models", "vram", "models", "gpu"}
@@ -41,6 +43,7 @@ MODEL_FIELDS = [
     "vram_mb",
     "predicted_vram_mb",
     "pinned",
+    "gpus",
 ]
 MODEL_KEYS = set(MODEL_FIELDS)
 # Generous: only reached when the read blocks the loop (the test then fails, it does not hang).
@@ -105,7 +108,12 @@ def test_the_document_formats_raw_values_exactly() -> None:
         "active_model": "a",
         "resident": ["a"],
         "max_concurrent_models": 2,
-        "vram": {"budget_mb": 15872.0, "committed_mb": 1234.6, "learned_mb": {"a": 1234.5}},
+        "vram": {
+            "budget_mb": 15872.0,
+            "committed_mb": 1234.6,
+            "learned_mb": {"a": 1234.5},
+            "gpus": [],  # no per-GPU accounting: one budget
+        },
         "models": {
             "a": {
                 "status": "LOADED",
@@ -122,6 +130,7 @@ def test_the_document_formats_raw_values_exactly() -> None:
                 "vram_mb": 1100.1,  # NVML's measurement wins over the recorded figure
                 "predicted_vram_mb": 1234.6,
                 "pinned": True,
+                "gpus": None,
             },
             "b": {
                 "status": "FAILED",
@@ -138,6 +147,7 @@ def test_the_document_formats_raw_values_exactly() -> None:
                 "vram_mb": 1.0,  # no measurement: the recorded figure
                 "predicted_vram_mb": 0.0,
                 "pinned": False,
+                "gpus": None,
             },
         },
         "gpu": {
@@ -199,7 +209,7 @@ async def test_status_and_the_events_snapshot_keep_their_shape(
         snapshot = await _first_event(client)
     for document in (doc, snapshot):
         assert set(document) == TOP_KEYS
-        assert set(document["vram"]) == {"budget_mb", "committed_mb", "learned_mb"}
+        assert set(document["vram"]) == {"budget_mb", "committed_mb", "learned_mb", "gpus"}
         assert set(document["gpu"]) == {"available", "gpus"}
         assert set(document["gpu"]["gpus"][0]) == {
             "index",
@@ -275,3 +285,66 @@ def test_slow_nvml_does_not_block_health(
         finally:
             gpu.gate.set()
         assert slow.result().status_code == 200
+
+
+def test_the_document_shows_each_gpu_its_budget_and_models() -> None:
+    doc = status_document(two_gpu_snapshot(), TWO_GPU_NVML, {})
+    assert doc["vram"]["budget_mb"] == 46080.0 and doc["vram"]["committed_mb"] == 34816.4
+    assert doc["vram"]["gpus"] == [
+        {
+            "index": 0,
+            "name": "NVIDIA RTX 4090",
+            "budget_mb": 23040.0,
+            "committed_mb": 14336.4,
+            "budget_free_mb": 8703.6,
+            "models": ["qwen-14b", "big-70b"],
+            # This request's NVML reading, the same as the ``gpu`` section's.
+            "total_mb": 24564,
+            "used_mb": 15101,
+        },
+        {
+            "index": 1,
+            "name": "NVIDIA RTX 3090",
+            "budget_mb": 23040.0,
+            "committed_mb": 20480.0,
+            "budget_free_mb": 2560.0,
+            "models": ["big-70b"],
+            "total_mb": 24576,
+            "used_mb": 21001,
+        },
+    ]
+    assert [g["used_mb"] for g in doc["gpu"]["gpus"]] == [15101, 21001]
+    assert {m: doc["models"][m]["gpus"] for m in doc["models"]} == {
+        "qwen-14b": [0],
+        "big-70b": [0, 1],
+        "embed": [1],  # where it was last placed; it holds nothing now
+    }
+    assert list(doc["vram"]) == ["budget_mb", "committed_mb", "learned_mb", "gpus"]
+
+
+def test_a_gpu_without_an_nvml_reading_or_a_budget_keeps_what_placement_knows() -> None:
+    snapshot = two_gpu_snapshot()
+    unknown = msgspec.structs.replace(snapshot.vram.gpus[1], budget_mb=None, name=None)
+    vram = msgspec.structs.replace(snapshot.vram, gpus=[snapshot.vram.gpus[0], unknown])
+    # NVML answered for GPU 1 only: its name comes from there; GPU 0 keeps placement's figures.
+    doc = status_document(msgspec.structs.replace(snapshot, vram=vram), TWO_GPU_NVML[1:], {})
+    first, second = doc["vram"]["gpus"]
+    assert (first["total_mb"], first["used_mb"], first["name"]) == (24564, 15000, "NVIDIA RTX 4090")
+    assert (second["budget_mb"], second["budget_free_mb"]) == (None, None)
+    assert (second["committed_mb"], second["name"]) == (20480.0, "NVIDIA RTX 3090")
+    bare = msgspec.structs.replace(unknown, total_mb=None, used_mb=None)
+    vram = msgspec.structs.replace(snapshot.vram, gpus=[bare])
+    doc = status_document(msgspec.structs.replace(snapshot, vram=vram), [], {})
+    assert doc["vram"]["gpus"] == [
+        {
+            "index": 1,
+            "name": None,
+            "budget_mb": None,
+            "committed_mb": 20480.0,
+            "budget_free_mb": None,
+            "models": ["big-70b"],
+            "total_mb": None,
+            "used_mb": None,
+        }
+    ]
+    assert doc["gpu"] == {"available": False, "gpus": []}

@@ -20,7 +20,7 @@ from swapper.http.metrics import CONTENT_TYPE
 from swapper.http.responses import SSE, SSE_HEADERS, json_response, sse_comment, sse_event
 from swapper.scheduling.coordinator import SwapCoordinator
 from swapper.scheduling.events import STOPPED, Event, next_event
-from swapper.scheduling.snapshot import Snapshot
+from swapper.scheduling.snapshot import GpuBudgetSnapshot, Snapshot
 
 __all__ = ["ADMIN_HANDLERS", "peers_section", "read_status", "status_document"]
 
@@ -35,7 +35,9 @@ def status_document(
     """The ``/status`` JSON: a coordinator snapshot, NVML's per-process VRAM, and the GPUs.
 
     Times are ISO 8601 UTC with milliseconds, the coordinator's MiB rounded to 0.1, the GPUs'
-    to whole MiB. ``tests/test_status_document.py`` pins this shape: clients parse it.
+    to whole MiB. ``vram.gpus`` is placement's view of each GPU (empty without GPUs) and each
+    model's ``gpus`` the GPUs it is placed on. ``tests/test_status_document.py`` pins this
+    shape: clients parse it.
     """
     models = {}
     for model_id, model in snapshot.models.items():
@@ -61,8 +63,10 @@ def status_document(
             "vram_mb": _round(measured if measured is not None else model.vram_mb),
             "predicted_vram_mb": round(model.predicted_vram_mb, 1),
             "pinned": model.pinned,
+            "gpus": None if model.gpus is None else list(model.gpus),
         }
     vram = snapshot.vram
+    nvml = {g.index: g for g in gpus}
     return {
         "mode": snapshot.mode,
         "active_model": snapshot.active_model,
@@ -72,6 +76,7 @@ def status_document(
             "budget_mb": _round(vram.budget_mb),
             "committed_mb": round(vram.committed_mb, 1),
             "learned_mb": dict(vram.learned_mb),
+            "gpus": [_gpu_budget(g, nvml.get(g.index)) for g in vram.gpus],
         },
         "models": models,
         "gpu": {
@@ -87,6 +92,25 @@ def status_document(
                 for g in gpus
             ],
         },
+    }
+
+
+def _gpu_budget(budget: GpuBudgetSnapshot, reading: GpuStats | None) -> dict[str, Any]:
+    """One GPU of ``vram.gpus``: placement's budget and commitments, and NVML's memory."""
+    # This request's NVML reading, where it has the GPU, agrees with the ``gpu`` section.
+    total = reading.total_mb if reading is not None else budget.total_mb
+    used = reading.used_mb if reading is not None else budget.used_mb
+    free = None if budget.budget_mb is None else budget.budget_mb - budget.committed_mb
+    return {
+        "index": budget.index,
+        "name": budget.name if budget.name is not None or reading is None else reading.name,
+        "budget_mb": _round(budget.budget_mb),
+        "committed_mb": round(budget.committed_mb, 1),
+        # Negative when what is placed outgrew the budget (a measured size above its guess).
+        "budget_free_mb": _round(free),
+        "models": list(budget.models),
+        "total_mb": None if total is None else round(total),
+        "used_mb": None if used is None else round(used),
     }
 
 

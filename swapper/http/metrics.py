@@ -9,7 +9,7 @@ registry of its own, so several apps in one process (tests) never collide.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -22,12 +22,66 @@ from swapper.scheduling.model_state import ModelStatus
 if TYPE_CHECKING:
     from swapper.gpu import GpuMonitor, GpuStats
     from swapper.scheduling.coordinator import SwapCoordinator
+    from swapper.scheduling.snapshot import VramSnapshot
 
-__all__ = ["CONTENT_TYPE", "Metrics"]
+__all__ = ["CONTENT_TYPE", "Metrics", "gpu_families"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+_MIB = 1024 * 1024
+
+
+def _gauge(
+    name: str, documentation: str, labels: list[str], samples: Iterable[tuple[list[str], float]]
+) -> GaugeMetricFamily:
+    """A gauge family holding ``samples``, each its label values and its value."""
+    family = GaugeMetricFamily(name, documentation, labels=labels)
+    for values, value in samples:
+        family.add_metric(values, value)
+    return family
+
+
+def gpu_families(gpus: list[GpuStats], vram: VramSnapshot) -> Iterator[Metric]:
+    """Each GPU's memory (NVML) and budget (placement), and which GPUs each model is on.
+
+    Nothing without GPUs: no series rather than made-up ones.
+    """
+    if gpus:
+        yield _gauge(
+            "swapper_gpu_memory_used_bytes",
+            "GPU memory in use",
+            ["gpu"],
+            (([str(g.index)], g.used_mb * _MIB) for g in gpus),
+        )
+        yield _gauge(
+            "swapper_gpu_memory_total_bytes",
+            "GPU memory in all",
+            ["gpu"],
+            (([str(g.index)], g.total_mb * _MIB) for g in gpus),
+        )
+    if not vram.gpus:
+        return
+    yield _gauge(
+        "swapper_gpu_budget_bytes",
+        "What models may use on each GPU together (placement's budget)",
+        ["gpu"],
+        (([str(g.index)], g.budget_mb * _MIB) for g in vram.gpus if g.budget_mb is not None),
+    )
+    yield _gauge(
+        "swapper_gpu_committed_bytes",
+        "What the models placed on each GPU are charged on it",
+        ["gpu"],
+        (([str(g.index)], g.committed_mb * _MIB) for g in vram.gpus),
+    )
+    yield _gauge(
+        "swapper_model_gpu_info",
+        "1 for each GPU a model holds memory on (a split model: each of its GPUs)",
+        ["model", "gpu"],
+        (([model_id, str(g.index)], 1.0) for g in vram.gpus for model_id in g.models),
+    )
 
 
 class _StateCollector(Collector):
@@ -39,33 +93,24 @@ class _StateCollector(Collector):
         self.gpus: list[GpuStats] = []
 
     def collect(self) -> Iterator[Metric]:
-        queue = GaugeMetricFamily(
-            "swapper_queue_depth", "Requests waiting for each model", labels=["model"]
+        loads = self._coordinator.loads()
+        yield _gauge(
+            "swapper_queue_depth",
+            "Requests waiting for each model",
+            ["model"],
+            (([model_id], model.queued) for model_id, model in loads.items()),
         )
-        status = GaugeMetricFamily(
+        yield _gauge(
             "swapper_model_status",
             "1 for each model's current status, 0 for the others",
-            labels=["model", "status"],
+            ["model", "status"],
+            (
+                ([model_id, name.value], 1.0 if model.status == name else 0.0)
+                for model_id, model in loads.items()
+                for name in ModelStatus
+            ),
         )
-        for model_id, model in self._coordinator.loads().items():
-            queue.add_metric([model_id], model.queued)
-            for name in ModelStatus:
-                status.add_metric([model_id, name.value], 1.0 if model.status == name else 0.0)
-        yield queue
-        yield status
-        gpus = self.gpus
-        if gpus:
-            used = GaugeMetricFamily(
-                "swapper_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"]
-            )
-            total = GaugeMetricFamily(
-                "swapper_gpu_memory_total_bytes", "GPU memory in all", labels=["gpu"]
-            )
-            for gpu in gpus:
-                used.add_metric([str(gpu.index)], gpu.used_mb * 1024 * 1024)
-                total.add_metric([str(gpu.index)], gpu.total_mb * 1024 * 1024)
-            yield used
-            yield total
+        yield from gpu_families(self.gpus, self._coordinator.status().vram)
 
 
 class Metrics:

@@ -32,6 +32,7 @@ __all__ = [
     "forward_to_peer",
     "peer_model",
     "peer_models",
+    "peer_tags",
     "route_to_peer",
 ]
 
@@ -95,6 +96,15 @@ def peer_models(request: Request[Any, Any, State]) -> list[dict[str, Any]]:
     if peers is None or came_from_peer(request):
         return []
     return peers.entries()
+
+
+def peer_tags(request: Request[Any, Any, State]) -> list[dict[str, Any]]:
+    """The peers' Ollama ``/api/tags`` entries for this request, less local models; none for
+    one from a peer."""
+    peers: PeerDirectory | None = request.app.state.get("peers")
+    if peers is None or came_from_peer(request):
+        return []
+    return peers.tag_entries(request.app.state.config.names)
 
 
 def peer_model(request: Request[Any, Any, State], name: str) -> dict[str, Any]:

@@ -48,12 +48,14 @@ class Peer:
     """One peer: its settings, its last model list and whether it answered last time."""
 
     __slots__ = (
+        "aliases",
         "client",
         "last_error",
         "listed",
         "name",
         "next_check",
         "settings",
+        "tags",
         "up",
         "wake",
     )
@@ -68,6 +70,10 @@ class Peer:
         self.last_error: str | None = None
         #: The peer's ``/v1/models`` entries (as it sent them) by id, from its last answer.
         self.listed: dict[str, dict[str, Any]] = {}
+        #: Aliases the peer's entries name (``aliases``, as a swapper lists them) -> model id.
+        self.aliases: dict[str, str] = {}
+        #: The peer's Ollama ``/api/tags`` entries by model id (empty when it has none).
+        self.tags: dict[str, dict[str, Any]] = {}
         #: Monotonic time of the next check.
         self.next_check = 0.0
         #: Set to check the peer now rather than at ``next_check``.
@@ -91,9 +97,12 @@ class Peer:
 
         With a ``models`` filter, exactly those ids (known before the peer ever answers, so a
         peer down from the start still gets the 503 that names it); without, what it lists.
+        An alias the peer lists for a routed model routes too: the peer resolves it.
         """
         wanted = self.settings.models
-        return model in self.listed if wanted is None else model in wanted
+        if wanted is None:
+            return model in self.listed or model in self.aliases
+        return model in wanted or self.aliases.get(model) in wanted
 
     def entries(self) -> list[dict[str, Any]]:
         """Its ``/v1/models`` entries as this swapper lists them: ``owned_by`` the peer."""
@@ -103,6 +112,30 @@ class Peer:
             for model_id, entry in self.listed.items()
             if wanted is None or model_id in wanted
         ]
+
+    def tag_entries(self) -> list[dict[str, Any]]:
+        """Its Ollama ``/api/tags`` entries for the models routed to it: the peer's own where it
+        answered ``/api/tags``, else the least an Ollama client reads (name, model, size...)."""
+        wanted = self.settings.models
+        entries = []
+        for model_id, entry in self.listed.items():
+            if (wanted is not None and model_id not in wanted) or "alias_of" in entry:
+                continue  # (a peer that lists aliases: Ollama's list has models only)
+            tag = self.tags.get(model_id)
+            if tag is None:
+                name = model_id if ":" in model_id else f"{model_id}:latest"
+                created = entry.get("created")
+                when = created if isinstance(created, int | float) else 0
+                tag = {
+                    "name": name,
+                    "model": name,
+                    "modified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)),
+                    "size": 0,
+                    "digest": "",
+                    "details": {},
+                }
+            entries.append(tag)
+        return entries
 
     def scrub(self, text: str) -> str:
         """``text`` with the peer's key blotted out, wherever an error message may repeat it."""
@@ -162,7 +195,43 @@ class Peer:
         self.up = True
         self.last_error = None
         self.listed = listed
+        self.aliases = {
+            alias: model_id
+            for model_id, entry in listed.items()
+            for alias in entry.get("aliases") or ()
+            if isinstance(alias, str)
+        }
         self.next_check = time.monotonic() + self.settings.refresh
+        self.tags = await self._read_tags(listed)
+
+    async def _read_tags(self, listed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """The peer's ``/api/tags`` entries of the models it lists, by id; empty when it does
+        not answer them (a peer without Ollama's API is still a peer)."""
+        try:
+            async with asyncio.timeout(self.settings.timeout * 2):
+                response = await self.client.send(
+                    f"peer {self.name}",
+                    self.base_url,
+                    "/api/tags",
+                    b"",
+                    method="GET",
+                    headers=self.headers(),
+                )
+                body = await response.read()
+            if response.status != 200:
+                return {}
+            entries = _DECODE.decode(body)["models"]
+        except (TimeoutError, SwapperError, msgspec.DecodeError, KeyError, TypeError):
+            return {}
+        tags: dict[str, dict[str, Any]] = {}
+        for entry in entries if isinstance(entries, list) else ():
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if isinstance(name, str):
+                for model_id in dict.fromkeys((name, name.removesuffix(":latest"))):
+                    if model_id in listed:
+                        tags[model_id] = entry
+                        break
+        return tags
 
     def status(self) -> dict[str, Any]:
         """Its ``/status`` entry: up or down, the last error and the models routed to it;
@@ -232,6 +301,20 @@ class PeerDirectory:
                 if entry["id"] not in seen:
                     seen.add(entry["id"])
                     listed.append(entry)
+        return listed
+
+    def tag_entries(self, local: Mapping[str, str]) -> list[dict[str, Any]]:
+        """The peers' Ollama ``/api/tags`` entries, less the models ``local`` names (a local
+        model of the same id wins) and those an earlier peer already lists."""
+        seen: set[str] = set()
+        listed = []
+        for peer in self.peers.values():
+            for entry in peer.tag_entries():
+                name = entry["name"]
+                if name in seen or name in local or name.removesuffix(":latest") in local:
+                    continue
+                seen.add(name)
+                listed.append(entry)
         return listed
 
     def status(self) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from swapper.http.ollama.translate import (
     generate_request,
     keep_alive_seconds,
 )
-from swapper.http.peers import forward_ollama_to_peer
+from swapper.http.peers import forward_ollama_to_peer, peer_tags
 from swapper.http.responses import JSON, GuardedStream, json_response
 from swapper.scheduling.model_state import ModelStatus
 
@@ -276,11 +276,14 @@ async def version() -> Response[bytes]:
 
 
 @get("/tags")
-async def tags(state: State) -> Response[bytes]:
-    """Every configured model, loaded or not, with details from its GGUF header."""
+async def tags(request: Request[Any, Any, State], state: State) -> Response[bytes]:
+    """Every configured model, loaded or not, with details from its GGUF header; then the
+    peers' models."""
     config = state.config
     files = await asyncio.to_thread(models.files_of, config, list(config.models))
-    return json_response(models.tags_document(config, files))
+    document = models.tags_document(config, files)
+    document["models"].extend(peer_tags(request))
+    return json_response(document)
 
 
 @get("/ps")
