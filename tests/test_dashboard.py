@@ -211,14 +211,15 @@ def test_dashboard_shows_progress_vram_and_failures(
     expect(load).to_be_enabled()
 
     vram = page.get_by_test_id("vram")
-    expect(vram).to_contain_text("GPU 0 Fake RTX 4000: 6144 / 20480 MiB")
-    assert vram.locator(".bar > div").evaluate("bar => bar.style.width") == "30%"
+    # The GPU's budget (its 20480 MiB less the default 512 MiB reserve), what qwen3-8b is
+    # charged on it, and NVML's figures: placement accounts per GPU, even with one.
+    expect(vram).to_contain_text("GPU 0 Fake RTX 4000: 5120 MiB of 19968 MiB committed")
+    expect(vram).to_contain_text("NVML: 6144 MiB of 20480 MiB used")
+    assert page.get_by_test_id("gpu-bar-0").evaluate("bar => bar.style.width") == "26%"
     expect(vram).to_contain_text("qwen3-8b: 5120 MiB")
     expect(page.locator('[data-model="qwen3-8b"]')).to_contain_text("5120 MiB")
-    # The placement budget: the fake GPU's 20480 MiB less the default 512 MiB reserve.
     expect(page.get_by_test_id("vram-budget")).to_contain_text("MiB of 19968 MiB committed")
-    # One budget for the node: no per-GPU column.
-    expect(page.get_by_test_id("gpus-qwen3-8b")).to_be_hidden()
+    expect(page.get_by_test_id("gpus-qwen3-8b")).to_have_text("0")
 
     page.get_by_test_id("load-broken").click()  # its start fails: 503, shown with the reason
     expect(page.get_by_test_id("status-broken")).to_have_text("FAILED")

@@ -194,3 +194,32 @@ def test_command_ollama_and_llamacpp_backends_get_their_gpus(
     tiny = load(swapper, "tiny")
     assert environ(tiny["pid"])["CUDA_VISIBLE_DEVICES"] == "1"
     assert swapper.model("cmd")["status"] == "LOADED"  # 100 MiB more fit beside it on GPU 1
+
+
+def test_status_shows_each_gpus_budget_commitments_and_models(
+    start: Callable[..., SwapperProcess],
+) -> None:
+    swapper = start(
+        {
+            "a": vllm(0.5, vram_mb=8192),
+            "b": vllm(0.25, vram_mb=4096),
+            "big": vllm(0.25, gpus=[0, 1]),
+        }
+    )
+    load(swapper, "a")  # GPU 0
+    load(swapper, "b")  # GPU 1: more free budget
+    load(swapper, "big")  # 0.25 of each GPU: 4096 MiB on each
+    status = swapper.status()
+    assert {m: status["models"][m]["gpus"] for m in ("a", "b", "big")} == {
+        "a": [0],
+        "b": [1],
+        "big": [0, 1],
+    }
+    gpus = [
+        (g["index"], g["budget_mb"], g["committed_mb"], g["models"], g["total_mb"])
+        for g in status["vram"]["gpus"]
+    ]
+    assert gpus == [
+        (0, GPU_MB, 8192 + 4096, ["a", "big"], GPU_MB),
+        (1, GPU_MB, 4096 + 4096, ["b", "big"], GPU_MB),
+    ]
