@@ -13,58 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterable, Sequence
 
 import httpcore
 import msgspec
 
 from swapper.config import is_loopback
-from swapper.errors import BackendFailure, BackendTimeout, BackendUnreachable
 from swapper.upstream import network
+from swapper.upstream.errors import map_transport_errors
+from swapper.upstream.responses import LeanResponse, PoolResponse, UpstreamResponse
 
 __all__ = ["UpstreamClient", "UpstreamResponse", "normalise_error"]
 
-_TRANSPORT_ERRORS = (httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError)
 _JSON = msgspec.json.Decoder()
 _ENCODE = msgspec.json.Encoder()
-
-
-@contextlib.contextmanager
-def _map_transport_errors(model_id: str, *, answered: bool = True) -> Iterator[None]:
-    """The single boundary where httpcore's exceptions become swapper's.
-
-    ``answered=False``: no byte of the response has arrived yet, so a broken connection is
-    :class:`BackendUnreachable` (the request may be sent again) rather than a broken answer.
-    """
-    try:
-        yield
-    except network.ConnectRefused as exc:
-        raise BackendUnreachable(f"Backend for {model_id!r} refused the connection: {exc}") from exc
-    except network.ConnectTimedOut as exc:
-        raise BackendTimeout(
-            f"Backend for {model_id!r} did not accept a connection in time (timeouts.connect)"
-        ) from exc
-    except network.ReadTimedOut as exc:
-        raise BackendTimeout(
-            f"Backend for {model_id!r} went silent for longer than timeouts.read"
-        ) from exc
-    except network.NetworkFailure as exc:
-        failure = BackendFailure if answered or exc.answered else BackendUnreachable
-        raise failure(f"Backend for {model_id!r} broke the connection: {exc}") from exc
-    except httpcore.ConnectError as exc:
-        raise BackendUnreachable(f"Backend for {model_id!r} refused the connection: {exc}") from exc
-    except httpcore.ConnectTimeout as exc:
-        raise BackendTimeout(
-            f"Backend for {model_id!r} did not accept a connection in time (timeouts.connect)"
-        ) from exc
-    except httpcore.TimeoutException as exc:
-        raise BackendTimeout(
-            f"Backend for {model_id!r} went silent for longer than timeouts.read"
-        ) from exc
-    except _TRANSPORT_ERRORS as exc:
-        failure = BackendFailure if answered else BackendUnreachable
-        raise failure(f"Backend for {model_id!r} broke the connection: {exc}") from exc
 
 
 def normalise_error(status: int, body: bytes) -> bytes:
@@ -110,122 +72,6 @@ _OPENAI_TYPES = frozenset(
         "server_error",
     }
 )
-
-
-class UpstreamResponse:
-    """An upstream response whose headers have arrived; the body is read or streamed next."""
-
-    __slots__ = ("_model_id", "content_type", "headers", "status")
-
-    def __init__(self, status: int, headers: Sequence[tuple[bytes, bytes]], model_id: str) -> None:
-        self.status = status
-        self.headers = headers
-        self._model_id = model_id
-        answered_type = b""
-        for name, value in headers:
-            if name.lower() == b"content-type":
-                answered_type = value
-                break
-        self.content_type = answered_type.decode("latin-1")
-
-    @property
-    def is_stream(self) -> bool:
-        """True when the backend answers with server-sent events."""
-        return self.content_type.startswith("text/event-stream")
-
-    def header(self, name: bytes) -> bytes | None:
-        """The value of the response header ``name`` (lower case), or None."""
-        # (Added for swapper/http/peers.py: a peer's Retry-After is passed on to the client.)
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
-
-    async def read(self) -> bytes:
-        """The whole body; the response is closed afterwards."""
-        raise NotImplementedError
-
-    def iter_bytes(self) -> AsyncIterator[bytes]:
-        """Body chunks as they arrive. Transport errors raise BackendFailure."""
-        raise NotImplementedError
-
-    async def aclose(self) -> None:
-        """Close the upstream response (and with it, abort the backend's work if unfinished)."""
-        raise NotImplementedError
-
-
-class _LeanResponse(UpstreamResponse):
-    """A response on a loopback connection of :mod:`swapper.upstream.network`."""
-
-    __slots__ = ("_connection",)
-
-    def __init__(self, connection: network.Connection, model_id: str) -> None:
-        super().__init__(connection.status, connection.headers, model_id)
-        self._connection: network.Connection | None = connection
-
-    def _done(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            connection.pool.release(connection)  # kept if complete, else closed
-
-    async def read(self) -> bytes:
-        """The whole body; the connection goes back to its pool afterwards."""
-        connection = self._connection
-        assert connection is not None, "read() of a closed response"
-        try:
-            if connection.complete:  # the common case: the whole answer came in one read
-                chunks = connection.chunks
-                body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                return body
-            parts = []
-            with _map_transport_errors(self._model_id):
-                while (chunk := await connection.chunk()) is not None:
-                    parts.append(chunk)
-            return b"".join(parts)
-        finally:
-            self._done()
-
-    async def iter_bytes(self) -> AsyncIterator[bytes]:
-        """Body chunks as they arrive. Transport errors raise BackendFailure."""
-        connection = self._connection
-        assert connection is not None, "iter_bytes() of a closed response"
-        with _map_transport_errors(self._model_id):
-            while (chunk := await connection.chunk()) is not None:
-                yield chunk
-        self._done()
-
-    async def aclose(self) -> None:
-        """Give the connection back: kept if the body was read to its end, else closed."""
-        self._done()
-
-
-class _PoolResponse(UpstreamResponse):
-    """A response from httpcore's pool (a remote server)."""
-
-    __slots__ = ("_response",)
-
-    def __init__(self, response: httpcore.Response, model_id: str) -> None:
-        super().__init__(response.status, response.headers, model_id)
-        self._response = response
-
-    async def read(self) -> bytes:
-        """The whole body; the response is closed afterwards."""
-        try:
-            with _map_transport_errors(self._model_id):
-                return await self._response.aread()
-        finally:
-            await self._response.aclose()
-
-    async def iter_bytes(self) -> AsyncIterator[bytes]:
-        """Body chunks as they arrive. Transport errors raise BackendFailure."""
-        with _map_transport_errors(self._model_id):
-            async for chunk in self._response.aiter_stream():
-                yield chunk
-
-    async def aclose(self) -> None:
-        """Close the upstream response (and with it, abort the backend's work if unfinished)."""
-        await self._response.aclose()
 
 
 #: Connections to one backend when it states no limit of its own.
@@ -386,9 +232,9 @@ class UpstreamClient:
         if target.lean and method != "HEAD":  # (a HEAD answer's length is no body's)
             head = _request_head(method, (target.prefix + path).encode(), sent)
             lean = self._lean_pool(base_url, target, max_connections)
-            with _map_transport_errors(model_id, answered=False):
+            with map_transport_errors(model_id, answered=False):
                 connection = await _exchange(lean, head, body, content_length is None)
-            return _LeanResponse(connection, model_id)
+            return LeanResponse(connection, model_id)
         request = httpcore.Request(
             method.encode(),
             base_url + path,
@@ -397,7 +243,7 @@ class UpstreamClient:
             extensions={"timeout": self._timeouts},
         )
         pool = self._pool(base_url, max_connections)
-        with _map_transport_errors(model_id, answered=False):
+        with map_transport_errors(model_id, answered=False):
             try:
                 response = await pool.handle_async_request(request)
             except httpcore.RemoteProtocolError as exc:
@@ -406,7 +252,7 @@ class UpstreamClient:
                 # A pooled connection the backend had already closed: it never saw the request,
                 # so sending it once more, on a new connection, is safe.
                 response = await pool.handle_async_request(request)
-        return _PoolResponse(response, model_id)
+        return PoolResponse(response, model_id)
 
     async def aclose(self) -> None:
         """Close every pooled connection."""

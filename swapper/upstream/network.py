@@ -6,7 +6,7 @@ answer with httptools (C) and hands body chunks over without copying. Per reques
 O(1): a pool is a stack of idle connections and a FIFO of waiters, never scanned.
 
 Its exceptions (:class:`NetworkFailure` and subclasses) are turned into swapper's own in one
-place, :func:`swapper.upstream.client.map_transport_errors`.
+place, :func:`swapper.upstream.errors.map_transport_errors`.
 """
 
 from __future__ import annotations
