@@ -144,20 +144,30 @@ def _replayed(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _watch(receive: Receive, task: asyncio.Task[Any], left: list[bool]) -> None:
-    """Cancel ``task`` once the client disconnects."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    left.append(True)
-    task.cancel()
+class _Client:
+    """Whether the client is still there, and whether its answer has begun or ended."""
+
+    __slots__ = ("answering", "done", "left", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.left = self.answering = self.done = False
+
+    async def watch(self, receive: Receive) -> None:
+        """Cancel the request's task once the client disconnects (not after its answer)."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self.done:
+            self.left = True
+            self.task.cancel()
 
 
 async def _serve(state: Any, scope: Scope, receive: Receive, send: Send, forward: Forward) -> None:
     """Open the exchange and relay its answer; a client that leaves cancels the work."""
     task = asyncio.current_task()
     assert task is not None
-    left: list[bool] = []
-    watcher = asyncio.ensure_future(_watch(receive, task, left))
+    client = _Client(task)
+    watcher = asyncio.ensure_future(client.watch(receive))
     exchange = Exchange(state, scope, forward)
     try:
         try:
@@ -165,6 +175,7 @@ async def _serve(state: Any, scope: Scope, receive: Receive, send: Send, forward
             upstream = exchange.upstream
             assert upstream is not None
             content = exchange.content
+            client.answering = True
             if content is None:
                 await _relay(exchange, upstream.status, upstream.content_type, send)
                 return
@@ -174,18 +185,21 @@ async def _serve(state: Any, scope: Scope, receive: Receive, send: Send, forward
                 media = _media(upstream.content_type) if upstream.content_type else _JSON
             await _answer(send, upstream.status, media, content)
         except asyncio.CancelledError:
-            if not left:
+            if not client.left:
                 raise
             task.uncancel()
-            logger.info("client went away; request for %s cancelled", forward.model_id)
-            with contextlib.suppress(Exception):
-                await _answer(send, 499, _JSON, b"")
+            if not client.answering:  # (a stream already begun is simply cut short)
+                logger.info("client went away; request for %s cancelled", forward.model_id)
+                with contextlib.suppress(Exception):
+                    await _answer(send, 499, _JSON, b"")
         except SwapperError as exc:
-            if left:
-                return
+            if client.answering:
+                raise  # the answer has begun: nothing more can be said in it
             headers = [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
             await _answer(send, exc.status_code, _JSON, _ENCODE.encode(exc.to_openai()), headers)
         except Exception:
+            if client.answering:
+                raise
             logger.exception("unhandled error on POST %s", scope["path"])
             error = {
                 "message": "Internal server error",
@@ -195,6 +209,7 @@ async def _serve(state: Any, scope: Scope, receive: Receive, send: Send, forward
             }
             await _answer(send, 500, _JSON, _ENCODE.encode({"error": error}))
     finally:
+        client.done = True
         watcher.cancel()
         await exchange.close()
 
