@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 __all__ = [
-    "BATCH_SECONDS",
     "BURST",
     "MAX_LINE",
     "RATE",
@@ -43,10 +42,6 @@ __all__ = [
 RATE = 1000.0
 #: Lines a backend may print at once above ``RATE`` (a load prints a few hundred).
 BURST = 5000.0
-#: How long the reader lets output gather after each read (well below any readiness poll).
-BATCH_SECONDS = 0.005
-#: Reads shorter than this are a few lines, worth gathering with the next ones.
-_SMALL = 4096
 #: Bytes of one line that are kept; the rest is cut.
 MAX_LINE = 8192
 #: Lines of each over-the-rate chunk kept for the tail, so errors still quote the last lines.
@@ -133,11 +128,6 @@ class OutputReader:
         while chunk := await stream.read(1 << 16):
             self.output_seen.set()
             self.feed(chunk)
-            if len(chunk) < _SMALL:
-                # A backend writes each line on its own (llama-server: about ten per request);
-                # waiting a moment lets the lines of one request be taken in one read, not ten.
-                # A flood (full reads) is read on at once: the pipe must not fill and block it.
-                await asyncio.sleep(BATCH_SECONDS)
         if self._partial or self._cut:
             self._lines([self._take_partial()])
         self._flush(at_end=True)
