@@ -79,7 +79,7 @@ class LeanRoute:
         ):
             await self.app(scope, receive, send)
             return
-        body = await _read_body(receive, int(length))
+        body = await _read_body(receive)
         if body is None:
             return  # the client left while sending it
         forward = _forward(state, scope, body)
@@ -114,8 +114,8 @@ def _forward(state: Any, scope: Scope, body: bytes) -> Forward | None:
     return Forward(scope["path"], body, model_id, routing.model, stream)
 
 
-async def _read_body(receive: Receive, length: int) -> bytes | None:
-    """The request body (``length`` bytes announced), or None if the client left."""
+async def _read_body(receive: Receive) -> bytes | None:
+    """The request body, or None if the client left while sending it."""
     message = await receive()
     if message["type"] != "http.request":
         return None
