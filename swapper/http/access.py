@@ -25,6 +25,7 @@ from swapper.errors import Forbidden, Unauthorized
 
 __all__ = [
     "HostOriginGuard",
+    "key_accepted",
     "require_admin",
     "require_admin_unless_get",
     "require_key",
@@ -36,12 +37,32 @@ _MISSING = "Missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY
 
 def _presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> bytes | None:
     auth = connection.headers.get("authorization")
-    if auth is not None:
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip().encode()
     key = connection.headers.get("x-api-key")
-    return key.encode() if key else None
+    return _key_of(
+        None if auth is None else auth.encode("latin-1"),
+        None if key is None else key.encode("latin-1"),
+    )
+
+
+def _key_of(authorization: bytes | None, api_key: bytes | None) -> bytes | None:
+    """The key presented: a bearer token, else ``x-api-key``; None if neither."""
+    if authorization is not None:
+        scheme, _, token = authorization.partition(b" ")
+        if scheme.lower() == b"bearer" and token.strip():
+            return token.strip()
+    return api_key or None
+
+
+def key_accepted(
+    server: ServerSettings, authorization: bytes | None, api_key: bytes | None
+) -> bool:
+    """True when :func:`require_key` would let a request with these raw headers through."""
+    if not server.api_keys and not server.admin_api_keys:
+        return True
+    key = _key_of(authorization, api_key)
+    return key is not None and (
+        _matches(key, server.api_keys) | _matches(key, server.admin_api_keys)
+    )
 
 
 def _matches(candidate: bytes, keys: list[str]) -> bool:

@@ -194,7 +194,6 @@ class Exchange:
                     lease.base_url,
                     forward.path,
                     body,
-                    keep_alive=not forward.stream,
                     max_connections=lease.max_connections,
                     method=forward.method,
                     headers=(*forward.headers, *lease.upstream_headers),

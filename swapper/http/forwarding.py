@@ -24,7 +24,13 @@ from swapper.http.openapi import ChatOperation, CompletionOperation, EmbeddingOp
 from swapper.http.peers import PeerForward, forward_to_peer, peer_model, peer_models, route_to_peer
 from swapper.http.responses import JSON
 
-__all__ = ["OPENAI_HANDLERS", "forward_now", "forward_request"]
+__all__ = [
+    "OPENAI_HANDLERS",
+    "content_type_accepted",
+    "forward_now",
+    "forward_request",
+    "route_body",
+]
 
 logger = logging.getLogger("swapper")
 
@@ -40,7 +46,7 @@ _ROUTING = msgspec.json.Decoder(_Routing)
 _ENCODE = msgspec.json.Encoder()
 
 
-def _route(body: bytes) -> _Routing:
+def route_body(body: bytes) -> _Routing:
     """The ``model`` (and whether a stream is asked for) of a request body, or InvalidRequest."""
     try:
         # Backends choke on invalid UTF-8 anywhere in the body, not only in the fields we read.
@@ -71,12 +77,20 @@ async def _until_disconnect(request: Request[Any, Any, State]) -> None:
         pass
 
 
+def content_type_accepted(content_type: bytes | None) -> bool:
+    """True for a JSON Content-Type, or none at all (curl -d without -H, and other lax
+    clients: the body is parsed as JSON anyway)."""
+    if content_type is None:
+        return True
+    media = content_type.partition(b";")[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
+
+
 def _check_content_type(request: Request[Any, Any, State]) -> None:
     content_type = request.headers.get("content-type")
-    if content_type is None:
-        return  # curl -d without -H, and other lax clients: the body is parsed as JSON anyway
-    media = content_type.partition(";")[0].strip().lower()
-    if media != "application/json" and not media.endswith("+json"):
+    if not content_type_accepted(None if content_type is None else content_type.encode("latin-1")):
+        assert content_type is not None
+        media = content_type.partition(";")[0].strip().lower()
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, not {media!r}", code="unsupported_media_type"
         )
@@ -101,7 +115,7 @@ async def forward_request(
     state = request.app.state
     _check_content_type(request)
     body = await request.body()
-    routing = _route(body)
+    routing = route_body(body)
     headers: tuple[tuple[bytes, bytes], ...] = ()
     if dialect == "anthropic":
         headers = tuple(
