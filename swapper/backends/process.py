@@ -105,6 +105,7 @@ class ManagedProcess:
     def __init__(
         self,
         proc: asyncio.subprocess.Process,
+        output: int,
         name: str,
         logger: logging.Logger,
         on_line: Callable[[str], None] | None = None,
@@ -122,8 +123,8 @@ class ManagedProcess:
         self.tail = self._output.tail
         #: Set whenever the child prints; readiness polls use it to probe at once.
         self.output_seen = self._output.output_seen
-        assert proc.stdout is not None
-        self._pump = asyncio.create_task(self._output.run(proc.stdout), name=f"output:{name}")
+        #: Reads ``output``, the read end of the child's stdout+stderr pipe, until it closes.
+        self._pump = asyncio.create_task(self._output.read_pipe(output), name=f"output:{name}")
 
     @classmethod
     async def spawn(
@@ -143,15 +144,23 @@ class ManagedProcess:
         """
         parent = os.getpid()
         reaper = _ReaperSlot.get()
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=None if env is None else dict(env),
-            start_new_session=True,
-            preexec_fn=lambda: _child_setup(parent),
-        )
+        # A pipe of our own rather than asyncio's: its reader gathers lines (see output.py).
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=write_end,
+                stderr=asyncio.subprocess.STDOUT,
+                env=None if env is None else dict(env),
+                start_new_session=True,
+                preexec_fn=lambda: _child_setup(parent),
+            )
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
         # Until here only PDEATHSIG guards the child; it has had no time to start helpers.
         if reaper is not None:
             reaper.register(proc.pid)
@@ -159,6 +168,7 @@ class ManagedProcess:
         book = leftovers.record(proc.pid, name)
         process = cls(
             proc,
+            read_end,
             name,
             logger or logging.getLogger("swapper.backend"),
             on_line,
