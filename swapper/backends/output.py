@@ -2,10 +2,11 @@
 
 A backend may print a few lines a request or megabytes a second. llama-server writes each of
 its nine or so lines a request on its own, and waking the event loop for each one cost swapper
-about 0.2 ms of CPU a proxied request. So the pipe is read, then left alone for ``GATHER``
-seconds (its reader off the event loop) while the lines pile up in it, then read again: under
-load one read takes many requests' lines, and an idle backend costs nothing. The pipe is made
-as large as the system allows (``F_SETPIPE_SZ``), so a backend printing fast never waits on it.
+about 0.2 ms of CPU a proxied request. So after a short read the pipe is left alone for
+``GATHER`` seconds (its reader off the event loop) while the lines pile up in it, then read
+again: under load one read takes many requests' lines, and an idle backend costs nothing. A
+long read means the backend prints fast: the pipe is then read on at once, so that a backend
+never waits on a full pipe (it is also made as large as the system allows, ``F_SETPIPE_SZ``).
 
 The reader takes the pipe in chunks and keeps every line, up to ``RATE`` lines a second per backend (bursts of
 ``BURST`` lines, enough for a load), with lines cut at ``MAX_LINE`` bytes. Above the rate it
@@ -51,6 +52,8 @@ __all__ = [
 
 #: Seconds the pipe is left to fill after each read (lines in that span come in one read).
 GATHER = 0.02
+#: A read shorter than this is a trickle (a few lines), after which the pipe is left to fill.
+_TRICKLE = 16 << 10
 #: Pipe size asked for: 50 MB/s of output fit between two reads (the system may allow less).
 _PIPE_SIZE = 1 << 20
 #: Lines a second each backend may print before lines are only counted.
@@ -265,8 +268,8 @@ class OutputReader:
 
 
 class _GatheringPipe(asyncio.Protocol):
-    """Hands what the pipe holds to an :class:`OutputReader`, then stops reading for ``GATHER``
-    seconds (pausing takes the pipe off the event loop's watch list)."""
+    """Hands what the pipe holds to an :class:`OutputReader`; after a short read, stops reading
+    for ``GATHER`` seconds (pausing takes the pipe off the event loop's watch list)."""
 
     def __init__(self, reader: OutputReader, ended: asyncio.Future[None]) -> None:
         self._reader = reader
@@ -281,6 +284,8 @@ class _GatheringPipe(asyncio.Protocol):
         self._reader.output_seen.set()
         self._reader.feed(data)
         transport = self._transport
+        if len(data) >= _TRICKLE:
+            return  # it prints fast: read on
         if transport is not None and not transport.is_closing() and transport.is_reading():
             transport.pause_reading()
             asyncio.get_running_loop().call_later(GATHER, self._resume)

@@ -6,7 +6,6 @@ relay the backend's answer byte for byte, streams as they arrive.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -17,6 +16,7 @@ from litestar.params import FromPath
 
 from swapper.errors import InvalidRequest, UnsupportedMediaType
 from swapper.http.access import require_key
+from swapper.http.disconnect import client_left_first
 from swapper.http.exchange import Exchange, Forward
 from swapper.http.loading import loading_stream
 from swapper.http.logs import note_model
@@ -70,11 +70,6 @@ def route_body(body: bytes) -> _Routing:
 
 
 # -- forwarding -------------------------------------------------------------------------------
-
-
-async def _until_disconnect(request: Request[Any, Any, State]) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def content_type_accepted(content_type: bytes | None) -> bool:
@@ -166,18 +161,8 @@ async def forward_now(
     """
     exchange = Exchange(request.app.state, request.scope, forward)
     opening = exchange.start()
-    waits: set[asyncio.Future[Any]] = {opening}
-    disconnect = asyncio.ensure_future(_until_disconnect(request)) if watch_disconnect else None
-    if disconnect is not None:
-        waits.add(disconnect)
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if disconnect is not None:
-            disconnect.cancel()
-        if not opening.done():
-            await exchange.close()  # (cancels the opening)
-    if opening.cancelled():
+    # (The exchange's close cancels the opening.)
+    if await client_left_first(request, opening, watch=watch_disconnect, stop=exchange.close):
         logger.info("client went away; request for %s cancelled", forward.model_id)
         return Response(b"", status_code=499)
     if opening.exception() is not None:

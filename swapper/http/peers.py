@@ -20,6 +20,7 @@ from litestar.datastructures import State
 
 from swapper.errors import BackendFailure, ModelNotFound
 from swapper.http.anthropic import anthropic_error_event
+from swapper.http.disconnect import client_left_first
 from swapper.http.logs import note_model, note_stream_error
 from swapper.http.responses import JSON, GuardedStream, error_event
 from swapper.peers.directory import HOP_HEADER, Peer, PeerDirectory
@@ -138,11 +139,6 @@ async def forward_ollama_to_peer(
     return None
 
 
-async def _until_disconnect(request: Request[Any, Any, State]) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def _send(peer: Peer, forward: PeerForward) -> UpstreamResponse:
     return await peer.client.send(
         f"peer {peer.name}",
@@ -166,21 +162,7 @@ async def forward_to_peer(
     if peer.up is False:
         raise peer.unavailable()
     opening = asyncio.ensure_future(_send(peer, forward))
-    waits: set[asyncio.Future[Any]] = {opening}
-    disconnect = (
-        asyncio.ensure_future(_until_disconnect(request)) if forward.watch_disconnect else None
-    )
-    if disconnect is not None:
-        waits.add(disconnect)
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if disconnect is not None:
-            disconnect.cancel()
-        if not opening.done():
-            opening.cancel()
-            await asyncio.gather(opening, return_exceptions=True)
-    if opening.cancelled():
+    if await client_left_first(request, opening, watch=forward.watch_disconnect):
         logger.info(
             "client went away; request for %s on peer %s cancelled", forward.model, peer.name
         )

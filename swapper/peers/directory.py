@@ -162,27 +162,29 @@ class Peer:
         self.next_check = time.monotonic() + min(self.settings.refresh, DOWN_RETRY)
         self.wake.set()
 
+    async def _get(self, path: str) -> tuple[int, bytes]:
+        """``GET path`` on the peer: its status and whole body, within twice its ``timeout``.
+
+        Raises TimeoutError, or a SwapperError when the peer cannot be reached.
+        """
+        async with asyncio.timeout(self.settings.timeout * 2):
+            response = await self.client.send(
+                f"peer {self.name}", self.base_url, path, b"", method="GET", headers=self.headers()
+            )
+            return response.status, await response.read()
+
     async def check(self) -> None:
         """Read the peer's model list; mark it up with that list, or down with the reason."""
         try:
-            async with asyncio.timeout(self.settings.timeout * 2):
-                response = await self.client.send(
-                    f"peer {self.name}",
-                    self.base_url,
-                    "/v1/models",
-                    b"",
-                    method="GET",
-                    headers=self.headers(),
-                )
-                body = await response.read()
+            status, body = await self._get("/v1/models")
         except TimeoutError:
             self.mark_down(f"no model list within {self.settings.timeout * 2:g}s")
             return
         except SwapperError as exc:
             self.mark_down(exc.message)
             return
-        if response.status != 200:
-            self.mark_down(f"GET /v1/models answered HTTP {response.status}")
+        if status != 200:
+            self.mark_down(f"GET /v1/models answered HTTP {status}")
             return
         try:
             data = _DECODE.decode(body)["data"]
@@ -208,17 +210,8 @@ class Peer:
         """The peer's ``/api/tags`` entries of the models it lists, by id; empty when it does
         not answer them (a peer without Ollama's API is still a peer)."""
         try:
-            async with asyncio.timeout(self.settings.timeout * 2):
-                response = await self.client.send(
-                    f"peer {self.name}",
-                    self.base_url,
-                    "/api/tags",
-                    b"",
-                    method="GET",
-                    headers=self.headers(),
-                )
-                body = await response.read()
-            if response.status != 200:
+            status, body = await self._get("/api/tags")
+            if status != 200:
                 return {}
             entries = _DECODE.decode(body)["models"]
         except (TimeoutError, SwapperError, msgspec.DecodeError, KeyError, TypeError):

@@ -21,6 +21,7 @@ from litestar.datastructures import State
 from litestar.types import Scope
 
 from swapper.errors import BackendFailure
+from swapper.http.disconnect import client_left_first
 from swapper.http.exchange import Exchange, Forward, unless_stopping
 from swapper.http.responses import json_response
 
@@ -83,27 +84,13 @@ async def _lease_and_open(state: State, scope: Scope, forward: Forward) -> tuple
     return exchange, load_ns
 
 
-async def _until_disconnect(request: Request[Any, Any, State]) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def open_exchange(
     request: Request[Any, Any, State], forward: Forward
 ) -> tuple[Exchange, int]:
     """:func:`_lease_and_open`, given up (and the backend's work cancelled) if the client hangs
     up while its model loads or its whole answer is generated; then :class:`ClientLeft`."""
     work = asyncio.ensure_future(_lease_and_open(request.app.state, request.scope, forward))
-    disconnect = asyncio.ensure_future(_until_disconnect(request))
-    try:
-        await asyncio.wait((work, disconnect), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        disconnect.cancel()
-        if not work.done():
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await work
-    if work.cancelled():
+    if await client_left_first(request, work):
         logger.info("client went away; request for %s cancelled", forward.model_id)
         raise ClientLeft
     return work.result()
