@@ -122,7 +122,9 @@ async def test_a_model_larger_than_every_gpu_together_is_refused(make: Make) -> 
     coordinator = make({"giant": {"vram_mb": 40000}})
     with pytest.raises(ModelUnavailable) as info:
         await coordinator.acquire("giant")
-    assert "40000 MiB" in info.value.message and "2 GPU budget(s)" in info.value.message
+    message = info.value.message
+    assert "40000 MiB" in message and "20000 MiB on each" in message, message
+    assert "budget of GPU(s) [0, 1] (16384, 16384 MiB)" in message, message
 
 
 async def test_a_pinned_model_goes_on_its_gpu_even_when_another_has_more_room(

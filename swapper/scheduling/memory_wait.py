@@ -120,6 +120,7 @@ class ReleaseWatch:
                     now - started,
                     why,
                 )
-                self._releases = [r for r in self._releases if r.device not in devices]
+                # The releases stay: they expire at their own deadlines, and another load onto
+                # one of those GPUs must not take this model's giving up for NVML's all-clear.
                 return
             await asyncio.sleep(_POLL)
