@@ -223,3 +223,20 @@ def test_status_shows_each_gpus_budget_commitments_and_models(
         (0, GPU_MB, 8192 + 4096, ["a", "big"], GPU_MB),
         (1, GPU_MB, 4096 + 4096, ["b", "big"], GPU_MB),
     ]
+
+
+@pytest.mark.parametrize(
+    "args", [["--tensor-parallel-size", "2"], ["-tp=2"], ["--pipeline-parallel-size", "2"]]
+)
+def test_auto_gives_a_vllm_the_gpus_its_parallel_args_ask_for(
+    start: Callable[..., SwapperProcess], gpu_dir: Path, args: list[str]
+) -> None:
+    # On one GPU it would fail: "World size (2) is larger than the number of available GPUs".
+    swapper = start({"tp": vllm(0.5, args=args)})
+    tp = load(swapper, "tp")
+    assert environ(tp["pid"])["CUDA_VISIBLE_DEVICES"] == "0,1"
+    argv = cmdline(tp["pid"])
+    assert argv.count("--tensor-parallel-size") == args.count("--tensor-parallel-size")
+    assert device_used(gpu_dir) == [0.5 * GPU_MB, 0.5 * GPU_MB]
+    assert swapper.status()["models"]["tp"]["gpus"] == [0, 1]
+
