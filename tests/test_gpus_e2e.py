@@ -239,4 +239,3 @@ def test_auto_gives_a_vllm_the_gpus_its_parallel_args_ask_for(
     assert argv.count("--tensor-parallel-size") == args.count("--tensor-parallel-size")
     assert device_used(gpu_dir) == [0.5 * GPU_MB, 0.5 * GPU_MB]
     assert swapper.status()["models"]["tp"]["gpus"] == [0, 1]
-

@@ -178,11 +178,12 @@ class Placement:
         fixed = self._fixed(model)
         return () if isinstance(fixed, str) else fixed
 
-    def _fixed(self, model: ModelRuntime) -> tuple[int, ...] | str | None:
-        """:meth:`fixed_gpus`, or why the entry's ``CUDA_VISIBLE_DEVICES`` names no GPU."""
+    def _fixed(self, model: ModelRuntime, *, placed: bool = True) -> tuple[int, ...] | str | None:
+        """:meth:`fixed_gpus` (``placed`` False: as if it held nothing yet), or why the entry's
+        ``CUDA_VISIBLE_DEVICES`` names no GPU."""
         if not self.per_gpu:
             return (NO_GPU,)
-        if model.holds_memory and model.gpus:
+        if placed and model.holds_memory and model.gpus:
             return model.gpus
         entry = model.backend.entry
         if not model.backend.uses_local_gpu(entry):
@@ -284,14 +285,14 @@ class Placement:
         """What ``model`` needs in all on a GPU set (a backend's estimate depends on it)."""
         return lambda option: self.predicted_mb(model, option)
 
-    def _options(self, model: ModelRuntime) -> list[tuple[int, ...]] | str:
-        fixed = self._fixed(model)
+    def _options(self, model: ModelRuntime, *, placed: bool = True) -> list[tuple[int, ...]] | str:
+        fixed = self._fixed(model, placed=placed)
         if isinstance(fixed, str):
             return fixed
         if fixed == ():
             return [()]  # runs on no GPU: only slots limit it
         declared = model.backend.gpu_count() if self.per_gpu else None
-        if declared and fixed is not None and len(fixed) < declared and not model.holds_memory:
+        if declared and fixed is not None and len(fixed) < declared and fixed != model.gpus:
             return (
                 f"is placed on {len(fixed)} GPU(s) {list(fixed)}, but its args make it use "
                 f"{declared}; list at least {declared} GPUs in its gpus (or leave it auto)"
@@ -336,6 +337,18 @@ class Placement:
             self.budgets(), self.config.swapper.max_concurrent_models, self._eviction_key
         )
         choice = planner.choose(self._need(target), options, residents)
+        if (
+            target.status == _S.SLEEPING
+            and not choice.start
+            and any(m.in_flight > 0 or m.queued > 0 for m, _ in choice.evict)
+        ):
+            # Waking on its own GPUs would cut off a busy model: when other GPUs have room for
+            # it now, stop the sleeper and start it cold there instead.
+            fresh = self._options(target, placed=False)
+            if not isinstance(fresh, str) and set(fresh) - set(options):
+                elsewhere = [o for o in fresh if o not in options]
+                if planner.choose(self._need(target), elsewhere, residents).start:
+                    return Plan(evict=[EvictionChoice(target, full=True)])
         if choice.start and choice.gpus is not None:
             self._chosen[target.id] = choice.gpus
         return Plan(
