@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from swapper.errors import ConfigError, ModelUnavailable
@@ -35,6 +36,7 @@ async def make(world: FakeWorld, tmp_path: Path) -> AsyncIterator[Make]:
         *,
         devices: int = 2,
         sizes: list[float] | None = None,
+        extra_mb: float = 0.0,
         **swapper: Any,
     ) -> SwapCoordinator:
         settings = {
@@ -45,7 +47,7 @@ async def make(world: FakeWorld, tmp_path: Path) -> AsyncIterator[Make]:
             **swapper,
         }
         config, registry = fake_config(world, models, swapper=settings)
-        gpu = FakeGpu(world, GPU_MB, devices=devices, sizes=sizes)
+        gpu = FakeGpu(world, GPU_MB, devices=devices, sizes=sizes, extra_mb=extra_mb)
         made.append(SwapCoordinator(config, registry, gpu))
         return made[-1]
 
@@ -310,3 +312,38 @@ async def test_an_entrys_pin_is_read_in_pci_bus_order_unless_it_says_otherwise(
     assert env["own"] == {"CUDA_DEVICE_ORDER": "FASTEST_FIRST"}
     # swapper's own choice of GPUs is in NVML's order: its CUDA_DEVICE_ORDER wins the entry's.
     assert env["order"] == {"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+# -- the wait for freed memory ---------------------------------------------------------------
+
+
+async def test_a_wait_that_gives_up_keeps_the_releases_other_models_noted_meanwhile(
+    make: Make,
+) -> None:
+    # Other programs hold 8000 MiB of each GPU: w never sees its 10000 free and gives up.
+    coordinator = make(
+        {"w": {"gpus": [1]}, "b": {"vram_mb": 2000, "gpus": [1]}},
+        extra_mb=8000,
+        vram_release_timeout=0.3,
+    )
+    await use(coordinator, "b")
+    placement = coordinator.placement
+    waiting, b = coordinator.runtime("w"), coordinator.runtime("b")
+    waiting.gpus = (1,)
+    read = placement.read_gpus
+    longer = msgspec.structs.replace(
+        placement.config,
+        swapper=msgspec.structs.replace(placement.config.swapper, vram_release_timeout=30),
+    )
+
+    async def read_and_note_b() -> Any:
+        # While w waits, b is unloaded (its release outlives w's wait).
+        if not placement.releases.pending(1):
+            placement.config = longer
+            placement.expect_release(b, {1: 10000.0}, 2000.0)
+        return await read()
+
+    placement.read_gpus = read_and_note_b  # type: ignore[method-assign]
+    await placement.wait_for_memory(waiting, 10000)  # gives up after 0.3 s
+    # b's release still holds up the next load onto GPU 1: w's giving up is not NVML's word.
+    assert placement.releases.pending(1) == ["b"]
