@@ -112,3 +112,11 @@ def test_arg_value_takes_the_last_of_either_form() -> None:
     assert arg_value(args, "-tp", "--tensor-parallel-size") == "4"
     assert arg_value(args, "--x") is None  # no value follows
     assert arg_value(args, "--missing") is None
+
+
+def test_a_split_gguf_hints_the_size_of_all_its_parts(tmp_path: Path) -> None:
+    for part in (1, 2):
+        (tmp_path / f"m-{part:05d}-of-00002.gguf").write_bytes(b"\0" * 2**20)
+    entry = LlamaCppModel(backend="llamacpp", model_path=str(tmp_path / "m-00001-of-00002.gguf"))
+    backend = LlamaCppBackend("m", entry, BackendSettings())
+    assert backend.size_hint_mb() == pytest.approx(2 * (1 + SIZE_MARGIN) + CONTEXT_MB)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 from collections.abc import Callable
 
@@ -42,6 +43,7 @@ HTTP_THREADS = 32
 #: and compute buffers, and the CUDA context.
 SIZE_MARGIN = 0.1
 CONTEXT_MB = 512.0
+_SPLIT = re.compile(r"(.*)-\d{5}-of-(\d{5})\.gguf")
 
 
 class LlamaCppBackend(SubprocessBackend[LlamaCppModel]):
@@ -93,8 +95,16 @@ class LlamaCppBackend(SubprocessBackend[LlamaCppModel]):
         None on the CPU (``gpu_enabled: false``) or when the file cannot be read."""
         if not self.settings.gpu_enabled:
             return None
+        path = self.entry.model_path
+        # A split GGUF (``name-00001-of-00003.gguf``) loads every part.
+        split = _SPLIT.fullmatch(path)
+        parts = (
+            [f"{split[1]}-{n:05d}-of-{split[2]}.gguf" for n in range(1, int(split[2]) + 1)]
+            if split
+            else [path]
+        )
         try:
-            size = os.path.getsize(self.entry.model_path)
+            size = sum(os.path.getsize(part) for part in parts)
         except OSError:
             return None
         return size / 2**20 * (1 + SIZE_MARGIN) + CONTEXT_MB
