@@ -8,6 +8,8 @@ each model's memory on its own GPU(s).
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -239,3 +241,28 @@ def test_auto_gives_a_vllm_the_gpus_its_parallel_args_ask_for(
     assert argv.count("--tensor-parallel-size") == args.count("--tensor-parallel-size")
     assert device_used(gpu_dir) == [0.5 * GPU_MB, 0.5 * GPU_MB]
     assert swapper.status()["models"]["tp"]["gpus"] == [0, 1]
+
+
+@pytest.mark.parametrize(("setting", "used"), [("-1", [0, 0]), ("", [0, 0]), ("1", [0, 3000])])
+def test_a_fake_process_told_to_see_no_gpu_holds_nothing(
+    gpu_dir: Path, setting: str, used: list[float]
+) -> None:
+    # As CUDA: CUDA_VISIBLE_DEVICES=-1 (or empty) shows no device, so nothing can be held.
+    code = (
+        "import sys; from tests.fake_servers import fakegpu; fakegpu.hold(3000); "
+        "print('held', flush=True); sys.stdin.read()"
+    )
+    env = {**os.environ, fakegpu.ENV: str(gpu_dir), "CUDA_VISIBLE_DEVICES": setting}
+    root = Path(__file__).resolve().parent.parent
+    with subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=root,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as child:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == "held\n"
+        assert device_used(gpu_dir) == used
+        child.stdin.close()
