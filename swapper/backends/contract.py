@@ -26,7 +26,7 @@ import httpx
 # typing.TypeVar takes a default only from Python 3.13 on (PEP 696).
 from typing_extensions import TypeVar
 
-from swapper.backends.output import SECRET_FLAGS as _SECRET_FLAGS
+from swapper.backends.argv import arg_value, redact_argv
 from swapper.backends.output import secret_env_values
 from swapper.backends.process import ManagedProcess, free_port, port_in_use
 from swapper.config import ModelEntry
@@ -56,24 +56,6 @@ EntryT = TypeVar("EntryT", bound=ModelEntry, default=ModelEntry, covariant=True)
 #: :meth:`Backend.gpu_count` for args that pick devices themselves in a way swapper cannot map
 #: onto its GPUs (llama.cpp's ``--device``, ``--main-gpu``): the model gets every GPU.
 EVERY_GPU = 0
-
-
-def arg_value(args: list[str], *flags: str) -> str | None:
-    """The value the last of ``flags`` takes in ``args`` (``--flag V`` or ``--flag=V``; a long
-    flag with ``_`` for ``-`` too), or None when none is there."""
-    wanted = {f.replace("_", "-") if f.startswith("--") else f for f in flags}
-    found: str | None = None
-    for position, arg in enumerate(args):
-        flag, eq, value = arg.partition("=")
-        if flag.startswith("--"):
-            flag = flag.replace("_", "-")
-        if flag not in wanted:
-            continue
-        if eq:
-            found = value
-        elif position + 1 < len(args):
-            found = args[position + 1]
-    return found
 
 
 @dataclass(frozen=True)
@@ -329,22 +311,6 @@ def child_environment(
     if not extra:
         return base
     return {**(os.environ if base is None else base), **extra}
-
-
-def redact_argv(argv: list[str]) -> list[str]:
-    """The command line with secret values hidden, for logs."""
-    shown: list[str] = []
-    hide_next = False
-    for arg in argv:
-        flag, eq, _ = arg.partition("=")
-        if hide_next:
-            shown.append("***")
-        elif eq and flag in _SECRET_FLAGS:
-            shown.append(f"{flag}=***")
-        else:
-            shown.append(arg)
-        hide_next = arg in _SECRET_FLAGS
-    return shown
 
 
 class SubprocessBackend(Backend[EntryT]):
