@@ -292,7 +292,8 @@ class Placement:
         if fixed == ():
             return [()]  # runs on no GPU: only slots limit it
         declared = model.backend.gpu_count() if self.per_gpu else None
-        if declared and fixed is not None and len(fixed) < declared and fixed != model.gpus:
+        resident = placed and model.holds_memory and bool(model.gpus)
+        if declared and fixed is not None and len(fixed) < declared and not resident:
             return (
                 f"is placed on {len(fixed)} GPU(s) {list(fixed)}, but its args make it use "
                 f"{declared}; list at least {declared} GPUs in its gpus (or leave it auto)"
