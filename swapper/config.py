@@ -66,7 +66,9 @@ class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     #: The GPUs (NVML indexes) it loads on: ``auto`` (one GPU that fits, the one with the most
     #: free budget; split evenly over the fewest GPUs only when no single one can hold it), or
     #: a list used exactly (``[0, 1]``: split over both). An ``env: {CUDA_VISIBLE_DEVICES}``
-    #: of the entry's own wins over this and pins it to the GPUs it names.
+    #: of the entry's own wins over this and pins it to the GPUs it names. Under ``auto``, args
+    #: that say how many GPUs the model uses (vLLM's parallel sizes, llama.cpp's
+    #: ``--tensor-split``) get that many; llama.cpp's ``--device``/``--main-gpu`` get every GPU.
     gpus: Literal["auto"] | list[int] = "auto"
 
 

@@ -83,7 +83,8 @@ class SwapperSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: 0 means never.
     default_ttl: float = 0.0
     #: VRAM (MiB) models may use together on each GPU, or a map by NVML index
-    #: (``{0: 18000, 1: 22000}``; a GPU it leaves out gets its total less its reserve);
+    #: (``{0: 18000, 1: 22000}``; a GPU it leaves out gets its total less its reserve); never
+    #: more than a GPU's total (swapper warns at startup when it caps one);
     #: default: each GPU's total less ``vram_reserve_mb``. With no GPU known, a number is one
     #: budget for every model; without a GPU and without this, placement counts models only.
     vram_budget_mb: float | dict[int, float] | None = None
@@ -138,13 +139,12 @@ class SwapperSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return reserve
 
     def budget_for(self, index: int, total_mb: float | None) -> float | None:
-        """What models may use on GPU ``index`` of ``total_mb``; None: unknown."""
+        """What models may use on GPU ``index`` of ``total_mb``; None: unknown. A budget is
+        never more than the GPU's total (a scalar once meant "all GPUs together")."""
         budget = self.vram_budget_mb
-        if isinstance(budget, dict):
-            if index in budget:
-                return budget[index]
-        elif budget is not None:
-            return budget
+        chosen = budget.get(index) if isinstance(budget, dict) else budget
+        if chosen is not None:
+            return chosen if total_mb is None else min(chosen, total_mb)
         if total_mb is None:
             return None
         return max(0.0, total_mb - self.reserve_for(index))

@@ -50,6 +50,14 @@ class FakeModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only=Tru
     #: It can sleep (like vLLM's sleep mode), then holding ``sleep_mb``.
     sleepy: bool = False
     sleep_mb: float = 100.0
+    #: What its args would declare: the GPUs it uses (``Backend.gpu_count``; 0: every GPU).
+    declares_gpus: int | None = None
+    #: Its files' size hint in MiB (``Backend.size_hint_mb``), like a GGUF's.
+    file_mb: float | None = None
+    #: Like vLLM: reserves this share of each GPU's total (the backend's estimate), never split.
+    reserve_share: float | None = None
+    #: Like a remote server: uses no GPU of this node.
+    remote: bool = False
 
 
 class FakeWorld:
@@ -139,7 +147,8 @@ class FakeGpu:
     stopped fake held still counts until ``release_lag`` seconds (default: the world's) after a
     reader first sees it gone, as ``tests/fake_servers/fakegpu.py`` does for dead holders and as
     CUDA's free figure lags an unload; a lag of 0 shows it free at once. ``devices``: that many
-    GPUs of ``total_mb`` each; a fake holds its memory on the GPUs placement started it on. ``host_pids``: NVML
+    GPUs of ``total_mb`` each (or ``sizes``: one total per GPU); a fake holds its memory on the GPUs
+    placement started it on. ``host_pids``: NVML
     lists only pids of another PID namespace (a container), so per-process memory is unknown.
     """
 
@@ -155,9 +164,12 @@ class FakeGpu:
         release_lag: float | None = None,
         host_pids: bool = False,
         devices: int = 1,
+        sizes: list[float] | None = None,
     ) -> None:
         self.world = world
-        self.devices = devices
+        #: Each GPU's total (``sizes``: GPUs of different sizes), else ``devices`` x ``total_mb``.
+        self.sizes = sizes or [total_mb] * devices
+        self.devices = len(self.sizes)
         self.host_pids = host_pids
         self.total_mb = total_mb
         self.extra_mb = extra_mb
@@ -192,8 +204,9 @@ class FakeGpu:
         for index in range(self.devices):
             used = self.used_mb(index)
             name = self.name if index == 0 else f"{self.name} #{index}"
-            free = max(0.0, self.total_mb - used)
-            stats.append(GpuStats(index, name, self.total_mb, used, free, f"GPU-fake-{index}"))
+            total = self.sizes[index]
+            free = max(0.0, total - used)
+            stats.append(GpuStats(index, name, total, used, free, f"GPU-fake-{index}"))
         return stats
 
     def totals_mb(self) -> tuple[float, float, float]:
@@ -234,12 +247,32 @@ def fake_backend_class(world: FakeWorld) -> type[Backend]:
             return self.spec.sleepy
 
         @property
+        def splits(self) -> bool:  # type: ignore[override]
+            return self.spec.reserve_share is None
+
+        @classmethod
+        def uses_local_gpu(cls, entry: ModelEntry) -> bool:
+            return not (isinstance(entry, FakeModel) and entry.remote)
+
+        def gpu_count(self) -> int | None:
+            return self.spec.declares_gpus
+
+        def size_hint_mb(self) -> float | None:
+            return self.spec.file_mb
+
+        def estimate_vram_mb(self, total_mb: float | None) -> float | None:
+            share = self.spec.reserve_share
+            return None if share is None or total_mb is None else share * total_mb
+
+        @property
         def sleep_residual_mb(self) -> float:  # type: ignore[override]
             return self.spec.sleep_mb
 
         def actual_mb(self) -> float:
             spec = self.spec
-            return spec.actual_mb if spec.actual_mb is not None else spec.vram_mb or 0.0
+            if spec.actual_mb is not None:
+                return spec.actual_mb
+            return spec.vram_mb or spec.file_mb or 0.0
 
         async def sleep(self, handle: BackendHandle) -> None:
             """Free all but the residual; the fake stays alive."""
@@ -271,8 +304,12 @@ def fake_backend_class(world: FakeWorld) -> type[Backend]:
             pid = world.pid()
             world.pids[pid] = self.model_id
             world.placed[self.model_id] = tuple(self.gpus) if self.gpus else (0,)
-            world.visible[self.model_id] = self.gpu_environment().get("CUDA_VISIBLE_DEVICES")
-            world.hold(self.model_id, self.actual_mb())
+            visible = self.gpu_environment().get("CUDA_VISIBLE_DEVICES")
+            world.visible[self.model_id] = visible
+            own = self.entry.env.get("CUDA_VISIBLE_DEVICES", visible)
+            # As CUDA: a process told to see no device (-1, empty) holds nothing on any.
+            no_device = self.gpus == [] or (own is not None and own.strip() in ("", "-1"))
+            world.hold(self.model_id, 0.0 if no_device else self.actual_mb())
             return BackendHandle(base_url=f"http://{self.model_id}.fake.test", pid=pid)
 
         async def ready(self, handle: BackendHandle) -> bool:

@@ -122,7 +122,9 @@ async def test_a_model_larger_than_every_gpu_together_is_refused(make: Make) -> 
     coordinator = make({"giant": {"vram_mb": 40000}})
     with pytest.raises(ModelUnavailable) as info:
         await coordinator.acquire("giant")
-    assert "40000 MiB" in info.value.message and "2 GPU budget(s)" in info.value.message
+    message = info.value.message
+    assert "40000 MiB" in message and "20000 MiB on each" in message, message
+    assert "budget of GPU(s) [0, 1] (16384, 16384 MiB)" in message, message
 
 
 async def test_a_pinned_model_goes_on_its_gpu_even_when_another_has_more_room(
@@ -300,3 +302,37 @@ def test_per_gpu_settings_are_validated_with_the_key_named(
     with pytest.raises(ConfigError) as info:
         fake_config(world, {"m": model}, swapper=swapper)
     assert message in str(info.value), str(info.value)
+
+
+async def test_a_sleeping_model_wakes_on_its_own_gpu(make: Make, world: FakeWorld) -> None:
+    coordinator = make({"s": {"vram_mb": 10000, "sleepy": True}, "b": {"vram_mb": 4000}})
+    await use(coordinator, "s")
+    await coordinator.unload("s")  # asleep on GPU 0: it holds 100 MiB there
+    await use(coordinator, "b")  # GPU 1 has more room now: b goes there
+    await use(coordinator, "s")  # woken where its memory is, not started elsewhere
+    assert placed(coordinator) == {"s": [0], "b": [1]}
+    assert world.starts("s") == 1 and ("wake", "s") in world.events
+
+
+async def test_a_sleeper_that_would_evict_a_busy_model_starts_cold_on_a_free_gpu(
+    make: Make, world: FakeWorld
+) -> None:
+    coordinator = make(
+        {
+            "s": {"vram_mb": 10000, "sleepy": True},
+            "x": {"vram_mb": 12000},
+            "y": {"vram_mb": 12000},
+        }
+    )
+    await use(coordinator, "s")  # GPU 0
+    await use(coordinator, "x")  # GPU 1
+    await coordinator.unload("s")  # asleep on GPU 0
+    busy = await coordinator.acquire("y")  # GPU 0 (16284 MiB free there), and kept busy
+    await coordinator.unload("x")  # GPU 1 is empty now
+    assert placed(coordinator)["y"] == [0]
+    # Waking s on GPU 0 would cut y off; GPU 1 has room now: s is stopped and started there.
+    await use(coordinator, "s")
+    assert placed(coordinator)["s"] == [1]
+    assert statuses(coordinator)["y"] == "LOADED" and ("stop", "y") not in world.events
+    assert ("wake", "s") not in world.events and world.starts("s") == 2
+    busy.release()

@@ -8,6 +8,8 @@ each model's memory on its own GPU(s).
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -223,3 +225,44 @@ def test_status_shows_each_gpus_budget_commitments_and_models(
         (0, GPU_MB, 8192 + 4096, ["a", "big"], GPU_MB),
         (1, GPU_MB, 4096 + 4096, ["b", "big"], GPU_MB),
     ]
+
+
+@pytest.mark.parametrize(
+    "args", [["--tensor-parallel-size", "2"], ["-tp=2"], ["--pipeline-parallel-size", "2"]]
+)
+def test_auto_gives_a_vllm_the_gpus_its_parallel_args_ask_for(
+    start: Callable[..., SwapperProcess], gpu_dir: Path, args: list[str]
+) -> None:
+    # On one GPU it would fail: "World size (2) is larger than the number of available GPUs".
+    swapper = start({"tp": vllm(0.5, args=args)})
+    tp = load(swapper, "tp")
+    assert environ(tp["pid"])["CUDA_VISIBLE_DEVICES"] == "0,1"
+    argv = cmdline(tp["pid"])
+    assert argv.count("--tensor-parallel-size") == args.count("--tensor-parallel-size")
+    assert device_used(gpu_dir) == [0.5 * GPU_MB, 0.5 * GPU_MB]
+    assert swapper.status()["models"]["tp"]["gpus"] == [0, 1]
+
+
+@pytest.mark.parametrize(("setting", "used"), [("-1", [0, 0]), ("", [0, 0]), ("1", [0, 3000])])
+def test_a_fake_process_told_to_see_no_gpu_holds_nothing(
+    gpu_dir: Path, setting: str, used: list[float]
+) -> None:
+    # As CUDA: CUDA_VISIBLE_DEVICES=-1 (or empty) shows no device, so nothing can be held.
+    code = (
+        "import sys; from tests.fake_servers import fakegpu; fakegpu.hold(3000); "
+        "print('held', flush=True); sys.stdin.read()"
+    )
+    env = {**os.environ, fakegpu.ENV: str(gpu_dir), "CUDA_VISIBLE_DEVICES": setting}
+    root = Path(__file__).resolve().parent.parent
+    with subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=root,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as child:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == "held\n"
+        assert device_used(gpu_dir) == used
+        child.stdin.close()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 from collections.abc import Callable
 
 from swapper.backends.contract import (
+    EVERY_GPU,
     Backend,
     BackendHandle,
     SubprocessBackend,
+    arg_value,
     executable_problem,
     readable_file_problem,
 )
@@ -36,6 +39,11 @@ class LlamaCppModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only
 
 #: llama-server's HTTP worker threads unless the entry's args set --threads-http.
 HTTP_THREADS = 32
+#: What a model takes beyond its GGUF file before its size is measured: a share for the KV cache
+#: and compute buffers, and the CUDA context.
+SIZE_MARGIN = 0.1
+CONTEXT_MB = 512.0
+_SPLIT = re.compile(r"(.*)-\d{5}-of-(\d{5})\.gguf")
 
 
 class LlamaCppBackend(SubprocessBackend[LlamaCppModel]):
@@ -69,6 +77,37 @@ class LlamaCppBackend(SubprocessBackend[LlamaCppModel]):
         return executable_problem("llama-server binary", self.binary()) or readable_file_problem(
             "model file", self.entry.model_path
         )
+
+    def gpu_count(self) -> int | None:
+        """``--device``/``-dev`` or ``--main-gpu``/``-mg`` in the args name devices by CUDA's
+        indexes, which only hold with every GPU visible: :data:`EVERY_GPU`. Else
+        ``--tensor-split``/``-ts a,b,..`` spreads the model over one GPU per entry."""
+        args = self.entry.args
+        if arg_value(args, "--device", "-dev", "--main-gpu", "-mg") is not None:
+            return EVERY_GPU
+        split = arg_value(args, "--tensor-split", "-ts")
+        if split is None:
+            return None
+        return max(1, len([part for part in split.replace("/", ",").split(",") if part.strip()]))
+
+    def size_hint_mb(self) -> float | None:
+        """The GGUF file's size plus a margin (a floor: the context's KV cache comes on top);
+        None on the CPU (``gpu_enabled: false``) or when the file cannot be read."""
+        if not self.settings.gpu_enabled:
+            return None
+        path = self.entry.model_path
+        # A split GGUF (``name-00001-of-00003.gguf``) loads every part.
+        split = _SPLIT.fullmatch(path)
+        parts = (
+            [f"{split[1]}-{n:05d}-of-{split[2]}.gguf" for n in range(1, int(split[2]) + 1)]
+            if split
+            else [path]
+        )
+        try:
+            size = sum(os.path.getsize(part) for part in parts)
+        except OSError:
+            return None
+        return size / 2**20 * (1 + SIZE_MARGIN) + CONTEXT_MB
 
     def accelerator_args(self) -> list[str]:
         """``-ngl 999`` offloads every layer to the GPU; ``-ngl 0`` keeps the model on the CPU.

@@ -67,6 +67,11 @@ class OllamaModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only=T
             raise ValueError("base_url: must start with http:// or https://")
         if self.env and not self.serve:
             raise ValueError("env: needs serve: true (otherwise swapper starts no process)")
+        if self.gpus != "auto" and not self.serve:
+            raise ValueError(
+                "gpus: needs serve: true (an Ollama that swapper does not start places its "
+                "models itself; swapper puts this model on no GPU)"
+            )
 
 
 def _pinned(expires_at: object) -> bool:
@@ -133,6 +138,13 @@ class OllamaBackend(Backend[OllamaModel]):
         """Ollama knows the model by its tag."""
         return self.tag
 
+    @classmethod
+    def uses_local_gpu(cls, entry: ModelEntry) -> bool:
+        """Only an ``ollama serve`` of swapper's own runs on the GPUs swapper places models on;
+        an Ollama that runs already manages its GPUs itself."""
+        assert isinstance(entry, OllamaModel)
+        return entry.serve
+
     def command(self) -> list[str]:
         """``ollama serve`` (its address comes from ``OLLAMA_HOST``)."""
         return [shutil.which(self.entry.binary) or self.entry.binary, "serve"]
@@ -146,15 +158,16 @@ class OllamaBackend(Backend[OllamaModel]):
         argv = self.command()
         # The entry's env, then what swapper needs: its port, and no expiry of its own.
         ours = {"OLLAMA_HOST": f"{self.host}:{port}", "OLLAMA_KEEP_ALIVE": "-1"}
-        # Its GPUs first: the entry's own CUDA_VISIBLE_DEVICES wins (an operator's pin).
+        # Its GPUs on top (they leave out CUDA_VISIBLE_DEVICES when the entry's env pins it).
         gpu_env = self.gpu_environment()
-        env = child_environment(None, {**gpu_env, **self.entry.env, **ours})
+        env = child_environment(None, {**self.entry.env, **gpu_env, **ours})
+        chosen = gpu_env.get("CUDA_VISIBLE_DEVICES")
         logger.info(
             "Starting %s: %s (OLLAMA_HOST=%s)%s",
             self.model_id,
             " ".join(argv),
             ours["OLLAMA_HOST"],
-            f" on GPU(s) {gpu_env['CUDA_VISIBLE_DEVICES']}" if gpu_env else "",
+            f" on GPU(s) {chosen}" if chosen is not None else "",
         )
         process = await ManagedProcess.spawn(
             argv,

@@ -56,6 +56,8 @@ class OpenaiModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only=T
             raise ValueError("api_key: must not be empty (leave it out for a server without keys)")
         if self.upstream_model is not None and not self.upstream_model.strip():
             raise ValueError("upstream_model: must not be empty")
+        if self.gpus != "auto":
+            raise ValueError("gpus: a remote server (backend: openai) uses no GPU of this node")
 
     def __repr__(self) -> str:
         # Never print the key, wherever an entry ends up being logged.
@@ -71,6 +73,11 @@ class OpenaiBackend(Backend[OpenaiModel]):
     name = "openai"
     entry_type = OpenaiModel
     endpoints = frozenset(OPENAI_ENDPOINTS)
+
+    @classmethod
+    def uses_local_gpu(cls, entry: ModelEntry) -> bool:
+        """A remote server: no GPU of this node is charged for it."""
+        return False
 
     @property
     def url(self) -> str:

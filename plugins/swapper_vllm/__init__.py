@@ -24,6 +24,7 @@ from swapper.backends.contract import (
     Backend,
     BackendHandle,
     SubprocessBackend,
+    arg_value,
     executable_problem,
 )
 from swapper.backends.hookspecs import hookimpl
@@ -36,12 +37,33 @@ __all__ = ["VllmBackend", "VllmModel", "register_backends"]
 DEFAULT_UTILIZATION = 0.9
 
 
-def _sets_tensor_parallel(args: list[str]) -> bool:
-    """The entry's own args choose the tensor-parallel size."""
-    return any(
-        arg in ("--tensor-parallel-size", "-tp") or arg.startswith("--tensor-parallel-size=")
-        for arg in args
-    )
+#: vLLM's parallel sizes, whose product is the number of GPUs (its "world size") it uses.
+_PARALLEL = (
+    ("--tensor-parallel-size", "-tp"),
+    ("--pipeline-parallel-size", "-pp"),
+    ("--data-parallel-size", "-dp"),
+)
+
+
+def _sets_parallelism(args: list[str]) -> bool:
+    """The entry's own args choose how vLLM spreads over GPUs (a parallel size, or a
+    ``--config`` file that may): swapper then adds no ``--tensor-parallel-size``."""
+    flags = [f for pair in _PARALLEL for f in pair]
+    return arg_value(args, *flags, "--config") is not None
+
+
+def declared_gpus(args: list[str]) -> int | None:
+    """The GPUs the args make vLLM use: the product of its parallel sizes; None when they set
+    none (or one is not a number: vLLM refuses those itself)."""
+    world, found = 1, False
+    for flags in _PARALLEL:
+        value = arg_value(args, *flags)
+        if value is None:
+            continue
+        if not value.strip().isdigit() or int(value) < 1:
+            return None
+        world, found = world * int(value), True
+    return world if found else None
 
 
 class VllmModel(ModelEntry, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -135,7 +157,7 @@ class VllmBackend(SubprocessBackend[VllmModel]):
             argv += ["--max-model-len", str(spec.max_model_len)]
         if spec.sleep_mode:
             argv.append("--enable-sleep-mode")
-        if self.gpus and len(self.gpus) > 1 and not _sets_tensor_parallel(spec.args):
+        if self.gpus and len(self.gpus) > 1 and not _sets_parallelism(spec.args):
             # Split over several GPUs: one tensor-parallel rank on each (vLLM's default is 1).
             argv += ["--tensor-parallel-size", str(len(self.gpus))]
         return argv + list(spec.args)
@@ -146,8 +168,15 @@ class VllmBackend(SubprocessBackend[VllmModel]):
             return None
         return {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
 
+    #: It reserves its share of every GPU it runs on: a split never lowers that.
+    splits = False
+
+    def gpu_count(self) -> int | None:
+        """Tensor x pipeline x data parallel sizes from the entry's args, when they set any."""
+        return declared_gpus(self.spec.args)
+
     def estimate_vram_mb(self, total_mb: float | None) -> float | None:
-        """vLLM reserves its utilization share of the total, whatever the model's size."""
+        """vLLM reserves its utilization share of the GPU's total, whatever the model's size."""
         if total_mb is None:
             return None
         return (self.spec.gpu_memory_utilization or DEFAULT_UTILIZATION) * total_mb

@@ -26,17 +26,19 @@ import httpx
 # typing.TypeVar takes a default only from Python 3.13 on (PEP 696).
 from typing_extensions import TypeVar
 
-from swapper.backends.output import SECRET_FLAGS as _SECRET_FLAGS
+from swapper.backends.argv import arg_value, redact_argv
 from swapper.backends.output import secret_env_values
 from swapper.backends.process import ManagedProcess, free_port, port_in_use
 from swapper.config import ModelEntry
 
 __all__ = [
+    "EVERY_GPU",
     "Backend",
     "BackendHandle",
     "BackendSettings",
     "EntryT",
     "SubprocessBackend",
+    "arg_value",
     "child_environment",
     "executable_problem",
     "readable_file_problem",
@@ -49,6 +51,11 @@ logger = logging.getLogger("swapper.backend")
 #: a ``Backend[LlamaCppModel]`` is a ``Backend[ModelEntry]``; that default lets the registry and the
 #: coordinator hold any backend as a plain ``Backend``.
 EntryT = TypeVar("EntryT", bound=ModelEntry, default=ModelEntry, covariant=True)
+
+
+#: :meth:`Backend.gpu_count` for args that pick devices themselves in a way swapper cannot map
+#: onto its GPUs (llama.cpp's ``--device``, ``--main-gpu``): the model gets every GPU.
+EVERY_GPU = 0
 
 
 @dataclass(frozen=True)
@@ -153,13 +160,43 @@ class Backend(abc.ABC, Generic[EntryT]):
         return None
 
     def gpu_environment(self) -> dict[str, str]:
-        """``CUDA_VISIBLE_DEVICES`` for the GPUs placement chose, in NVML's (PCI bus) order;
-        nothing when no GPU is known or the entry's own ``env`` sets it (the operator's pin)."""
-        if self.gpus is None or "CUDA_VISIBLE_DEVICES" in self.entry.env:
+        """The GPU variables the child gets on top of the entry's ``env`` (these win): nothing
+        when no GPU is known; where the entry's ``env`` sets ``CUDA_VISIBLE_DEVICES`` (the
+        operator's pin) only ``CUDA_DEVICE_ORDER``, its own or ``PCI_BUS_ID``; else
+        ``CUDA_VISIBLE_DEVICES`` for the GPUs placement chose, in NVML's (PCI bus) order."""
+        if self.gpus is None:
             return {}
+        # CUDA counts the fastest GPU first by default; NVML's indexes (placement's, and those
+        # a pin is read as) follow the PCI bus.
+        own = self.entry.env
+        if "CUDA_VISIBLE_DEVICES" in own:
+            return {"CUDA_DEVICE_ORDER": own.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID")}
         devices = ",".join(str(i) for i in self.gpus) if self.gpus else "-1"
-        # CUDA counts the fastest GPU first by default; NVML's indexes follow the PCI bus.
         return {"CUDA_VISIBLE_DEVICES": devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+    # -- GPUs (issue 13) ------------------------------------------------------------------------
+
+    @classmethod
+    def uses_local_gpu(cls, entry: ModelEntry) -> bool:
+        """False when the model runs on no GPU of this node (a remote server): placement puts
+        it on none, and its entry may not name ``gpus``. Default True."""
+        return True
+
+    def gpu_count(self) -> int | None:
+        """How many GPUs the entry's own args make the backend use (vLLM's parallel sizes,
+        llama.cpp's ``--tensor-split``): ``gpus: auto`` then picks that many, and a shorter
+        ``gpus`` list is refused. :data:`EVERY_GPU`: the args pick devices in a way swapper
+        cannot map, so the model gets every GPU. None (default): the args say nothing."""
+        return None
+
+    def size_hint_mb(self) -> float | None:
+        """A floor for the whole model's VRAM from its files (a GGUF's size on disk plus a
+        margin), used when nothing was measured or configured; None: unknown (default)."""
+        return None
+
+    #: False when the backend reserves a share of each GPU whatever its size (vLLM): splitting
+    #: it over more GPUs would not lower what it takes on each, so ``auto`` never does.
+    splits: ClassVar[bool] = True
 
     def accelerator_args(self) -> list[str]:
         """Command-line arguments for ``gpu_enabled`` / ``metal_acceleration``; none by default."""
@@ -178,9 +215,11 @@ class Backend(abc.ABC, Generic[EntryT]):
         return ()
 
     def estimate_vram_mb(self, total_mb: float | None) -> float | None:
-        """VRAM the model will take, in MiB, before anything was measured; None: unknown.
+        """VRAM the model will take on one GPU, in MiB, before anything was measured; None:
+        unknown.
 
-        ``total_mb`` is the GPUs' total memory (None without a GPU).
+        ``total_mb`` is that GPU's total memory (None without a GPU); a model on several GPUs
+        is charged this on each (the largest figure where their totals differ).
         """
         return None
 
@@ -274,22 +313,6 @@ def child_environment(
     return {**(os.environ if base is None else base), **extra}
 
 
-def redact_argv(argv: list[str]) -> list[str]:
-    """The command line with secret values hidden, for logs."""
-    shown: list[str] = []
-    hide_next = False
-    for arg in argv:
-        flag, eq, _ = arg.partition("=")
-        if hide_next:
-            shown.append("***")
-        elif eq and flag in _SECRET_FLAGS:
-            shown.append(f"{flag}=***")
-        else:
-            shown.append(arg)
-        hide_next = arg in _SECRET_FLAGS
-    return shown
-
-
 class SubprocessBackend(Backend[EntryT]):
     """A backend that runs one command line listening on a loopback port swapper picks."""
 
@@ -308,12 +331,13 @@ class SubprocessBackend(Backend[EntryT]):
         port = free_port(self.host)
         argv = self.command(port)
         gpu_env = self.gpu_environment()
-        env = child_environment(self.environment(), {**gpu_env, **self.entry.env})
+        env = child_environment(self.environment(), {**self.entry.env, **gpu_env})
+        chosen = gpu_env.get("CUDA_VISIBLE_DEVICES")
         logger.info(
             "Starting %s: %s%s%s",
             self.model_id,
             " ".join(redact_argv(argv)),
-            f" on GPU(s) {gpu_env['CUDA_VISIBLE_DEVICES']}" if gpu_env else "",
+            f" on GPU(s) {chosen}" if chosen is not None else "",
             f" (env: {', '.join(sorted(self.entry.env))})" if self.entry.env else "",
         )
         process = await ManagedProcess.spawn(

@@ -3,8 +3,10 @@ that wants to load goes (and which models on *those* GPUs make room for it).
 
 A model holding memory is charged on the GPUs it was placed on; a model split over several
 GPUs is charged its size evenly across them. ``gpus: auto`` prefers one GPU that fits, the one
-with the most free budget, and splits over the fewest GPUs only when no single GPU could ever
-hold it. Eviction is decided per GPU: only models on the chosen GPUs are evicted for memory
+with the most free budget (on a tie, the one with the fewest models, so concurrent loads of
+unknown size spread), and splits over the fewest GPUs only when no single GPU could ever hold it
+(and the backend allows a split). A model whose args declare how many GPUs it uses gets exactly
+that many. Eviction is decided per GPU: only models on the chosen GPUs are evicted for memory
 (``max_concurrent_models`` stays a node-wide count of slots, so a slot may come from anywhere).
 
 Without any GPU known (no NVML, no budget map) there is one pseudo-device, :data:`NO_GPU`,
@@ -29,6 +31,7 @@ __all__ = [
     "Device",
     "DeviceChoice",
     "GpuPlanner",
+    "Need",
     "charges_by_device",
     "gpu_options",
 ]
@@ -66,9 +69,17 @@ def _cap(budget: float | None) -> float:
     return math.inf if budget is None else budget
 
 
-def _per(need: float, option: Sequence[int]) -> float:
-    """Each GPU's share of ``need`` on ``option`` (nothing on no GPU)."""
-    return need / len(option) if option else 0.0
+#: MiB a model needs in all on a GPU set (it may depend on the GPUs: vLLM reserves a share of each).
+Need = Callable[[tuple[int, ...]], float]
+
+
+def _per(need: Need, option: tuple[int, ...]) -> float:
+    """Each GPU's share of what the model needs on ``option`` (nothing on no GPU)."""
+    return need(option) / len(option) if option else 0.0
+
+
+def _mb(value: float | None) -> str:
+    return "no limit" if value is None else f"{value:.0f}"
 
 
 def _share(model: ModelRuntime, mb: float) -> Iterable[tuple[int, float]]:
@@ -92,46 +103,82 @@ def charges_by_device(
 
 
 def gpu_options(
-    need: float, budgets: Mapping[int, float | None], fixed: Sequence[int] | None
+    need: Need,
+    budgets: Mapping[int, float | None],
+    fixed: Sequence[int] | None,
+    *,
+    width: int | None = None,
+    split: bool = True,
 ) -> list[tuple[int, ...]] | str:
-    """The GPU sets ``need`` MiB may go on (``fixed``: exactly those), or why none ever can.
+    """The GPU sets the model may go on (``fixed``: exactly those), or why none ever can.
 
-    ``auto`` (``fixed`` None): every single GPU whose budget holds it; failing that, every set
-    of the fewest GPUs whose budgets hold an even share each.
+    ``auto`` (``fixed`` None): every set of ``width`` GPUs (what the model's args declare)
+    whose budgets hold an even share each; without a width, every single GPU that holds it,
+    failing that (when ``split``) every set of the fewest GPUs that hold an even share each.
     """
     if fixed is not None:
-        unknown = [i for i in fixed if i not in budgets]
+        option = tuple(fixed)
+        unknown = [i for i in option if i not in budgets]
         if unknown:
             shown = sorted(i for i in budgets if i != NO_GPU)
             return (
-                f"is placed on GPU(s) {list(fixed)}, but GPU(s) {unknown} are not among the "
+                f"is placed on GPU(s) {list(option)}, but GPU(s) {unknown} are not among the "
                 f"GPUs swapper sees ({shown or 'none'}); check its gpus (or its env's "
                 f"CUDA_VISIBLE_DEVICES)"
             )
-        share = need / len(fixed)
-        short = [i for i in fixed if _cap(budgets[i]) < share]
+        share = _per(need, option)
+        short = [i for i in option if _cap(budgets[i]) < share]
         if short:
             return (
-                f"needs about {share:.0f} MiB on each of GPU(s) {list(fixed)}, more than the "
-                f"budget of GPU(s) {short} ({', '.join(f'{budgets[i]:.0f}' for i in short)} MiB)"
+                f"needs about {share:.0f} MiB on each of GPU(s) {list(option)}, more than the "
+                f"budget of GPU(s) {short} ({', '.join(_mb(budgets[i]) for i in short)} MiB)"
             )
-        return [tuple(fixed)]
+        return [option]
     indexes = sorted(budgets)
-    for width in range(1, len(indexes) + 1):
-        share = need / width
+    if width is not None and width > len(indexes):
+        return (
+            f"uses {width} GPUs (its args say so), but swapper sees only {len(indexes)} ({indexes})"
+        )
+    widths = [width] if width is not None else range(1, len(indexes) + 1 if split else 2)
+    for count in widths:
         sets = [
             combo
-            for combo in itertools.combinations(indexes, width)
-            if all(_cap(budgets[i]) >= share for i in combo)
+            for combo in itertools.combinations(indexes, count)
+            if all(_cap(budgets[i]) >= _per(need, combo) for i in combo)
         ]
         if sets:
             return sets
-    total = sum(b for b in budgets.values() if b is not None)
+    return _why_not(need, budgets, indexes, widths[-1])
+
+
+def _why_not(
+    need: Need, budgets: Mapping[int, float | None], indexes: list[int], width: int
+) -> str:
+    """Why no set of ``width`` GPUs holds the model: the GPUs whose budget is too small."""
     if len(indexes) == 1:
-        return f"needs about {need:.0f} MiB of VRAM, more than the {total:.0f} MiB budget"
+        (only,) = indexes
+        return (
+            f"needs about {need((only,)):.0f} MiB of VRAM, more than the "
+            f"{_mb(budgets[only])} MiB budget"
+        )
+    if width == 1:
+        # Each GPU on its own (its backend is never split to fit): what the model needs there
+        # against that GPU's budget.
+        each = ", ".join(f"{need((i,)):.0f} MiB on GPU {i}" for i in indexes)
+        budget = ", ".join(f"GPU {i}: {_mb(budgets[i])}" for i in indexes)
+        return (
+            f"needs about {each}, more than the budget of GPU(s) {indexes} ({budget} MiB); "
+            "its backend is not split over several GPUs to fit"
+        )
+    # The widest sets failed, so at least one GPU of every set lacks the even share; over the
+    # first ``width`` GPUs with the most budget, name those.
+    widest = tuple(sorted(sorted(indexes, key=lambda i: -_cap(budgets[i]))[:width]))
+    share = _per(need, widest)
+    short = [i for i in widest if _cap(budgets[i]) < share]
     return (
-        f"needs about {need:.0f} MiB of VRAM, more than all {len(indexes)} GPU budget(s) "
-        f"together ({total:.0f} MiB)"
+        f"needs about {need(widest):.0f} MiB of VRAM; split evenly over {width} GPUs that is "
+        f"{share:.0f} MiB on each, more than the budget of GPU(s) {short} "
+        f"({', '.join(_mb(budgets[i]) for i in short)} MiB)"
     )
 
 
@@ -166,17 +213,24 @@ class GpuPlanner:
         return room
 
     def choose(
-        self, need: float, options: list[tuple[int, ...]], residents: list[ModelRuntime]
+        self, need: Need, options: list[tuple[int, ...]], residents: list[ModelRuntime]
     ) -> DeviceChoice:
-        """Start on the option with the most free budget if one fits; else wait for models on
-        their way out if that is enough; else evict where it is cheapest."""
+        """Start on the option with the most free budget if one fits (on a tie, the one with
+        the fewest models on it); else wait for models on their way out if that is enough;
+        else evict where it is cheapest."""
         now = charges_by_device(residents)
         slots_now = sum(m.holds_slot for m in residents)
         if slots_now + 1 <= self.slots:
             fitting = [o for o in options if not self._short(now, o, _per(need, o))]
             if fitting:
-                # Most free budget left; on a tie the lowest indexes (the options' order).
-                best = max(fitting, key=lambda o: self._room(now, o, _per(need, o)))
+                # Most free budget left; on a tie the fewest models there (models of unknown
+                # size, charged nothing, would otherwise all pile onto the first GPU), then
+                # the lowest indexes (the options' order).
+                def key(option: tuple[int, ...]) -> tuple[float, int]:
+                    crowd = sum(1 for m in residents if set(option).intersection(m.gpus))
+                    return (self._room(now, option, _per(need, option)), -crowd)
+
+                best = max(fitting, key=key)
                 return DeviceChoice(gpus=best, start=True)
         left = charges_by_device(residents, after_unload=True)
         slots_left = sum(m.status in (_S.LOADING, _S.LOADED) for m in residents)
@@ -200,7 +254,7 @@ class GpuPlanner:
     def _evictions(
         self,
         option: tuple[int, ...],
-        need: float,
+        need: Need,
         candidates: list[ModelRuntime],
         left: Mapping[int, float],
         slots_left: int,

@@ -60,6 +60,10 @@ class ReleaseWatch:
                     _Release(model.id, index, used_before[index] - share, deadline)
                 )
 
+    def pending(self, device: int) -> list[str]:
+        """The models whose release on GPU ``device`` NVML has yet to show (expired or not)."""
+        return [r.model_id for r in self._releases if r.device == device]
+
     async def wait(self, model: ModelRuntime, need_mb: float) -> None:
         """Wait until the releases on ``model``'s GPUs are seen and ``need_mb`` (split evenly)
         is free there. Bounded by ``swapper.vram_release_timeout``; logged."""
@@ -120,6 +124,7 @@ class ReleaseWatch:
                     now - started,
                     why,
                 )
-                self._releases = [r for r in self._releases if r.device not in devices]
+                # The releases stay: they expire at their own deadlines, and another load onto
+                # one of those GPUs must not take this model's giving up for NVML's all-clear.
                 return
             await asyncio.sleep(_POLL)

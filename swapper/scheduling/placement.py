@@ -3,32 +3,27 @@
 The coordinator asks :meth:`Placement.plan` whether a model can load now, and if not which
 resident models should make room. A model's size is, in order of trust: what swapper measured
 the last time it was resident (kept in the state file), its configured ``vram_mb``, the
-backend's own estimate (vLLM reserves ``gpu_memory_utilization`` of the GPU), or unknown (0:
-only ``max_concurrent_models`` then limits it).
+backend's own estimate (vLLM reserves ``gpu_memory_utilization`` of each GPU it runs on), the
+size of its files where NVML shows GPUs (a GGUF's bytes plus a margin), or unknown (0: only
+``max_concurrent_models`` then limits it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
-import json
 import logging
-import os
-import tempfile
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import msgspec
-
-from swapper.config import Config, ModelEntry
+from swapper.backends.contract import EVERY_GPU
+from swapper.config import Config
 from swapper.gpu import GpuStats, parse_visible_devices
-from swapper.scheduling.gpu_budget import NO_GPU, Device, GpuPlanner, gpu_options
+from swapper.scheduling.gpu_budget import NO_GPU, Device, GpuPlanner, Need, gpu_options
 from swapper.scheduling.memory_wait import ReleaseWatch
 from swapper.scheduling.model_state import ModelStatus
+from swapper.scheduling.size_book import SizeBook, default_state_file
 
 if TYPE_CHECKING:
     from swapper.scheduling.runtime import ModelRuntime
@@ -58,74 +53,6 @@ class GpuView(Protocol):
     def gpus(self) -> list[GpuStats]: ...
 
     def process_memory_mb(self, pid: int) -> float | None: ...
-
-
-def default_state_file() -> Path:
-    """``$XDG_STATE_HOME/swapper/state.json``, else ``~/.local/state/swapper/state.json``."""
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "swapper" / "state.json"
-
-
-def fingerprint(entry: ModelEntry) -> str:
-    """Changes whenever a model's entry does, so a size learned for another setup is not used."""
-    return hashlib.sha256(msgspec.json.encode(entry)).hexdigest()[:16]
-
-
-class SizeBook:
-    """Measured VRAM sizes by model id, kept in a small JSON state file across restarts."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._sizes: dict[str, dict[str, Any]] = {}
-        try:
-            data = json.loads(path.read_text())
-            models = data.get("models", {}) if isinstance(data, dict) else {}
-            self._sizes = {
-                k: v
-                for k, v in models.items()
-                if isinstance(v, dict) and isinstance(v.get("vram_mb"), int | float)
-            }
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as exc:  # a damaged file only loses what was learned
-            logger.warning("ignoring the state file %s: %s", path, exc)
-
-    def get(self, model_id: str, entry: ModelEntry) -> float | None:
-        """The learned size of ``model_id`` in MiB, if learned for this very entry."""
-        known = self._sizes.get(model_id)
-        if known is None or known.get("fingerprint") != fingerprint(entry):
-            return None
-        return float(known["vram_mb"])
-
-    def record(self, model_id: str, entry: ModelEntry, vram_mb: float) -> bool:
-        """Remember a measurement; True when it changed what is known (then :meth:`save`)."""
-        old = self.get(model_id, entry)
-        if old is not None and abs(old - vram_mb) <= max(16.0, 0.02 * old):
-            return False
-        self._sizes[model_id] = {
-            "vram_mb": round(vram_mb, 1),
-            "fingerprint": fingerprint(entry),
-            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        return True
-
-    def save(self) -> None:
-        """Write the file atomically (a crash mid-write leaves the old one)."""
-        document = json.dumps({"version": 1, "models": self._sizes}, indent=2, sort_keys=True)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-")
-            with os.fdopen(fd, "w") as out:
-                out.write(document)
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            logger.warning("could not write the state file %s: %s", self.path, exc)
-            with contextlib.suppress(OSError, UnboundLocalError):
-                os.unlink(tmp)
-
-    def snapshot(self) -> dict[str, float]:
-        """Learned sizes by model id."""
-        return {k: float(v["vram_mb"]) for k, v in self._sizes.items()}
 
 
 @dataclass(frozen=True)
@@ -171,6 +98,38 @@ class Placement:
         #: Counts backend starts, stops, sleeps and wakes: a change in NVML's used memory across a
         #: span in which it moved by one only is that one model's doing (see :meth:`note_change`).
         self.gpu_changes = 0
+        self._warn_budgets()
+
+    def _warn_budgets(self) -> None:
+        """Say once, at startup, where the budgets the config sets do not fit the GPUs NVML
+        shows: a scalar above a GPU's total (before per-GPU budgets it meant all GPUs
+        together), map keys naming GPUs NVML does not show."""
+        if not self.nvml_devices:
+            return
+        settings = self.config.swapper
+        shown = [d.index for d in self.nvml_devices]
+        budget = settings.vram_budget_mb
+        if isinstance(budget, int | float):
+            over = [d for d in self.nvml_devices if d.total_mb is not None and budget > d.total_mb]
+            if over:
+                logger.warning(
+                    "swapper.vram_budget_mb (%.0f MiB) is more than the total of GPU(s) %s "
+                    "(%s MiB): the budget is per GPU now, not all GPUs together; each GPU's "
+                    "budget is capped at its total",
+                    budget,
+                    [d.index for d in over],
+                    ", ".join(f"{d.total_mb:.0f}" for d in over),
+                )
+        for name in ("vram_budget_mb", "vram_reserve_mb"):
+            value = getattr(settings, name)
+            unknown = sorted(set(value) - set(shown)) if isinstance(value, dict) else []
+            if unknown:
+                logger.warning(
+                    "swapper.%s names GPU(s) %s, which NVML does not show (it shows %s); ignored",
+                    name,
+                    unknown,
+                    shown,
+                )
 
     def note_change(self) -> int:
         """A backend is about to start, stop, sleep or wake; return the new count."""
@@ -212,23 +171,50 @@ class Placement:
         return sum(b for b in budgets if b is not None)
 
     def fixed_gpus(self, model: ModelRuntime) -> tuple[int, ...] | None:
-        """The GPUs ``model`` must go on, or None (``auto``): where it holds memory now, its
-        entry's ``env`` ``CUDA_VISIBLE_DEVICES`` (the operator's pin wins), its ``gpus`` list."""
+        """The GPUs ``model`` must go on, or None (``auto``): where it holds memory now; none
+        for a backend that uses no GPU of this node; its entry's ``env``
+        ``CUDA_VISIBLE_DEVICES`` (the operator's pin wins); its ``gpus`` list; every GPU when
+        its args pick devices themselves (see :meth:`Backend.gpu_count`)."""
+        fixed = self._fixed(model)
+        return () if isinstance(fixed, str) else fixed
+
+    def _fixed(self, model: ModelRuntime, *, placed: bool = True) -> tuple[int, ...] | str | None:
+        """:meth:`fixed_gpus` (``placed`` False: as if it held nothing yet), or why the entry's
+        ``CUDA_VISIBLE_DEVICES`` names no GPU."""
         if not self.per_gpu:
             return (NO_GPU,)
-        if model.holds_memory and model.gpus:
+        if placed and model.holds_memory and model.gpus:
             return model.gpus
         entry = model.backend.entry
+        if not model.backend.uses_local_gpu(entry):
+            return ()  # a remote server: charged on no GPU
         visible = entry.env.get("CUDA_VISIBLE_DEVICES")
         if visible is not None:
-            top = max(d.index for d in self.devices)
-            uuids = [""] * (top + 1)
-            for device in self.devices:
-                uuids[device.index] = device.uuid
-            named = parse_visible_devices(visible, uuids)
-            # A setting naming no GPU (-1, ""): the backend runs without one, charged nowhere.
-            return tuple(named)
-        return tuple(entry.gpus) if isinstance(entry.gpus, list) else None
+            return self._visible(visible)
+        if isinstance(entry.gpus, list):
+            return tuple(entry.gpus)
+        if model.backend.gpu_count() == EVERY_GPU:
+            return tuple(d.index for d in self.devices)
+        return None
+
+    def _visible(self, visible: str) -> tuple[int, ...] | str:
+        """The GPUs an entry's own ``CUDA_VISIBLE_DEVICES`` names, or why a token names none."""
+        if visible.strip() in ("", "-1"):
+            return ()  # the operator's "no GPU": runs on none, charged nowhere
+        top = max(d.index for d in self.devices)
+        uuids = [""] * (top + 1)
+        for device in self.devices:
+            uuids[device.index] = device.uuid
+        named = parse_visible_devices(visible, uuids)
+        tokens = [t.strip() for t in visible.split(",")]
+        if len(named) < len(tokens):
+            # CUDA would drop this token and every one after it, silently: say so instead.
+            return (
+                f"has env CUDA_VISIBLE_DEVICES={visible!r}, whose {tokens[len(named)]!r} names "
+                f"none of the GPUs swapper sees ({[d.index for d in self.devices]}); use their "
+                f"NVML indexes or UUIDs (or -1 for none)"
+            )
+        return tuple(named)
 
     def take_gpus(self, model: ModelRuntime) -> tuple[int, ...]:
         """The GPUs the plan that started ``model`` chose (a model waking keeps its own)."""
@@ -238,35 +224,53 @@ class Placement:
         fixed = self.fixed_gpus(model)
         return fixed if fixed is not None else (self.devices[0].index,)
 
-    def _width(self, model: ModelRuntime) -> int:
-        """How many GPUs ``model`` is (or will be) on, for a backend's per-GPU estimate."""
-        gpus = model.gpus if model.holds_memory and model.gpus else self.fixed_gpus(model)
-        return max(1, len(gpus)) if gpus else 1
+    def _on(self, model: ModelRuntime) -> tuple[int, ...] | None:
+        """The GPUs ``model`` is (or will be) on; None: not chosen yet (``auto``)."""
+        if model.holds_memory and model.gpus:
+            return model.gpus
+        return self.fixed_gpus(model)
 
-    def _device_total_mb(self) -> float | None:
-        """One GPU's total memory (the largest), for a backend's estimate."""
-        totals = [d.total_mb for d in self.nvml_devices if d.total_mb is not None]
-        return max(totals) if totals else None
+    def _estimate(self, model: ModelRuntime, on: tuple[int, ...] | None) -> float | None:
+        """The backend's own estimate on the GPUs ``on`` (None: one GPU of those ``auto`` may
+        pick, or the number its args declare), from those GPUs' totals; None: no estimate."""
+        totals = {d.index: d.total_mb for d in self.nvml_devices}
+        pool = on if on else list(totals)
+        figures = [
+            model.backend.estimate_vram_mb(totals[i]) for i in pool if totals.get(i) is not None
+        ] or [model.backend.estimate_vram_mb(None)]
+        known = [f for f in figures if f]
+        if not known:
+            return None
+        declared = model.backend.gpu_count()
+        width = len(on) if on else max(1, declared or 1)
+        # One figure per GPU: charged evenly, so the largest (what vLLM reserves on the
+        # largest of them) on each.
+        return max(known) * width
 
     # -- sizes ------------------------------------------------------------------------------
 
-    def predicted_mb(self, model: ModelRuntime) -> float:
-        """What ``model`` will take when loaded: learned, configured, estimated, else 0."""
+    def predicted_mb(self, model: ModelRuntime, on: tuple[int, ...] | None = None) -> float:
+        """What ``model`` will take when loaded (on the GPUs ``on``, default: its own):
+        learned, configured, the backend's estimate, its files' size, else 0."""
         entry = model.backend.entry
         learned = self.sizes.get(model.id, entry)
         if learned is not None:
             return learned
         if entry.vram_mb is not None:
             return entry.vram_mb
-        estimate = model.backend.estimate_vram_mb(self._device_total_mb()) or 0.0
-        return estimate * self._width(model)
+        estimate = self._estimate(model, on if on is not None else self._on(model))
+        if estimate is not None:
+            return estimate
+        # Only where NVML shows GPUs: without one, sizes stay what the config says.
+        hint = model.backend.size_hint_mb() if self.nvml_devices else None
+        return hint or 0.0
 
     def start_need_mb(self, model: ModelRuntime) -> float:
         """Free memory ``model``'s backend needs to start: its predicted size, or more when the
         backend reserves a share of each GPU up front (vLLM refuses to start below
-        ``gpu_memory_utilization`` × total, however small the model)."""
-        reserved = model.backend.estimate_vram_mb(self._device_total_mb()) or 0.0
-        return max(self.predicted_mb(model), reserved * self._width(model))
+        ``gpu_memory_utilization`` x total, however small the model)."""
+        reserved = self._estimate(model, self._on(model)) or 0.0
+        return max(self.predicted_mb(model), reserved)
 
     def pinned(self, model: ModelRuntime) -> bool:
         """Pinned models are evicted last; the default model is pinned unless configured."""
@@ -277,11 +281,28 @@ class Placement:
 
     # -- planning ---------------------------------------------------------------------------
 
-    def _options(self, model: ModelRuntime) -> list[tuple[int, ...]] | str:
-        fixed = self.fixed_gpus(model)
+    def _need(self, model: ModelRuntime) -> Need:
+        """What ``model`` needs in all on a GPU set (a backend's estimate depends on it)."""
+        return lambda option: self.predicted_mb(model, option)
+
+    def _options(self, model: ModelRuntime, *, placed: bool = True) -> list[tuple[int, ...]] | str:
+        fixed = self._fixed(model, placed=placed)
+        if isinstance(fixed, str):
+            return fixed
         if fixed == ():
             return [()]  # runs on no GPU: only slots limit it
-        return gpu_options(self.predicted_mb(model), self.budgets(), fixed)
+        declared = model.backend.gpu_count() if self.per_gpu else None
+        resident = placed and model.holds_memory and bool(model.gpus)
+        if declared and fixed is not None and len(fixed) < declared and not resident:
+            return (
+                f"is placed on {len(fixed)} GPU(s) {list(fixed)}, but its args make it use "
+                f"{declared}; list at least {declared} GPUs in its gpus (or leave it auto)"
+            )
+        # A backend that reserves a share of each GPU is never split to make it fit.
+        split = model.backend.splits or self._estimate(model, None) is None
+        return gpu_options(
+            self._need(model), self.budgets(), fixed, width=declared or None, split=split
+        )
 
     def refusal(self, model: ModelRuntime) -> str | None:
         """Why ``model`` can never fit, or None."""
@@ -289,7 +310,7 @@ class Placement:
         if isinstance(options, str):
             return (
                 f"Model {model.id!r} {options}; it can never be loaded (check its vram_mb"
-                f"{', gpus' if self.per_gpu else ''} and swapper.vram_budget_mb)"
+                f"{', gpus, args' if self.per_gpu else ''} and swapper.vram_budget_mb)"
             )
         return None
 
@@ -316,7 +337,19 @@ class Placement:
         planner = GpuPlanner(
             self.budgets(), self.config.swapper.max_concurrent_models, self._eviction_key
         )
-        choice = planner.choose(self.predicted_mb(target), options, residents)
+        choice = planner.choose(self._need(target), options, residents)
+        if (
+            target.status == _S.SLEEPING
+            and not choice.start
+            and any(m.in_flight > 0 or m.queued > 0 for m, _ in choice.evict)
+        ):
+            # Waking on its own GPUs would cut off a busy model: when other GPUs have room for
+            # it now, stop the sleeper and start it cold there instead.
+            fresh = self._options(target, placed=False)
+            if not isinstance(fresh, str) and set(fresh) - set(options):
+                elsewhere = [o for o in fresh if o not in options]
+                if planner.choose(self._need(target), elsewhere, residents).start:
+                    return Plan(evict=[EvictionChoice(target, full=True)])
         if choice.start and choice.gpus is not None:
             self._chosen[target.id] = choice.gpus
         return Plan(

@@ -293,7 +293,8 @@ class ModelRuntime:
         """UNLOADING: asleep when the backend can sleep, else (or ``full``) stopped."""
         self.unload_started = time.monotonic()
         target = self.eviction.target if self.eviction is not None else None
-        if target is not None and target.swap_started is None:
+        # (A sleeper stopped to start cold elsewhere makes room for itself: no swap to time.)
+        if target is not None and target is not self and target.swap_started is None:
             # Unloading to make room: the swap starts now.
             target.swap_from, target.swap_started = self.id, self.unload_started
         asleep = self.status == _S.SLEEPING

@@ -159,7 +159,8 @@ def hold(
     mb: float, directory: str | os.PathLike[str] | None = None, pid: int | None = None
 ) -> None:
     """Set the memory the calling process (or its child ``pid``) holds (0 releases it at once):
-    split evenly over the devices its ``CUDA_VISIBLE_DEVICES`` names, else on device 0.
+    split evenly over the devices its ``CUDA_VISIBLE_DEVICES`` names (none when it names none),
+    else (unset) on device 0.
 
     No-op without a fake GPU. ``pid`` lets a server account its memory to a worker child, as
     vLLM's API server does for its EngineCore process.
@@ -167,7 +168,13 @@ def hold(
     root = _root(directory)
     if root is None or not configured(root):
         return
-    on = visible(root) or [0]
+    on = visible(root)
+    if on == []:
+        # CUDA_VISIBLE_DEVICES names no device (-1, empty, an unknown one): like CUDA, the
+        # process sees none and holds nothing.
+        hold_devices({}, root, pid)
+        return
+    on = on or [0]
     hold_devices({i: mb / len(on) for i in on}, root, pid)
 
 
