@@ -54,6 +54,37 @@ async def test_a_flood_is_counted_not_kept_and_the_last_lines_survive() -> None:
     assert len(kept) - len(shown) + hidden == 400_001
 
 
+#: Prints 40 lines one write at a time, 2 ms apart, as llama-server prints its lines a request.
+TRICKLE = """
+import sys, time
+for i in range(40):
+    sys.stdout.write(f"line {i}\\n")
+    sys.stdout.flush()
+    time.sleep(0.002)
+"""
+
+
+async def _reads_for_a_trickle(gather: bool) -> int:
+    kept: list[str] = []
+    process = await ManagedProcess.spawn(
+        [sys.executable, "-c", TRICKLE], name="trickle", on_line=kept.append
+    )
+    process.gather_output(gather)  # (before the child's interpreter has printed anything)
+    assert await process.wait() == 0
+    assert kept == [f"line {i}" for i in range(40)]  # every line, in order, either way
+    return process.output_reads
+
+
+@pytest.mark.anyio
+async def test_a_ready_backends_lines_gather_into_few_reads() -> None:
+    """Once ready, lines printed one by one are read a bunch at a time: fewer event-loop
+    wakeups than when each is read as it comes (as while a backend starts)."""
+    one_by_one = await _reads_for_a_trickle(gather=False)
+    gathered = await _reads_for_a_trickle(gather=True)
+    print(f"reads: {one_by_one} one by one, {gathered} gathered")
+    assert gathered * 2 < one_by_one, (gathered, one_by_one)
+
+
 @pytest.mark.anyio
 async def test_a_line_without_end_is_cut_not_held_whole() -> None:
     kept: list[str] = []

@@ -4,7 +4,9 @@ A backend may print a few lines a request or megabytes a second. llama-server wr
 its nine or so lines a request on its own, and waking the event loop for each one cost swapper
 about 0.2 ms of CPU a proxied request. So after a short read the pipe is left alone for
 ``GATHER`` seconds (its reader off the event loop) while the lines pile up in it, then read
-again: under load one read takes many requests' lines, and an idle backend costs nothing. A
+again: under load one read takes many requests' lines, and an idle backend costs nothing.
+Only once the backend is ready (``gather``): while it starts, each line is read at once, since
+the readiness probe runs as soon as the backend prints. A
 long read means the backend prints fast: the pipe is then read on at once, so that a backend
 never waits on a full pipe (it is also made as large as the system allows, ``F_SETPIPE_SZ``).
 
@@ -134,6 +136,10 @@ class OutputReader:
         self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         #: Set whenever the child prints; readiness polls use it to probe at once.
         self.output_seen = asyncio.Event()
+        #: Let lines gather between reads (once the backend is ready; see the module docstring).
+        self.gather = False
+        #: Reads of the pipe so far (each one an event-loop wakeup).
+        self.reads = 0
         self._partial = bytearray()
         self._cut = 0  # bytes cut from the line being read
         self._dropped = 0  # lines not shown since the last kept line
@@ -281,11 +287,12 @@ class _GatheringPipe(asyncio.Protocol):
         self._transport = cast(asyncio.ReadTransport, transport)
 
     def data_received(self, data: bytes) -> None:
+        self._reader.reads += 1
         self._reader.output_seen.set()
         self._reader.feed(data)
         transport = self._transport
-        if len(data) >= _TRICKLE:
-            return  # it prints fast: read on
+        if len(data) >= _TRICKLE or not self._reader.gather:
+            return  # it prints fast (or is starting): read on
         if transport is not None and not transport.is_closing() and transport.is_reading():
             transport.pause_reading()
             asyncio.get_running_loop().call_later(GATHER, self._resume)

@@ -178,6 +178,16 @@ class ManagedProcess:
         process._book = book
         return process
 
+    def gather_output(self, gather: bool) -> None:
+        """Let its output lines gather between reads (True once it is ready), or read each at
+        once (while it starts: the readiness probe runs as soon as it prints)."""
+        self._output.gather = gather
+
+    @property
+    def output_reads(self) -> int:
+        """How many reads of its output pipe so far (each one an event-loop wakeup)."""
+        return self._output.reads
+
     @property
     def pid(self) -> int:
         """The child's pid (also its process-group id)."""

@@ -68,6 +68,8 @@ class BackendDriver:
         handle = self.handle
         assert handle is not None
         await self.set_baseline(holds_mb=holds_mb)
+        if handle.process is not None:
+            handle.process.gather_output(False)  # what it prints waking is read at once
         try:
             await self.backend.wake(handle)
             await self.wait_ready(handle)
@@ -83,12 +85,17 @@ class BackendDriver:
     async def wait_ready(self, handle: BackendHandle) -> None:
         """Probe tightly, backing off from 10 ms to 100 ms; probe at once when the backend logs."""
         backend = self.backend
-        output = handle.process.output_seen if handle.process else None
+        process = handle.process
+        output = process.output_seen if process else None
+        if process is not None:
+            process.gather_output(False)
         delay = _POLL_FIRST
         while True:
             if output is not None:
                 output.clear()
             if await backend.ready(handle):
+                if process is not None:
+                    process.gather_output(True)
                 return
             if not await backend.alive(handle):
                 raise BackendExited(await backend.wait_exit(handle))
