@@ -290,7 +290,26 @@ def streams(
     body = {**CHAT, "max_tokens": 32, "stream": True, "ignore_eos": True}
     direct_url = f"http://127.0.0.1:{port}/v1/chat/completions"
     via_url = f"{swapper}/v1/chat/completions"
-    asyncio.run(_streams(via_url, {**body, "model": "tiny-a"}, min(count, 32)))  # warm up
+    if count > 0 and rounds > 0:  # (--streams 0: latency and swaps only)
+        asyncio.run(_streams(via_url, {**body, "model": "tiny-a"}, min(count, 32)))  # warm up
+        _compare_streams(direct_url, via_url, body, swapper_pid, count, rounds)
+    if many:
+        m_events, m_failed, m_s = asyncio.run(_streams(via_url, {**body, "model": "tiny-a"}, many))
+        print(
+            f"MANY STREAMS: {many} concurrent through swapper: {m_events} events in {m_s:.2f} s, "
+            f"{m_failed} failed (target: none failed: {verdict(m_failed == 0)})"
+        )
+
+
+def _compare_streams(
+    direct_url: str,
+    via_url: str,
+    body: dict[str, object],
+    swapper_pid: int,
+    count: int,
+    rounds: int,
+) -> None:
+    """``count`` concurrent streams straight to the backend and through swapper, in turns."""
     # Direct and through swapper take turns, round after round: a machine whose speed drifts
     # (another process, the clock) then weighs on both alike; the verdict is the median ratio.
     ratios: list[float] = []
@@ -302,7 +321,7 @@ def streams(
         cpu = cpu_seconds(swapper_pid) - cpu_before
         d_rate, v_rate = d_events / d_s, v_events / v_s
         failed += d_failed + v_failed
-        ratios.append(v_rate / d_rate)
+        ratios.append(v_rate / d_rate if d_rate else 0.0)
         print(
             f"streams round {turn}: direct {count} x 32 tokens {d_events} events in {d_s:.2f} s "
             f"= {d_rate:.0f}/s, {d_failed} failed; swapper {v_events} events in {v_s:.2f} s = "
@@ -314,12 +333,6 @@ def streams(
         f"(median of {rounds} alternating rounds: {', '.join(f'{r:.2f}' for r in ratios)}; "
         f"target >= 0.95: {verdict(ratio >= 0.95 and failed == 0)})"
     )
-    if many:
-        m_events, m_failed, m_s = asyncio.run(_streams(via_url, {**body, "model": "tiny-a"}, many))
-        print(
-            f"MANY STREAMS: {many} concurrent through swapper: {m_events} events in {m_s:.2f} s, "
-            f"{m_failed} failed (target: none failed: {verdict(m_failed == 0)})"
-        )
 
 
 def spawn_llama(llama_server: str, model: Path, port: int) -> subprocess.Popen[bytes]:
