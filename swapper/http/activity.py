@@ -305,12 +305,17 @@ class Activity:
 
     async def _sample_forever(self) -> None:
         interval = self.settings.sample_seconds
+        edge = (time.time() // interval + 1) * interval
         while True:
-            await asyncio.sleep(interval - time.time() % interval)  # on the interval's edges
+            await asyncio.sleep(max(0.0, edge - time.time()))  # on the interval's edges
             try:
                 await self.sample()
             except Exception:  # one bad reading must not end the history
                 logger.exception("activity sample failed")
+            # One sample an edge: a timer may fire a millisecond early (uvloop's are whole
+            # milliseconds), and the edge computed anew from the clock would then be the same
+            # one again, giving a second, empty sample a moment later.
+            edge = max(edge + interval, (time.time() // interval + 1) * interval)
 
     async def sample(self) -> dict[str, Any]:
         """Close the period being gathered into a sample: requests and tokens/s by model,
