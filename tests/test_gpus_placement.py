@@ -18,6 +18,7 @@ from swapper.errors import ConfigError, ModelUnavailable
 from swapper.scheduling.coordinator import SwapCoordinator
 from tests.conftest import fake_config
 from tests.fakes import Behaviour, FakeGpu, FakeWorld, until
+from tests.test_gpus import placed, use
 
 pytestmark = pytest.mark.anyio
 
@@ -55,15 +56,6 @@ async def make(world: FakeWorld, tmp_path: Path) -> AsyncIterator[Make]:
     for coordinator in made:
         await coordinator.close()
     assert world.alive == set(), "a fake backend outlived the coordinator"
-
-
-async def use(coordinator: SwapCoordinator, model_id: str) -> None:
-    lease = await coordinator.acquire(model_id)
-    lease.release()
-
-
-def placed(coordinator: SwapCoordinator) -> dict[str, list[int] | None]:
-    return {mid: m.gpus for mid, m in coordinator.status().models.items()}
 
 
 async def refused(coordinator: SwapCoordinator, model_id: str) -> str:
