@@ -147,15 +147,9 @@ class OutputReader:
         self._flood_lines = 0  # lines not shown since the last warning
         self._warned = -_WARN_EVERY
 
-    async def run(self, stream: asyncio.StreamReader) -> None:
-        """Read ``stream`` to its end."""
-        while chunk := await stream.read(1 << 16):
-            self.output_seen.set()
-            self.feed(chunk)
-        self.finish()
-
     async def read_pipe(self, fd: int) -> None:
-        """Read the pipe ``fd`` (which it then owns) to its end, a read every ``GATHER`` s."""
+        """Read the pipe ``fd`` (which it then owns) to its end; once ``gather`` is set, a short
+        read is followed by ``GATHER`` seconds off the event loop."""
         with contextlib.suppress(OSError, AttributeError):  # Linux only; a smaller pipe is fine
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
         loop = asyncio.get_running_loop()
