@@ -41,6 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from swapper.http.app import begin_shutdown, create_app
+    from swapper.http.lean import LeanRoute
     from swapper.http.serving import guarded_protocol, raise_nofile_limit
 
     config, registry = _load(args.config)  # first: the log format comes from the config
@@ -68,8 +69,12 @@ def _serve(args: argparse.Namespace) -> int:
             host=host,
             port=port,
             loop="uvloop",
-            # httptools under swapper's limits: a head deadline and size cap, a connection cap.
-            http=guarded_protocol(config.server),
+            # httptools under swapper's limits: a head deadline and size cap, a connection cap;
+            # plain forwarded requests answered beneath ASGI by the lean route.
+            http=guarded_protocol(config.server, LeanRoute(app, config.server)),
+            # The client is the socket's peer: no X-Forwarded-For taken on trust (any local
+            # process could claim any address), the same on the lean route and in ASGI.
+            proxy_headers=False,
             # typed int, but only ever handed to loop.call_later, where a float is fine
             timeout_keep_alive=config.server.keepalive_timeout,  # type: ignore[arg-type]
             lifespan="on",

@@ -184,7 +184,7 @@ class HostOriginGuard:
                 host = value
             elif name == b"origin":
                 origin = value
-        if host is not None and not self.any_host and not self._host_allowed(host, scope):
+        if host is not None and not self.any_host and not self.host_allowed(host, scope):
             shown = host.decode("latin-1")[:200]
             return _refusal(
                 f"Host {shown!r} is not allowed: add its name to server.allowed_hosts",
@@ -201,7 +201,8 @@ class HostOriginGuard:
                 )
         return None
 
-    def _host_allowed(self, host: bytes, scope: Scope) -> bool:
+    def host_allowed(self, host: bytes, scope: Scope) -> bool:
+        """Whether a request's ``Host`` header names swapper."""
         # Host is "name", "name:port", "[v6]" or "[v6]:port".
         name = host.lower()
         if not name.endswith(b"]"):

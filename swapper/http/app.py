@@ -38,7 +38,6 @@ from swapper.http.catalog import Catalog
 from swapper.http.dashboard import UI_HANDLERS
 from swapper.http.endpoints import ENDPOINT_HANDLERS
 from swapper.http.forwarding import OPENAI_HANDLERS
-from swapper.http.lean import LeanRoute
 from swapper.http.logs import request_id_middleware
 from swapper.http.media import MEDIA_HANDLERS
 from swapper.http.metrics import Metrics
@@ -177,8 +176,6 @@ def create_app(config: Config, registry: BackendRegistry) -> Litestar:
         logging_config=None,  # swapper configures logging itself (cli)
         openapi_config=_openapi_config(),
     )
-    # Plain forwarded OpenAI requests skip Litestar's machinery: see LeanRoute.
-    app.asgi_handler = LeanRoute(app.asgi_handler)
     # Before CORS, routing and everything else: see HostOriginGuard.
     app.asgi_handler = HostOriginGuard(app.asgi_handler, config.server)
     # Outermost, around the router and the guard too: unknown paths and refused requests also

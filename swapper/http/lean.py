@@ -1,33 +1,45 @@
-"""The lean route: plain OpenAI requests for local models, forwarded in raw ASGI.
+"""The lean route: plain OpenAI requests for local models, answered beneath ASGI.
 
-Litestar's routing, guards, request and response objects cost about as much CPU per request as
-the whole exchange with the backend (issue 10's profile). :class:`LeanRoute` sits in front of
-Litestar, inside the request-id middleware (request ids, the access log, metrics and the
-activity record stay as they are) and the Host/Origin guard, and answers the common case
-itself: a POST to a forwarded OpenAI endpoint, with a valid key or none needed, for a local
-model. Everything else goes to Litestar untouched, the body already read handed on with it:
-bad requests (Litestar words every error), peers' models, streams that wait for a load with
-progress feedback, CORS requests and bodies without a length. Once the exchange opens, its
-errors are rendered here exactly as :mod:`swapper.http.app` renders them.
+uvicorn's ASGI cycle, Litestar's routing, guards, request and response objects cost about as
+much CPU per request as the whole exchange with the backend (issue 10's profiles: an ASGI relay
+under uvicorn added twice the latency of the same relay on a bare protocol). :class:`LeanRoute`
+is handed each request by :class:`swapper.http.serving.GuardedHttpToolsProtocol` once its head
+is parsed, and answers the common case itself, writing to the connection directly: a POST to a
+forwarded OpenAI endpoint, with a valid key or none needed, an allowed Host and no Origin, for
+a local model. Everything else runs the ASGI app as usual, the body already read handed on with
+it: bad requests (Litestar words every error), peers' models, streams that wait for a load with
+progress feedback, CORS requests and bodies without a length.
+
+What the ASGI middleware does for every request is done here too, with the same functions:
+the request id (header and log records), the access-log line, the request metrics and the
+activity record. A client that disconnects cancels the request (the protocol tells the route
+when its connection is lost). Once the exchange opens, its errors are rendered exactly as
+:mod:`swapper.http.app` renders them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
-from litestar.enums import ScopeType
-from litestar.types import ASGIApp, Receive, ReceiveMessage, Scope, Send
+from litestar.types import HTTPScope, Scope
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from swapper.errors import SwapperError
-from swapper.http.access import key_accepted
+from swapper.http.access import HostOriginGuard, key_accepted
 from swapper.http.exchange import Exchange, Forward
 from swapper.http.forwarding import content_type_accepted, route_body
-from swapper.http.logs import note_model
+from swapper.http.logs import REQUEST_ID, note_model, record_request, request_id_of
 from swapper.upstream.client import normalise_error
+
+if TYPE_CHECKING:
+    from litestar import Litestar
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+    from swapper.config import ServerSettings
 
 __all__ = ["LEAN_PATHS", "LeanRoute"]
 
@@ -37,27 +49,36 @@ logger = logging.getLogger("swapper")
 LEAN_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 _ENCODE = msgspec.json.Encoder()
 _JSON = b"application/json"
-#: As :data:`swapper.http.responses.SSE_HEADERS`, in ASGI's form.
-_STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+#: As :data:`swapper.http.responses.SSE_HEADERS`, in wire form.
+_STREAM_HEADERS = (
+    b"cache-control: no-cache\r\nx-accel-buffering: no\r\ntransfer-encoding: chunked\r\n"
+)
+_INTERNAL = _ENCODE.encode(
+    {
+        "error": {
+            "message": "Internal server error",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
+)
 
 
 class LeanRoute:
-    """ASGI wrapper answering plain forwarded OpenAI requests; the rest goes to ``app``."""
+    """Answers plain forwarded OpenAI requests on the connection; the rest goes to ASGI."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: Litestar, server: ServerSettings) -> None:
+        self.state = app.state
+        # The Host check of the ASGI app's own guard (built, as that one, from the startup config).
+        self.guard = HostOriginGuard(app.asgi_handler, server)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer the request, or hand it to Litestar."""
-        if scope["type"] != ScopeType.HTTP or scope["path"] not in LEAN_PATHS:
-            await self.app(scope, receive, send)
-            return
-        if scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        state = scope["app"].state
-        server = state.config.server
-        length = content_type = authorization = api_key = None
+    def claims(self, scope: HTTPScope) -> bool:
+        """Whether the head of a request makes it one for this route (the body decides the rest)."""
+        if scope["method"] != "POST" or scope["path"] not in LEAN_PATHS:
+            return False
+        server = self.state.config.server
+        length = content_type = authorization = api_key = host = None
         for name, value in scope["headers"]:
             if name == b"content-length":
                 length = value
@@ -67,151 +88,226 @@ class LeanRoute:
                 authorization = value
             elif name == b"x-api-key":
                 api_key = value
+            elif name == b"host":
+                host = value
             elif name in (b"origin", b"transfer-encoding"):
-                length = None  # CORS and chunked bodies: Litestar's machinery
-                break
-        if (
-            length is None
-            or not length.isdigit()
-            or int(length) > server.max_request_bytes
-            or not key_accepted(server, authorization, api_key)
-            or not content_type_accepted(content_type)
-        ):
-            await self.app(scope, receive, send)
-            return
-        body = await _read_body(receive)
+                return False  # CORS and chunked bodies: Litestar's machinery
+        guard = self.guard
+        return (
+            length is not None
+            and length.isdigit()
+            and int(length) <= server.max_request_bytes
+            and (host is None or guard.any_host or guard.host_allowed(host, scope))
+            and key_accepted(server, authorization, api_key)
+            and content_type_accepted(content_type)
+        )
+
+    async def serve(self, protocol: Any, cycle: RequestResponseCycle, app: Any) -> None:
+        """Answer one claimed request on ``cycle`` (uvicorn's), or run ``app`` for it."""
+        body = await _read_body(cycle)
         if body is None:
-            return  # the client left while sending it
-        forward = _forward(state, scope, body)
+            return  # the client left while sending it: there is no one to answer
+        scope = cast("Scope", cycle.scope)
+        forward = self._forward(scope, body)
         if forward is None:
-            await self.app(scope, _replayed(body, receive), send)
+            # The body goes back into the cycle for the ASGI app's first receive().
+            cycle.body, cycle.more_body = body, False  # type: ignore[assignment]
+            cycle.message_event.set()
+            await cycle.run_asgi(app)
             return
-        scope["path_template"] = scope["path"]
-        await _serve(state, scope, receive, send, forward)
+        answer = _Answer(cycle, request_id_of(scope))
+        token = REQUEST_ID.set(answer.request_id)
+        protocol.lean_answer = answer
+        try:
+            await self._exchange(scope, forward, answer)
+        finally:
+            protocol.lean_answer = None
+            ended = time.perf_counter()
+            ttfb = None if answer.began is None else answer.began - answer.started
+            record_request(
+                self.state,
+                scope,
+                answer.request_id,
+                answer.status,
+                answer.sent,
+                ended - answer.started,
+                ttfb,
+            )
+            REQUEST_ID.reset(token)
 
-
-def _forward(state: Any, scope: Scope, body: bytes) -> Forward | None:
-    """The request as routed; None for Litestar (an error to word, a peer, load feedback)."""
-    try:
-        routing = route_body(body)
-    except Exception:  # noqa: BLE001 (RecursionError too) Litestar words the error
-        return None
-    if routing.model not in state.config.names:
-        return None  # a peer's model, or none: Litestar's route decides
-    try:
-        model_id = state.coordinator.resolve(routing.model)
-        state.catalog.check_serves(model_id, scope["path"])
-    except SwapperError:
-        return None
-    stream = routing.stream is True
-    if (
-        stream
-        and state.config.swapper.loading_feedback != "none"
-        and not state.coordinator.admits_now(model_id)
-    ):
-        return None  # a stream carrying the loading progress
-    note_model(scope, model_id)
-    return Forward(scope["path"], body, model_id, routing.model, stream)
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    """The request body, or None if the client left while sending it."""
-    message = await receive()
-    if message["type"] != "http.request":
-        return None
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body", False):
-        return body
-    parts = [body]
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
+    def _forward(self, scope: Scope, body: bytes) -> Forward | None:
+        """The request as routed; None for ASGI (an error to word, a peer, load feedback)."""
+        state = self.state
+        try:
+            routing = route_body(body)
+        except Exception:  # noqa: BLE001 (RecursionError too) Litestar words the error
             return None
-        parts.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(parts)
+        if routing.model not in state.config.names:
+            return None  # a peer's model, or none: Litestar's route decides
+        try:
+            model_id = state.coordinator.resolve(routing.model)
+            state.catalog.check_serves(model_id, scope["path"])
+        except SwapperError:
+            return None
+        stream = routing.stream is True
+        if (
+            stream
+            and state.config.swapper.loading_feedback != "none"
+            and not state.coordinator.admits_now(model_id)
+        ):
+            return None  # a stream carrying the loading progress
+        scope["path_template"] = scope["path"]
+        note_model(scope, model_id)
+        return Forward(scope["path"], body, model_id, routing.model, stream)
 
-
-def _replayed(body: bytes, receive: Receive) -> Receive:
-    """``receive`` with the body already read given back first."""
-    pending: list[ReceiveMessage] = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def replay() -> ReceiveMessage:
-        if pending:
-            return pending.pop()
-        return await receive()
-
-    return replay
-
-
-class _Client:
-    """Whether the client is still there, and whether its answer has begun or ended."""
-
-    __slots__ = ("answering", "done", "left", "task")
-
-    def __init__(self, task: asyncio.Task[Any]) -> None:
-        self.task = task
-        self.left = self.answering = self.done = False
-
-    async def watch(self, receive: Receive) -> None:
-        """Cancel the request's task once the client disconnects (not after its answer)."""
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        if not self.done:
-            self.left = True
-            self.task.cancel()
-
-
-async def _serve(state: Any, scope: Scope, receive: Receive, send: Send, forward: Forward) -> None:
-    """Open the exchange and relay its answer; a client that leaves cancels the work."""
-    task = asyncio.current_task()
-    assert task is not None
-    client = _Client(task)
-    watcher = asyncio.ensure_future(client.watch(receive))
-    exchange = Exchange(state, scope, forward)
-    try:
+    async def _exchange(self, scope: Scope, forward: Forward, answer: _Answer) -> None:
+        """Open the exchange and relay its answer; a client that leaves cancels the work."""
+        task = asyncio.current_task()
+        assert task is not None
+        answer.task = task
+        exchange = Exchange(self.state, scope, forward)
         try:
             await exchange.open()
             upstream = exchange.upstream
             assert upstream is not None
             content = exchange.content
-            client.answering = True
+            answer.answering = True
             if content is None:
-                await _relay(exchange, upstream.status, upstream.content_type, send)
+                await answer.relay(exchange, upstream.status, upstream.content_type)
                 return
             if upstream.status >= 400:
                 content, media = normalise_error(upstream.status, content), _JSON
             else:
                 media = _media(upstream.content_type) if upstream.content_type else _JSON
-            await _answer(send, upstream.status, media, content)
+            answer.whole(upstream.status, media, content)
         except asyncio.CancelledError:
-            if not client.left:
+            if not answer.left:
                 raise
             task.uncancel()
-            if not client.answering:  # (a stream already begun is simply cut short)
+            if not answer.answering:  # (a stream already begun is simply cut short)
+                answer.status = 499
                 logger.info("client went away; request for %s cancelled", forward.model_id)
-                with contextlib.suppress(Exception):
-                    await _answer(send, 499, _JSON, b"")
         except SwapperError as exc:
-            if client.answering:
-                raise  # the answer has begun: nothing more can be said in it
-            headers = [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
-            await _answer(send, exc.status_code, _JSON, _ENCODE.encode(exc.to_openai()), headers)
+            if answer.answering:
+                answer.broken("error in a response already begun")
+                return
+            headers = b"".join(
+                b"%s: %s\r\n" % (name.lower().encode(), value.encode())
+                for name, value in exc.headers().items()
+            )
+            answer.whole(exc.status_code, _JSON, _ENCODE.encode(exc.to_openai()), headers)
         except Exception:
-            if client.answering:
-                raise
+            if answer.answering:
+                answer.broken("unhandled error in a response already begun")
+                return
             logger.exception("unhandled error on POST %s", scope["path"])
-            error = {
-                "message": "Internal server error",
-                "type": "server_error",
-                "param": None,
-                "code": "internal_error",
-            }
-            await _answer(send, 500, _JSON, _ENCODE.encode({"error": error}))
-    finally:
-        client.done = True
-        watcher.cancel()
-        await exchange.close()
+            answer.whole(500, _JSON, _INTERNAL)
+        finally:
+            answer.done = True
+            await exchange.close()
+
+
+async def _read_body(cycle: RequestResponseCycle) -> bytes | None:
+    """The request body, or None if the client left while sending it."""
+    parts: list[bytes] = []
+    while True:
+        message = await cycle.receive()
+        if message["type"] != "http.request":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class _Answer:
+    """The response to one claimed request, written on uvicorn's cycle as uvicorn would."""
+
+    __slots__ = (
+        "answering",
+        "began",
+        "cycle",
+        "done",
+        "left",
+        "request_id",
+        "sent",
+        "started",
+        "status",
+        "task",
+    )
+
+    def __init__(self, cycle: RequestResponseCycle, request_id: str) -> None:
+        self.cycle = cycle
+        self.request_id = request_id
+        self.started = time.perf_counter()
+        self.began: float | None = None  # when the status and headers went out
+        self.status = 500  # unless an answer is written
+        self.sent = 0
+        self.task: asyncio.Task[Any] | None = None
+        self.answering = self.done = self.left = False
+
+    def client_left(self) -> None:
+        """The connection was lost: cancel the request unless its answer is complete."""
+        if not self.done and self.task is not None:
+            self.left = True
+            self.task.cancel()
+
+    def _head(self, status: int, media: bytes, extra: bytes) -> bytes:
+        cycle = self.cycle
+        self.status, self.began = status, time.perf_counter()
+        cycle.response_started = True
+        parts = [STATUS_LINE[status]]
+        for name, value in cycle.default_headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"content-type: ", media, b"\r\nx-request-id: ", self.request_id.encode())
+        parts += (b"\r\n", extra)
+        if not cycle.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def whole(self, status: int, media: bytes, body: bytes, headers: bytes = b"") -> None:
+        """A whole response, in one write."""
+        head = self._head(status, media, b"content-length: %d\r\n%b" % (len(body), headers))
+        cycle = self.cycle
+        if not cycle.disconnected:
+            cycle.transport.write(head + body)
+            self.sent = len(body)
+            self._complete()
+
+    async def relay(self, exchange: Exchange, status: int, content_type: str) -> None:
+        """Stream the backend's answer as it arrives, chunked; the exchange closes however it ends."""
+        cycle = self.cycle
+        transport, flow = cycle.transport, cycle.flow
+        head = self._head(status, _media(content_type or "text/event-stream"), _STREAM_HEADERS)
+        if cycle.disconnected:
+            return
+        transport.write(head)
+        sent = 0
+        async for chunk in exchange.relay():
+            if flow.write_paused and not cycle.disconnected:
+                await flow.drain()
+            if cycle.disconnected:
+                return
+            if chunk:
+                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+                self.sent = sent
+        if not cycle.disconnected:
+            transport.write(b"0\r\n\r\n")
+            self._complete()
+
+    def broken(self, what: str) -> None:
+        """An error after the answer began: nothing more can be said in it; hang up."""
+        logger.exception("%s on POST %s", what, self.cycle.scope["path"])
+        self.cycle.transport.close()
+
+    def _complete(self) -> None:
+        cycle = self.cycle
+        cycle.response_complete = True
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            cycle.transport.close()
+        cycle.on_response()
 
 
 def _media(content_type: str) -> bytes:
@@ -219,35 +315,3 @@ def _media(content_type: str) -> bytes:
     if content_type.startswith("text/") and "charset=" not in content_type:
         content_type += "; charset=utf-8"
     return content_type.encode("latin-1")
-
-
-async def _relay(exchange: Exchange, status: int, content_type: str, send: Send) -> None:
-    """Stream the backend's answer as it arrives; the exchange closes however it ends."""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", _media(content_type or "text/event-stream")),
-                *_STREAM_HEADERS,
-            ],
-        }
-    )
-    async for chunk in exchange.relay():
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-async def _answer(
-    send: Send,
-    status: int,
-    media: bytes,
-    body: bytes,
-    headers: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    """A whole response."""
-    sent = [(b"content-type", media), (b"content-length", b"%d" % len(body))]
-    if headers:
-        sent += headers
-    await send({"type": "http.response.start", "status": status, "headers": sent})
-    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -27,7 +27,9 @@ __all__ = [
     "note_model",
     "note_stream_error",
     "note_usage",
+    "record_request",
     "request_id_middleware",
+    "request_id_of",
     "setup_logging",
 ]
 
@@ -104,14 +106,7 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send)
             return
         started = time.perf_counter()
-        incoming = next(
-            (value for name, value in scope["headers"] if name == b"x-request-id"), None
-        )
-        request_id = (
-            incoming.decode()
-            if incoming is not None and _SANE_ID.match(incoming)
-            else secrets.token_hex(8)
-        )
+        request_id = request_id_of(scope)
         token = REQUEST_ID.set(request_id)
         header = (b"x-request-id", request_id.encode())
         status = 500  # unless a response starts: the app raised past every handler
@@ -133,20 +128,37 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
         finally:
             ended = time.perf_counter()
             ttfb = None if first is None else first - started
-            _record(scope, request_id, status, sent, ended - started, ttfb)
+            owner = scope.get("app")  # the Litestar app (set by it, absent in bare ASGI tests)
+            app_state = None if owner is None else owner.state
+            record_request(app_state, scope, request_id, status, sent, ended - started, ttfb)
             REQUEST_ID.reset(token)
 
     return middleware
 
 
-def _record(
-    scope: Scope, request_id: str, status: int, sent: int, seconds: float, ttfb: float | None
+def request_id_of(scope: Scope) -> str:
+    """The request's id: the client's ``X-Request-Id`` when it is sane, else a new one."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            if _SANE_ID.match(value):
+                return value.decode()
+            break
+    return secrets.token_hex(8)
+
+
+def record_request(
+    app_state: Any,
+    scope: Scope,
+    request_id: str,
+    status: int,
+    sent: int,
+    seconds: float,
+    ttfb: float | None,
 ) -> None:
     """Count the request, keep it in the activity history and write its access-log line."""
     state = scope.get("state") or {}
     model = state.get(_MODEL_KEY, "")
     outcome = STREAM_ERROR if state.get(_STREAM_ERROR_KEY) else str(status)
-    app_state = getattr(scope.get("app"), "state", None)
     metrics = getattr(app_state, "metrics", None) if app_state is not None else None
     # The route's template, not the path: unknown paths must not grow the label set.
     endpoint = scope.get("path_template") or "unmatched"

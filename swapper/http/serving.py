@@ -15,11 +15,20 @@ import asyncio
 import json
 import logging
 import resource
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from swapper.config import ServerSettings
+
+if TYPE_CHECKING:
+    from litestar.types import HTTPScope
+
+    from swapper.http.lean import LeanRoute, _Answer
 
 __all__ = ["GuardedHttpToolsProtocol", "guarded_protocol", "raise_nofile_limit"]
 
@@ -68,9 +77,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     header_timeout: float = 10.0
     max_header_bytes: int = 64 * 1024
     max_connections: int = 4096
+    #: Answers plain forwarded requests beneath ASGI (see :mod:`swapper.http.lean`).
+    lean: LeanRoute | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        #: The lean route's answer in progress on this connection, told if the client leaves.
+        self.lean_answer: _Answer | None = None
         # A head is "pending" from the connection's start, and again after each request message,
         # until the parser reports the headers complete.
         self._head_pending = True
@@ -96,6 +109,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)
+        if self.lean_answer is not None:
+            self.lean_answer.client_left()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        # Each request, pipelined ones too, starts here once its head is parsed.
+        lean = self.lean
+        if lean is None or not lean.claims(cast("HTTPScope", cycle.scope)):
+            super()._start_asgi_task(cycle, app)
+            return
+        task = self.loop.create_task(lean.serve(self, cycle, app))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
 
     def data_received(self, data: bytes) -> None:
         if not self._head_pending:
@@ -164,12 +189,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def guarded_protocol(settings: ServerSettings) -> type[GuardedHttpToolsProtocol]:
-    """The protocol class to hand uvicorn as ``http=``, carrying ``settings``' limits."""
+def guarded_protocol(
+    settings: ServerSettings, lean: LeanRoute | None = None
+) -> type[GuardedHttpToolsProtocol]:
+    """The protocol class to hand uvicorn as ``http=``, carrying ``settings``' limits and the
+    lean route (None: every request goes to the ASGI app)."""
     limits = {
         "header_timeout": settings.header_timeout,
         "max_header_bytes": settings.max_header_bytes,
         "max_connections": settings.max_connections,
+        "lean": lean,
     }
     return cast(
         "type[GuardedHttpToolsProtocol]",

@@ -1,0 +1,241 @@
+"""The lean route (swapper/http/lean.py): plain forwarded requests answered beneath ASGI.
+
+It must be indistinguishable from the ASGI route it stands in for: the same answers, errors,
+headers, request ids, access-log lines, metrics and activity records; pipelining and
+keep-alive as uvicorn does them; a client that leaves cancels the work. The ASGI route is
+reached with the same request sent with a chunked body, which the lean route never claims.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from swapper.http.lean import LeanRoute
+from tests.conftest import MESSAGES, FakeApp, SwapperProcess, tiny_model, wait_until
+from tests.test_integration import backend_printed, long_stream_swapper
+
+CHAT = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 2, "temperature": 0}
+
+
+def _chunked(body: dict[str, Any]) -> Iterator[bytes]:
+    """The body as an iterator: httpx sends it chunked, so only the ASGI route takes it."""
+    yield json.dumps(body).encode()
+
+
+def _both(swapper: SwapperProcess, body: dict[str, Any]) -> tuple[httpx.Response, httpx.Response]:
+    """The same request on the lean route and on the ASGI route."""
+    lean = swapper.http.post("/v1/chat/completions", json=body)
+    routed = swapper.http.post(
+        "/v1/chat/completions",
+        content=_chunked(body),
+        headers={"content-type": "application/json"},
+    )
+    return lean, routed
+
+
+def _shape(response: httpx.Response) -> tuple[int, list[str], str | None]:
+    # The header names (date and id change; content-length differs with the backend's ids).
+    names = sorted(set(response.headers) - {"date", "x-request-id", "content-length"})
+    return response.status_code, names, response.headers.get("retry-after")
+
+
+@pytest.mark.integration
+def test_the_lean_route_answers_as_the_asgi_route_does(swapper_factory: Any) -> None:
+    missing = swapper_factory.workdir / "missing.gguf"
+    swapper = swapper_factory(
+        models={
+            "tiny-a": tiny_model(swapper_factory.workdir, "a"),
+            "broken": {"backend": "llamacpp", "model_path": str(missing)},
+        },
+        swapper={"default_model": "tiny-a"},
+    )
+    swapper.wait_status("tiny-a", "LOADED")
+    # A whole answer: the same reply, word for word at temperature 0.
+    lean, routed = _both(swapper, CHAT)
+    assert _shape(lean) == _shape(routed) and lean.status_code == 200, (lean.text, routed.text)
+    assert lean.headers["content-type"] == routed.headers["content-type"]
+    reply = [r.json()["choices"][0]["message"]["content"] for r in (lean, routed)]
+    assert reply[0] == reply[1]
+    # A stream: the same events.
+    lean, routed = _both(swapper, {**CHAT, "stream": True})
+    assert _shape(lean) == _shape(routed) and lean.status_code == 200
+    events = [
+        [line for line in r.text.splitlines() if line.startswith("data: ")] for r in (lean, routed)
+    ]
+    assert len(events[0]) == len(events[1]) >= 3 and events[0][-1] == "data: [DONE]"
+    # The backend's own error (llama-server refuses messages that are not a list).
+    lean, routed = _both(swapper, {**CHAT, "messages": "hi"})
+    assert _shape(lean) == _shape(routed) and lean.status_code == 400
+    assert lean.json() == routed.json()
+    # swapper's own error before any answer: a model that cannot start.
+    lean, routed = _both(swapper, {**CHAT, "model": "broken"})
+    assert _shape(lean) == _shape(routed) and lean.status_code == 503
+    assert lean.json() == routed.json()
+    assert "cannot start" in lean.json()["error"]["message"]
+
+
+@pytest.mark.integration
+def test_lean_requests_keep_their_ids_log_lines_metrics_and_activity(
+    swapper_factory: Any,
+) -> None:
+    swapper = swapper_factory(
+        models={"tiny-a": tiny_model(swapper_factory.workdir, "a")},
+        swapper={"default_model": "tiny-a"},
+    )
+    swapper.wait_status("tiny-a", "LOADED")
+    kept = swapper.http.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": "lean-1"})
+    assert kept.status_code == 200 and kept.headers["x-request-id"] == "lean-1"
+    # Without an id, one is made; the backend's own refusal (no --embeddings) is relayed.
+    made = swapper.http.post("/v1/embeddings", json={"model": "tiny-a", "input": "hi"})
+    assert made.status_code == 501, made.text
+    made_id = made.headers["x-request-id"]
+    assert len(made_id) == 16 and made_id != "lean-1"
+    # An id that is not sane is replaced, as on every route.
+    odd = swapper.http.post(
+        "/v1/completions", json={**CHAT, "prompt": "hi"}, headers={"x-request-id": "no spaces"}
+    )
+    assert odd.headers["x-request-id"] != "no spaces"
+    wait_until(lambda: "id=lean-1" in swapper.output(), 10, "the access-log line")
+    assert "POST /v1/chat/completions 200 model=tiny-a" in swapper.output()
+    assert "POST /v1/embeddings 501 model=tiny-a" in swapper.output()
+    metrics = swapper.http.get("/metrics").text
+    for endpoint, status in [
+        ("/v1/chat/completions", 200),
+        ("/v1/embeddings", 501),
+        ("/v1/completions", 200),
+    ]:
+        labels = f'endpoint="{endpoint}",model="tiny-a",status="{status}"'
+        line = f"swapper_requests_total{{{labels}}} 1.0"
+        assert line in metrics, endpoint
+    requests = swapper.http.get("/activity").json()["requests"]
+    ours = {r["request_id"]: r for r in requests}
+    assert ours["lean-1"]["endpoint"] == "/v1/chat/completions"
+    assert ours["lean-1"]["status"] == "200" and ours["lean-1"]["model"] == "tiny-a"
+    assert ours["lean-1"]["completion_tokens"] == 2
+    assert ours[made_id]["endpoint"] == "/v1/embeddings"
+
+
+def _read_response(sock: socket.socket, pending: bytes) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 response with a Content-Length from ``sock``; (response, bytes after it)."""
+    data = pending
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head + b"\r\n\r\n" + rest[:length], rest[length:]
+
+
+@pytest.mark.integration
+def test_pipelined_requests_are_answered_in_order_on_one_connection(
+    swapper_factory: Any,
+) -> None:
+    swapper = swapper_factory(
+        models={"tiny-a": tiny_model(swapper_factory.workdir, "a")},
+        swapper={"default_model": "tiny-a"},
+    )
+    swapper.wait_status("tiny-a", "LOADED")
+
+    def request(body: dict[str, Any], request_id: str) -> bytes:
+        payload = json.dumps(body).encode()
+        return (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nX-Request-Id: %b\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (request_id.encode(), len(payload), payload)
+        )
+
+    # Three in one write: lean, then one the ASGI route answers (an unknown model), then lean.
+    with socket.create_connection(("127.0.0.1", swapper.port), timeout=30) as sock:
+        sock.sendall(
+            request(CHAT, "p1") + request({**CHAT, "model": "nope"}, "p2") + request(CHAT, "p3")
+        )
+        pending = b""
+        answers = []
+        for _ in range(3):
+            answer, pending = _read_response(sock, pending)
+            answers.append(answer)
+        assert pending == b""
+    for answer, (status, request_id) in zip(
+        answers, [(b"200", b"p1"), (b"404", b"p2"), (b"200", b"p3")], strict=True
+    ):
+        assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+        assert b"x-request-id: " + request_id + b"\r\n" in answer
+    assert b'"model_not_found"' in answers[1]
+    assert json.loads(answers[2].partition(b"\r\n\r\n")[2])["choices"]
+
+
+@pytest.mark.integration
+def test_a_client_that_leaves_a_plain_answer_cancels_its_generation(
+    swapper_factory: Any,
+) -> None:
+    swapper = long_stream_swapper(swapper_factory)
+    payload = json.dumps({"model": "tiny-a", "messages": MESSAGES, "max_tokens": 16000}).encode()
+    with socket.create_connection(("127.0.0.1", swapper.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nX-Request-Id: leaving\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (len(payload), payload)
+        )
+        wait_until(lambda: swapper.model("tiny-a")["in_flight"] == 1, 30, "the generation")
+    # No answer can have come yet (16000 tokens take seconds here): the hang-up frees the
+    # request, closes the upstream connection, and llama-server cancels the generation.
+    wait_until(lambda: swapper.model("tiny-a")["in_flight"] == 0, 10, "in_flight to drop")
+    wait_until(
+        lambda: backend_printed(swapper, "tiny-a", "cancel task"),
+        10,
+        "llama-server to cancel the task",
+    )
+    wait_until(lambda: "499 model=tiny-a" in swapper.output(), 10, "the access-log line")
+    assert "id=leaving" in swapper.output()
+    assert "client went away; request for tiny-a cancelled" in swapper.output()
+    assert swapper.model("tiny-a")["status"] == "LOADED"
+
+
+def _scope(
+    headers: list[tuple[bytes, bytes]], *, method: str = "POST", path: str = "/v1/chat/completions"
+) -> dict[str, Any]:
+    base = [(b"host", b"127.0.0.1:8890"), (b"content-type", b"application/json")]
+    return {
+        "method": method,
+        "path": path,
+        "headers": [*base, *headers],
+        "server": ("127.0.0.1", 8890),
+    }
+
+
+@pytest.mark.anyio
+async def test_which_requests_the_lean_route_claims(fake_app: FakeApp) -> None:
+    server = {"api_keys": ["sk-good"], "max_request_bytes": 1000}
+    async with fake_app(server=server) as client:
+        app = client.app
+        lean = LeanRoute(app, app.state.config.server)
+        key = (b"authorization", b"Bearer sk-good")
+        length = (b"content-length", b"100")
+        assert lean.claims(_scope([key, length]))
+        assert lean.claims(_scope([(b"x-api-key", b"sk-good"), length]))
+        assert lean.claims(_scope([key, length], path="/v1/embeddings"))
+        refused = [
+            _scope([length]),  # no key: the ASGI route words the 401
+            _scope([(b"authorization", b"Bearer sk-bad"), length]),
+            _scope([key, (b"content-length", b"1001")]),  # over max_request_bytes: a 413
+            _scope([key]),  # no length
+            _scope([key, (b"transfer-encoding", b"chunked")]),
+            _scope([key, length, (b"origin", b"http://127.0.0.1:8890")]),  # CORS
+            _scope([key, length], method="GET"),
+            _scope([key, length], path="/v1/messages"),
+            {**_scope([key, length]), "headers": [(b"host", b"evil.example"), key, length]},
+            {**_scope([key, length]), "headers": [(b"content-type", b"text/plain"), key, length]},
+        ]
+        for scope in refused:
+            assert not lean.claims(scope), scope
