@@ -16,7 +16,13 @@ from swapper.upstream import network
 
 __all__ = ["map_transport_errors"]
 
-_TRANSPORT_ERRORS = (httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError)
+#: What either client raises when the transport fails.
+_TRANSPORT_ERRORS = (
+    network.NetworkFailure,
+    httpcore.NetworkError,
+    httpcore.TimeoutException,
+    httpcore.ProtocolError,
+)
 
 
 @contextlib.contextmanager
@@ -28,29 +34,21 @@ def map_transport_errors(model_id: str, *, answered: bool = True) -> Iterator[No
     """
     try:
         yield
-    except network.ConnectRefused as exc:
-        raise BackendUnreachable(f"Backend for {model_id!r} refused the connection: {exc}") from exc
-    except network.ConnectTimedOut as exc:
-        raise BackendTimeout(
-            f"Backend for {model_id!r} did not accept a connection in time (timeouts.connect)"
-        ) from exc
-    except network.ReadTimedOut as exc:
-        raise BackendTimeout(
-            f"Backend for {model_id!r} went silent for longer than timeouts.read"
-        ) from exc
-    except network.NetworkFailure as exc:
-        failure = BackendFailure if answered or exc.answered else BackendUnreachable
-        raise failure(f"Backend for {model_id!r} broke the connection: {exc}") from exc
-    except httpcore.ConnectError as exc:
-        raise BackendUnreachable(f"Backend for {model_id!r} refused the connection: {exc}") from exc
-    except httpcore.ConnectTimeout as exc:
-        raise BackendTimeout(
-            f"Backend for {model_id!r} did not accept a connection in time (timeouts.connect)"
-        ) from exc
-    except httpcore.TimeoutException as exc:
-        raise BackendTimeout(
-            f"Backend for {model_id!r} went silent for longer than timeouts.read"
-        ) from exc
     except _TRANSPORT_ERRORS as exc:
-        failure = BackendFailure if answered else BackendUnreachable
-        raise failure(f"Backend for {model_id!r} broke the connection: {exc}") from exc
+        raise _translated(model_id, exc, answered) from exc
+
+
+def _translated(model_id: str, exc: Exception, answered: bool) -> BackendFailure:
+    """swapper's error for a transport exception of either client."""
+    if isinstance(exc, network.ConnectRefused | httpcore.ConnectError):
+        return BackendUnreachable(f"Backend for {model_id!r} refused the connection: {exc}")
+    if isinstance(exc, network.ConnectTimedOut | httpcore.ConnectTimeout):
+        return BackendTimeout(
+            f"Backend for {model_id!r} did not accept a connection in time (timeouts.connect)"
+        )
+    if isinstance(exc, network.ReadTimedOut | httpcore.TimeoutException):
+        return BackendTimeout(f"Backend for {model_id!r} went silent for longer than timeouts.read")
+    # A broken connection: the request may be sent again only if no byte of an answer came.
+    answered = answered or (isinstance(exc, network.NetworkFailure) and exc.answered)
+    failure = BackendFailure if answered else BackendUnreachable
+    return failure(f"Backend for {model_id!r} broke the connection: {exc}")
