@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from swapper.http.activity import next_edge
 from tests.conftest import MESSAGES, SwapperProcess, seconds, tiny_model, wait_until
 
 pytestmark = pytest.mark.integration
@@ -248,3 +249,15 @@ def test_activity_settings_are_checked(section: dict[str, Any], message: str) ->
     with pytest.raises(ConfigError) as caught:
         parse_config({"activity": section, "models": {}}, "x.yaml", schemas)
     assert str(caught.value).startswith(f"x.yaml: {message}"), caught.value
+
+
+def test_a_sample_is_due_once_an_edge_even_when_its_timer_fires_early() -> None:
+    # The first edge is the next whole interval after now.
+    assert next_edge(None, 1000.2, 60) == 1020.0
+    assert next_edge(None, 1019.9999, 60) == 1020.0
+    # A timer that fired half a millisecond before the edge 1020: the clock still says 1019.9995,
+    # which is before 1020 once more; the next sample is due at 1080, not again at 1020.
+    assert next_edge(1020.0, 1019.9995, 60) == 1080.0
+    # On time, or late: the next edge after the clock, never one already past.
+    assert next_edge(1020.0, 1020.001, 60) == 1080.0
+    assert next_edge(1020.0, 1150.0, 60) == 1200.0

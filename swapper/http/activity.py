@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from swapper.gpu import GpuMonitor
     from swapper.scheduling.coordinator import SwapCoordinator
 
-__all__ = ["Activity", "Usage", "body_usage", "stream_usage"]
+__all__ = ["Activity", "Usage", "body_usage", "next_edge", "stream_usage"]
 
 logger = logging.getLogger("swapper")
 
@@ -154,6 +154,15 @@ class _ModelTotals:
         self.load_seconds = 0.0
         self.speed = 0.0  # the mean tokens/s of the answers that reported it
         self.speed_n = 0
+
+
+def next_edge(previous: float | None, now: float, interval: float) -> float:
+    """When the next sample is due: the next whole multiple of ``interval`` after ``now``, and
+    always after ``previous``, the edge just sampled. A timer may fire a millisecond early
+    (uvloop's are whole milliseconds); the edge computed anew from the clock would then be the
+    same one again, giving a second, empty sample a moment later."""
+    edge = (now // interval + 1) * interval
+    return edge if previous is None else max(previous + interval, edge)
 
 
 class Activity:
@@ -305,17 +314,14 @@ class Activity:
 
     async def _sample_forever(self) -> None:
         interval = self.settings.sample_seconds
-        edge = (time.time() // interval + 1) * interval
+        edge = next_edge(None, time.time(), interval)
         while True:
             await asyncio.sleep(max(0.0, edge - time.time()))  # on the interval's edges
             try:
                 await self.sample()
             except Exception:  # one bad reading must not end the history
                 logger.exception("activity sample failed")
-            # One sample an edge: a timer may fire a millisecond early (uvloop's are whole
-            # milliseconds), and the edge computed anew from the clock would then be the same
-            # one again, giving a second, empty sample a moment later.
-            edge = max(edge + interval, (time.time() // interval + 1) * interval)
+            edge = next_edge(edge, time.time(), interval)
 
     async def sample(self) -> dict[str, Any]:
         """Close the period being gathered into a sample: requests and tokens/s by model,
