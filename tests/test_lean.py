@@ -9,7 +9,10 @@ reached with the same request sent with a chunked body, which the lean route nev
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -236,6 +239,140 @@ async def test_which_requests_the_lean_route_claims(fake_app: FakeApp) -> None:
             _scope([key, length], path="/v1/messages"),
             {**_scope([key, length]), "headers": [(b"host", b"evil.example"), key, length]},
             {**_scope([key, length]), "headers": [(b"content-type", b"text/plain"), key, length]},
+            # A header given twice: which one counts is the ASGI route's to say.
+            _scope([(b"authorization", b"Bearer sk-bad"), key, length]),
+            _scope([key, length, (b"content-length", b"100")]),
+            {
+                **_scope([key, length]),
+                "headers": [*_scope([key, length])["headers"], (b"host", b"evil.example")],
+            },
         ]
         for scope in refused:
             assert not lean.claims(scope), scope
+
+
+def _access_lines(swapper: SwapperProcess, marker: str) -> list[str]:
+    return [line for line in swapper.output().splitlines() if f"id={marker}" in line]
+
+
+def _seconds_of(line: str) -> float:
+    return float(
+        next(word for word in line.split() if word.endswith("s") and word[0].isdigit())[:-1]
+    )
+
+
+@pytest.mark.integration
+def test_a_pipelining_client_that_never_reads_is_not_answered_ahead(
+    swapper_factory: Any,
+) -> None:
+    swapper = swapper_factory(
+        models={"tiny-a": tiny_model(swapper_factory.workdir, "a")},
+        swapper={"default_model": "tiny-a"},
+    )
+    swapper.wait_status("tiny-a", "LOADED")
+    # Each answer is about 2.6 MB (400 tokens with 100 candidates each); a client that sends
+    # 12 at once and reads nothing must not make swapper run them all and buffer the answers.
+    count = 12
+    payload = json.dumps(
+        {"model": "tiny-a", "prompt": "hi", "max_tokens": 400, "n_probs": 100, "temperature": 0}
+    ).encode()
+    requests = b"".join(
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nX-Request-Id: piped-%d\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (n, len(payload), payload)
+        for n in range(count)
+    )
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", swapper.port))
+        sock.sendall(requests)
+        # The time one answer takes here, measured: the second one's line comes after it.
+        started = time.monotonic()
+        wait_until(lambda: len(_access_lines(swapper, "piped-")) >= 2, 60, "two answers")
+        each = (time.monotonic() - started) / 2
+        # Answered ahead, all of them would be done in count x each; give it three times that.
+        deadline = time.monotonic() + max(3 * count * each, 2.0)
+        while time.monotonic() < deadline and len(_access_lines(swapper, "piped-")) < count:
+            time.sleep(0.05)
+        ahead = len(_access_lines(swapper, "piped-"))
+        assert ahead <= 4, f"{ahead} of {count} answered to a client that read nothing"
+        # Once the client reads, every answer comes, in order and whole.
+        sock.settimeout(60)
+        pending = b""
+        for n in range(count):
+            answer, pending = _read_response(sock, pending)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            assert b"x-request-id: piped-%d\r\n" % n in answer
+            body = json.loads(answer.partition(b"\r\n\r\n")[2])
+            assert len(answer) > 1_000_000 and body["usage"]["completion_tokens"] == 400
+
+
+@pytest.mark.integration
+def test_a_request_still_running_at_the_shutdown_deadline_gets_a_503(
+    swapper_factory: Any,
+) -> None:
+    swapper = swapper_factory(
+        models={"tiny-a": tiny_model(swapper_factory.workdir, "a")},
+        swapper={"default_model": "tiny-a", "shutdown_timeout": 1},
+    )
+    pid = swapper.wait_status("tiny-a", "LOADED")["pid"]
+    os.kill(pid, signal.SIGSTOP)  # the backend takes the request and never answers
+    try:
+        payload = json.dumps(CHAT).encode()
+        with socket.create_connection(("127.0.0.1", swapper.port), timeout=30) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nX-Request-Id: at-deadline\r\n"
+                b"Content-Length: %d\r\n\r\n%b" % (len(payload), payload)
+            )
+            wait_until(lambda: swapper.model("tiny-a")["in_flight"] == 1, 30, "the request")
+            swapper.signal(signal.SIGTERM)
+            answer = b""
+            while chunk := sock.recv(65536):  # until swapper closes the connection
+                answer += chunk
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
+    assert b"connection: close\r\n" in answer and b"x-request-id: at-deadline\r\n" in answer
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["message"] == (
+        "swapper is shutting down"
+    )
+    swapper.proc.wait(timeout=30)
+    assert "POST /v1/chat/completions 503 model=tiny-a" in swapper.output()
+
+
+@pytest.mark.integration
+def test_an_upload_is_timed_from_its_first_byte_and_a_departed_uploader_is_recorded(
+    swapper_factory: Any,
+) -> None:
+    swapper = swapper_factory(
+        models={"tiny-a": tiny_model(swapper_factory.workdir, "a")},
+        swapper={"default_model": "tiny-a"},
+    )
+    swapper.wait_status("tiny-a", "LOADED")
+    payload = json.dumps(CHAT).encode()
+
+    def head(request_id: str) -> bytes:
+        return (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nX-Request-Id: %b\r\n"
+            b"Content-Length: %d\r\n\r\n" % (request_id.encode(), len(payload))
+        )
+
+    # A slow upload: the access log's duration counts the time the body took to arrive.
+    pause = 0.5
+    with socket.create_connection(("127.0.0.1", swapper.port), timeout=30) as sock:
+        sock.sendall(head("slow-upload") + payload[:5])
+        time.sleep(pause)  # the stimulus: a client slow to send its body
+        sock.sendall(payload[5:])
+        answer, _ = _read_response(sock, b"")
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    wait_until(lambda: _access_lines(swapper, "slow-upload"), 10, "the access-log line")
+    assert _seconds_of(_access_lines(swapper, "slow-upload")[0]) >= pause
+    # One that leaves half-way through its body is still counted and logged.
+    with socket.create_connection(("127.0.0.1", swapper.port), timeout=30) as sock:
+        sock.sendall(head("left-upload") + payload[:5])
+    wait_until(lambda: _access_lines(swapper, "left-upload"), 10, "the access-log line")
+    assert "POST /v1/chat/completions 500 model=-" in _access_lines(swapper, "left-upload")[0]
+    metrics = swapper.http.get("/metrics").text
+    assert 'swapper_requests_total{endpoint="unmatched",model="",status="500"} 1.0' in metrics

@@ -28,11 +28,11 @@ import msgspec
 from litestar.types import HTTPScope, Scope
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
-from swapper.errors import SwapperError
+from swapper.errors import ServiceUnavailable, SwapperError
 from swapper.http.access import HostOriginGuard, key_accepted
 from swapper.http.exchange import Exchange, Forward
 from swapper.http.forwarding import content_type_accepted, route_body
-from swapper.http.logs import REQUEST_ID, note_model, record_request, request_id_of
+from swapper.http.logs import REQUEST_ID, note_model, note_started, record_request, request_id_of
 from swapper.upstream.client import normalise_error
 
 if TYPE_CHECKING:
@@ -81,14 +81,24 @@ class LeanRoute:
         length = content_type = authorization = api_key = host = None
         for name, value in scope["headers"]:
             if name == b"content-length":
+                if length is not None:
+                    return False  # a header given twice: the ASGI route decides which counts
                 length = value
             elif name == b"content-type":
+                if content_type is not None:
+                    return False
                 content_type = value
             elif name == b"authorization":
+                if authorization is not None:
+                    return False
                 authorization = value
             elif name == b"x-api-key":
+                if api_key is not None:
+                    return False
                 api_key = value
             elif name == b"host":
+                if host is not None:
+                    return False
                 host = value
             elif name in (b"origin", b"transfer-encoding"):
                 return False  # CORS and chunked bodies: Litestar's machinery
@@ -104,35 +114,40 @@ class LeanRoute:
 
     async def serve(self, protocol: Any, cycle: RequestResponseCycle, app: Any) -> None:
         """Answer one claimed request on ``cycle`` (uvicorn's), or run ``app`` for it."""
-        body = await _read_body(cycle)
-        if body is None:
-            return  # the client left while sending it: there is no one to answer
         scope = cast("Scope", cycle.scope)
-        forward = self._forward(scope, body)
-        if forward is None:
-            # The body goes back into the cycle for the ASGI app's first receive().
-            cycle.body, cycle.more_body = body, False  # type: ignore[assignment]
-            cycle.message_event.set()
-            await cycle.run_asgi(app)
-            return
         answer = _Answer(cycle, request_id_of(scope))
         token = REQUEST_ID.set(answer.request_id)
-        protocol.lean_answer = answer
+        handed_on = False
         try:
+            body = await _read_body(cycle)
+            if body is None:
+                return  # the client left while sending it (recorded as the ASGI route does)
+            forward = self._forward(scope, body)
+            if forward is None:
+                # The body goes back into the cycle for the ASGI app's first receive(); its
+                # middleware records the request, timed from its first byte here.
+                handed_on = True
+                note_started(scope, answer.started)
+                cycle.body, cycle.more_body = body, False  # type: ignore[assignment]
+                cycle.message_event.set()
+                await cycle.run_asgi(app)
+                return
+            protocol.lean_answer = answer
             await self._exchange(scope, forward, answer)
+        except BaseException as exc:
+            # Cancelled at the end of the shutdown grace period (or a defect): as uvicorn does
+            # for ASGI, an answer not begun is an error, one begun is cut off.
+            answer.abandon(exc)
+            raise
         finally:
             protocol.lean_answer = None
-            ended = time.perf_counter()
-            ttfb = None if answer.began is None else answer.began - answer.started
-            record_request(
-                self.state,
-                scope,
-                answer.request_id,
-                answer.status,
-                answer.sent,
-                ended - answer.started,
-                ttfb,
-            )
+            if not handed_on:
+                ended = time.perf_counter()
+                ttfb = None if answer.began is None else answer.began - answer.started
+                seconds = ended - answer.started
+                record_request(
+                    self.state, scope, answer.request_id, answer.status, answer.sent, seconds, ttfb
+                )
             REQUEST_ID.reset(token)
 
     def _forward(self, scope: Scope, body: bytes) -> Forward | None:
@@ -179,7 +194,7 @@ class LeanRoute:
                 content, media = normalise_error(upstream.status, content), _JSON
             else:
                 media = _media(upstream.content_type) if upstream.content_type else _JSON
-            answer.whole(upstream.status, media, content)
+            await answer.whole(upstream.status, media, content)
         except asyncio.CancelledError:
             if not answer.left:
                 raise
@@ -195,13 +210,13 @@ class LeanRoute:
                 b"%s: %s\r\n" % (name.lower().encode(), value.encode())
                 for name, value in exc.headers().items()
             )
-            answer.whole(exc.status_code, _JSON, _ENCODE.encode(exc.to_openai()), headers)
+            await answer.whole(exc.status_code, _JSON, _ENCODE.encode(exc.to_openai()), headers)
         except Exception:
             if answer.answering:
                 answer.broken("unhandled error in a response already begun")
                 return
             logger.exception("unhandled error on POST %s", scope["path"])
-            answer.whole(500, _JSON, _INTERNAL)
+            await answer.whole(500, _JSON, _INTERNAL)
         finally:
             answer.done = True
             await exchange.close()
@@ -265,36 +280,57 @@ class _Answer:
         parts.append(b"\r\n")
         return b"".join(parts)
 
-    def whole(self, status: int, media: bytes, body: bytes, headers: bytes = b"") -> None:
+    async def _write(self, data: bytes) -> bool:
+        """Write once the client has taken enough of what was written before (as uvicorn's
+        ``send`` waits); False if it is gone."""
+        cycle = self.cycle
+        if cycle.flow.write_paused and not cycle.disconnected:
+            await cycle.flow.drain()
+        if cycle.disconnected:
+            return False
+        cycle.transport.write(data)
+        return True
+
+    async def whole(self, status: int, media: bytes, body: bytes, headers: bytes = b"") -> None:
         """A whole response, in one write."""
         head = self._head(status, media, b"content-length: %d\r\n%b" % (len(body), headers))
-        cycle = self.cycle
-        if not cycle.disconnected:
-            cycle.transport.write(head + body)
+        if await self._write(head + body):
             self.sent = len(body)
             self._complete()
 
     async def relay(self, exchange: Exchange, status: int, content_type: str) -> None:
         """Stream the backend's answer as it arrives, chunked; the exchange closes however it ends."""
-        cycle = self.cycle
-        transport, flow = cycle.transport, cycle.flow
         head = self._head(status, _media(content_type or "text/event-stream"), _STREAM_HEADERS)
-        if cycle.disconnected:
+        if not await self._write(head):
             return
-        transport.write(head)
         sent = 0
         async for chunk in exchange.relay():
-            if flow.write_paused and not cycle.disconnected:
-                await flow.drain()
-            if cycle.disconnected:
-                return
             if chunk:
-                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                if not await self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk)):
+                    return
                 sent += len(chunk)
                 self.sent = sent
-        if not cycle.disconnected:
-            transport.write(b"0\r\n\r\n")
+        if await self._write(b"0\r\n\r\n"):
             self._complete()
+
+    def abandon(self, exc: BaseException) -> None:
+        """The request's task ends with ``exc``: answer a request not yet answered, cut off one
+        whose answer began; the connection closes either way."""
+        cycle = self.cycle
+        if cycle.disconnected or cycle.response_complete:
+            return
+        if self.began is None:
+            cycle.keep_alive = False
+            if isinstance(exc, asyncio.CancelledError):
+                error = ServiceUnavailable("swapper is shutting down")
+                body = _ENCODE.encode(error.to_openai())
+                head = self._head(error.status_code, _JSON, b"content-length: %d\r\n" % len(body))
+            else:
+                body = _INTERNAL
+                head = self._head(500, _JSON, b"content-length: %d\r\n" % len(body))
+            cycle.transport.write(head + body)
+            self.sent = len(body)
+        cycle.transport.close()
 
     def broken(self, what: str) -> None:
         """An error after the answer began: nothing more can be said in it; hang up."""

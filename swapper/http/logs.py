@@ -25,6 +25,7 @@ from swapper.http.activity import Usage
 __all__ = [
     "REQUEST_ID",
     "note_model",
+    "note_started",
     "note_stream_error",
     "note_usage",
     "record_request",
@@ -41,6 +42,7 @@ _ACCESS = logging.getLogger("swapper.access")
 _MODEL_KEY = "swapper.model"
 _STREAM_ERROR_KEY = "swapper.stream_error"
 _USAGE_KEY = "swapper.usage"
+_STARTED_KEY = "swapper.started"
 #: The status label of a stream that began with 200 and ended with an in-stream error event.
 STREAM_ERROR = "stream_error"
 
@@ -48,6 +50,12 @@ STREAM_ERROR = "stream_error"
 def note_model(scope: Scope, model_id: str) -> None:
     """Record the model a request resolved to, for its access-log line and metrics."""
     scope.setdefault("state", {})[_MODEL_KEY] = model_id
+
+
+def note_started(scope: Scope, started: float) -> None:
+    """Record when the request began (``time.perf_counter()``), if before the middleware saw it:
+    the lean route reads a body before handing the request on."""
+    scope.setdefault("state", {})[_STARTED_KEY] = started
 
 
 def note_stream_error(scope: Scope) -> None:
@@ -105,7 +113,7 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
         if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
             return
-        started = time.perf_counter()
+        started = (scope.get("state") or {}).get(_STARTED_KEY) or time.perf_counter()
         request_id = request_id_of(scope)
         token = REQUEST_ID.set(request_id)
         header = (b"x-request-id", request_id.encode())
