@@ -260,6 +260,10 @@ def test_client_disconnect_during_a_non_stream_request_cancels_it(swapper_factor
         10,
         "llama-server to cancel the task",
     )
+    # Its access-log line says the client left (499), and why the work stopped.
+    wait_until(lambda: "499 model=tiny-a" in swapper.output(), 10, "the access-log line")
+    assert "client went away; request for tiny-a cancelled" in swapper.output()
+    assert swapper.model("tiny-a")["status"] == "LOADED"
 
 
 def test_multi_active_keeps_two_llama_servers_and_evicts_the_least_recently_used(

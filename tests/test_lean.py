@@ -21,7 +21,6 @@ import pytest
 
 from swapper.http.lean import LeanRoute
 from tests.conftest import MESSAGES, FakeApp, SwapperProcess, tiny_model, wait_until
-from tests.test_integration import backend_printed, long_stream_swapper
 
 CHAT = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 2, "temperature": 0}
 
@@ -29,6 +28,26 @@ CHAT = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 2, "temperature":
 def _chunked(body: dict[str, Any]) -> Iterator[bytes]:
     """The body as an iterator: httpx sends it chunked, so only the ASGI route takes it."""
     yield json.dumps(body).encode()
+
+
+def _served(swapper_factory: Any, **settings: Any) -> SwapperProcess:
+    """swapper with tiny-a (ctx 512) resident."""
+    swapper = swapper_factory(
+        models={"tiny-a": tiny_model(swapper_factory.workdir, "a")},
+        swapper={"default_model": "tiny-a", **settings},
+    )
+    swapper.wait_status("tiny-a", "LOADED")
+    return swapper
+
+
+def _raw(body: dict[str, Any], request_id: str, path: str = "/v1/chat/completions") -> bytes:
+    """A request with a JSON body, as bytes for a raw socket."""
+    payload = json.dumps(body).encode()
+    return (
+        b"POST %b HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"X-Request-Id: %b\r\nContent-Length: %d\r\n\r\n%b"
+        % (path.encode(), request_id.encode(), len(payload), payload)
+    )
 
 
 def _both(swapper: SwapperProcess, body: dict[str, Any]) -> tuple[httpx.Response, httpx.Response]:
@@ -87,11 +106,7 @@ def test_the_lean_route_answers_as_the_asgi_route_does(swapper_factory: Any) -> 
 def test_lean_requests_keep_their_ids_log_lines_metrics_and_activity(
     swapper_factory: Any,
 ) -> None:
-    swapper = swapper_factory(
-        models={"tiny-a": tiny_model(swapper_factory.workdir, "a")},
-        swapper={"default_model": "tiny-a"},
-    )
-    swapper.wait_status("tiny-a", "LOADED")
+    swapper = _served(swapper_factory)
     kept = swapper.http.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": "lean-1"})
     assert kept.status_code == 200 and kept.headers["x-request-id"] == "lean-1"
     # Without an id, one is made; the backend's own refusal (no --embeddings) is relayed.
@@ -144,25 +159,10 @@ def _read_response(sock: socket.socket, pending: bytes) -> tuple[bytes, bytes]:
 def test_pipelined_requests_are_answered_in_order_on_one_connection(
     swapper_factory: Any,
 ) -> None:
-    swapper = swapper_factory(
-        models={"tiny-a": tiny_model(swapper_factory.workdir, "a")},
-        swapper={"default_model": "tiny-a"},
-    )
-    swapper.wait_status("tiny-a", "LOADED")
-
-    def request(body: dict[str, Any], request_id: str) -> bytes:
-        payload = json.dumps(body).encode()
-        return (
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/json\r\nX-Request-Id: %b\r\n"
-            b"Content-Length: %d\r\n\r\n%b" % (request_id.encode(), len(payload), payload)
-        )
-
+    swapper = _served(swapper_factory)
     # Three in one write: lean, then one the ASGI route answers (an unknown model), then lean.
     with socket.create_connection(("127.0.0.1", swapper.port), timeout=30) as sock:
-        sock.sendall(
-            request(CHAT, "p1") + request({**CHAT, "model": "nope"}, "p2") + request(CHAT, "p3")
-        )
+        sock.sendall(_raw(CHAT, "p1") + _raw({**CHAT, "model": "nope"}, "p2") + _raw(CHAT, "p3"))
         pending = b""
         answers = []
         for _ in range(3):
@@ -176,33 +176,6 @@ def test_pipelined_requests_are_answered_in_order_on_one_connection(
         assert b"x-request-id: " + request_id + b"\r\n" in answer
     assert b'"model_not_found"' in answers[1]
     assert json.loads(answers[2].partition(b"\r\n\r\n")[2])["choices"]
-
-
-@pytest.mark.integration
-def test_a_client_that_leaves_a_plain_answer_cancels_its_generation(
-    swapper_factory: Any,
-) -> None:
-    swapper = long_stream_swapper(swapper_factory)
-    payload = json.dumps({"model": "tiny-a", "messages": MESSAGES, "max_tokens": 16000}).encode()
-    with socket.create_connection(("127.0.0.1", swapper.port), timeout=30) as sock:
-        sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/json\r\nX-Request-Id: leaving\r\n"
-            b"Content-Length: %d\r\n\r\n%b" % (len(payload), payload)
-        )
-        wait_until(lambda: swapper.model("tiny-a")["in_flight"] == 1, 30, "the generation")
-    # No answer can have come yet (16000 tokens take seconds here): the hang-up frees the
-    # request, closes the upstream connection, and llama-server cancels the generation.
-    wait_until(lambda: swapper.model("tiny-a")["in_flight"] == 0, 10, "in_flight to drop")
-    wait_until(
-        lambda: backend_printed(swapper, "tiny-a", "cancel task"),
-        10,
-        "llama-server to cancel the task",
-    )
-    wait_until(lambda: "499 model=tiny-a" in swapper.output(), 10, "the access-log line")
-    assert "id=leaving" in swapper.output()
-    assert "client went away; request for tiny-a cancelled" in swapper.output()
-    assert swapper.model("tiny-a")["status"] == "LOADED"
 
 
 def _scope(
@@ -265,25 +238,14 @@ def _seconds_of(line: str) -> float:
 def test_a_pipelining_client_that_never_reads_is_not_answered_ahead(
     swapper_factory: Any,
 ) -> None:
-    swapper = swapper_factory(
-        models={"tiny-a": tiny_model(swapper_factory.workdir, "a")},
-        swapper={"default_model": "tiny-a"},
-    )
-    swapper.wait_status("tiny-a", "LOADED")
+    swapper = _served(swapper_factory)
     # Each answer is about 2.6 MB (400 tokens with 100 candidates each); a client that sends
     # 10 at once and reads nothing must not make swapper run them all and buffer the answers.
     # (How many go out before the writes pause depends on the kernel's socket buffers: with
     # Linux's usual 4 MiB ceiling, two.)
     count = 10
-    payload = json.dumps(
-        {"model": "tiny-a", "prompt": "hi", "max_tokens": 400, "n_probs": 100, "temperature": 0}
-    ).encode()
-    requests = b"".join(
-        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        b"Content-Type: application/json\r\nX-Request-Id: piped-%d\r\n"
-        b"Content-Length: %d\r\n\r\n%b" % (n, len(payload), payload)
-        for n in range(count)
-    )
+    body = {"model": "tiny-a", "prompt": "hi", "max_tokens": 400, "n_probs": 100, "temperature": 0}
+    requests = b"".join(_raw(body, f"piped-{n}", "/v1/completions") for n in range(count))
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", swapper.port))
@@ -307,20 +269,12 @@ def test_a_pipelining_client_that_never_reads_is_not_answered_ahead(
 def test_a_request_still_running_at_the_shutdown_deadline_gets_a_503(
     swapper_factory: Any,
 ) -> None:
-    swapper = swapper_factory(
-        models={"tiny-a": tiny_model(swapper_factory.workdir, "a")},
-        swapper={"default_model": "tiny-a", "shutdown_timeout": 1},
-    )
-    pid = swapper.wait_status("tiny-a", "LOADED")["pid"]
+    swapper = _served(swapper_factory, shutdown_timeout=1)
+    pid = swapper.model("tiny-a")["pid"]
     os.kill(pid, signal.SIGSTOP)  # the backend takes the request and never answers
     try:
-        payload = json.dumps(CHAT).encode()
         with socket.create_connection(("127.0.0.1", swapper.port), timeout=30) as sock:
-            sock.sendall(
-                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                b"Content-Type: application/json\r\nX-Request-Id: at-deadline\r\n"
-                b"Content-Length: %d\r\n\r\n%b" % (len(payload), payload)
-            )
+            sock.sendall(_raw(CHAT, "at-deadline"))
             wait_until(lambda: swapper.model("tiny-a")["in_flight"] == 1, 30, "the request")
             swapper.signal(signal.SIGTERM)
             answer = b""
@@ -341,33 +295,23 @@ def test_a_request_still_running_at_the_shutdown_deadline_gets_a_503(
 def test_an_upload_is_timed_from_its_first_byte_and_a_departed_uploader_is_recorded(
     swapper_factory: Any,
 ) -> None:
-    swapper = swapper_factory(
-        models={"tiny-a": tiny_model(swapper_factory.workdir, "a")},
-        swapper={"default_model": "tiny-a"},
-    )
-    swapper.wait_status("tiny-a", "LOADED")
-    payload = json.dumps(CHAT).encode()
-
-    def head(request_id: str) -> bytes:
-        return (
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/json\r\nX-Request-Id: %b\r\n"
-            b"Content-Length: %d\r\n\r\n" % (request_id.encode(), len(payload))
-        )
-
+    swapper = _served(swapper_factory)
     # A slow upload: the access log's duration counts the time the body took to arrive.
+    slow = _raw(CHAT, "slow-upload")
+    start = slow.index(b"\r\n\r\n") + 4 + 5  # the head and 5 bytes of the body
     pause = 0.5
     with socket.create_connection(("127.0.0.1", swapper.port), timeout=30) as sock:
-        sock.sendall(head("slow-upload") + payload[:5])
+        sock.sendall(slow[:start])
         time.sleep(pause)  # the stimulus: a client slow to send its body
-        sock.sendall(payload[5:])
+        sock.sendall(slow[start:])
         answer, _ = _read_response(sock, b"")
         assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     wait_until(lambda: _access_lines(swapper, "slow-upload"), 10, "the access-log line")
     assert _seconds_of(_access_lines(swapper, "slow-upload")[0]) >= pause
     # One that leaves half-way through its body is still counted and logged.
     with socket.create_connection(("127.0.0.1", swapper.port), timeout=30) as sock:
-        sock.sendall(head("left-upload") + payload[:5])
+        left = _raw(CHAT, "left-upload")
+        sock.sendall(left[: left.index(b"\r\n\r\n") + 4 + 5])
     wait_until(lambda: _access_lines(swapper, "left-upload"), 10, "the access-log line")
     assert "POST /v1/chat/completions 500 model=-" in _access_lines(swapper, "left-upload")[0]
     metrics = swapper.http.get("/metrics").text
