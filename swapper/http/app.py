@@ -43,7 +43,7 @@ from swapper.http.media import MEDIA_HANDLERS
 from swapper.http.metrics import Metrics
 from swapper.http.ollama.routes import OLLAMA_ROUTER
 from swapper.http.openapi import list_model_names
-from swapper.http.responses import JSON, json_response
+from swapper.http.responses import INTERNAL_ERROR, JSON, json_response
 from swapper.peers import PeerDirectory
 from swapper.scheduling.coordinator import SwapCoordinator
 from swapper.scheduling.placement import default_state_file
@@ -93,13 +93,7 @@ def _render_openai_error(request: Request[Any, Any, State], exc: Exception) -> R
         }
         return json_response({"error": error}, HTTP_400_BAD_REQUEST)
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    error = {
-        "message": "Internal server error",
-        "type": "server_error",
-        "param": None,
-        "code": "internal_error",
-    }
-    return json_response({"error": error}, HTTP_500_INTERNAL_SERVER_ERROR)
+    return json_response(INTERNAL_ERROR, HTTP_500_INTERNAL_SERVER_ERROR)
 
 
 # -- application -----------------------------------------------------------------------------------

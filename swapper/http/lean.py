@@ -33,6 +33,7 @@ from swapper.http.access import HostOriginGuard, key_accepted
 from swapper.http.exchange import Exchange, Forward
 from swapper.http.forwarding import content_type_accepted, route_body
 from swapper.http.logs import REQUEST_ID, note_model, note_started, record_request, request_id_of
+from swapper.http.responses import INTERNAL_ERROR
 from swapper.upstream.client import normalise_error
 
 if TYPE_CHECKING:
@@ -53,16 +54,7 @@ _JSON = b"application/json"
 _STREAM_HEADERS = (
     b"cache-control: no-cache\r\nx-accel-buffering: no\r\ntransfer-encoding: chunked\r\n"
 )
-_INTERNAL = _ENCODE.encode(
-    {
-        "error": {
-            "message": "Internal server error",
-            "type": "server_error",
-            "param": None,
-            "code": "internal_error",
-        }
-    }
-)
+_INTERNAL = _ENCODE.encode(INTERNAL_ERROR)
 
 
 class LeanRoute:
@@ -186,7 +178,6 @@ class LeanRoute:
             upstream = exchange.upstream
             assert upstream is not None
             content = exchange.content
-            answer.answering = True
             if content is None:
                 await answer.relay(exchange, upstream.status, upstream.content_type)
                 return
@@ -199,7 +190,7 @@ class LeanRoute:
             if not answer.left:
                 raise
             task.uncancel()
-            if not answer.answering:  # (a stream already begun is simply cut short)
+            if not answer.answering:  # (an answer already begun is simply cut short)
                 answer.status = 499
                 logger.info("client went away; request for %s cancelled", forward.model_id)
         except SwapperError as exc:
@@ -238,7 +229,6 @@ class _Answer:
     """The response to one claimed request, written on uvicorn's cycle as uvicorn would."""
 
     __slots__ = (
-        "answering",
         "began",
         "cycle",
         "done",
@@ -258,7 +248,12 @@ class _Answer:
         self.status = 500  # unless an answer is written
         self.sent = 0
         self.task: asyncio.Task[Any] | None = None
-        self.answering = self.done = self.left = False
+        self.done = self.left = False
+
+    @property
+    def answering(self) -> bool:
+        """Whether the answer has begun (its status and headers are written or being written)."""
+        return self.began is not None
 
     def client_left(self) -> None:
         """The connection was lost: cancel the request unless its answer is complete."""
@@ -291,10 +286,13 @@ class _Answer:
         cycle.transport.write(data)
         return True
 
+    def _framed(self, status: int, media: bytes, body: bytes, headers: bytes = b"") -> bytes:
+        """A whole response: head and body."""
+        return self._head(status, media, b"content-length: %d\r\n%b" % (len(body), headers)) + body
+
     async def whole(self, status: int, media: bytes, body: bytes, headers: bytes = b"") -> None:
         """A whole response, in one write."""
-        head = self._head(status, media, b"content-length: %d\r\n%b" % (len(body), headers))
-        if await self._write(head + body):
+        if await self._write(self._framed(status, media, body, headers)):
             self.sent = len(body)
             self._complete()
 
@@ -303,13 +301,11 @@ class _Answer:
         head = self._head(status, _media(content_type or "text/event-stream"), _STREAM_HEADERS)
         if not await self._write(head):
             return
-        sent = 0
         async for chunk in exchange.relay():
             if chunk:
                 if not await self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk)):
                     return
-                sent += len(chunk)
-                self.sent = sent
+                self.sent += len(chunk)
         if await self._write(b"0\r\n\r\n"):
             self._complete()
 
@@ -319,16 +315,14 @@ class _Answer:
         cycle = self.cycle
         if cycle.disconnected or cycle.response_complete:
             return
-        if self.began is None:
+        if not self.answering:
             cycle.keep_alive = False
             if isinstance(exc, asyncio.CancelledError):
                 error = ServiceUnavailable("swapper is shutting down")
-                body = _ENCODE.encode(error.to_openai())
-                head = self._head(error.status_code, _JSON, b"content-length: %d\r\n" % len(body))
+                status, body = error.status_code, _ENCODE.encode(error.to_openai())
             else:
-                body = _INTERNAL
-                head = self._head(500, _JSON, b"content-length: %d\r\n" % len(body))
-            cycle.transport.write(head + body)
+                status, body = 500, _INTERNAL
+            cycle.transport.write(self._framed(status, _JSON, body))
             self.sent = len(body)
         cycle.transport.close()
 

@@ -16,6 +16,7 @@ from litestar.response import Stream
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 __all__ = [
+    "INTERNAL_ERROR",
     "JSON",
     "SSE",
     "SSE_HEADERS",
@@ -31,6 +32,15 @@ JSON = "application/json"
 SSE = "text/event-stream"
 #: Headers of every SSE response: no caching, and no buffering by a proxy (nginx) in front.
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+#: The answer to an unexpected failure (its details go to the log, never to the client).
+INTERNAL_ERROR = {
+    "error": {
+        "message": "Internal server error",
+        "type": "server_error",
+        "param": None,
+        "code": "internal_error",
+    }
+}
 
 
 def json_response(

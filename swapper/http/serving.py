@@ -17,16 +17,13 @@ import logging
 import resource
 from typing import TYPE_CHECKING, Any, cast
 
-from uvicorn.protocols.http.httptools_impl import (
-    STATUS_LINE,
-    HttpToolsProtocol,
-    RequestResponseCycle,
-)
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from swapper.config import ServerSettings
 
 if TYPE_CHECKING:
     from litestar.types import HTTPScope
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
     from swapper.http.lean import LeanRoute, _Answer
 
